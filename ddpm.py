@@ -1,0 +1,344 @@
+"""A compact DDPM: the UNet and the diffusion maths of Ho et al. 2020, with DDIM and guidance.
+
+Implements, each on the line marked with its equation:
+  - beta schedules, linear (Ho et al. 2020, Sec. 4) and cosine (Nichol & Dhariwal 2021, Eq. 17),
+    computed in float64 and cast to float32 once;
+  - q_sample, the forward process             x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε      (Ho Eq. 4)
+  - q_posterior, q(x_{t-1} | x_t, x_0)         mean and variance                        (Ho Eq. 6-7)
+  - the training loss, ε-prediction            ||ε - ε_θ(x_t, t)||²                     (Ho Eq. 14)
+    or v-prediction, v = sqrt(ᾱ_t) ε - sqrt(1-ᾱ_t) x_0                        (Salimans & Ho 2022)
+  - the ancestral DDPM step with the true posterior mean and variance (Ho Eq. 6-7, Alg. 2),
+    on any sub-sequence of timesteps (respaced chain: β'_t = 1 - ᾱ_t / ᾱ_prev)
+  - the DDIM step with η                                                         (Song et al. Eq. 12)
+  - classifier guidance through a `cond_fn` hook: ε̂ = ε_θ - sqrt(1-ᾱ_t) · cond_fn(x_t, t), where
+    cond_fn returns s·∇_{x_t} log p(y | x_t, t)                      (Dhariwal & Nichol 2021, Alg. 2)
+  - the variational bound L = L_T + Σ L_{t-1} + L_0 per image in nats/dim          (Ho Eq. 5)
+    estimated without bias from a random subset of timesteps.
+
+Timesteps are 0-based: index t in {0..T-1} is Ho's t+1. Images are float tensors in [-1, 1], NCHW.
+Pure functions and an nn.Module; no I/O. Depends on torch and numpy only.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ============================================================================ the UNet
+
+
+def timestep_embedding(t, dim, max_period=10000.0):
+    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017; Ho Sec. 4)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def norm(ch):
+    """GroupNorm with up to 8 groups (32 in the paper's UNet is too many for our narrow widths)."""
+    return nn.GroupNorm(math.gcd(8, ch), ch)
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, + time embedding, GN-SiLU-dropout-conv, residual (Ho et al. 2020, App. B)."""
+
+    def __init__(self, cin, cout, temb, dropout):
+        super().__init__()
+        self.in_layers = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.temb = nn.Sequential(nn.SiLU(), nn.Linear(temb, cout))
+        self.out_layers = nn.Sequential(norm(cout), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1))
+        nn.init.zeros_(self.out_layers[-1].weight)  # each block starts as the identity
+        nn.init.zeros_(self.out_layers[-1].bias)
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x) + self.temb(emb)[:, :, None, None]
+        return self.skip(x) + self.out_layers(h)
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the spatial positions, residual."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, c, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return x + self.proj(out.transpose(-1, -2).reshape(n, c, h, w))
+
+
+class UNet(nn.Module):
+    """ε_θ(x_t, t[, y]): a compact UNet with residual blocks, GroupNorm and low-resolution attention.
+
+    num_classes > 0 adds a label embedding to the time embedding (class conditioning, used for the
+    informative- and random-label models); the label value num_classes means "no label".
+    """
+
+    def __init__(self, image_size=32, channels=3, base=64, mults=(1, 2, 2), num_res_blocks=1,
+                 attn_res=(8,), num_classes=0, dropout=0.0):
+        super().__init__()
+        self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
+        temb = 4 * base
+        self.time_mlp = nn.Sequential(nn.Linear(base, temb), nn.SiLU(), nn.Linear(temb, temb))
+        self.label_emb = nn.Embedding(num_classes + 1, temb) if num_classes > 0 else None
+        self.inp = nn.Conv2d(channels, base, 3, padding=1)
+        self.down, skips, ch, res = nn.ModuleList(), [base], base, image_size
+        for level, m in enumerate(mults):
+            for _ in range(num_res_blocks):
+                self.down.append(nn.ModuleList([ResBlock(ch, base * m, temb, dropout),
+                                                Attention(base * m) if res in attn_res else nn.Identity()]))
+                ch = base * m
+                skips.append(ch)
+            if level < len(mults) - 1:
+                self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+                skips.append(ch)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(ch, ch, temb, dropout), Attention(ch), ResBlock(ch, ch, temb, dropout)])
+        self.up = nn.ModuleList()
+        for level, m in reversed(list(enumerate(mults))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(nn.ModuleList([ResBlock(ch + skips.pop(), base * m, temb, dropout),
+                                              Attention(base * m) if res in attn_res else nn.Identity()]))
+                ch = base * m
+            if level > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(ch, ch, 3, padding=1)))
+                res *= 2
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def _embed(self, t, y):
+        emb = self.time_mlp(timestep_embedding(t, self.time_mlp[0].in_features))
+        if self.label_emb is not None:
+            if y is None:
+                y = torch.full_like(t, self.num_classes, dtype=torch.long)
+            emb = emb + self.label_emb(y)
+        return emb
+
+    def forward(self, x, t, y=None, return_mid=False):
+        assert x.shape[1:] == (self.channels, self.image_size, self.image_size), x.shape
+        emb = self._embed(t, y)
+        h, hs = self.inp(x), []
+        hs.append(h)
+        for layer in self.down:
+            h = layer[1](layer[0](h, emb)) if isinstance(layer, nn.ModuleList) else layer(h)
+            hs.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        if return_mid:  # encoder features for SIDE's clustering (Alg. 1, step 2)
+            return h
+        for layer in self.up:
+            if isinstance(layer, nn.ModuleList):
+                h = layer[1](layer[0](torch.cat([h, hs.pop()], dim=1), emb))
+            else:
+                h = layer(h)
+        return self.out(h)
+
+
+# ============================================================================ schedules
+
+
+def beta_schedule(kind, T):
+    """β_1..β_T in float64. linear: Ho et al. (1e-4 .. 0.02 at T=1000, rescaled for other T);
+    cosine: Nichol & Dhariwal 2021, Eq. 17, ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2)."""
+    if kind == "linear":
+        scale = 1000.0 / T  # keeps ᾱ_T ≈ 4e-5 whatever T is
+        return np.clip(np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64), 0.0, 0.999)  # T < 50 would pass 1
+    if kind == "cosine":
+        s = 0.008  # offset so β_1 is not vanishingly small (Nichol & Dhariwal, Sec. 3.2)
+        f = np.cos((np.arange(T + 1, dtype=np.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        return np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)  # clip at 0.999 as in their Eq. 17 note
+    raise ValueError(f"unknown beta schedule {kind!r}; use linear or cosine")
+
+
+def _gather(a, t, ndim):
+    """a[t] reshaped to broadcast against a batch of rank ndim."""
+    return a[t].reshape(-1, *([1] * (ndim - 1)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log P(x) for x on the 256-level grid of [-1, 1] under a Gaussian binned to that grid (Ho Eq. 13)."""
+    inv = torch.exp(-log_scale)
+    cdf = lambda z: 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))  # noqa: E731
+    upper = cdf(inv * (x - mean + 1.0 / 255.0))
+    lower = cdf(inv * (x - mean - 1.0 / 255.0))
+    prob = torch.where(x < -0.999, upper, torch.where(x > 0.999, 1.0 - lower, upper - lower))
+    return torch.log(prob.clamp(min=1e-12))
+
+
+# ============================================================================ the diffusion
+
+
+class Diffusion:
+    """Schedule constants and the DDPM/DDIM maths. `prediction` is what the network outputs:
+    "eps" (Ho et al.) or "v" (Salimans & Ho 2022)."""
+
+    def __init__(self, T=1000, schedule="linear", prediction="eps", device="cpu"):
+        assert prediction in ("eps", "v"), prediction
+        self.T, self.schedule, self.prediction = T, schedule, prediction
+        b = beta_schedule(schedule, T)
+        ab = np.cumprod(1.0 - b)
+        ab_prev = np.append(1.0, ab[:-1])
+        post_var = b * (1.0 - ab_prev) / (1.0 - ab)  # β̃_t, Ho Eq. 7
+        consts = dict(
+            betas=b, alphas_cumprod=ab, alphas_cumprod_prev=ab_prev,
+            sqrt_alphas_cumprod=np.sqrt(ab), sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ab),
+            posterior_variance=post_var,
+            posterior_log_variance_clipped=np.log(np.append(post_var[1], post_var[1:])),  # β̃_1 = 0: use β̃_2
+            posterior_mean_coef1=b * np.sqrt(ab_prev) / (1.0 - ab),  # Ho Eq. 7, coefficient of x_0
+            posterior_mean_coef2=(1.0 - ab_prev) * np.sqrt(1.0 - b) / (1.0 - ab),  # coefficient of x_t
+        )
+        self.f64 = {k: torch.from_numpy(v) for k, v in consts.items()}  # exact copies, for tests and sampling
+        for k, v in consts.items():  # cast once
+            setattr(self, k, torch.tensor(v, dtype=torch.float32, device=device))
+
+    def to(self, device):
+        for k in self.f64:
+            setattr(self, k, getattr(self, k).to(device))
+        return self
+
+    # ---------------------------------------------------------------- forward process
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε."""  # Eq. (4)
+        return _gather(self.sqrt_alphas_cumprod, t, x0.ndim) * x0 + \
+            _gather(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
+
+    def q_posterior(self, x0, xt, t):
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""  # Eq. (6)-(7)
+        mean = _gather(self.posterior_mean_coef1, t, xt.ndim) * x0 + _gather(self.posterior_mean_coef2, t, xt.ndim) * xt
+        return mean, _gather(self.posterior_variance, t, xt.ndim), _gather(self.posterior_log_variance_clipped, t, xt.ndim)
+
+    # ---------------------------------------------------------------- network output <-> (ε, x_0)
+    def eps_x0(self, out, xt, t, ab=None):
+        """(ε, x_0) implied by the network output at x_t; ab = ᾱ_t broadcastable (default: schedule)."""
+        ab = _gather(self.alphas_cumprod, t, xt.ndim) if ab is None else ab
+        if self.prediction == "eps":
+            return out, (xt - (1 - ab).sqrt() * out) / ab.sqrt()
+        return (1 - ab).sqrt() * xt + ab.sqrt() * out, ab.sqrt() * xt - (1 - ab).sqrt() * out  # v-param.
+
+    def loss(self, model, x0, t, noise, y=None):
+        """Per-image mean squared error of the prediction target."""  # Eq. (14) (or v-target)
+        xt = self.q_sample(x0, t, noise)
+        out = model(xt, t, y)
+        if self.prediction == "eps":
+            target = noise
+        else:
+            target = _gather(self.sqrt_alphas_cumprod, t, x0.ndim) * noise - \
+                _gather(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0
+        return ((out - target) ** 2).flatten(1).mean(1)
+
+    # ---------------------------------------------------------------- sampling
+    def timesteps(self, steps):
+        """An evenly spaced, increasing sub-sequence of {0..T-1} with `steps` entries, ending at T-1."""
+        assert 1 <= steps <= self.T, steps
+        return np.unique(np.round(np.linspace(self.T - 1, 0, steps)).astype(np.int64))  # steps=1 -> [T-1]
+
+    @torch.no_grad()
+    def sample(self, model, n, generators, steps=50, eta=0.0, sampler="ddim", cond_fn=None, y=None,
+               clip_x0=True, callback=None):
+        """Draw n images. generators[i] (a CPU torch.Generator) drives all the noise of image i, so an
+        image depends only on its own generator, never on its batch. Returns x_0 in [-1, 1].
+
+        sampler "ddim" uses Song et al. Eq. 12 with `eta` (0: deterministic, 1: DDPM-like);
+        sampler "ddpm" uses the ancestral step with the true posterior of the (respaced) chain.
+        cond_fn(x_t, t) returns s·∇ log p(y | x_t, t); it enters as ε̂ = ε - sqrt(1-ᾱ_t) cond_fn.
+        callback(i, t, x_t, x0_hat) is called after every step (for tests and trajectories).
+        """
+        assert len(generators) == n, (len(generators), n)
+        shape = (model.channels, model.image_size, model.image_size)
+        dev = self.alphas_cumprod.device
+        randn = lambda: torch.stack([torch.randn(shape, generator=g) for g in generators]).to(dev)  # noqa: E731
+        x = randn()  # x_T ~ N(0, I)
+        seq = self.timesteps(steps)
+        ab64 = self.f64["alphas_cumprod"]
+        for i in range(len(seq) - 1, -1, -1):
+            t = torch.full((n,), int(seq[i]), device=dev, dtype=torch.long)
+            ab_t = float(ab64[seq[i]])
+            ab_prev = float(ab64[seq[i - 1]]) if i > 0 else 1.0
+            eps, x0 = self.eps_x0(model(x, t, y), x, t)
+            if cond_fn is not None:
+                g = cond_fn(x, t)
+                eps = eps - math.sqrt(1 - ab_t) * g  # Dhariwal & Nichol Alg. 2: ε̂
+                x0 = x0 + (1 - ab_t) / math.sqrt(ab_t) * g  # = (x_t - sqrt(1-ᾱ_t) ε̂) / sqrt(ᾱ_t); g = 0 changes no bit
+            if clip_x0:
+                x0 = x0.clamp(-1, 1)
+                eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
+            if sampler == "ddim":
+                sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))  # Song Eq. 16
+                mean = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps  # Song Eq. 12
+            elif sampler == "ddpm":
+                beta = 1 - ab_t / ab_prev  # β of the respaced chain; equals β_t when steps == T
+                mean = (math.sqrt(ab_prev) * beta / (1 - ab_t)) * x0 + \
+                    (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)) * x  # Eq. (7), μ̃_t
+                sigma = math.sqrt(beta * (1 - ab_prev) / (1 - ab_t))  # Eq. (7), β̃_t
+            else:
+                raise ValueError(f"unknown sampler {sampler!r}; use ddim or ddpm")
+            x = mean + sigma * randn() if i > 0 and sigma > 0 else mean
+            if callback is not None:
+                callback(i, t, x, x0)
+        return x
+
+    # ---------------------------------------------------------------- the variational bound
+    def prior_kl(self, x0):
+        """L_T = KL(q(x_T | x_0) || N(0, I)) per image, in nats (no parameters)."""
+        t = torch.full((x0.shape[0],), self.T - 1, device=x0.device, dtype=torch.long)
+        mean = _gather(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
+        logvar = torch.log(1.0 - _gather(self.alphas_cumprod, t, x0.ndim))
+        return normal_kl(mean, logvar, torch.zeros_like(mean), torch.zeros_like(mean)).flatten(1).sum(1)
+
+    def vb_term(self, model, x0, t, noise, y=None, decoder="discrete"):
+        """Per-image nats of one term of Eq. (5): L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_θ(x_{t-1}|x_t)) for
+        t > 0, with p_θ's variance fixed to β̃_t; L_0 = -log p_θ(x_0 | x_1) at t = 0, with the
+        discretized decoder of Ho Eq. 13 (a probability of 8-bit data) or, decoder="gaussian", the
+        continuous density N(x_0; μ_θ, β_1) (a density, for continuous inputs such as q_ε samples)."""
+        xt = self.q_sample(x0, t, noise)
+        _, x0_hat = self.eps_x0(model(xt, t, y), xt, t)
+        mean_true, _, logvar_true = self.q_posterior(x0, xt, t)
+        mean_model, _, logvar_model = self.q_posterior(x0_hat.clamp(-1, 1), xt, t)
+        kl = normal_kl(mean_true, logvar_true, mean_model, logvar_model).flatten(1).sum(1)
+        if decoder == "discrete":
+            nll0 = -discretized_gaussian_log_likelihood(x0, mean_model, 0.5 * logvar_model).flatten(1).sum(1)
+        else:
+            logvar0 = torch.log(_gather(self.betas, t, x0.ndim)).expand_as(x0)
+            nll0 = (0.5 * (math.log(2 * math.pi) + logvar0 + (x0 - mean_model) ** 2 / logvar0.exp())).flatten(1).sum(1)
+        return torch.where(t == 0, nll0, kl)
+
+    @torch.no_grad()
+    def nll_bound(self, model, x0, n_t=None, seed=0, y=None, decoder="discrete", subset=None):
+        """-ELBO per image in nats/dim (an upper bound on -log p_θ(x_0) / D), Eq. (5).
+
+        The T terms L_0..L_{T-1} are estimated without bias from n_t timesteps drawn without
+        replacement (scaled by T/n_t); L_T is exact. The noise of term t depends only on (seed, t),
+        so a subset estimate averaged over all subsets equals the full sum exactly.
+        `subset` overrides the random draw (for tests)."""
+        n, dim = x0.shape[0], x0[0].numel()
+        if subset is None:
+            k = self.T if n_t is None else min(n_t, self.T)
+            subset = np.random.default_rng(seed).choice(self.T, size=k, replace=False)
+        total = self.prior_kl(x0).double()
+        terms = torch.zeros(n, dtype=torch.float64, device=x0.device)
+        for t_i in subset:
+            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(t_i))
+            noise = torch.randn(x0.shape, generator=g).to(x0.device)
+            t = torch.full((n,), int(t_i), device=x0.device, dtype=torch.long)
+            terms += self.vb_term(model, x0, t, noise, y, decoder).double()
+        return ((total + terms * (self.T / len(subset))) / dim).float()
+
+
+def sample_generators(seed, indices):
+    """One CPU torch.Generator per generation index, seeded from (seed, index) alone, so image i can be
+    regenerated by itself from its recorded seed and index whatever batch or process made it."""
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1)[0]))
+            for i in indices]

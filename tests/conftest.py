@@ -1,0 +1,10 @@
+"""Tests import the flat top-level files; tiny models run fastest on one thread (and two torch
+processes on a 2-core machine collapse each other's throughput)."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses tests start

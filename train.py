@@ -1,0 +1,235 @@
+"""Train the target model: a DDPM (ddpm.py) on the built-in faces, an image folder or an .npz.
+
+    python train.py --out runs/n64 --n-train 64 --steps 2000            # unconditional
+    python train.py --out runs/n64-lab --labels true                    # informative labels
+    python train.py --out runs/n64 --resume                             # continue an interrupted run
+    torchrun --nproc_per_node=2 train.py --out runs/n64 ...             # several processes (DDP)
+
+The model is the ε- (or v-) prediction DDPM of Ho et al. 2020 (loss Eq. 14); `--labels` trains it
+unconditionally, with the data's true labels (SPEC Sec. 1, "informative label", Definition 2) or
+with random labels of the same cardinality. AdamW with linear warm-up, gradient clipping, an EMA of
+the weights (used for sampling). A checkpoint (`OUT/ckpt.pt`, written atomically with a checksum)
+holds model, EMA, optimiser, step, RNG state and the whole config, so `load_trained` rebuilds the
+model from it alone and `--resume` continues bit-for-bit where a run stopped. Under torchrun the
+global batch is split across ranks; every rank draws the same global batch from the same RNG and
+takes its slice, so N processes follow the 1-process run up to float reduction order.
+"""
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import ddpm
+from common import (Progress, UserError, atomic_write_json, check, field, load_checkpoint, parse_config,
+                    resolve_device, run_main, save_checkpoint)
+
+
+@dataclass
+class TrainConfig:
+    out: str = field("runs/model", "output folder: ckpt.pt, config.json, samples.png")
+    data: str = field("faces", "faces (built-in), an image folder, or an .npz with an `images` array")
+    n_train: int = field(64, "training-set size (first n of a folder/npz); small sets are what DDPMs memorize")
+    image_size: int = field(16, "resolution; 16 px is what trains to memorization on a 2-core CPU in minutes")
+    data_seed: int = field(0, "seed of the built-in faces (the training set is a function of it)")
+    label_attr: str = field("", "built-in faces: attribute(s) forming the true label, e.g. hair_color,skin_tone; '' = data.py default")
+    labels: str = field("none", "class conditioning: none, true (informative labels) or random (same cardinality)",
+                        choices=["none", "true", "random"])
+    base: int = field(32, "UNet base width; 32 keeps a 16-px model near 0.7M parameters")
+    mults: tuple = field((1, 2), "width multiplier per resolution level (one downsampling between levels)")
+    num_res_blocks: int = field(1, "residual blocks per level (Ho et al. use 2; 1 halves the cost)")
+    attn_res: tuple = field((8,), "resolutions with self-attention (Ho et al.: 16 at 32 px)")
+    dropout: float = field(0.0, "dropout in residual blocks; 0 since memorization is what we study")
+    T: int = field(1000, "diffusion steps (Ho et al. 2020)")
+    schedule: str = field("linear", "beta schedule", choices=["linear", "cosine"])
+    prediction: str = field("v", "network target; v (Salimans & Ho 2022) fixed colour drift at small scale on CPU",
+                            choices=["eps", "v"])
+    steps: int = field(1500, "optimiser steps; 1500 at 64 images/16 px is the partially memorized regime")
+    batch: int = field(32, "global batch (split across torchrun ranks)")
+    lr: float = field(2e-3, "AdamW learning rate; 2e-3 trains a 0.7M-param model in 1-2k steps (2e-4 is typical at scale)")
+    warmup: int = field(100, "linear learning-rate warm-up steps")
+    weight_decay: float = field(0.0, "AdamW weight decay; 0 does not fight memorization")
+    grad_clip: float = field(1.0, "gradient-norm clip (Ho et al. 2020)")
+    ema_decay: float = field(0.995, "EMA decay per step; short runs need a short EMA horizon (~200 steps)")
+    seed: int = field(0, "seed of initialisation, batches, timesteps and noise")
+    ckpt_every: int = field(250, "steps between checkpoints")
+    sample_n: int = field(64, "EMA samples drawn into samples.png at the end (0 = none)")
+    sample_steps: int = field(50, "DDIM steps for that grid")
+    device: str = field("auto", "auto, cpu or cuda[:N]")
+    resume: bool = field(False, "continue from OUT/ckpt.pt (config must match, except steps and logging)")
+    log_every: float = field(10.0, "seconds between progress lines")
+
+
+# Fields that may differ between a checkpoint and the run resuming it.
+RESUMABLE = {"steps", "ckpt_every", "sample_n", "sample_steps", "device", "resume", "log_every", "out"}
+# Fields that define the network's shape (checked when loading a checkpoint elsewhere).
+MODEL_FIELDS = ("image_size", "base", "mults", "num_res_blocks", "attn_res", "dropout")
+
+
+def validate(cfg):
+    check(cfg.n_train >= 1, f"--n-train {cfg.n_train} must be >= 1")
+    check(cfg.image_size >= 8 and cfg.image_size % 2 ** (len(cfg.mults) - 1) == 0,
+          f"--image-size {cfg.image_size} must be >= 8 and divisible by 2^(levels-1) = {2 ** (len(cfg.mults) - 1)}")
+    check(cfg.steps >= 1 and cfg.batch >= 1, "--steps and --batch must be >= 1")
+    check(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr {cfg.lr} must be a positive number")
+    check(0.0 <= cfg.ema_decay < 1.0, f"--ema-decay {cfg.ema_decay} must be in [0, 1)")
+    check(cfg.T >= 2, f"--T {cfg.T} must be >= 2")
+    check(1 <= cfg.sample_steps <= cfg.T, f"--sample-steps {cfg.sample_steps} must be in [1, T={cfg.T}]")
+    check(cfg.base >= 8 and cfg.base % 8 == 0, f"--base {cfg.base} must be a positive multiple of 8")
+
+
+def build(cfg, num_classes, device):
+    """The UNet and Diffusion a config describes."""
+    model = ddpm.UNet(image_size=cfg.image_size, channels=3, base=cfg.base, mults=tuple(cfg.mults),
+                      num_res_blocks=cfg.num_res_blocks, attn_res=tuple(cfg.attn_res),
+                      num_classes=num_classes, dropout=cfg.dropout).to(device)
+    return model, ddpm.Diffusion(cfg.T, cfg.schedule, cfg.prediction, device=device)
+
+
+def training_labels(cfg, ds):
+    """(labels tensor or None, number of classes) for --labels none|true|random."""
+    if cfg.labels == "none":
+        return None, 0
+    if ds.labels is None:
+        raise UserError(f"--labels {cfg.labels} needs labels, but {cfg.data} has none; "
+                        "use subfolders per class, an .npz with `labels`, or --labels none")
+    k = int(ds.labels.max()) + 1
+    y = ds.labels if cfg.labels == "true" else data.random_labels(len(ds.labels), k, cfg.seed)
+    return torch.as_tensor(y, dtype=torch.long), k
+
+
+def load_trained(path, device="cpu", expect_size=None):
+    """(EMA model in eval mode, diffusion, config dict, checkpoint) rebuilt from a checkpoint alone."""
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+        model, diffusion = build(cfg, ckpt["num_classes"], device)
+        model.load_state_dict(ckpt["ema"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise UserError(f"{path} does not match this code's model ({str(e).splitlines()[0]}); retrain it with train.py") from None
+    if expect_size is not None and expect_size != cfg.image_size:
+        raise UserError(f"{path} was trained at {cfg.image_size} px but the data is {expect_size} px; "
+                        f"pass --image-size {cfg.image_size} or use a matching checkpoint")
+    return model.eval().requires_grad_(False), diffusion, cfg, ckpt
+
+
+def setup_distributed(device):
+    """(rank, world) under torchrun; (0, 1) otherwise."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def lr_at(cfg, step):
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))  # linear warm-up, then constant
+
+
+def train(cfg):
+    """The training loop; returns the final checkpoint dict. Pure of argv, prints progress to stderr."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    rank, world = setup_distributed(device)
+    check(cfg.batch % world == 0, f"--batch {cfg.batch} must be divisible by the number of processes ({world})")
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    ds = data.load_data(cfg.data, cfg.image_size, n=cfg.n_train, seed=cfg.data_seed, label_attr=cfg.label_attr or None)
+    x_all = data.to_tensor(ds.images).to(device)
+    y_all, num_classes = training_labels(cfg, ds)
+    y_all = None if y_all is None else y_all.to(device)
+
+    torch.manual_seed(cfg.seed)
+    model, diffusion = build(cfg, num_classes, device)
+    ema = build(cfg, num_classes, device)[0]  # EMA of the weights, used for sampling
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)  # batches, timesteps, noise: the whole data stream
+    step = 0
+    if os.path.exists(ckpt_path):
+        if not cfg.resume:
+            raise UserError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+        ckpt = load_checkpoint(ckpt_path)
+        diff = sorted(k for k, v in dataclasses.asdict(cfg).items()
+                      if k not in RESUMABLE and json.dumps(ckpt["config"].get(k)) != json.dumps(v))
+        if diff:
+            was = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in diff)
+            raise UserError(f"{ckpt_path} was trained with a different config ({was}); "
+                            "use the same flags to resume or another --out")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        gen.set_state(ckpt["rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        step = ckpt["step"]
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        atomic_write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
+
+    def snapshot():
+        return dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                    rng=gen.get_state(), torch_rng=torch.get_rng_state(), config=dataclasses.asdict(cfg),
+                    num_classes=num_classes, n_train=len(ds.images), source=ds.source)
+
+    n_local = cfg.batch // world
+    prog = Progress("train", cfg.steps - step, "step", every=cfg.log_every, enabled=rank == 0)
+    t0, losses = time.time(), []
+    while step < cfg.steps:
+        idx = torch.randint(len(x_all), (cfg.batch,), generator=gen)  # the same global batch on every rank
+        t = torch.randint(cfg.T, (cfg.batch,), generator=gen)
+        noise = torch.randn((cfg.batch,) + tuple(x_all.shape[1:]), generator=gen)
+        sl = slice(rank * n_local, (rank + 1) * n_local)
+        x0, t, noise = x_all[idx[sl].to(device)], t[sl].to(device), noise[sl].to(device)
+        y = None if y_all is None else y_all[idx[sl].to(device)]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        loss = diffusion.loss(ddp, x0, t, noise, y).mean()  # Eq. (14)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
+            raise UserError(f"training loss became {loss.item()} at step {step}; the last good checkpoint "
+                            f"{ckpt_path} is kept; lower --lr (now {cfg.lr}) or --grad-clip and --resume")
+        opt.step()
+        step += 1
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1.0 - cfg.ema_decay)
+        losses.append(loss.item())
+        prog.update(1, f"step {step} loss {np.mean(losses[-50:]):.4f} lr {lr_at(cfg, step - 1):.2e} "
+                       f"img/s {cfg.batch * len(losses) / (time.time() - t0):.0f}")
+        if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+            save_checkpoint(snapshot(), ckpt_path)
+    if world > 1:
+        dist.barrier()
+    return snapshot()
+
+
+def main(argv=None):
+    cfg = parse_config(TrainConfig, argv, __doc__.split("\n\n")[0])
+    t0 = time.time()
+    state = train(cfg)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and cfg.sample_n > 0:
+        model, diffusion, _, _ = load_trained(os.path.join(cfg.out, "ckpt.pt"), resolve_device(cfg.device))
+        x = diffusion.sample(model, cfg.sample_n, ddpm.sample_generators(cfg.seed, range(cfg.sample_n)),
+                             steps=cfg.sample_steps, eta=1.0)
+        data.save_grid(data.to_uint8(x), os.path.join(cfg.out, "samples.png"), nrow=int(math.sqrt(cfg.sample_n)))
+    if rank == 0:
+        print(f"trained {state['step']} steps in {time.time() - t0:.0f}s -> {cfg.out}/ckpt.pt", file=sys.stderr)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_main(main)

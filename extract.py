@@ -1,0 +1,323 @@
+"""Extract training images from a trained DDPM: SIDE and both Carlini baselines, end to end.
+
+    python extract.py --ckpt runs/n64/ckpt.pt --out runs/n64/extract            # all three methods
+    python extract.py --ckpt ... --sweep-lambda 0,1,3,10,30 --sweep-k 4,8,16      # pick λ and K first
+    torchrun --nproc_per_node=4 extract.py --ckpt ... --out ...                 # generations sharded
+
+Methods, all at the same N_G, sampler, steps and generation seeds (SPEC Sec. 2):
+  uncond       Carlini et al. 2023 "UnCond": plain unconditional sampling;
+  cond         Carlini "Cond": guidance by an ordinary time-independent classifier on the
+               training set's real labels (the built-in faces' attributes, or folder names);
+  side         SIDE, Algorithm 1: N_syn unconditional samples -> features -> K-means -> cohesion
+               filter (τ) -> surrogate labels -> time-dependent classifier p_φ(y|x_t,t) -> guided
+               sampling toward a kept cluster drawn uniformly per generation (side.py);
+  side_random  control: the same pipeline with random surrogate labels of the same K.
+
+Every stage is cached in OUT/cache under a name that hashes the settings it depends on, so a rerun,
+a sweep or an interrupted run reuses what is done; generations are cached batch by batch. Outputs
+(written atomically): samples.npz, metrics.json, REPORT.md, grids/*.png, and sweep_*.{json,png}.
+Generation i of every method uses the noise of sample_generators(seed, [i]): each image can be
+regenerated alone from its recorded seed and index.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import ddpm
+import metrics
+import side
+import train
+from common import (Progress, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, check, field,
+                    load_checkpoint, parse_config, resolve_device, run_main, save_checkpoint)
+from report import extraction_table, grid_of_matches, line_plot
+
+METHODS = ("uncond", "cond", "side", "side_random")
+
+
+@dataclass
+class ExtractConfig:
+    ckpt: str = field("runs/model/ckpt.pt", "trained DDPM checkpoint from train.py")
+    out: str = field("", "run folder (default: next to the checkpoint, extract/)")
+    data: str = field("", "training data to evaluate against (default: the checkpoint's own --data)")
+    methods: str = field("uncond,cond,side", "comma-separated subset of uncond,cond,side,side_random")
+    n_gen: int = field(512, "N_G, generations per method (the paper: 5,120-51,200 at CelebA scale)")
+    n_syn: int = field(1024, "N_syn, unconditional samples that SIDE clusters (Alg. 1, step 1)")
+    K: int = field(16, "K-means clusters (paper: 100 for 50k samples; scaled to N_syn)")
+    tau: float = field(0.5, "cohesion threshold τ: keep clusters whose mean cosine to the centroid is >= τ (paper: 0.5)")
+    drop_rejected: bool = field(False, "drop images of rejected clusters instead of relabelling them to the nearest kept centroid")
+    features: str = field("ddpm", "clustering features: ddpm (own mid-block activations), pixels, or a TorchScript .pt file")
+    lam: float = field(3.0, "SIDE guidance scale λ (calibration: 3-10 best, 30 falls off)")
+    cond_scale: float = field(-1.0, "guidance scale of Carlini Cond; -1 = the same as λ")
+    clf_steps: int = field(600, "classifier training steps (time-dependent for SIDE, time-independent for Cond)")
+    clf_lr: float = field(1e-3, "classifier AdamW lr; the paper's 1e-4 trains far too slowly in CPU-sized runs")
+    clf_width: int = field(32, "classifier ResNet base width (the paper: ResNet34 at 128 px)")
+    sampler: str = field("ddim", "sampler for every method", choices=["ddim", "ddpm"])
+    sample_steps: int = field(50, "denoising steps (the same for every method)")
+    eta: float = field(1.0, "DDIM η; η=1 found about twice the copies of η=0 in calibration")
+    batch: int = field(128, "generations per batch (one cached unit; also the sharding unit)")
+    seed: int = field(1, "generation seed of the reported run (tuning sweeps use --sweep-seed)")
+    syn_seed: int = field(12345, "seed of SIDE's synthetic set and clustering (never reused for generations)")
+    sweep_seed: int = field(2, "generation seed of λ/K sweeps, kept apart from --seed so nothing is tuned on the report")
+    sweep_lambda: tuple = field((), "λ values to sweep for SIDE (empty: no sweep)")
+    sweep_k: tuple = field((), "K values to sweep for SIDE (empty: no sweep)")
+    sweep_n_gen: int = field(0, "N_G for sweep points (0 = n_gen)")
+    similarity: str = field("l2", "l2 (normalized pixel L2) or a TorchScript embedding file for cosine similarity")
+    grid_top: int = field(16, "extracted generations shown per method in the grids")
+    device: str = field("auto", "auto, cpu or cuda[:N]")
+
+
+def validate(cfg):
+    check(cfg.lam >= 0, f"--lam {cfg.lam} must be >= 0")
+    check(cfg.cond_scale >= 0 or cfg.cond_scale == -1, f"--cond-scale {cfg.cond_scale} must be >= 0 (or -1 = λ)")
+    check(cfg.K >= 2, f"--K {cfg.K} must be >= 2")
+    check(0.0 <= cfg.tau <= 1.0, f"--tau {cfg.tau} must be in [0, 1]")
+    check(cfg.n_gen >= 1, f"--n-gen {cfg.n_gen} must be >= 1")
+    check(cfg.n_syn >= cfg.K, f"--n-syn {cfg.n_syn} must be >= K = {cfg.K}")
+    check(cfg.batch >= 1 and cfg.sample_steps >= 1 and cfg.clf_steps >= 1, "--batch, --sample-steps and --clf-steps must be >= 1")
+    check(0.0 <= cfg.eta <= 1.0, f"--eta {cfg.eta} must be in [0, 1]")
+    bad = [m for m in cfg.methods.split(",") if m not in METHODS]
+    check(not bad, f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
+    check(all(v >= 0 for v in cfg.sweep_lambda), "--sweep-lambda values must be >= 0")
+    check(all(int(k) >= 2 for k in cfg.sweep_k), "--sweep-k values must be >= 2")
+
+
+def key(**parts):
+    """A short hash naming a cached stage by exactly the settings it depends on."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class Run:
+    """One extraction run: the model, its training data, the cache folder, distributed rank."""
+
+    def __init__(self, cfg):
+        self.cfg, self.t = cfg, {}
+        self.device = resolve_device(cfg.device)
+        self.rank, self.world = train.setup_distributed(self.device)
+        self.model, self.diffusion, self.tcfg, ck = train.load_trained(cfg.ckpt, self.device)
+        self.out = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "extract")
+        self.cache = os.path.join(self.out, "cache")
+        os.makedirs(self.cache, exist_ok=True)
+        spec = cfg.data or self.tcfg.data
+        self.ds = data.load_data(spec, self.tcfg.image_size, n=self.tcfg.n_train, seed=self.tcfg.data_seed,
+                                 label_attr=self.tcfg.label_attr or None)
+        check(self.ds.images.shape[1:3] == (self.tcfg.image_size,) * 2,
+              f"data {spec} is {self.ds.images.shape[1]} px but {cfg.ckpt} was trained at {self.tcfg.image_size} px")
+        self.ckpt_id = key(step=ck["step"], config=ck["config"])
+        self.reports = {}
+        self.num_classes = ck["num_classes"]
+
+    def log(self, msg):
+        if self.rank == 0:
+            print(msg, file=sys.stderr, flush=True)
+
+    def timed(self, stage, fn):
+        t0 = time.time()
+        out = fn()
+        self.t[stage] = self.t.get(stage, 0.0) + time.time() - t0
+        return out
+
+    # ------------------------------------------------------------------ generation (cached by batch, sharded)
+    def generate(self, name, n, seed, cond_fn_for=None, targets=None):
+        """n images, image i from sample_generators(seed, [i]); batch b is cached as its own file and
+        made by rank b % world. cond_fn_for(target_batch) -> cond_fn. Returns uint8 NHWC."""
+        cfg, folder = self.cfg, os.path.join(self.cache, name)
+        os.makedirs(folder, exist_ok=True)
+        batches = [(b, range(b * cfg.batch, min(n, (b + 1) * cfg.batch))) for b in range((n + cfg.batch - 1) // cfg.batch)]
+        todo = [(b, idx) for b, idx in batches if b % self.world == self.rank
+                and not os.path.exists(os.path.join(folder, f"{b:05d}.npy"))]
+        prog = Progress(name, sum(len(i) for _, i in todo), "img", enabled=self.rank == 0)
+        for b, idx in todo:
+            tgt = None if targets is None else torch.as_tensor(targets[idx.start:idx.stop], device=self.device)
+            y = None
+            if self.num_classes > 0:  # a class-conditional target model: a label per generation, uniform
+                y = torch.as_tensor([np.random.default_rng([seed, i, 1]).integers(self.num_classes) for i in idx],
+                                    device=self.device)
+            x = self.diffusion.sample(self.model, len(idx), ddpm.sample_generators(seed, idx), steps=cfg.sample_steps,
+                                      eta=cfg.eta, sampler=cfg.sampler, y=y,
+                                      cond_fn=None if cond_fn_for is None else cond_fn_for(tgt))
+            if not torch.isfinite(x).all():
+                raise UserError(f"generation {name} produced NaN in batch {b}; lower the guidance scale")
+            buf = __import__("io").BytesIO()
+            np.save(buf, data.to_uint8(x))
+            atomic_write_bytes(os.path.join(folder, f"{b:05d}.npy"), buf.getvalue())
+            prog.update(len(idx))
+        if self.world > 1:
+            dist.barrier()  # every rank's batches are on disk (a shared folder across nodes)
+        return np.concatenate([np.load(os.path.join(folder, f"{b:05d}.npy")) for b, _ in batches])
+
+    # ------------------------------------------------------------------ SIDE, Algorithm 1 part 1
+    def surrogate(self, K, random_labels=False):
+        """(classifier p_φ(y|x_t,t), SurrogateLabels): Alg. 1 steps 1-6, every step cached."""
+        cfg = self.cfg
+        syn_key = key(ckpt=self.ckpt_id, n=cfg.n_syn, seed=cfg.syn_seed, s=cfg.sampler, st=cfg.sample_steps, eta=cfg.eta)
+        x_syn = self.timed("side: synthetic set", lambda: self.generate(f"syn-{syn_key}", cfg.n_syn, cfg.syn_seed))  # step 1
+        x_syn = data.to_tensor(x_syn)
+        feat_path = os.path.join(self.cache, f"features-{key(syn=syn_key, f=cfg.features)}.pt")
+        if not os.path.exists(feat_path):  # step 2
+            z = self.timed("side: features", lambda: side.extract_features(
+                x_syn, cfg.features, self.model, self.diffusion, device=self.device))
+            save_checkpoint(z, feat_path)
+        z = load_checkpoint(feat_path)
+        lab = self.timed("side: k-means", lambda: side.surrogate_labels(  # steps 3-5
+            z, K, tau=cfg.tau, drop_rejected=cfg.drop_rejected, seed=cfg.syn_seed))
+        labels = lab.labels
+        if random_labels:  # the control: same cardinality, no information
+            labels = torch.as_tensor(data.random_labels(len(labels), lab.num_classes, cfg.syn_seed), dtype=torch.long)
+        clf_path = os.path.join(self.cache, f"clf-side-{key(syn=syn_key, f=cfg.features, K=K, tau=cfg.tau, d=cfg.drop_rejected, r=random_labels, s=cfg.clf_steps, lr=cfg.clf_lr, w=cfg.clf_width)}.pt")
+        clf = self.timed("side: classifier", lambda: self.classifier(clf_path, x_syn, labels, lab.num_classes, self.diffusion))  # step 6
+        return clf, lab
+
+    def classifier(self, path, x, labels, num_classes, diffusion):
+        """Train (or load from cache) a classifier; time-dependent iff diffusion is given."""
+        cfg = self.cfg
+        if os.path.exists(path):
+            ck = load_checkpoint(path)
+            clf = side.TimeResNet(num_classes, self.tcfg.image_size, width=cfg.clf_width,
+                                  time_dependent=diffusion is not None, T=self.diffusion.T)
+            clf.load_state_dict(ck["state"])
+            self.reports[os.path.basename(path)] = ck["report"]
+            return clf.to(self.device).eval().requires_grad_(False)
+        clf, rep = side.train_classifier(x, labels, diffusion, steps=cfg.clf_steps, lr=cfg.clf_lr, seed=cfg.syn_seed,
+                                         device=self.device, width=cfg.clf_width, log=self.log)
+        if self.rank == 0:
+            save_checkpoint(dict(state=clf.state_dict(), report=rep), path)
+        self.reports[os.path.basename(path)] = rep
+        return clf
+
+    def targets(self, n, seed, k):
+        """The class each generation is guided to: uniform over k, from (seed, index) alone."""
+        return np.array([np.random.default_rng([seed, i, 2]).integers(k) for i in range(n)], dtype=np.int64)
+
+    # ------------------------------------------------------------------ one method
+    def method(self, m, n, seed, lam=None, K=None):
+        """uint8 generations of method m, and a dict describing how they were made."""
+        cfg = self.cfg
+        lam = cfg.lam if lam is None else lam
+        K = cfg.K if K is None else int(K)
+        base = dict(ckpt=self.ckpt_id, n=n, seed=seed, s=cfg.sampler, st=cfg.sample_steps, eta=cfg.eta)
+        if m == "uncond":
+            return self.timed("uncond: generate", lambda: self.generate(f"gen-uncond-{key(**base)}", n, seed)), {}
+        if m == "cond":
+            check(self.ds.labels is not None, f"method cond needs the training data's real labels, and {self.ds.source} "
+                  "has none; use class subfolders, an .npz with labels, or drop cond from --methods")
+            k = int(self.ds.labels.max()) + 1
+            scale = lam if cfg.cond_scale == -1 else cfg.cond_scale
+            path = os.path.join(self.cache, f"clf-cond-{key(ckpt=self.ckpt_id, s=cfg.clf_steps, lr=cfg.clf_lr, w=cfg.clf_width)}.pt")
+            clf = self.timed("cond: classifier", lambda: self.classifier(
+                path, data.to_tensor(self.ds.images), torch.as_tensor(self.ds.labels), k, None))
+            tg = self.targets(n, seed, k)
+            x = self.timed("cond: generate", lambda: self.generate(
+                f"gen-cond-{key(**base, lam=scale, clf=path)}", n, seed, lambda t: side.guidance(clf, t, scale), tg))
+            return x, dict(cluster=tg, scale=scale, classes=k)
+        rnd = m == "side_random"
+        clf, lab = self.surrogate(K, random_labels=rnd)
+        tg = self.targets(n, seed, lab.num_classes)  # Alg. 1 part 2: a kept cluster, uniformly
+        x = self.timed(f"{m}: generate", lambda: self.generate(
+            f"gen-{m}-{key(**base, lam=lam, K=K, tau=cfg.tau, d=cfg.drop_rejected, f=cfg.features, syn=cfg.syn_seed, cs=cfg.clf_steps)}",
+            n, seed, lambda t: side.guidance(clf, t, lam), tg))
+        return x, dict(cluster=tg, scale=lam, K=K, kept=lab.num_classes, sizes=lab.sizes, cohesion=lab.cohesion)
+
+    def evaluate(self, x):
+        """metrics.evaluate plus `distinct`: training images reached per band (UMS · N_G / 100)."""
+        sim = self.cfg.similarity
+        ev = self.timed("metrics", lambda: metrics.evaluate(
+            x, self.ds.images, similarity="l2" if sim == "l2" else "embed", embed=None if sim == "l2" else sim,
+            device=self.device))
+        ev["distinct"] = {b: int(len(i)) for b, i in ev["ums_index"].items()}
+        return ev
+
+
+def sweep(run, name, values, cfg):
+    """SIDE's metrics for each value of λ or K on the sweep seed; writes sweep_<name>.{json,png}."""
+    n = cfg.sweep_n_gen or cfg.n_gen
+    rows = []
+    for v in values:
+        x, info = run.method("side", n, cfg.sweep_seed, **({"lam": v} if name == "lambda" else {"K": v}))
+        ev = run.evaluate(x) if run.rank == 0 else None
+        if run.rank == 0:
+            rows.append(dict(value=v, ams=ev["ams"], ums=ev["ums"], distinct=ev["distinct"], p95=ev["p95"],
+                             kept=info.get("kept")))
+            run.log(f"[sweep {name}] {v}: AMS {ev['ams']} UMS {ev['ums']}")
+    if run.rank == 0:
+        atomic_write_json(os.path.join(run.out, f"sweep_{name}.json"), rows)
+        line_plot(os.path.join(run.out, f"sweep_{name}.png"), [r["value"] for r in rows],
+                  {b: [r["distinct"][b] for r in rows] for b in rows[0]["distinct"]}, xlabel=name,
+                  ylabel="distinct training images extracted")
+    return rows
+
+
+def best_of(rows):
+    """The sweep value extracting most distinct training images (high band, then mid, then AMS)."""
+    return max(rows, key=lambda r: (r["distinct"].get("high", 0), r["distinct"].get("mid", 0), r["ams"].get("high", 0)))["value"]
+
+
+def main(argv=None):
+    cfg = parse_config(ExtractConfig, argv, __doc__.split("\n\n")[0])
+    validate(cfg)
+    t0 = time.time()
+    run = Run(cfg)
+    chosen = dict(lam=cfg.lam, K=cfg.K)
+    sweeps = {}
+    if cfg.sweep_lambda:
+        sweeps["lambda"] = sweep(run, "lambda", cfg.sweep_lambda, cfg)
+        chosen["lam"] = best_of(sweeps["lambda"]) if run.rank == 0 else cfg.lam
+    if cfg.sweep_k:
+        sweeps["K"] = sweep(run, "K", [int(k) for k in cfg.sweep_k], dataclasses.replace(cfg, lam=chosen["lam"]))
+        chosen["K"] = best_of(sweeps["K"]) if run.rank == 0 else cfg.K
+    if run.world > 1:  # rank 0 chose; everyone follows
+        box = [chosen]
+        dist.broadcast_object_list(box, src=0)
+        chosen = box[0]
+    results, samples = {}, {}
+    for m in cfg.methods.split(","):
+        x, info = run.method(m, cfg.n_gen, cfg.seed, lam=chosen["lam"], K=chosen["K"])
+        samples[m] = (x, info)
+        if run.rank == 0:
+            ev = run.evaluate(x)
+            results[m] = dict(ev, **{k: v for k, v in info.items() if k not in ("cluster",)})
+            run.log(f"[{m}] AMS {ev['ams']} UMS {ev['ums']} p95 {ev['p95']:.4f}")
+    if run.rank == 0:
+        write_outputs(run, cfg, chosen, results, samples, sweeps, time.time() - t0)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return results
+
+
+def write_outputs(run, cfg, chosen, results, samples, sweeps, seconds):
+    ms = list(samples)
+    imgs = np.concatenate([samples[m][0] for m in ms])
+    method = np.concatenate([[m] * len(samples[m][0]) for m in ms])
+    cluster = np.concatenate([samples[m][1].get("cluster", np.full(len(samples[m][0]), -1)) for m in ms])
+    index = np.concatenate([np.arange(len(samples[m][0])) for m in ms])
+    buf = __import__("io").BytesIO()
+    np.savez(buf, images=imgs, method=method, cluster=cluster, seed=np.full(len(imgs), cfg.seed), index=index)
+    atomic_write_bytes(os.path.join(run.out, "samples.npz"), buf.getvalue())
+    public = {m: {k: v for k, v in r.items() if k not in ("nn_index", "nn_value", "carlini_ratio", "yoon_ratio", "ums_index")}
+              for m, r in results.items()}
+    atomic_write_json(os.path.join(run.out, "metrics.json"), dict(
+        config=dataclasses.asdict(cfg), chosen=chosen, methods=public, classifiers=run.reports,
+        seconds=dict(run.t, total=seconds), device=str(run.device)))
+    os.makedirs(os.path.join(run.out, "grids"), exist_ok=True)
+    for m in ms:
+        grid_of_matches(os.path.join(run.out, "grids", f"{m}.png"), samples[m][0], run.ds.images,
+                        results[m], top=cfg.grid_top)
+    text = [f"# Extraction report: {cfg.ckpt}", "",
+            f"N_G = {cfg.n_gen} per method, {cfg.sampler} {cfg.sample_steps} steps, η = {cfg.eta}, seed {cfg.seed}; "
+            f"training set: {len(run.ds.images)} images ({run.ds.source}); λ = {chosen['lam']}, K = {chosen['K']}, τ = {cfg.tau}.", "",
+            extraction_table(public), "", "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in run.t.items()) +
+            f"; total {seconds:.1f}.", ""]
+    atomic_write_text(os.path.join(run.out, "REPORT.md"), "\n".join(text))
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -12,7 +12,9 @@ the weights (used for sampling). A checkpoint (`OUT/ckpt.pt`, written atomically
 holds model, EMA, optimiser, step, RNG state and the whole config, so `load_trained` rebuilds the
 model from it alone and `--resume` continues bit-for-bit where a run stopped. Under torchrun the
 global batch is split across ranks; every rank draws the same global batch from the same RNG and
-takes its slice, so N processes follow the 1-process run up to float reduction order.
+takes its slice, so N processes follow the 1-process run up to float reduction order (with --dropout 0,
+the default; dropout masks are drawn per rank). `--amp bf16`, `--channels-last` and `--compile` are the
+GPU fast path (bf16 autocast over fp32 master weights), all off by default so the default is exact fp32.
 """
 import dataclasses
 import json
@@ -65,10 +67,15 @@ class TrainConfig:
     device: str = field("auto", "auto, cpu or cuda[:N]")
     resume: bool = field(False, "continue from OUT/ckpt.pt (config must match, except steps and logging)")
     log_every: float = field(10.0, "seconds between progress lines")
+    amp: str = field("off", "mixed precision: bf16 autocast with fp32 master weights (a GPU speed-up; off is exact fp32)",
+                     choices=["off", "bf16"])
+    channels_last: bool = field(False, "channels-last memory layout (faster convolutions on tensor-core GPUs)")
+    compile: bool = field(False, "torch.compile the UNet (a GPU speed-up after a minute of compiling; needs a C++ compiler)")
 
 
 # Fields that may differ between a checkpoint and the run resuming it.
-RESUMABLE = {"steps", "ckpt_every", "sample_n", "sample_steps", "device", "resume", "log_every", "out"}
+RESUMABLE = {"steps", "ckpt_every", "sample_n", "sample_steps", "device", "resume", "log_every", "out",
+             "channels_last", "compile"}
 # Fields that define the network's shape (checked when loading a checkpoint elsewhere).
 MODEL_FIELDS = ("image_size", "base", "mults", "num_res_blocks", "attn_res", "dropout")
 
@@ -120,13 +127,26 @@ def load_trained(path, device="cpu", expect_size=None):
     return model.eval().requires_grad_(False), diffusion, cfg, ckpt
 
 
+def local_device(device):
+    """Under torchrun on CUDA each process takes the GPU of its LOCAL_RANK; otherwise `device` unchanged."""
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
+
+
 def setup_distributed(device):
-    """(rank, world) under torchrun; (0, 1) otherwise."""
+    """(rank, world) under torchrun (NCCL on CUDA, gloo on CPU); (0, 1) otherwise."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 1
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def autocast(amp, device):
+    """The forward-pass context of --amp: bf16 autocast (weights stay fp32), or a no-op for 'off'."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
 def lr_at(cfg, step):
@@ -136,9 +156,7 @@ def lr_at(cfg, step):
 def train(cfg):
     """The training loop; returns the final checkpoint dict. Pure of argv, prints progress to stderr."""
     validate(cfg)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    device = local_device(resolve_device(cfg.device))
     rank, world = setup_distributed(device)
     check(cfg.batch % world == 0, f"--batch {cfg.batch} must be divisible by the number of processes ({world})")
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
@@ -159,8 +177,9 @@ def train(cfg):
         if not cfg.resume:
             raise UserError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
         ckpt = load_checkpoint(ckpt_path)
+        default = dataclasses.asdict(TrainConfig())  # a field newer than the checkpoint had its default
         diff = sorted(k for k, v in dataclasses.asdict(cfg).items()
-                      if k not in RESUMABLE and json.dumps(ckpt["config"].get(k)) != json.dumps(v))
+                      if k not in RESUMABLE and json.dumps(ckpt["config"].get(k, default[k])) != json.dumps(v))
         if diff:
             was = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in diff)
             raise UserError(f"{ckpt_path} was trained with a different config ({was}); "
@@ -171,7 +190,11 @@ def train(cfg):
         gen.set_state(ckpt["rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         step = ckpt["step"]
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if cfg.channels_last:  # before DDP wraps it; the state dict keeps its values, so checkpoints are unchanged
+        model.to(memory_format=torch.channels_last)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    fwd = torch.compile(ddp) if cfg.compile else ddp
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         atomic_write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
@@ -193,10 +216,15 @@ def train(cfg):
         y = None if y_all is None else y_all[idx[sl].to(device)]
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        loss = diffusion.loss(ddp, x0, t, noise, y).mean()  # Eq. (14)
+        with autocast(cfg.amp, device):  # bf16 activations under --amp bf16; parameters and optimiser stay fp32
+            loss = diffusion.loss(fwd, x0, t, noise, y).float().mean()  # Eq. (14)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP averages the ranks' gradients: equal slices make it the global-batch mean
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        loss = loss.detach()
+        if world > 1:  # the global-batch loss, so every rank logs and stops on the same number
+            dist.all_reduce(loss)
+            loss /= world
         if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
             raise UserError(f"training loss became {loss.item()} at step {step}; the last good checkpoint "
                             f"{ckpt_path} is kept; lower --lr (now {cfg.lr}) or --grad-clip and --resume")

@@ -11,7 +11,9 @@ Methods, all at the same N_G, sampler, steps and generation seeds (SPEC Sec. 2):
   side         SIDE, Algorithm 1: N_syn unconditional samples -> features -> K-means -> cohesion
                filter (τ) -> surrogate labels -> time-dependent classifier p_φ(y|x_t,t) -> guided
                sampling toward a kept cluster drawn uniformly per generation (side.py);
-  side_random  control: the same pipeline with random surrogate labels of the same K.
+  side_random  control: the same pipeline with random surrogate labels of the same K;
+  uncond_budget  beyond the paper: SIDE's whole sampling budget (its N_syn synthetic images plus
+               N_G) spent on plain unconditional sampling, so N_syn + N_G generations.
 
 Every stage is cached in OUT/cache under a name that hashes the settings it depends on, so a rerun,
 a sweep or an interrupted run reuses what is done; generations are cached batch by batch. Outputs
@@ -40,7 +42,7 @@ from common import (Progress, UserError, atomic_write_bytes, atomic_write_json, 
                     load_checkpoint, parse_config, resolve_device, run_main, save_checkpoint)
 from report import extraction_table, grid_of_matches, line_plot
 
-METHODS = ("uncond", "cond", "side", "side_random")
+METHODS = ("uncond", "cond", "side", "side_random", "uncond_budget")
 
 
 @dataclass
@@ -155,12 +157,20 @@ class Run:
         return np.concatenate([np.load(os.path.join(folder, f"{b:05d}.npy")) for b, _ in batches])
 
     # ------------------------------------------------------------------ SIDE, Algorithm 1 part 1
+    def syn_key(self):
+        cfg = self.cfg
+        return key(ckpt=self.ckpt_id, n=cfg.n_syn, seed=cfg.syn_seed, s=cfg.sampler, st=cfg.sample_steps, eta=cfg.eta)
+
+    def synthetic(self):
+        """Alg. 1, step 1: N_syn unconditional samples (uint8), on their own seed."""
+        cfg = self.cfg
+        return self.timed("side: synthetic set", lambda: self.generate(f"syn-{self.syn_key()}", cfg.n_syn, cfg.syn_seed))
+
     def surrogate(self, K, random_labels=False):
         """(classifier p_φ(y|x_t,t), SurrogateLabels): Alg. 1 steps 1-6, every step cached."""
         cfg = self.cfg
-        syn_key = key(ckpt=self.ckpt_id, n=cfg.n_syn, seed=cfg.syn_seed, s=cfg.sampler, st=cfg.sample_steps, eta=cfg.eta)
-        x_syn = self.timed("side: synthetic set", lambda: self.generate(f"syn-{syn_key}", cfg.n_syn, cfg.syn_seed))  # step 1
-        x_syn = data.to_tensor(x_syn)
+        syn_key = self.syn_key()
+        x_syn = data.to_tensor(self.synthetic())  # step 1
         feat_path = os.path.join(self.cache, f"features-{key(syn=syn_key, f=cfg.features)}.pt")
         if not os.path.exists(feat_path):  # step 2
             z = self.timed("side: features", lambda: side.extract_features(
@@ -206,6 +216,8 @@ class Run:
         base = dict(ckpt=self.ckpt_id, n=n, seed=seed, s=cfg.sampler, st=cfg.sample_steps, eta=cfg.eta)
         if m == "uncond":
             return self.timed("uncond: generate", lambda: self.generate(f"gen-uncond-{key(**base)}", n, seed)), {}
+        if m == "uncond_budget":  # the synthetic set is N_syn unconditional samples already: reuse it
+            return np.concatenate([self.synthetic(), self.method("uncond", n, seed)[0]]), {}
         if m == "cond":
             check(self.ds.labels is not None, f"method cond needs the training data's real labels, and {self.ds.source} "
                   "has none; use class subfolders, an .npz with labels, or drop cond from --methods")
@@ -236,12 +248,12 @@ class Run:
         return ev
 
 
-def sweep(run, name, values, cfg):
-    """SIDE's metrics for each value of λ or K on the sweep seed; writes sweep_<name>.{json,png}."""
+def sweep(run, name, values, cfg, lam, K):
+    """SIDE's metrics for each value of λ (at K) or K (at λ) on the sweep seed; writes sweep_<name>.{json,png}."""
     n = cfg.sweep_n_gen or cfg.n_gen
     rows = []
     for v in values:
-        x, info = run.method("side", n, cfg.sweep_seed, **({"lam": v} if name == "lambda" else {"K": v}))
+        x, info = run.method("side", n, cfg.sweep_seed, **({"lam": v, "K": K} if name == "lambda" else {"lam": lam, "K": v}))
         ev = run.evaluate(x) if run.rank == 0 else None
         if run.rank == 0:
             rows.append(dict(value=v, ams=ev["ams"], ums=ev["ums"], distinct=ev["distinct"], p95=ev["p95"],
@@ -260,6 +272,20 @@ def best_of(rows):
     return max(rows, key=lambda r: (r["distinct"].get("high", 0), r["distinct"].get("mid", 0), r["ams"].get("high", 0)))["value"]
 
 
+def load_chosen(out):
+    """The λ and K a finished run used (after its sweeps)."""
+    with open(os.path.join(out, "metrics.json")) as fh:
+        return json.load(fh)["chosen"]
+
+
+def load_sweep(out, name):
+    path = os.path.join(out, f"sweep_{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
 def main(argv=None):
     cfg = parse_config(ExtractConfig, argv, __doc__.split("\n\n")[0])
     validate(cfg)
@@ -268,10 +294,10 @@ def main(argv=None):
     chosen = dict(lam=cfg.lam, K=cfg.K)
     sweeps = {}
     if cfg.sweep_lambda:
-        sweeps["lambda"] = sweep(run, "lambda", cfg.sweep_lambda, cfg)
+        sweeps["lambda"] = sweep(run, "lambda", cfg.sweep_lambda, cfg, None, cfg.K)
         chosen["lam"] = best_of(sweeps["lambda"]) if run.rank == 0 else cfg.lam
     if cfg.sweep_k:
-        sweeps["K"] = sweep(run, "K", [int(k) for k in cfg.sweep_k], dataclasses.replace(cfg, lam=chosen["lam"]))
+        sweeps["K"] = sweep(run, "K", [int(k) for k in cfg.sweep_k], cfg, chosen["lam"], None)
         chosen["K"] = best_of(sweeps["K"]) if run.rank == 0 else cfg.K
     if run.world > 1:  # rank 0 chose; everyone follows
         box = [chosen]

@@ -75,6 +75,10 @@ class ExtractConfig:
     similarity: str = field("l2", "l2 (normalized pixel L2) or a TorchScript embedding file for cosine similarity")
     grid_top: int = field(16, "extracted generations shown per method in the grids")
     device: str = field("auto", "auto, cpu or cuda[:N]")
+    amp: str = field("off", "sample under bf16 autocast (a GPU speed-up; off is exact fp32)", choices=["off", "bf16"])
+    channels_last: bool = field(False, "channels-last UNet for sampling (faster convolutions on tensor-core GPUs)")
+    compile: str = field("off", "torch.compile the sampling UNet; cudagraphs also captures CUDA graphs (CUDA only)",
+                         choices=["off", "on", "cudagraphs"])
 
 
 def validate(cfg):
@@ -102,20 +106,63 @@ class Run:
 
     def __init__(self, cfg):
         self.cfg, self.t = cfg, {}
-        self.device = resolve_device(cfg.device)
+        self.device = train.local_device(resolve_device(cfg.device))
+        check(cfg.compile != "cudagraphs" or self.device.type == "cuda", "--compile cudagraphs needs a CUDA device")
         self.rank, self.world = train.setup_distributed(self.device)
         self.model, self.diffusion, self.tcfg, ck = train.load_trained(cfg.ckpt, self.device)
+        self.sampler_model = self.fast(self.model)
         self.out = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "extract")
         self.cache = os.path.join(self.out, "cache")
         os.makedirs(self.cache, exist_ok=True)
+        self.check_shared_cache()
         spec = cfg.data or self.tcfg.data
         self.ds = data.load_data(spec, self.tcfg.image_size, n=self.tcfg.n_train, seed=self.tcfg.data_seed,
                                  label_attr=self.tcfg.label_attr or None)
-        check(self.ds.images.shape[1:3] == (self.tcfg.image_size,) * 2,
-              f"data {spec} is {self.ds.images.shape[1]} px but {cfg.ckpt} was trained at {self.tcfg.image_size} px")
+        hw = self.ds.images.shape[1:3]
+        if cfg.data and cfg.data != "faces" and os.path.realpath(cfg.data) != os.path.realpath(self.tcfg.data):
+            try:  # other images than the training run's are compared as stored: load_data resized them
+                hw = metrics.load_images(cfg.data)[0].shape[1:3]
+            except metrics.MetricsInputError:
+                pass  # a folder of mixed sizes: only the resized copy has one size
+        check(hw == (self.tcfg.image_size,) * 2,
+              f"data {spec} is {hw[0]}x{hw[1]} px but {cfg.ckpt} was trained at {self.tcfg.image_size} px")
         self.ckpt_id = key(step=ck["step"], config=ck["config"])
         self.reports = {}
         self.num_classes = ck["num_classes"]
+
+    def fast(self, model):
+        """The UNet the sampler calls: --channels-last (a copy), --compile; the default is `model` itself."""
+        cfg = self.cfg
+        if cfg.channels_last:
+            model = __import__("copy").deepcopy(model).to(memory_format=torch.channels_last)
+        if cfg.compile != "off":  # "reduce-overhead" is torch.compile's CUDA-graphs mode
+            model = torch.compile(model, mode="reduce-overhead" if cfg.compile == "cudagraphs" else None)
+        return model
+
+    def check_shared_cache(self):
+        """Every rank reads every rank's batch files: the cache must be one folder seen by all nodes."""
+        if self.world == 1:
+            return
+        box = [os.urandom(8).hex()]
+        dist.broadcast_object_list(box, src=0)
+        probe = os.path.join(self.cache, f".shared-{box[0]}")
+        if self.rank == 0:
+            atomic_write_text(probe, "")
+        dist.barrier()
+        seen = [None] * self.world
+        dist.all_gather_object(seen, os.path.exists(probe))  # a fresh name: no stale NFS negative lookup
+        if self.rank == 0:
+            os.unlink(probe)
+        check(all(seen), f"the cache folder {self.cache} is not shared by all {self.world} processes (a rank "
+              "cannot see rank 0's files); under torchrun across nodes --out must be on a shared filesystem")
+
+    def agree(self, obj):
+        """Rank 0's value of obj, on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def log(self, msg):
         if self.rank == 0:
@@ -131,7 +178,10 @@ class Run:
     def generate(self, name, n, seed, cond_fn_for=None, targets=None):
         """n images, image i from sample_generators(seed, [i]); batch b is cached as its own file and
         made by rank b % world. cond_fn_for(target_batch) -> cond_fn. Returns uint8 NHWC."""
-        cfg, folder = self.cfg, os.path.join(self.cache, name)
+        cfg = self.cfg
+        fast = [f"{k}={v}" for k, v in (("amp", cfg.amp), ("cl", cfg.channels_last), ("compile", cfg.compile))
+                if v not in ("off", False)]
+        folder = os.path.join(self.cache, "-".join([name] + fast))  # the fast path changes bits: its own cache
         os.makedirs(folder, exist_ok=True)
         batches = [(b, range(b * cfg.batch, min(n, (b + 1) * cfg.batch))) for b in range((n + cfg.batch - 1) // cfg.batch)]
         todo = [(b, idx) for b, idx in batches if b % self.world == self.rank
@@ -143,9 +193,13 @@ class Run:
             if self.num_classes > 0:  # a class-conditional target model: a label per generation, uniform
                 y = torch.as_tensor([np.random.default_rng([seed, i, 1]).integers(self.num_classes) for i in idx],
                                     device=self.device)
-            x = self.diffusion.sample(self.model, len(idx), ddpm.sample_generators(seed, idx), steps=cfg.sample_steps,
-                                      eta=cfg.eta, sampler=cfg.sampler, y=y,
-                                      cond_fn=None if cond_fn_for is None else cond_fn_for(tgt))
+            try:
+                with train.autocast(cfg.amp, self.device):
+                    x = self.diffusion.sample(self.sampler_model, len(idx), ddpm.sample_generators(seed, idx),
+                                              steps=cfg.sample_steps, eta=cfg.eta, sampler=cfg.sampler, y=y,
+                                              cond_fn=None if cond_fn_for is None else cond_fn_for(tgt))
+            except UserError as e:  # e.g. NaN guidance: name the stage and batch, then the step side.py names
+                raise UserError(f"stage {name}, batch {b}: {e}") from None
             if not torch.isfinite(x).all():
                 raise UserError(f"generation {name} produced NaN in batch {b}; lower the guidance scale")
             buf = __import__("io").BytesIO()
@@ -175,8 +229,10 @@ class Run:
         if not os.path.exists(feat_path):  # step 2
             z = self.timed("side: features", lambda: side.extract_features(
                 x_syn, cfg.features, self.model, self.diffusion, device=self.device))
-            save_checkpoint(z, feat_path)
-        z = load_checkpoint(feat_path)
+            if self.rank == 0:
+                save_checkpoint(z, feat_path)
+        else:
+            z = load_checkpoint(feat_path)
         lab = self.timed("side: k-means", lambda: side.surrogate_labels(  # steps 3-5
             z, K, tau=cfg.tau, drop_rejected=cfg.drop_rejected, seed=cfg.syn_seed))
         labels = lab.labels
@@ -196,8 +252,14 @@ class Run:
             clf.load_state_dict(ck["state"])
             self.reports[os.path.basename(path)] = ck["report"]
             return clf.to(self.device).eval().requires_grad_(False)
-        clf, rep = side.train_classifier(x, labels, diffusion, steps=cfg.clf_steps, lr=cfg.clf_lr, seed=cfg.syn_seed,
-                                         device=self.device, width=cfg.clf_width, log=self.log)
+        try:  # every rank trains the same classifier (no rank idles at a barrier meanwhile)
+            clf, rep = side.train_classifier(x, labels, diffusion, steps=cfg.clf_steps, lr=cfg.clf_lr, seed=cfg.syn_seed,
+                                             device=self.device, width=cfg.clf_width,
+                                             log=self.log if self.rank == 0 else None)
+        except UserError as e:
+            raise UserError(f"stage {os.path.basename(path)[:-3]}: {e}") from None
+        if self.world > 1:  # then all guide with rank 0's weights, bit for bit, even where GPU kernels differ
+            clf.load_state_dict(self.agree({k: v.cpu() for k, v in clf.state_dict().items()}))
         if self.rank == 0:
             save_checkpoint(dict(state=clf.state_dict(), report=rep), path)
         self.reports[os.path.basename(path)] = rep
@@ -228,13 +290,13 @@ class Run:
                 path, data.to_tensor(self.ds.images), torch.as_tensor(self.ds.labels), k, None))
             tg = self.targets(n, seed, k)
             x = self.timed("cond: generate", lambda: self.generate(
-                f"gen-cond-{key(**base, lam=scale, clf=path)}", n, seed, lambda t: side.guidance(clf, t, scale), tg))
+                f"gen-cond-{key(**base, lam=scale, clf=os.path.basename(path))}", n, seed, lambda t: side.guidance(clf, t, scale), tg))
             return x, dict(cluster=tg, scale=scale, classes=k)
         rnd = m == "side_random"
         clf, lab = self.surrogate(K, random_labels=rnd)
         tg = self.targets(n, seed, lab.num_classes)  # Alg. 1 part 2: a kept cluster, uniformly
         x = self.timed(f"{m}: generate", lambda: self.generate(
-            f"gen-{m}-{key(**base, lam=lam, K=K, tau=cfg.tau, d=cfg.drop_rejected, f=cfg.features, syn=cfg.syn_seed, cs=cfg.clf_steps)}",
+            f"gen-{m}-{key(**base, lam=lam, K=K, tau=cfg.tau, d=cfg.drop_rejected, f=cfg.features, syn=cfg.syn_seed, ns=cfg.n_syn, cs=cfg.clf_steps, lr=cfg.clf_lr, w=cfg.clf_width)}",
             n, seed, lambda t: side.guidance(clf, t, lam), tg))
         return x, dict(cluster=tg, scale=lam, K=K, kept=lab.num_classes, sizes=lab.sizes, cohesion=lab.cohesion)
 
@@ -295,14 +357,10 @@ def main(argv=None):
     sweeps = {}
     if cfg.sweep_lambda:
         sweeps["lambda"] = sweep(run, "lambda", cfg.sweep_lambda, cfg, None, cfg.K)
-        chosen["lam"] = best_of(sweeps["lambda"]) if run.rank == 0 else cfg.lam
+        chosen["lam"] = run.agree(best_of(sweeps["lambda"]) if run.rank == 0 else None)  # rank 0 evaluated
     if cfg.sweep_k:
         sweeps["K"] = sweep(run, "K", [int(k) for k in cfg.sweep_k], cfg, chosen["lam"], None)
-        chosen["K"] = best_of(sweeps["K"]) if run.rank == 0 else cfg.K
-    if run.world > 1:  # rank 0 chose; everyone follows
-        box = [chosen]
-        dist.broadcast_object_list(box, src=0)
-        chosen = box[0]
+        chosen["K"] = run.agree(best_of(sweeps["K"]) if run.rank == 0 else None)
     results, samples = {}, {}
     for m in cfg.methods.split(","):
         x, info = run.method(m, cfg.n_gen, cfg.seed, lam=chosen["lam"], K=chosen["K"])

@@ -1,0 +1,778 @@
+"""Memorization metrics for generated images, exact and memory-bounded (SPEC.md sections 1 and 3).
+
+Implements, for a generated set D_1 (N_G items) against a training set D_2 (N_D items):
+  * exact k-nearest-neighbour search, streamed block by block (never the full N_G x N_D matrix),
+    on CPU or CUDA: a float32 matrix-multiply pass with a rigorous rounding-error bound picks
+    candidates, which are re-scored in float64 (exact integers for uint8 pixels); rows whose
+    bound cannot certify the answer are searched again with more candidates. Ties: lowest index.
+  * similarities: normalized L2 ||x - y|| / sqrt(C*H*W) on the [-1, 1] pixel scale (optionally
+    tolerant to translations of up to `shift` pixels); cosine similarity of embeddings from any
+    TorchScript file given by path (e.g. SSCD); cosine similarity of precomputed features.
+  * AMS and UMS per band (section 3: AMS = sum_x F(x, D_2) / N_G, UMS = |U_x phi(x, D_2)| / N_G),
+    bands not cumulative; the 95th percentile of best-match similarity (Somepalli et al. 2023);
+    Carlini et al. 2023's ratio l2(x^, x) / (alpha * mean l2 to the n nearest training images);
+    Yoon et al. / Gu et al. 2023's d(NN1) / d(NN2) < 1/3.
+  * Definition 1, M(D; p, eps) = KL(q_eps || p), q_eps(x) = (1/N) sum_i N(x | x_i, eps^2 I), by
+    Monte Carlo with exact log q_eps (logsumexp) and a standard error; a closed-form check of
+    Theorem 1 on a Gaussian mixture with well-separated components.
+Run: `python metrics.py GENERATED TRAIN [--embed FILE.pt] [--bands ...] [--json OUT]` (folders
+or .npz with `images`), `python metrics.py --bench`. Depends on numpy and torch only (pillow,
+imported lazily, to read image folders). Nothing is downloaded. Larger than the house ~400 lines
+because the issue asks for one self-contained file that can be copied into another codebase.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+PIXEL_SCALE = 127.5  # uint8 level v <-> v / 127.5 - 1, the DDPM's [-1, 1] scale (our canonical L2 scale)
+COS_BANDS = {"low": (0.4, 0.5), "mid": (0.5, 0.6), "high": (0.6, 1.0)}  # SPEC 3 [P]; 0.4 inferred
+# Normalized L2 on [-1, 1] (distance bands: high = nearest). Calibrated with calibrate_l2_bands on
+# the built-in faces (16/32 px, 256-1000 images); method and numbers in docs_metrics.md.
+L2_BANDS = {"low": (0.08, 0.095), "mid": (0.07, 0.08), "high": (0.0, 0.07)}
+CARLINI_ALPHA, CARLINI_N = 0.5, 50  # Carlini et al. 2023, section 5 (CIFAR-10)
+CARLINI_THRESHOLD = 1.0  # extracted when l2(x^, x) < alpha * mean (any other cut would make alpha redundant)
+YOON_THRESHOLD = 1.0 / 3.0  # Yoon et al. 2023, Gu et al. 2023: memorized if d(NN1) / d(NN2) < 1/3
+REPLICATION_SIM = 0.5  # Somepalli et al. 2023: SSCD similarity > 0.5 counts as a replication
+EMBED_SIZE = 288  # SSCD's README evaluates at 288 px ("small_288" transform)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SSCD/torchvision normalization
+BLOCK_Q, BLOCK_K = 2048, 4096  # query x key rows per tile: 32 MiB float32 tile, large enough for matmul peak
+FLOAT32_U = 2.0 ** -24  # unit roundoff of IEEE float32 (matmuls are forced to full float32 during the search)
+MARGIN = 16  # extra float32 candidates re-scored exactly per query; x4 on each retry the error bound forces
+CHUNK_BYTES = 64 << 20  # float64 scratch for exact re-scoring and log q_eps, per chunk
+PLANT_NOISE, PLANT_BRIGHT = 2.0, 0.03  # calibration: Gaussian noise sigma in uint8 levels; +3 % brightness
+
+
+class MetricsInputError(ValueError):
+    """Bad user input (missing file, wrong shape or dtype, NaN, empty set); names the file and the fix."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _rgb(img, size):
+    """PIL image -> uint8 (H, W, 3); with `size`, centre-crop to a square and resize (LANCZOS)."""
+    from PIL import Image
+    img = img.convert("RGB")  # grayscale, palette and RGBA (alpha dropped) -> RGB
+    if size:
+        w, h = img.size
+        s = min(w, h)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        if s != size:
+            img = img.resize((size, size), Image.LANCZOS)
+    return np.asarray(img, np.uint8)
+
+
+def to_uint8_nhwc(x, name="images"):
+    """uint8 (N, H, W, C) or float (N, C, H, W) in [-1, 1], numpy or torch -> uint8 (N, H, W, 3)."""
+    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise MetricsInputError(f"{name}: expected a non-empty (N,H,W,C) uint8 or (N,C,H,W) float array, "
+                                f"got shape {x.shape}")
+    if x.dtype == np.uint8:
+        if x.shape[-1] not in (1, 3, 4):
+            raise MetricsInputError(f"{name}: uint8 images must be (N,H,W,C) with C in 1/3/4, got {x.shape}")
+    elif np.issubdtype(x.dtype, np.floating):
+        if x.shape[1] not in (1, 3, 4):
+            raise MetricsInputError(f"{name}: float images must be (N,C,H,W) with C in 1/3/4, got {x.shape}")
+        if not np.isfinite(x).all():
+            raise MetricsInputError(f"{name}: contains NaN or inf; fix the sampler or drop those images")
+        if x.min() < -1.001 or x.max() > 1.001:  # 0.001: tolerate float noise at the ends only
+            raise MetricsInputError(f"{name}: float images must lie in [-1, 1], got [{x.min():.3g}, {x.max():.3g}]; "
+                                    "clamp them or pass uint8")
+        x = np.clip(np.round((x.transpose(0, 2, 3, 1) + 1) * PIXEL_SCALE), 0, 255).astype(np.uint8)
+    else:
+        raise MetricsInputError(f"{name}: expected uint8 or float images, got dtype {x.dtype}")
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return np.ascontiguousarray(x[..., :3])
+
+
+def load_images(path, size=None):
+    """A folder (recursive, sorted; labels = index of the sorted top-level subfolder names when every
+    image sits in one, else None) or an .npz with `images` (and optional `labels`) ->
+    (uint8 (N, H, W, 3), labels int64 (N,) or None, file names). `size`: centre-crop + resize."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
+        if not files:
+            raise MetricsInputError(f"{path}: no images ({'/'.join(IMAGE_EXTS)}) found; point to a folder of images")
+        from PIL import Image
+        arrays = []
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    arrays.append(_rgb(im, size))
+            except (OSError, ValueError) as e:
+                raise MetricsInputError(f"{f}: cannot be read as an image ({e}); remove or replace it") from None
+            if arrays[-1].shape != arrays[0].shape:
+                raise MetricsInputError(f"{f} is {arrays[-1].shape[:2]} but {files[0]} is {arrays[0].shape[:2]}; "
+                                        "pass a size (--size) to centre-crop and resize every image")
+        parts = [os.path.relpath(f, path).split(os.sep) for f in files]
+        labels = None
+        if all(len(p) > 1 for p in parts):
+            classes = {c: i for i, c in enumerate(sorted({p[0] for p in parts}))}
+            labels = np.array([classes[p[0]] for p in parts], np.int64)
+        return np.stack(arrays), labels, files
+    if not os.path.isfile(path):
+        raise MetricsInputError(f"{path} does not exist; pass a folder of images or an .npz file with `images`")
+    if not path.endswith(".npz"):
+        raise MetricsInputError(f"{path}: expected a folder of images or an .npz file with an `images` array")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise MetricsInputError(f"{path}: cannot be read as .npz ({e}); write it with np.savez(path, images=...)") from None
+    if "images" not in arrays:
+        raise MetricsInputError(f"{path} has no `images` array (keys: {sorted(arrays)}); "
+                                "save with np.savez(path, images=..., labels=...)")
+    images = to_uint8_nhwc(arrays["images"], path)
+    labels = arrays.get("labels")
+    if labels is not None:
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise MetricsInputError(f"{path}: `labels` must be {len(images)} integers to match `images`, "
+                                    f"got shape {labels.shape} dtype {labels.dtype}")
+        labels = labels.astype(np.int64)
+    if size and images.shape[1:3] != (size, size):
+        from PIL import Image
+        images = np.stack([_rgb(Image.fromarray(im), size) for im in images])
+    return images, labels, [f"{path}#{i}" for i in range(len(images))]
+
+
+def load_features(path):
+    """(N, D) float features from a .npy file or the `features` array of an .npz file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MetricsInputError(f"{path} does not exist; pass an .npy or .npz file with (N, D) features")
+    try:
+        z = np.load(path, allow_pickle=False)
+        x = z["features"] if isinstance(z, np.lib.npyio.NpzFile) else z
+    except (OSError, ValueError, KeyError) as e:
+        raise MetricsInputError(f"{path}: no readable (N, D) `features` array ({e})") from None
+    return _features(x, path)
+
+
+def _features(x, name):
+    x = np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        raise MetricsInputError(f"{name}: features must be a non-empty (N, D) array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise MetricsInputError(f"{name}: features contain NaN or inf")
+    return x
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+def load_embedder(path, device="cpu"):
+    """A TorchScript image-embedding model (e.g. SSCD's sscd_disc_mixup.torchscript.pt), eval mode."""
+    if not os.path.isfile(os.fspath(path)):
+        raise MetricsInputError(f"embedding model {path} does not exist; pass a TorchScript file you have "
+                                "(nothing is downloaded)")
+    try:
+        return torch.jit.load(os.fspath(path), map_location=device).eval()
+    except (RuntimeError, ValueError) as e:
+        raise MetricsInputError(f"{path} is not a TorchScript file ({str(e).splitlines()[0]}); "
+                                "save one with torch.jit.script(model).save(path)") from None
+
+
+@torch.no_grad()
+def embed_images(model, images, size=EMBED_SIZE, batch=64, device="cpu"):
+    """uint8 (N, H, W, 3) -> float64 (N, D). SSCD's preprocessing: RGB in [0, 1], resized to
+    size x size (bilinear, antialiased), normalized by the ImageNet mean / std."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    out = []
+    for s in range(0, len(images), batch):
+        x = torch.from_numpy(images[s:s + batch]).to(device).permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        e = model((x - mean) / std)
+        if not torch.is_tensor(e) or e.ndim != 2 or len(e) != len(x):
+            raise MetricsInputError(f"the embedding model must return a (batch, D) tensor, got {getattr(e, 'shape', type(e))}")
+        out.append(e.double().cpu())
+    return _features(torch.cat(out), "embeddings")
+
+
+# ----------------------------------------------------------------------------- exact nearest neighbours
+
+class _Keys:
+    """Key items for the search: plain rows (N, d), or, with shift > 0, every translation by up to
+    `shift` px (edge replicated) of (N, H, W, C) images, S = (2 shift + 1)^2 rows per item, made on
+    the fly per block so memory stays bounded. The distance to an item is the min over its rows."""
+
+    def __init__(self, x, shift=0):
+        self.x, self.shift, self.S, self.n = x, shift, (2 * shift + 1) ** 2, len(x)
+        self.d = int(np.prod(x.shape[1:]))
+
+    def rows(self, items):
+        x = self.x[items]
+        if not self.shift:
+            return x.reshape(len(x), -1)
+        s, h, w = self.shift, x.shape[1], x.shape[2]
+        x = x[:, torch.arange(-s, h + s).clamp(0, h - 1)][:, :, torch.arange(-s, w + s).clamp(0, w - 1)]  # edge pad
+        out = [x[:, s - dy:s - dy + h, s - dx:s - dx + w] for dy in range(-s, s + 1) for dx in range(-s, s + 1)]
+        return torch.stack(out, 1).reshape(-1, self.d)  # item-major: row i*S + shift index
+
+
+def _rows(x, name):
+    """numpy / torch (N, ...) -> CPU tensor; integers stay integer (exact float64 arithmetic), floats -> float64."""
+    t = x.detach().cpu() if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))
+    if t.ndim < 2 or len(t) == 0 or t.dtype == torch.bool or t.is_complex():
+        raise MetricsInputError(f"{name}: expected a non-empty real (N, ...) array, got {tuple(t.shape)} {t.dtype}")
+    if t.dtype != torch.uint8 and not t.is_floating_point() and float(t.abs().max()) ** 2 * t[0].numel() >= 2.0 ** 52:
+        t = t.double()  # too large for exact integer sums in float64; treat as floats
+    if t.is_floating_point():
+        t = t.double()
+        if not torch.isfinite(t).all():
+            raise MetricsInputError(f"{name}: contains NaN or inf")
+    return t
+
+
+def _centre(x, mu, dev):
+    """Rows minus the key mean, as float32 (centring shrinks norms and so the float32 error bound)."""
+    x = x.to(dev)
+    return (x - mu[0]).float() if x.is_floating_point() else torch.sub(x, mu[1])  # uint8 -> float32, one pass
+
+
+def _exact(q, keys, items):
+    """Exact squared distances, float64 (integer-exact for uint8): q (M, d) against items (M,) -> (M,),
+    min over shifts."""
+    out = torch.empty(len(q), dtype=torch.float64, device=q.device)
+    step = max(1, CHUNK_BYTES // (8 * keys.S * keys.d))
+    for a in range(0, len(q), step):
+        r = keys.rows(items[a:a + step].cpu()).to(q.device).view(-1, keys.S, keys.d)
+        diff = q[a:a + step, None, :].double() - r.double()
+        out[a:a + step] = torch.linalg.vecdot(diff, diff).amin(-1)
+    return out
+
+
+def _scan(rows, keys, st, kk, block_k, dev, bands=None):
+    """Step 1, one query block: float32 tiles ||x||^2 + ||y||^2 - 2 x.y over all key blocks,
+    running top-kk (approx d2, item), the per-row error bound delta, and UMS band marks."""
+    q = _centre(rows, st["mu"], dev)
+    nq = (q.double() ** 2).sum(1)
+    delta = st["c"] * (nq.sqrt() + st["kmax"]) ** 2  # |float32 d2 - exact d2| <= delta (gamma_d bound)
+    best_v = q.new_empty(len(q), 0)
+    best_i = torch.empty(len(q), 0, dtype=torch.long, device=dev)
+    per = max(1, block_k // keys.S)
+    for a in range(0, keys.n, per):
+        b = min(a + per, keys.n)
+        kf = _centre(keys.rows(slice(a, b)), st["mu"], dev)
+        A = torch.addmm(st["nk"][a * keys.S:b * keys.S][None], q, kf.T, alpha=-2.0).add_(nq.float()[:, None])
+        if keys.S > 1:
+            A = A.view(len(q), b - a, keys.S).amin(-1)  # shift-tolerant distance: min over translations
+        v, i = torch.topk(A, min(kk, b - a), dim=1, largest=False)
+        best_v, o = torch.topk(torch.cat([best_v, v], 1), min(kk, best_v.shape[1] + v.shape[1]), dim=1, largest=False)
+        best_i = torch.cat([best_i, i + a], 1).gather(1, o)
+        if bands is not None:
+            _mark(A, a, delta, rows, keys, bands, dev)
+    return best_v, best_i, delta
+
+
+def _mark(A, a, delta, rows, keys, bands, dev):
+    """UMS (section 3): flag key items with d2 in each band for any query; pairs within delta of an
+    edge are re-scored exactly, so band membership is exact."""
+    far, edges, classify, hits = bands
+    thr = ((far + delta) * (1 + 1e-6)).float()  # 1e-6: absorb the float32 rounding of the threshold
+    qi, kj = (A <= thr[:, None]).nonzero(as_tuple=True)
+    if len(qi) == 0:
+        return
+    v = A[qi, kj].double()
+    amb = torch.zeros_like(v, dtype=torch.bool)
+    for e in edges:
+        amb |= (v - e).abs() <= delta[qi]
+    if amb.any():
+        v[amb] = _exact(rows.to(dev)[qi[amb]], keys, kj[amb] + a)
+    m = classify(v).cpu()
+    kj = (kj + a).cpu()
+    for b in range(len(m)):
+        hits[b, kj[m[b]]] = True
+
+
+def _search(Q, keys, k, block_q, block_k, dev, bands=None, margin=MARGIN, progress=False):
+    """Exact top-k (squared distance, item index), lowest index first on ties; optional UMS marks.
+    Float32 matmuls run at full precision here (TF32 / bf16 would void the error bound)."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return _search_exact(Q, keys, k, block_q, block_k, dev, bands, margin, progress)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+def _search_exact(Q, keys, k, block_q, block_k, dev, bands, margin, progress):
+    mu64 = torch.zeros(keys.d, dtype=torch.float64)
+    for a in range(0, keys.n, block_k):
+        mu64 += keys.x[a:a + block_k].reshape(-1, keys.d).double().sum(0)
+    mu64 = (mu64 / keys.n).to(dev)
+    st = {"mu": (mu64, mu64.float())}
+    per = max(1, block_k // keys.S)
+    nk = torch.cat([(_centre(keys.rows(slice(a, a + per)), st["mu"], dev).double() ** 2).sum(1)
+                    for a in range(0, keys.n, per)])
+    u = FLOAT32_U  # gamma_d = d u / (1 - d u) bounds a float32 dot product's relative error (Higham 2002, sec. 3.1)
+    st.update(nk=nk.float(), kmax=float(nk.max().sqrt()), c=keys.d * u / (1 - keys.d * u) + 8 * u)
+    out_v = torch.empty(len(Q), k, dtype=torch.float64)
+    out_i = torch.empty(len(Q), k, dtype=torch.long)
+    t0, retried = time.time(), 0
+    for s in range(0, len(Q), block_q):
+        rows, todo, m = Q[s:s + block_q], torch.arange(min(block_q, len(Q) - s)), margin
+        while len(todo):
+            kk = min(k + m, keys.n)
+            bv, bi, delta = _scan(rows[todo], keys, st, kk, block_k, dev, bands if m == margin else None)
+            # only candidates with approx <= A_(k) + 2 delta can be in the exact top k: re-score those
+            need = bv.double() <= bv[:, k - 1:k].double() + 2 * delta[:, None]
+            ex = torch.full(bi.shape, math.inf, dtype=torch.float64, device=dev)
+            qi, cj = need.nonzero(as_tuple=True)
+            ex[qi, cj] = _exact(rows[todo].to(dev)[qi], keys, bi[qi, cj])
+            o = bi.argsort(dim=1, stable=True)  # lexicographic (d2, index): sort by index, then stably by d2
+            bi, ex = bi.gather(1, o), ex.gather(1, o)
+            o = ex.argsort(dim=1, stable=True)[:, :k]
+            ok = ((bv[:, -1].double() > bv[:, k - 1].double() + 2 * delta) | (kk >= keys.n)).cpu()
+            out_v[s + todo[ok]], out_i[s + todo[ok]] = ex.gather(1, o)[ok.to(dev)].cpu(), bi.gather(1, o)[ok.to(dev)].cpu()
+            retried += int((~ok).sum()) if m == margin else 0
+            todo, m = todo[~ok], m * 4  # certificate failed (near-ties): search again with more candidates
+        if progress:
+            done, el = s + len(rows), time.time() - t0
+            print(f"[knn] {done}/{len(Q)} queries {done / el:8.0f}/s eta {el * (len(Q) / done - 1):5.0f}s",
+                  file=sys.stderr, flush=True)
+    return out_v, out_i, retried
+
+
+def _device(device):
+    if device in (None, "cpu"):
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise MetricsInputError(f"device {device} asked for, but no CUDA device is visible; use cpu or auto")
+    return torch.device(device)
+
+
+def knn(queries, keys, k=1, metric="l2", scale=1.0, shift=0, bands=None, block_q=BLOCK_Q, block_k=BLOCK_K,
+        device=None, margin=MARGIN, progress=False, stats=None):
+    """Exact k nearest training items of every query, memory O(block_q * block_k).
+    metric "l2": values = ||x - y|| / (sqrt(d) * scale), ascending (with shift > 0, (N, H, W, C)
+    images and the min over translations of the keys); "cos": cosine similarity, descending.
+    Ties: lowest index first. bands ({name: (lo, hi)} in the same units): also return the UMS mask
+    (n_bands, N_D), True where some query's value lies in the band. Returns numpy arrays."""
+    if metric not in ("l2", "cos"):
+        raise MetricsInputError(f"metric must be 'l2' or 'cos', got {metric!r}")
+    Q, K = _rows(queries, "queries"), _rows(keys, "keys")
+    if (Q.shape[1:] if shift else Q[0].numel()) != (K.shape[1:] if shift else K[0].numel()):
+        raise MetricsInputError(f"queries {tuple(Q.shape[1:])} and keys {tuple(K.shape[1:])} differ in shape")
+    if shift and (metric != "l2" or K.ndim != 4):
+        raise MetricsInputError("shift > 0 needs metric 'l2' and (N, H, W, C) images")
+    if not 1 <= k <= len(K):
+        raise MetricsInputError(f"k = {k} must be between 1 and the number of keys ({len(K)})")
+    Q = Q.reshape(len(Q), -1)
+    if metric == "cos":
+        Q, K = Q.reshape(len(Q), -1).double(), K.reshape(len(K), -1).double()
+        if (Q.norm(dim=1) == 0).any() or (K.norm(dim=1) == 0).any():
+            raise MetricsInputError("cosine similarity of a zero vector is undefined; drop all-zero features")
+        Q, K = Q / Q.norm(dim=1, keepdim=True), K / K.norm(dim=1, keepdim=True)  # ||u - v||^2 = 2 - 2 cos
+    keys_, d = _Keys(K, shift), Q.shape[1]
+    value = ((lambda d2: (d2 / d).sqrt() / scale) if metric == "l2" else (lambda d2: (1 - d2 / 2).clamp(-1, 1)))
+    ctx = None
+    if bands:
+        bands = {n: (float(lo), float(hi)) for n, (lo, hi) in bands.items()}
+        to_d2 = (lambda v: (v * scale) ** 2 * d) if metric == "l2" else (lambda v: 2 - 2 * v)
+        edges = [to_d2(float(e)) for lh in bands.values() for e in lh]
+        classify = lambda d2: torch.stack([in_band(value(d2), lo, hi, metric) for lo, hi in bands.values()])  # noqa: E731
+        ctx = (max(edges), edges, classify, torch.zeros(len(bands), len(K), dtype=torch.bool))
+    d2, idx, retried = _search(Q, keys_, k, block_q, block_k, _device(device), ctx, margin, progress)
+    if stats is not None:
+        stats["retried_rows"] = retried
+    out = (value(d2).numpy(), idx.numpy())
+    return out + (ctx[3].numpy(),) if bands else out
+
+
+# ----------------------------------------------------------------------------- section 3 metrics
+
+def parse_bands(spec, kind):
+    """'low=0.4:0.5,mid=0.5:0.6,high=0.6:1' or {name: (lo, hi)} -> {name: (lo, hi)}; None = defaults."""
+    if spec is None or spec == "":
+        return dict(COS_BANDS if kind == "cos" else L2_BANDS)
+    try:
+        if isinstance(spec, str):
+            spec = {n.strip(): tuple(float(v) for v in r.split(":")) for n, r in (p.split("=") for p in spec.split(","))}
+        bands = {str(n): (float(lo), float(hi)) for n, (lo, hi) in spec.items()}
+    except (ValueError, TypeError):
+        raise MetricsInputError(f"bands {spec!r}: expected name=lo:hi pairs joined by commas, e.g. "
+                                "low=0.4:0.5,mid=0.5:0.6,high=0.6:1") from None
+    for n, (lo, hi) in bands.items():
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi and (lo >= -1 and hi <= 1 if kind == "cos" else lo >= 0)):
+            raise MetricsInputError(f"band {n}={lo}:{hi}: need lo < hi, within [-1, 1] for cosine, >= 0 for L2")
+    return bands
+
+
+def in_band(v, lo, hi, kind):
+    """Band membership: a band holds its far edge, not its near edge, except at a perfect match
+    (cos: [lo, hi), [lo, 1] at the top; L2 distance: (lo, hi], [0, hi] at the bottom)."""
+    if kind == "cos":
+        return (v >= lo) & ((v < hi) | bool(hi >= 1.0))
+    return (v <= hi) & ((v > lo) | bool(lo <= 0.0))
+
+
+def band_hits(values, bands, kind):
+    """{band: boolean mask of `values` (any shape) inside the band}."""
+    return {b: in_band(values, lo, hi, kind) for b, (lo, hi) in bands.items()}
+
+
+def ams_ums(S, bands, kind):
+    """Section 3 on a full N_G x N_D similarity (cos) or distance (l2) matrix, for small sets
+    (evaluate() computes the same blockwise): returns (AMS, UMS), each {band: percent}."""
+    S = np.asarray(S, np.float64)
+    F_x = band_hits(S.max(1) if kind == "cos" else S.min(1), bands, kind)  # F(x, D_2): nearest match in band
+    phi = band_hits(S, bands, kind)  # j in phi(x, D_2): every training item in band
+    ams = {b: 100.0 * F_x[b].mean() for b in bands}  # AMS = sum_x F(x, D_2) / N_G
+    ums = {b: 100.0 * phi[b].any(0).sum() / len(S) for b in bands}  # UMS = |U_x phi(x, D_2)| / N_G
+    return ams, ums
+
+
+def p95(best, kind):
+    """Somepalli et al. 2023: 95th percentile over generations of the best-match similarity; for a
+    distance the same statistic is the 5th percentile of the nearest-neighbour distance."""
+    return float(np.percentile(best, 95 if kind == "cos" else 5))
+
+
+def carlini_ratio(d_nn, d_ref, nn_index, alpha=CARLINI_ALPHA, threshold=CARLINI_THRESHOLD):
+    """Carlini et al. 2023: l2(x^, x) / (alpha * mean of d_ref), d_ref (N, n) = distances to the n
+    nearest training images; 0 / 0 (an exact copy of a duplicated image) counts as 0.
+    Returns (ratio per generation, distinct training indices with ratio < threshold)."""
+    d_nn, den = np.asarray(d_nn, np.float64), alpha * np.asarray(d_ref, np.float64).mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(d_nn == 0, 0.0, d_nn / den)
+    return r, extracted(r, nn_index, threshold)
+
+
+def yoon_ratio(d1, d2, nn_index, threshold=YOON_THRESHOLD):
+    """Yoon et al. 2023 / Gu et al. 2023: d(NN1) / d(NN2); 0 / 0 counts as 0 (exact copy).
+    Returns (ratio per generation, distinct training indices with ratio < threshold)."""
+    d1, d2 = np.asarray(d1, np.float64), np.asarray(d2, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(d1 == 0, 0.0, d1 / d2)
+    return r, extracted(r, nn_index, threshold)
+
+
+def extracted(ratio, nn_index, threshold):
+    """Distinct training indices whose generation has ratio < threshold."""
+    return np.unique(np.asarray(nn_index)[np.asarray(ratio) < threshold])
+
+
+def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=None, shift=0,
+             carlini_center="generation", block_q=BLOCK_Q, block_k=BLOCK_K, embed_size=EMBED_SIZE, progress=False):
+    """Every section 3 metric of `generated` against `train` (uint8 NHWC or float NCHW in [-1, 1];
+    (N, D) features for similarity "features"). Returns the JSON fields (see summary()) plus
+    per-generation arrays nn_index, nn_value, carlini_ratio, yoon_ratio and ums_index per band."""
+    if similarity not in ("l2", "embed", "features") or carlini_center not in ("generation", "train"):
+        raise MetricsInputError(f"similarity {similarity!r} / carlini_center {carlini_center!r}: expected "
+                                "l2|embed|features and generation|train")
+    dev, kind, scale = _device(device), ("l2" if similarity == "l2" else "cos"), 1.0
+    if similarity == "features":
+        G, T = _features(generated, "generated"), _features(train, "train")
+    else:
+        G, T = to_uint8_nhwc(generated, "generated"), to_uint8_nhwc(train, "train")
+        if G.shape[1:] != T.shape[1:]:
+            raise MetricsInputError(f"generated images are {G.shape[1:]} but training images are {T.shape[1:]}; "
+                                    "resize one set (load_images(path, size=...), --size)")
+        if similarity == "embed":
+            model = load_embedder(embed, dev) if isinstance(embed, (str, os.PathLike)) else embed
+            if model is None:
+                raise MetricsInputError("similarity 'embed' needs an embedding model (--embed FILE.pt)")
+            G, T = (embed_images(model, x, embed_size, device=dev) for x in (G, T))
+        else:
+            scale = PIXEL_SCALE
+    if G.shape[1:] != T.shape[1:]:
+        raise MetricsInputError(f"generated features are {G.shape[1:]} but training features are {T.shape[1:]}")
+    if len(T) < 2:
+        raise MetricsInputError("the training set needs at least 2 items (Yoon's NN1/NN2 ratio)")
+    bands = parse_bands(bands, kind)
+    n = min(CARLINI_N, len(T))
+    vals, idx, hits = knn(G, T, k=n, metric=kind, scale=scale, shift=shift if kind == "l2" else 0, bands=bands,
+                          block_q=block_q, block_k=block_k, device=dev, progress=progress)
+    dist = vals if kind == "l2" else np.sqrt(np.maximum(0, 2 - 2 * vals))  # ratios use distances; cos -> unit-vector L2
+    best, nn = vals[:, 0], idx[:, 0]
+    if carlini_center == "generation":
+        ref = dist
+    else:  # neighbourhood of the matched training image: its n nearest *other* training images
+        uniq, inv = np.unique(nn, return_inverse=True)
+        n2 = min(CARLINI_N, len(T) - 1)
+        v2, i2 = knn(T[uniq], T, k=n2 + 1, metric=kind, scale=scale, shift=shift if kind == "l2" else 0,
+                     block_q=block_q, block_k=block_k, device=dev)
+        keep = np.ones_like(i2, bool)
+        self_pos = np.where((i2 == uniq[:, None]).any(1), (i2 == uniq[:, None]).argmax(1), n2)
+        keep[np.arange(len(uniq)), self_pos] = False
+        v2 = v2[keep].reshape(len(uniq), n2)
+        ref = (v2 if kind == "l2" else np.sqrt(np.maximum(0, 2 - 2 * v2)))[inv]
+    c_ratio, c_idx = carlini_ratio(dist[:, 0], ref, nn)
+    y_ratio, y_idx = yoon_ratio(dist[:, 0], dist[:, 1], nn)
+    rep = REPLICATION_SIM if kind == "cos" else min(hi for _, hi in bands.values())  # L2: the nearest band's edge
+    return {
+        "n_generated": len(G), "n_train": len(T), "similarity": similarity, "shift": shift if kind == "l2" else 0,
+        "value": ("normalized L2 distance ||x-y||/sqrt(CHW) on the [-1,1] pixel scale (lower = more similar)"
+                  if kind == "l2" else "cosine similarity (higher = more similar)"),
+        "bands": {b: list(v) for b, v in bands.items()},
+        "ams": {b: 100.0 * float(f.mean()) for b, f in band_hits(best, bands, kind).items()},  # AMS = sum F / N_G
+        "ums": {b: 100.0 * float(h.sum()) / len(G) for b, h in zip(bands, hits)},  # UMS = |U phi(x, D_2)| / N_G
+        "p95": p95(best, kind),
+        "p95_definition": "95th percentile of best-match similarity" if kind == "cos" else "5th percentile of NN distance",
+        "frac_replicated": float((best > rep).mean() if kind == "cos" else (best <= rep).mean()),
+        "replication_threshold": rep,
+        "carlini_extracted": int(len(c_idx)), "carlini_indices": c_idx.tolist(), "carlini_center": carlini_center,
+        "carlini_alpha": CARLINI_ALPHA, "carlini_n": n, "carlini_threshold": CARLINI_THRESHOLD,
+        "yoon_extracted": int(len(y_idx)), "yoon_indices": y_idx.tolist(), "yoon_threshold": YOON_THRESHOLD,
+        "nn_index": nn, "nn_value": best, "carlini_ratio": c_ratio, "yoon_ratio": y_ratio,
+        "ums_index": {b: np.flatnonzero(h) for b, h in zip(bands, hits)},
+    }
+
+
+def summary(result):
+    """The JSON-safe part of evaluate()'s result (drops the per-generation arrays)."""
+    return {k: v for k, v in result.items() if not isinstance(v, np.ndarray) and k != "ums_index"}
+
+
+# ----------------------------------------------------------------------------- pixel-L2 band calibration
+
+def _perturbations(images, seed):
+    """The planted near-copies of calibration: exact; Gaussian noise; one-pixel shifts (edge row /
+    column repeated) plus the same noise, so that no translation undoes them exactly; brightness."""
+    x, rng = images.astype(np.float64), np.random.default_rng(seed)
+    noisy = lambda y: np.clip(np.round(y + rng.normal(0, PLANT_NOISE, y.shape)), 0, 255)  # noqa: E731
+    sx, sy = x.copy(), x.copy()
+    sx[:, :, 1:], sy[:, 1:] = x[:, :, :-1], x[:, :-1]
+    return {"copy": x, "noise": noisy(x), "shift_x": noisy(sx), "shift_y": noisy(sy),
+            "brightness": np.clip(np.round(x * (1 + PLANT_BRIGHT)), 0, 255)}
+
+
+def calibrate_l2_bands(train, shift=0, seed=0, device=None):
+    """Pixel-L2 bands from the data (method and numbers in docs_metrics.md). b = the smallest
+    train-to-train nearest-neighbour distance between distinct images; a = the largest nearest-
+    training distance of a planted near-copy (exact, noise, one-pixel shift, brightness) among the
+    kinds that stay below b. high = [0, h], h = sqrt(a b); mid = (h, m], m = sqrt(h b); low = (m, b]:
+    every band is closer than any two distinct training images are. Returns (bands, stats)."""
+    T = to_uint8_nhwc(train, "train")
+    if len(T) < 3:
+        raise MetricsInputError("calibration needs at least 3 training images")
+    v, i = knn(T, T, k=2, scale=PIXEL_SCALE, shift=shift, device=device)
+    nn = np.where(i[:, 0] == np.arange(len(T)), v[:, 1], v[:, 0])  # nearest *other* image
+    if not (nn > 0).any():
+        raise MetricsInputError("calibration needs at least two distinct training images")
+    b = float(nn[nn > 0].min())
+    planted = {}
+    for name, p in _perturbations(T, seed).items():
+        pv, pi = knn(p.astype(np.uint8), T, k=1, scale=PIXEL_SCALE, shift=shift, device=device)
+        planted[name] = {"max": float(pv.max()), "median": float(np.median(pv)),
+                         "nn_is_source": float((pi[:, 0] == np.arange(len(T))).mean())}
+    fits = [p["max"] for p in planted.values() if p["max"] < b]
+    a = max(fits)  # the exact copy (0) always fits
+    h = math.sqrt(max(a, 1e-6 * b) * b)  # geometric midpoint; 1e-6: keep h > 0 if only exact copies fit
+    m = math.sqrt(h * b)
+    stats = {"n": len(T), "shape": list(T.shape[1:]), "shift": shift, "planted": planted, "planted_max_in_high": a,
+             "distinct_nn_min": b, "distinct_nn_percentiles": {q: float(np.percentile(nn[nn > 0], q)) for q in (1, 5, 50)},
+             "exact_duplicates": int((nn == 0).sum()), "outside_high": [k for k, p in planted.items() if p["max"] >= b]}
+    return {"low": (m, b), "mid": (h, m), "high": (0.0, h)}, stats
+
+
+# ----------------------------------------------------------------------------- Definition 1 and Theorem 1
+
+def log_q_eps(x, train_x, eps):
+    """log q_eps(x) = log (1/N) sum_i N(x | x_i, eps^2 I), exact by logsumexp (Def. 1), float64."""
+    x, T = x.reshape(len(x), -1).double(), train_x.reshape(len(train_x), -1).double()
+    acc = torch.full((len(x),), -math.inf, dtype=torch.float64)
+    step = max(1, CHUNK_BYTES // (8 * len(x) * T.shape[1]))
+    for a in range(0, len(T), step):
+        d2 = ((x[:, None, :] - T[None, a:a + step].to(x.device)) ** 2).sum(-1)
+        acc = torch.logaddexp(acc, torch.logsumexp(-d2 / (2 * eps ** 2), 1))
+    return acc - math.log(len(T)) - 0.5 * T.shape[1] * math.log(2 * math.pi * eps ** 2)
+
+
+def _md_terms(train_x, eps, log_probs, n_samples, generator, batch):
+    """Per-sample log q_eps(x) - log p(x), x ~ q_eps, for each log_prob on the same samples."""
+    T = torch.as_tensor(train_x, dtype=torch.float64)
+    terms = [[] for _ in log_probs]
+    for s in range(0, n_samples, batch):
+        m = min(batch, n_samples - s)
+        i = torch.randint(len(T), (m,), generator=generator)
+        x = T[i] + eps * torch.randn((m,) + T.shape[1:], generator=generator, dtype=torch.float64)  # x ~ q_eps
+        lq = log_q_eps(x, T, eps)
+        for t, lp in zip(terms, log_probs):
+            t.append(lq - torch.as_tensor(lp(x), dtype=torch.float64).reshape(m))  # Def. 1 integrand
+    return [torch.cat(t) for t in terms]
+
+
+def memorization_divergence(train_x, eps, log_prob, n_samples=1000, generator=None, batch=256):
+    """Def. 1: M(D; p, eps) = KL(q_eps || p) = E_{x~q_eps}[log q_eps(x) - log p(x)], Monte Carlo.
+    log_prob maps float64 x of train_x's shape (batch first) to log p(x). Returns (estimate, stderr).
+    With an ELBO in place of log p (a DDPM) the result is an upper bound on M."""
+    t = _md_terms(train_x, eps, [log_prob], n_samples, generator, batch)[0]
+    return float(t.mean()), float(t.std() / math.sqrt(len(t)))
+
+
+def gaussian_mixture_log_prob(means, sigma, weights=None):
+    """Closed-form log density of sum_c w_c N(mu_c, sigma^2 I) as a callable on (n, d) float64."""
+    mu = torch.as_tensor(means, dtype=torch.float64)
+    w = torch.full((len(mu),), 1.0 / len(mu), dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+
+    def log_prob(x):
+        d2 = ((x.reshape(len(x), 1, -1) - mu[None]) ** 2).sum(-1)
+        return torch.logsumexp(w.log() - d2 / (2 * sigma ** 2), 1) - 0.5 * mu.shape[1] * math.log(2 * math.pi * sigma ** 2)
+    return log_prob
+
+
+def theorem1_check(eps_list=(4.0, 2.0, 1.0, 0.1, 0.01), sizes=(100, 300), dim=2, sep=10.0, sigma=1.0,
+                   subset=0, n_samples=2000, seed=0):
+    """Theorem 1 on disjoint, well-separated Gaussians p_c = N(sep * e_c, sigma^2 I), data weights
+    N_c / N. The conditional model p_theta_i = p_i and the unconditional p_theta = p fit exactly.
+    Per eps: M(D_i; p_i), M(D_i; p), their difference (same samples), its stderr, the target
+    log(N_i / N) = -log(N / N_i) and -KL(p_i || p) by Monte Carlo of the closed-form densities."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.zeros(len(sizes), dim, dtype=torch.float64)
+    means[:, 0] = sep * torch.arange(len(sizes))
+    weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+    D_i = means[subset] + sigma * torch.randn(sizes[subset], dim, generator=g, dtype=torch.float64)
+    lp, lp_i = gaussian_mixture_log_prob(means, sigma, weights), gaussian_mixture_log_prob(means[subset:subset + 1], sigma)
+    y = means[subset] + sigma * torch.randn(n_samples, dim, generator=g, dtype=torch.float64)  # y ~ p_i
+    neg_kl = float((lp(y) - lp_i(y)).mean())
+    rows = []
+    for eps in eps_list:
+        t_cond, t_unc = _md_terms(D_i, eps, [lp_i, lp], n_samples, g, 1000)
+        diff = t_cond - t_unc
+        rows.append({"eps": eps, "M_cond": float(t_cond.mean()), "M_uncond": float(t_unc.mean()),
+                     "diff": float(diff.mean()), "diff_stderr": float(diff.std() / math.sqrt(n_samples)),
+                     "target_disjoint": math.log(sizes[subset] / sum(sizes)), "target_neg_kl": neg_kl})
+    return rows
+
+
+# ----------------------------------------------------------------------------- benchmark and CLI
+
+def _matmul_peak(m, d, n, dev, reps=5):
+    """Best-of-`reps` float32 GFLOP/s of an (m x d) @ (d x n) product, after one warm-up, per
+    wall-clock second and per CPU second (the latter is robust to other jobs on a shared CPU)."""
+    a, b = torch.randn(m, d, device=dev), torch.randn(d, n, device=dev)
+    (a @ b).sum().item()
+    wall = cpu = math.inf
+    for _ in range(reps):
+        t, c = time.perf_counter(), time.process_time()
+        (a @ b).sum().item()
+        wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
+    return 2 * m * d * n / wall / 1e9, 2 * m * d * n / max(cpu, 1e-9) / 1e9
+
+
+def bench(n=20000, d=3072, block_q=BLOCK_Q, block_k=BLOCK_K, device=None, seed=0):
+    """Nearest-neighbour throughput on n x n random uint8 items of d = 32*32*3, beside the float32
+    matmul peak of one block_q x d x block_k tile measured in the same run (before and after the
+    search, best of both, so that a busy machine does not flatter the ratio)."""
+    import resource
+    dev = _device(device)
+    peak, peak_cpu = _matmul_peak(block_q, d, block_k, dev)
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randint(0, 256, (n, d), generator=g, dtype=torch.uint8)
+    Y = torch.randint(0, 256, (n, d), generator=g, dtype=torch.uint8)
+    stats, rss0 = {}, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t, c = time.perf_counter(), time.process_time()
+    knn(X, Y, k=1, block_q=block_q, block_k=block_k, device=dev, stats=stats)
+    el, cpu = time.perf_counter() - t, time.process_time() - c
+    peak, peak_cpu = (max(x, y) for x, y in zip((peak, peak_cpu), _matmul_peak(block_q, d, block_k, dev)))
+    gflops, gflops_cpu = 2 * n * n * d / el / 1e9, 2 * n * n * d / cpu / 1e9
+    tile = block_q * block_k * 4 * 3 + (block_q + block_k) * d * 4 + n * 8 * 2  # 3 tiles, centred blocks, norms
+    res = {"n": n, "d": d, "seconds": el, "cpu_seconds": cpu, "pairs_per_s": n * n / el, "gflops": gflops,
+           "matmul_peak_gflops": peak, "fraction_of_peak": gflops / peak, "gflops_per_cpu_s": gflops_cpu,
+           "matmul_peak_gflops_per_cpu_s": peak_cpu, "cpu_fraction_of_peak": gflops_cpu / peak_cpu,
+           "working_memory_mib": tile / 2 ** 20,
+           "peak_rss_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024,
+           "retried_rows": stats["retried_rows"], "device": str(dev), "threads": torch.get_num_threads()}
+    print(f"knn {n} x {n} x {d} ({dev}, {res['threads']} threads): {el:.1f} s (cpu {cpu:.1f} s), "
+          f"{res['pairs_per_s']:.3g} pairs/s, {gflops:.1f} GFLOP/s = {100 * gflops / peak:.0f}% of the float32 matmul "
+          f"peak {peak:.1f} GFLOP/s measured in this run; per CPU second {gflops_cpu:.1f} vs {peak_cpu:.1f} "
+          f"GFLOP/s = {100 * gflops_cpu / peak_cpu:.0f}% (robust to other jobs); working memory ~{res['working_memory_mib']:.0f} MiB "
+          f"(block {block_q} x {block_k}; peak RSS grew {res['peak_rss_growth_mib']:.0f} MiB); "
+          f"{res['retried_rows']} rows re-searched")
+    return res
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    similarity: str = "l2"  # l2: normalized pixel L2; embed: cosine of --embed; features: cosine of (N, D) arrays
+    embed: str = ""  # TorchScript image-embedding file (e.g. sscd_disc_mixup.torchscript.pt); implies embed
+    bands: str = ""  # name=lo:hi,... ; empty: defaults; 'auto': calibrate_l2_bands on TRAIN
+    shift: int = 0  # pixel L2: tolerate translations of up to this many pixels (0 = the paper's L2)
+    size: int = 0  # centre-crop and resize both image sets to size x size (0 = keep)
+    carlini_center: str = "generation"  # Carlini's 50 neighbours around the generation or the matched image
+    json: str = ""  # write the summary JSON here
+    device: str = "auto"  # auto, cpu or cuda[:N]
+    block_q: int = BLOCK_Q  # queries per tile
+    block_k: int = BLOCK_K  # keys per tile
+    embed_size: int = EMBED_SIZE  # embedding input resolution
+    bench: bool = False  # run the nearest-neighbour benchmark instead
+    bench_n: int = 20000  # items per side in the benchmark
+
+
+CHOICES = {"similarity": ("l2", "embed", "features"), "carlini_center": ("generation", "train")}
+
+
+def format_table(s):
+    lines = [f"{s['n_generated']} generated vs {s['n_train']} training; {s['value']}" + (f", shift {s['shift']} px" if s["shift"] else ""),
+             f"{'band':<6} {'range':<18} {'AMS %':>8} {'UMS %':>8}"]
+    lines += [f"{b:<6} {'%.4g..%.4g' % tuple(s['bands'][b]):<18} {s['ams'][b]:8.2f} {s['ums'][b]:8.2f}" for b in s["bands"]]
+    lines += [f"p95 ({s['p95_definition']}): {s['p95']:.4f}; fraction replicated "
+              f"(threshold {s['replication_threshold']:.4g}): {100 * s['frac_replicated']:.2f}%",
+              f"Carlini (alpha {s['carlini_alpha']}, n {s['carlini_n']}, centred on {s['carlini_center']}): "
+              f"{s['carlini_extracted']} training images extracted",
+              f"Yoon/Gu (NN1/NN2 < 1/3): {s['yoon_extracted']} training images extracted"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Memorization metrics of GENERATED against TRAIN (SPEC section 3).")
+    p.add_argument("generated", nargs="?", help="folder of images, .npz with `images` (or features file)")
+    p.add_argument("train", nargs="?", help="folder of images, .npz with `images` (or features file)")
+    for f in dataclasses.fields(EvalConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action="store_true")
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, choices=CHOICES.get(f.name))
+    args = p.parse_args(argv)
+    cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
+    try:
+        if cfg.bench:
+            bench(cfg.bench_n, block_q=cfg.block_q, block_k=cfg.block_k, device=_device(cfg.device))
+            return 0
+        if not (args.generated and args.train):
+            raise MetricsInputError("give GENERATED and TRAIN (folders or .npz files), or --bench")
+        sim = "embed" if cfg.embed else cfg.similarity
+        if sim == "features":
+            G, T = load_features(args.generated), load_features(args.train)
+        else:
+            G, T = (load_images(x, size=cfg.size or None)[0] for x in (args.generated, args.train))
+        bands = cfg.bands or None
+        if bands == "auto":
+            if sim != "l2":
+                raise MetricsInputError("--bands auto calibrates pixel-L2 bands; give explicit bands for cosine")
+            bands = calibrate_l2_bands(T, shift=cfg.shift, device=_device(cfg.device))[0]
+        res = evaluate(G, T, sim, bands, embed=cfg.embed or None, device=_device(cfg.device), shift=cfg.shift,
+                       carlini_center=cfg.carlini_center, block_q=cfg.block_q, block_k=cfg.block_k,
+                       embed_size=cfg.embed_size, progress=True)
+        s = summary(res)
+        s["config"] = dataclasses.asdict(cfg)
+        print(format_table(s))
+        if cfg.json:
+            tmp = cfg.json + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(s, fh, indent=2)
+            os.replace(tmp, cfg.json)
+    except MetricsInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -355,16 +355,19 @@ def _device(device):
     return torch.device(device)
 
 
-def knn(queries, keys, k=1, metric="l2", scale=1.0, shift=0, bands=None, block_q=BLOCK_Q, block_k=BLOCK_K,
+def knn(queries, keys, k=1, metric="l2", scale=None, shift=0, bands=None, block_q=BLOCK_Q, block_k=BLOCK_K,
         device=None, margin=MARGIN, progress=False, stats=None):
     """Exact k nearest training items of every query, memory O(block_q * block_k).
-    metric "l2": values = ||x - y|| / (sqrt(d) * scale), ascending (with shift > 0, (N, H, W, C)
-    images and the min over translations of the keys); "cos": cosine similarity, descending.
+    metric "l2": values = ||x - y|| / (sqrt(d) * scale), ascending; scale None = 127.5 for uint8
+    pixels (so distances are on the [-1, 1] scale), else 1 (with shift > 0: (N, H, W, C) images, min
+    over translations of the keys); "cos": cosine similarity, descending.
     Ties: lowest index first. bands ({name: (lo, hi)} in the same units): also return the UMS mask
     (n_bands, N_D), True where some query's value lies in the band. Returns numpy arrays."""
     if metric not in ("l2", "cos"):
         raise MetricsInputError(f"metric must be 'l2' or 'cos', got {metric!r}")
     Q, K = _rows(queries, "queries"), _rows(keys, "keys")
+    if scale is None:
+        scale = PIXEL_SCALE if Q.dtype == K.dtype == torch.uint8 else 1.0
     if (Q.shape[1:] if shift else Q[0].numel()) != (K.shape[1:] if shift else K[0].numel()):
         raise MetricsInputError(f"queries {tuple(Q.shape[1:])} and keys {tuple(K.shape[1:])} differ in shape")
     if shift and (metric != "l2" or K.ndim != 4):

@@ -36,7 +36,7 @@ def test_knn_equals_brute_force_with_ties_and_ragged_blocks(block_q, block_k):
         for margin in (1, 16):
             v, i = metrics.knn(Q, K, k=k, block_q=block_q, block_k=block_k, margin=margin)
             np.testing.assert_array_equal(i, ref_i)  # lowest index wins every tie
-            np.testing.assert_allclose(v, np.sqrt(ref_d / d), rtol=0, atol=1e-12)
+            np.testing.assert_allclose(v, np.sqrt(ref_d / d) / 127.5, rtol=0, atol=1e-12)  # uint8 -> [-1, 1] scale
 
 
 def test_knn_float_l2_and_cosine_equal_brute_force():
@@ -63,7 +63,7 @@ def test_knn_shift_tolerant_equals_brute_force():
         h, w = x.shape[:2]
         return [x[np.clip(np.arange(h) - dy, 0, h - 1)][:, np.clip(np.arange(w) - dx, 0, w - 1)]
                 for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    D = np.array([[min(np.sqrt(((g.astype(float) - t) ** 2).mean()) for t in translations(x)) for x in X] for g in G])
+    D = np.array([[min(np.sqrt(((g.astype(float) - t) ** 2).mean()) for t in translations(x)) for x in X] for g in G]) / 127.5
     ref_d, ref_i = brute_topk(np.round(D, 12), 3)
     v, i = metrics.knn(G, X, k=3, shift=1, block_k=20)
     np.testing.assert_array_equal(i, ref_i)
@@ -83,7 +83,7 @@ def test_knn_researches_rows_whose_bound_cannot_certify():
 def test_streamed_ums_marks_equal_full_matrix():
     Q, K = RNG.integers(0, 256, (30, 12)).astype(np.uint8), RNG.integers(0, 256, (50, 12)).astype(np.uint8)
     K[:6] = Q[:6]  # some exact matches (band edge at 0)
-    D = np.sqrt(int_sqdist(Q, K) / 12)
+    D = np.sqrt(int_sqdist(Q, K) / 12) / 127.5
     bands = {"low": tuple(np.percentile(D, [4, 8])), "mid": tuple(np.percentile(D, [1, 4])), "high": (0.0, np.percentile(D, 1))}
     _, _, hits = metrics.knn(Q, K, k=1, bands=bands, block_q=7, block_k=9)
     for row, (lo, hi) in zip(hits, bands.values()):

@@ -301,11 +301,21 @@ class Run:
         return x, dict(cluster=tg, scale=lam, K=K, kept=lab.num_classes, sizes=lab.sizes, cohesion=lab.cohesion)
 
     def evaluate(self, x):
-        """metrics.evaluate plus `distinct`: training images reached per band (UMS · N_G / 100)."""
+        """metrics.evaluate plus `distinct`: training images reached per band (UMS · N_G / 100). Under
+        torchrun each rank searches its shard of x and rank 0 merges them; the other ranks get None."""
         sim = self.cfg.similarity
+        shard = (self.rank, self.world) if 1 < self.world <= len(x) else None
+        if shard is None and self.rank != 0:
+            return None
         ev = self.timed("metrics", lambda: metrics.evaluate(
             x, self.ds.images, similarity="l2" if sim == "l2" else "embed", embed=None if sim == "l2" else sim,
-            device=self.device))
+            device=self.device, shard=shard))
+        if shard is not None:
+            parts = [None] * self.world if self.rank == 0 else None
+            dist.gather_object(ev, parts, dst=0)
+            if self.rank != 0:
+                return None
+            ev = metrics.merge(parts)
         ev["distinct"] = {b: int(len(i)) for b, i in ev["ums_index"].items()}
         return ev
 
@@ -316,7 +326,7 @@ def sweep(run, name, values, cfg, lam, K):
     rows = []
     for v in values:
         x, info = run.method("side", n, cfg.sweep_seed, **({"lam": v, "K": K} if name == "lambda" else {"lam": lam, "K": v}))
-        ev = run.evaluate(x) if run.rank == 0 else None
+        ev = run.evaluate(x)  # every rank searches a shard; rank 0 gets the result
         if run.rank == 0:
             rows.append(dict(value=v, ams=ev["ams"], ums=ev["ums"], distinct=ev["distinct"], p95=ev["p95"],
                              kept=info.get("kept")))
@@ -365,8 +375,8 @@ def main(argv=None):
     for m in cfg.methods.split(","):
         x, info = run.method(m, cfg.n_gen, cfg.seed, lam=chosen["lam"], K=chosen["K"])
         samples[m] = (x, info)
+        ev = run.evaluate(x)  # every rank searches a shard; rank 0 gets the result
         if run.rank == 0:
-            ev = run.evaluate(x)
             results[m] = dict(ev, **{k: v for k, v in info.items() if k not in ("cluster",)})
             run.log(f"[{m}] AMS {ev['ams']} UMS {ev['ums']} p95 {ev['p95']:.4f}")
     if run.rank == 0:

@@ -470,10 +470,17 @@ def extracted(ratio, nn_index, threshold):
 
 
 def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=None, shift=0,
-             carlini_center="generation", block_q=BLOCK_Q, block_k=BLOCK_K, embed_size=EMBED_SIZE, progress=False):
+             carlini_center="generation", block_q=BLOCK_Q, block_k=BLOCK_K, embed_size=EMBED_SIZE, progress=False,
+             shard=None):
     """Every section 3 metric of `generated` against `train` (uint8 NHWC or float NCHW in [-1, 1];
     (N, D) features for similarity "features"). Returns the JSON fields (see summary()) plus
-    per-generation arrays nn_index, nn_value, carlini_ratio, yoon_ratio and ums_index per band."""
+    per-generation arrays nn_index, nn_value, carlini_ratio, yoon_ratio and ums_index per band.
+    shard=(r, n): only the r-th of n contiguous blocks of `generated` (one process each); merge() joins them."""
+    if shard is not None:
+        r, n_shards = shard
+        if not 0 <= r < n_shards <= len(generated):
+            raise MetricsInputError(f"shard {shard} of {len(generated)} generations: need 0 <= r < n <= N_G")
+        generated = generated[r * len(generated) // n_shards:(r + 1) * len(generated) // n_shards]
     if similarity not in ("l2", "embed", "features") or carlini_center not in ("generation", "train"):
         raise MetricsInputError(f"similarity {similarity!r} / carlini_center {carlini_center!r}: expected "
                                 "l2|embed|features and generation|train")
@@ -534,6 +541,23 @@ def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=N
         "nn_index": nn, "nn_value": best, "carlini_ratio": c_ratio, "yoon_ratio": y_ratio,
         "ums_index": {b: np.flatnonzero(h) for b, h in zip(bands, hits)},
     }
+
+
+def merge(parts):
+    """evaluate() of the whole generated set from the results of its shards 0..n-1, in order: every
+    per-generation value depends on its own row only, so the merge equals the unsharded result exactly."""
+    first, kind = parts[0], "l2" if parts[0]["similarity"] == "l2" else "cos"
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in ("nn_index", "nn_value", "carlini_ratio", "yoon_ratio")}
+    best, nn, n_g, rep = cat["nn_value"], cat["nn_index"], len(cat["nn_value"]), first["replication_threshold"]
+    ums_index = {b: np.unique(np.concatenate([p["ums_index"][b] for p in parts])) for b in first["bands"]}  # U phi
+    c_idx, y_idx = (extracted(cat[r], nn, first[t]) for r, t in (("carlini_ratio", "carlini_threshold"),
+                                                                  ("yoon_ratio", "yoon_threshold")))
+    return dict(first, **cat, n_generated=n_g, ums_index=ums_index, p95=p95(best, kind),
+                ams={b: 100.0 * float(f.mean()) for b, f in band_hits(best, first["bands"], kind).items()},
+                ums={b: 100.0 * float(len(i)) / n_g for b, i in ums_index.items()},
+                frac_replicated=float((best > rep).mean() if kind == "cos" else (best <= rep).mean()),
+                carlini_extracted=int(len(c_idx)), carlini_indices=c_idx.tolist(),
+                yoon_extracted=int(len(y_idx)), yoon_indices=y_idx.tolist())
 
 
 def summary(result):

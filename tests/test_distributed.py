@@ -6,6 +6,7 @@ killed-and-resumed one, the whole generated set for its merged shards. Everythin
 and a tiny model (8 px, base 16, T=50); each torchrun costs a few seconds of process start-up.
 """
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import torch
 
 import common
 import extract
+import metrics
 import side
 import train
 
@@ -112,7 +114,9 @@ def test_sharded_extraction_equals_one_process_bit_for_bit(ckpt, tmp_path):
     assert one.keys() == two.keys() and len(one["images"]) == 12
     for k in one:
         assert np.array_equal(one[k], two[k]), k
-    assert extract.load_chosen(str(tmp_path / "one")) == extract.load_chosen(str(tmp_path / "two"))
+    report = lambda out: json.load(open(tmp_path / out / "metrics.json"))  # noqa: E731
+    one, two = report("one"), report("two")  # metrics: each rank searched half the generations, rank 0 merged
+    assert one["chosen"] == two["chosen"] and one["methods"] == two["methods"]
 
 
 def test_killed_extraction_resumes_from_its_cached_batches(ckpt, tmp_path):
@@ -128,6 +132,31 @@ def test_killed_extraction_resumes_from_its_cached_batches(ckpt, tmp_path):
     full, resumed = samples(tmp_path / "full"), samples(out)
     for k in full:
         assert np.array_equal(full[k], resumed[k]), k
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(carlini_center="train"), dict(similarity="features")],
+                         ids=["l2", "l2-carlini-train", "cosine"])
+def test_sharded_metrics_merge_to_the_unsharded_result(kw):
+    rng = np.random.default_rng(0)
+    if kw.get("similarity") == "features":
+        train_x = rng.normal(size=(40, 16))
+        near = train_x[:10] + rng.normal(scale=np.linspace(0.05, 1.5, 10)[:, None], size=(10, 16))
+        gen = np.concatenate([near, rng.normal(size=(13, 16))])
+    else:
+        train_x = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+        near = train_x[:10].astype(int) + rng.integers(-1, 2, (10, 8, 8, 3)) * np.arange(10)[:, None, None, None]
+        gen = np.concatenate([near, rng.integers(0, 256, (13, 8, 8, 3))]).clip(0, 255).astype(np.uint8)
+    whole = metrics.evaluate(gen, train_x, block_q=4, block_k=16, **kw)  # copies at growing distances + new images
+    merged = metrics.merge([metrics.evaluate(gen, train_x, block_q=4, block_k=16, shard=(r, 3), **kw) for r in range(3)])
+    assert sum(whole["ams"].values()) > 0 and whole["n_generated"] == 23
+    assert whole.keys() == merged.keys()
+    for k, v in whole.items():
+        if isinstance(v, np.ndarray):
+            assert np.array_equal(v, merged[k]), k
+        elif k == "ums_index":
+            assert v.keys() == merged[k].keys() and all(np.array_equal(v[b], merged[k][b]) for b in v), k
+        else:
+            assert v == merged[k], k
 
 
 # ----------------------------------------------------------------------------- fast path on CPU

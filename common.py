@@ -57,7 +57,8 @@ def config_parser(cls, description, parser=None):
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
+        flag = dict(nargs="?", const=True) if f.type in (bool, "bool") else {}  # a bare `--resume` means true
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default, **flag,
                        type=lambda s, f=f: _parse_field(f, s), choices=meta.get("choices"),
                        metavar=meta.get("metavar"), help=f"{meta.get('help', '')} (default: {shown})")
     return p

@@ -190,6 +190,11 @@ def train(cfg):
         gen.set_state(ckpt["rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         step = ckpt["step"]
+    if world > 1:  # a node that cannot see OUT/ckpt.pt would start over while the others resume
+        steps = [None] * world
+        dist.all_gather_object(steps, step)
+        check(len(set(steps)) == 1, f"ranks would start from different steps {steps}: {ckpt_path} is not the same "
+              "file on every node; put --out on a filesystem all nodes share")
     if cfg.channels_last:  # before DDP wraps it; the state dict keeps its values, so checkpoints are unchanged
         model.to(memory_format=torch.channels_last)
     ddp = torch.nn.parallel.DistributedDataParallel(

@@ -77,10 +77,11 @@ def kill_when(proc, ready, timeout=300):
 
 # ----------------------------------------------------------------------------- training under torchrun
 
-def test_two_process_training_equals_one_process(tmp_path):
+def test_two_process_training_and_resume_equal_one_process(tmp_path):
     kw = dict(TINY, steps=4, ckpt_every=2)
     one = train.train(train.TrainConfig(out=str(tmp_path / "one"), **kw))
-    torchrun("train.py", ["--out", str(tmp_path / "two")] + flags(**kw))
+    torchrun("train.py", ["--out", str(tmp_path / "two")] + flags(**dict(kw, steps=2)))  # stopped after 2 steps,
+    torchrun("train.py", ["--out", str(tmp_path / "two"), "--resume"] + flags(**kw))  # resumed by 2 ranks
     step, model, ema = weights(tmp_path / "two" / "ckpt.pt")
     assert step == 4
     for k in one["model"]:  # the same global batch; only the gradient all-reduce's summation order differs

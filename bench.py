@@ -1,0 +1,149 @@
+"""Throughput of this machine for the reference implementation: parameter counts, DDPM training
+images/s, DDIM and DDPM sampling images/s for the default model at 32 px, and the exact
+nearest-neighbour search of metrics.py beside the measured matmul peak.
+
+    python bench.py                                  # `make bench`: about two minutes on 2 CPU cores
+    python bench.py --device cuda --batch 128 --sample-batch 256 --n-nn 50000
+
+The model is train.py's default architecture (TrainConfig: base width, mults, attention) at
+--image-size 32 (its attention resolution 8 then falls on no level of mults 1,2: only the mid
+block, at 16 px, attends); parameters are also counted at TrainConfig's own 16 px. Inputs are random:
+throughput does not depend on the pixels. Figures:
+  training   images/s = batch x timed steps / seconds, for full optimiser steps (forward, Eq. 14 loss,
+             backward, clipping, AdamW, EMA update) after --warmup-steps untimed ones;
+  sampling   one denoising step is one UNet evaluation plus O(pixels) arithmetic, so the cost is linear
+             in the step count: --time-steps steps are timed on a batch of --sample-batch (after a 1-step
+             warm-up) and images/s = sample_batch / (seconds per step x --sample-steps);
+  knn        metrics.bench: n x n random uint8 items of 32x32x3, pairs/s and GFLOP/s next to the float32
+             matmul peak measured in the same run.
+Every figure is one fixed-format line on stdout (`params`, `train`, `sample ddim`, `sample ddpm`, `knn`).
+Depends on torch, ddpm.py, train.py, extract.py (default step count), metrics.py and common.py.
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+
+import ddpm
+import extract
+import metrics
+import train
+from common import check, field, parse_config, resolve_device, run_main
+
+TC = train.TrainConfig  # the defaults this benchmark measures
+
+
+@dataclass
+class BenchConfig:
+    image_size: int = field(32, "resolution of the measured model (the issue asks for the default model at 32 px)")
+    base: int = field(TC.base, "UNet base width (train.py's default)")
+    mults: tuple = field(TC.mults, "width multiplier per level (train.py's default)")
+    num_res_blocks: int = field(TC.num_res_blocks, "residual blocks per level (train.py's default)")
+    attn_res: tuple = field(TC.attn_res, "resolutions with self-attention (train.py's default)")
+    T: int = field(TC.T, "diffusion steps (train.py's default)")
+    prediction: str = field(TC.prediction, "network target (train.py's default)", choices=["eps", "v"])
+    batch: int = field(TC.batch, "training batch (train.py's default)")
+    warmup_steps: int = field(2, "untimed optimiser steps first (allocator and kernel selection settle)")
+    train_steps: int = field(5, "timed optimiser steps; 5 keeps the CPU run to seconds")
+    sample_batch: int = field(16, "images per sampling batch")
+    sample_steps: int = field(extract.ExtractConfig.sample_steps, "the step count images/s is reported for (extract.py's default)")
+    time_steps: int = field(5, "denoising steps actually timed per sampler (scaled to --sample-steps)")
+    eta: float = field(extract.ExtractConfig.eta, "DDIM η (extract.py's default; the cost does not depend on it)")
+    n_nn: int = field(20000, "items per side of the nearest-neighbour benchmark (the issue: 20,000 x 20,000)")
+    threads: int = field(0, "torch intra-op threads (0 = torch's default, all cores)")
+    device: str = field("auto", "auto, cpu or cuda[:N]")
+    seed: int = field(0, "seed of the weights, inputs and sampling noise")
+
+
+def validate(cfg):
+    check(min(cfg.batch, cfg.train_steps, cfg.sample_batch, cfg.time_steps) >= 1 and cfg.warmup_steps >= 0,
+          "--batch, --train-steps, --sample-batch and --time-steps must be >= 1 (--warmup-steps >= 0)")
+    check(cfg.time_steps <= cfg.sample_steps <= cfg.T,
+          f"need --time-steps {cfg.time_steps} <= --sample-steps {cfg.sample_steps} <= --T {cfg.T}")
+    check(cfg.n_nn >= 1, f"--n-nn {cfg.n_nn} must be >= 1")
+    check(cfg.threads >= 0, f"--threads {cfg.threads} must be >= 0 (0 = torch's default)")
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_config(cfg):
+    return TC(image_size=cfg.image_size, base=cfg.base, mults=cfg.mults, num_res_blocks=cfg.num_res_blocks,
+              attn_res=cfg.attn_res, T=cfg.T, prediction=cfg.prediction, batch=cfg.batch)
+
+
+def clock(device):
+    """Wall time after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def bench_training(cfg, device):
+    """Images/s of full training steps, as train.py takes them (without data loading or checkpoints)."""
+    tcfg = model_config(cfg)
+    torch.manual_seed(cfg.seed)
+    model, diffusion = train.build(tcfg, 0, device)
+    ema = train.build(tcfg, 0, device)[0].requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed)
+    shape = (cfg.batch, 3, cfg.image_size, cfg.image_size)
+    x0 = (torch.rand(shape, generator=g) * 2 - 1).to(device)
+
+    def step():
+        t = torch.randint(cfg.T, (cfg.batch,), generator=g).to(device)
+        noise = torch.randn(shape, generator=g).to(device)
+        loss = diffusion.loss(model, x0, t, noise).mean()  # Eq. (14)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1.0 - tcfg.ema_decay)
+
+    for _ in range(cfg.warmup_steps):
+        step()
+    t0 = clock(device)
+    for _ in range(cfg.train_steps):
+        step()
+    return cfg.batch * cfg.train_steps / (clock(device) - t0), ema.eval(), diffusion
+
+
+def bench_sampling(cfg, model, diffusion, sampler, device):
+    """Images/s at cfg.sample_steps, from cfg.time_steps timed steps (cost is linear in steps)."""
+    gens = lambda: ddpm.sample_generators(cfg.seed, range(cfg.sample_batch))  # noqa: E731
+    diffusion.sample(model, cfg.sample_batch, gens(), steps=1, eta=cfg.eta, sampler=sampler)  # warm-up
+    t0 = clock(device)
+    diffusion.sample(model, cfg.sample_batch, gens(), steps=cfg.time_steps, eta=cfg.eta, sampler=sampler)
+    per_step = (clock(device) - t0) / cfg.time_steps
+    return cfg.sample_batch / (per_step * cfg.sample_steps)
+
+
+def main(argv=None):
+    cfg = parse_config(BenchConfig, argv, __doc__.split("\n\n")[0])
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    where = f"{device}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    default = train.build(TC(), 0, "cpu")[0]
+    print(f"params train-default {TC.image_size}px base {TC.base} mults {','.join(map(str, TC.mults))}: "
+          f"{n_params(default)} ({n_params(default) / 1e6:.2f} M)", flush=True)
+    measured = train.build(model_config(cfg), 0, "cpu")[0]
+    print(f"params bench-model {cfg.image_size}px base {cfg.base} mults {','.join(map(str, cfg.mults))}: "
+          f"{n_params(measured)} ({n_params(measured) / 1e6:.2f} M)", flush=True)
+    ips, model, diffusion = bench_training(cfg, device)
+    print(f"train {cfg.image_size}px: {ips:.1f} img/s (batch {cfg.batch}, {cfg.train_steps} timed steps after "
+          f"{cfg.warmup_steps} warm-up; {where})", flush=True)
+    for sampler in ("ddim", "ddpm"):
+        ips = bench_sampling(cfg, model, diffusion, sampler, device)
+        print(f"sample {sampler} {cfg.image_size}px: {ips:.2f} img/s at {cfg.sample_steps} steps (batch "
+              f"{cfg.sample_batch}, {cfg.time_steps} steps timed and scaled x{cfg.sample_steps / cfg.time_steps:g}; "
+              f"{where})", flush=True)
+    metrics.bench(n=cfg.n_nn, device=device)  # prints its own `knn ...` line
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -47,7 +47,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SS
 BLOCK_Q, BLOCK_K = 2048, 4096  # query x key rows per tile: 32 MiB float32 tile, large enough for matmul peak
 FLOAT32_U = 2.0 ** -24  # unit roundoff of IEEE float32 (matmuls are forced to full float32 during the search)
 MARGIN = 16  # extra float32 candidates re-scored exactly per query; x4 on each retry the error bound forces
-CHUNK_BYTES = 64 << 20  # float64 scratch for exact re-scoring and log q_eps, per chunk
+CHUNK_BYTES = 64 << 20  # float64 scratch (reused) per chunk of exact re-scoring and of log q_eps
 PLANT_NOISE, PLANT_BRIGHT = 2.0, 0.03  # calibration: Gaussian noise sigma in uint8 levels; +3 % brightness
 
 
@@ -208,22 +208,28 @@ class _Keys:
     the fly per block so memory stays bounded. The distance to an item is the min over its rows."""
 
     def __init__(self, x, shift=0):
-        self.x, self.shift, self.S, self.n = x, shift, (2 * shift + 1) ** 2, len(x)
+        self.x, self.shift, self.S, self.n, self.sq = x, shift, (2 * shift + 1) ** 2, len(x), None
         self.d = int(np.prod(x.shape[1:]))
+        if shift:  # source pixel of every output pixel, per translation (dy, dx), edges clamped
+            h, w, r = x.shape[1], x.shape[2], range(-shift, shift + 1)
+            ys, xs = torch.arange(h)[:, None], torch.arange(w)[None]
+            self.src = torch.cat([((ys - dy).clamp(0, h - 1) * w + (xs - dx).clamp(0, w - 1)).reshape(-1)
+                                  for dy in r for dx in r])
 
     def rows(self, items):
-        x = self.x[items]
+        x = self.x[items] if isinstance(items, slice) else torch.index_select(self.x, 0, items)
         if not self.shift:
             return x.reshape(len(x), -1)
-        s, h, w = self.shift, x.shape[1], x.shape[2]
-        x = x[:, torch.arange(-s, h + s).clamp(0, h - 1)][:, :, torch.arange(-s, w + s).clamp(0, w - 1)]  # edge pad
-        out = [x[:, s - dy:s - dy + h, s - dx:s - dx + w] for dy in range(-s, s + 1) for dx in range(-s, s + 1)]
-        return torch.stack(out, 1).reshape(-1, self.d)  # item-major: row i*S + shift index
+        x = torch.index_select(x.reshape(len(x), x.shape[1] * x.shape[2], -1), 1, self.src)
+        return x.reshape(-1, self.d)  # item-major: row i*S + translation index
 
 
 def _rows(x, name):
     """numpy / torch (N, ...) -> CPU tensor; integers stay integer (exact float64 arithmetic), floats -> float64."""
-    t = x.detach().cpu() if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))
+    if not torch.is_tensor(x):
+        x = np.ascontiguousarray(x)
+        x = x if x.flags.writeable else x.copy()  # torch.from_numpy wants a writable array
+    t = x.detach().cpu() if torch.is_tensor(x) else torch.from_numpy(x)
     if t.ndim < 2 or len(t) == 0 or t.dtype == torch.bool or t.is_complex():
         raise MetricsInputError(f"{name}: expected a non-empty real (N, ...) array, got {tuple(t.shape)} {t.dtype}")
     if t.dtype != torch.uint8 and not t.is_floating_point() and float(t.abs().max()) ** 2 * t[0].numel() >= 2.0 ** 52:
@@ -235,61 +241,86 @@ def _rows(x, name):
     return t
 
 
-def _centre(x, mu, dev):
+def _buffer(st, name, shape, dev, dtype=torch.float32):
+    """A reused scratch tensor (a prefix of one flat allocation): fresh multi-MiB allocations cost
+    more in page faults than the arithmetic done in them."""
+    n = math.prod(shape)
+    b = st["buf"].get(name)
+    if b is None or b.numel() < n or b.dtype != dtype:
+        b = st["buf"][name] = torch.empty(n, dtype=dtype, device=dev)
+    return b[:n].view(shape)
+
+
+def _centre(x, st, dev, name=None):
     """Rows minus the key mean, as float32 (centring shrinks norms and so the float32 error bound)."""
     x = x.to(dev)
-    return (x - mu[0]).float() if x.is_floating_point() else torch.sub(x, mu[1])  # uint8 -> float32, one pass
+    if x.is_floating_point():
+        return (x - st["mu"][0]).float()
+    return _buffer(st, name, x.shape, dev).copy_(x).sub_(st["mu"][1])
 
 
-def _exact(q, keys, items):
-    """Exact squared distances, float64 (integer-exact for uint8): q (M, d) against items (M,) -> (M,),
-    min over shifts."""
-    out = torch.empty(len(q), dtype=torch.float64, device=q.device)
-    step = max(1, CHUNK_BYTES // (8 * keys.S * keys.d))
-    for a in range(0, len(q), step):
-        r = keys.rows(items[a:a + step].cpu()).to(q.device).view(-1, keys.S, keys.d)
-        diff = q[a:a + step, None, :].double() - r.double()
-        out[a:a + step] = torch.linalg.vecdot(diff, diff).amin(-1)
+def _exact(q, keys, items, st):
+    """Exact squared distances of q (M, d) to items (M, c) -> float64 (M, c), min over shifts.
+    Integer pixels: ||q||^2 + ||y||^2 - 2 q.y with integer-valued float64 products and sums, exact
+    below 2^53 (checked in _rows); floats: float64 differences."""
+    m, c = items.shape
+    out = torch.empty(m, c, dtype=torch.float64, device=q.device)
+    step = max(1, CHUNK_BYTES // (8 * c * keys.S * keys.d))
+    for a in range(0, m, step):
+        it = items[a:a + step]
+        r = _buffer(st, "exact", (len(it), c * keys.S, keys.d), q.device, torch.float64)
+        r.copy_(keys.rows(it.reshape(-1).cpu()).to(q.device).view(r.shape))
+        qa = q[a:a + step].double()
+        if keys.sq is not None:
+            nr = keys.sq[(it[..., None] * keys.S + torch.arange(keys.S, device=q.device)).reshape(len(it), -1)]
+            d2 = (qa * qa).sum(1)[:, None] + nr - 2 * torch.bmm(r, qa[:, :, None])[..., 0]
+        else:
+            d2 = torch.linalg.vecdot(r.sub_(qa[:, None, :]), r)
+        out[a:a + step] = d2.view(len(it), c, keys.S).amin(-1)
     return out
 
 
 def _scan(rows, keys, st, kk, block_k, dev, bands=None):
     """Step 1, one query block: float32 tiles ||x||^2 + ||y||^2 - 2 x.y over all key blocks,
     running top-kk (approx d2, item), the per-row error bound delta, and UMS band marks."""
-    q = _centre(rows, st["mu"], dev)
-    nq = (q.double() ** 2).sum(1)
+    q = _centre(rows, st, dev, "queries")
+    nq = (q * q).sum(1, dtype=torch.float64)
     delta = st["c"] * (nq.sqrt() + st["kmax"]) ** 2  # |float32 d2 - exact d2| <= delta (gamma_d bound)
     best_v = q.new_empty(len(q), 0)
     best_i = torch.empty(len(q), 0, dtype=torch.long, device=dev)
     per = max(1, block_k // keys.S)
     for a in range(0, keys.n, per):
         b = min(a + per, keys.n)
-        kf = _centre(keys.rows(slice(a, b)), st["mu"], dev)
-        A = torch.addmm(st["nk"][a * keys.S:b * keys.S][None], q, kf.T, alpha=-2.0).add_(nq.float()[:, None])
+        kf = _centre(keys.rows(slice(a, b)), st, dev, "keys")
+        A = _buffer(st, "tile", (len(q), len(kf)), dev)
+        torch.addmm(st["nk"][a * keys.S:b * keys.S][None], q, kf.T, alpha=-2.0, out=A).add_(nq.float()[:, None])
         if keys.S > 1:
             A = A.view(len(q), b - a, keys.S).amin(-1)  # shift-tolerant distance: min over translations
         v, i = torch.topk(A, min(kk, b - a), dim=1, largest=False)
         best_v, o = torch.topk(torch.cat([best_v, v], 1), min(kk, best_v.shape[1] + v.shape[1]), dim=1, largest=False)
         best_i = torch.cat([best_i, i + a], 1).gather(1, o)
         if bands is not None:
-            _mark(A, a, delta, rows, keys, bands, dev)
+            _mark(A, v[:, 0], a, delta, rows, keys, bands, dev, st)
     return best_v, best_i, delta
 
 
-def _mark(A, a, delta, rows, keys, bands, dev):
+def _mark(A, row_min, a, delta, rows, keys, bands, dev, st):
     """UMS (section 3): flag key items with d2 in each band for any query; pairs within delta of an
-    edge are re-scored exactly, so band membership is exact."""
+    edge are re-scored exactly, so band membership is exact. Only rows whose tile minimum reaches
+    the farthest band edge are scanned."""
     far, edges, classify, hits = bands
     thr = ((far + delta) * (1 + 1e-6)).float()  # 1e-6: absorb the float32 rounding of the threshold
-    qi, kj = (A <= thr[:, None]).nonzero(as_tuple=True)
-    if len(qi) == 0:
+    r = (row_min <= thr).nonzero()[:, 0]
+    if len(r) == 0:
         return
+    qi, kj = (A[r] <= thr[r, None]).nonzero(as_tuple=True)
+    qi = r[qi]
     v = A[qi, kj].double()
     amb = torch.zeros_like(v, dtype=torch.bool)
     for e in edges:
         amb |= (v - e).abs() <= delta[qi]
     if amb.any():
-        v[amb] = _exact(rows.to(dev)[qi[amb]], keys, kj[amb] + a)
+        v[amb] = _exact(rows.to(dev)[qi[amb]], keys, (kj[amb] + a)[:, None], st)[:, 0]
     m = classify(v).cpu()
     kj = (kj + a).cpu()
     for b in range(len(m)):
@@ -310,14 +341,16 @@ def _search(Q, keys, k, block_q, block_k, dev, bands=None, margin=MARGIN, progre
 def _search_exact(Q, keys, k, block_q, block_k, dev, bands, margin, progress):
     mu64 = torch.zeros(keys.d, dtype=torch.float64)
     for a in range(0, keys.n, block_k):
-        mu64 += keys.x[a:a + block_k].reshape(-1, keys.d).double().sum(0)
+        mu64 += keys.x[a:a + block_k].reshape(-1, keys.d).sum(0, dtype=torch.float64)
     mu64 = (mu64 / keys.n).to(dev)
-    st = {"mu": (mu64, mu64.float())}
+    st = {"mu": (mu64, mu64.float()), "buf": {}}
     per = max(1, block_k // keys.S)
-    nk = torch.cat([(_centre(keys.rows(slice(a, a + per)), st["mu"], dev).double() ** 2).sum(1)
+    nk = torch.cat([(lambda y: (y * y).sum(1, dtype=torch.float64))(_centre(keys.rows(slice(a, a + per)), st, dev, "keys"))
                     for a in range(0, keys.n, per)])
+    keys.sq = None if Q.is_floating_point() or keys.x.is_floating_point() else torch.cat(
+        [(lambda y: (y * y).sum(1))(keys.rows(slice(a, a + per)).to(dev).double()) for a in range(0, keys.n, per)])
     u = FLOAT32_U  # gamma_d = d u / (1 - d u) bounds a float32 dot product's relative error (Higham 2002, sec. 3.1)
-    st.update(nk=nk.float(), kmax=float(nk.max().sqrt()), c=keys.d * u / (1 - keys.d * u) + 8 * u)
+    st.update(nk=nk.float(), kmax=float(nk.max().sqrt()), c=keys.d * u / (1 - keys.d * u) + 10 * u)
     out_v = torch.empty(len(Q), k, dtype=torch.float64)
     out_i = torch.empty(len(Q), k, dtype=torch.long)
     t0, retried = time.time(), 0
@@ -326,11 +359,11 @@ def _search_exact(Q, keys, k, block_q, block_k, dev, bands, margin, progress):
         while len(todo):
             kk = min(k + m, keys.n)
             bv, bi, delta = _scan(rows[todo], keys, st, kk, block_k, dev, bands if m == margin else None)
-            # only candidates with approx <= A_(k) + 2 delta can be in the exact top k: re-score those
-            need = bv.double() <= bv[:, k - 1:k].double() + 2 * delta[:, None]
+            # only candidates with approx <= A_(k) + 2 delta can be in the exact top k (a prefix of
+            # each sorted row): re-score those columns
+            c = int((bv.double() <= bv[:, k - 1:k].double() + 2 * delta[:, None]).sum(1).max())
             ex = torch.full(bi.shape, math.inf, dtype=torch.float64, device=dev)
-            qi, cj = need.nonzero(as_tuple=True)
-            ex[qi, cj] = _exact(rows[todo].to(dev)[qi], keys, bi[qi, cj])
+            ex[:, :c] = _exact(rows[todo].to(dev), keys, bi[:, :c], st)
             o = bi.argsort(dim=1, stable=True)  # lexicographic (d2, index): sort by index, then stably by d2
             bi, ex = bi.gather(1, o), ex.gather(1, o)
             o = ex.argsort(dim=1, stable=True)[:, :k]
@@ -372,6 +405,8 @@ def knn(queries, keys, k=1, metric="l2", scale=None, shift=0, bands=None, block_
         raise MetricsInputError(f"queries {tuple(Q.shape[1:])} and keys {tuple(K.shape[1:])} differ in shape")
     if shift and (metric != "l2" or K.ndim != 4):
         raise MetricsInputError("shift > 0 needs metric 'l2' and (N, H, W, C) images")
+    if shift < 0 or block_q < 1 or block_k < 1:
+        raise MetricsInputError(f"shift ({shift}) must be >= 0 and block sizes ({block_q}, {block_k}) >= 1")
     if not 1 <= k <= len(K):
         raise MetricsInputError(f"k = {k} must be between 1 and the number of keys ({len(K)})")
     Q = Q.reshape(len(Q), -1)
@@ -708,7 +743,7 @@ def bench(n=20000, d=3072, block_q=BLOCK_Q, block_k=BLOCK_K, device=None, seed=0
     el, cpu = time.perf_counter() - t, time.process_time() - c
     peak, peak_cpu = (max(x, y) for x, y in zip((peak, peak_cpu), _matmul_peak(block_q, d, block_k, dev)))
     gflops, gflops_cpu = 2 * n * n * d / el / 1e9, 2 * n * n * d / cpu / 1e9
-    tile = block_q * block_k * 4 * 3 + (block_q + block_k) * d * 4 + n * 8 * 2  # 3 tiles, centred blocks, norms
+    tile = block_q * block_k * 4 + (block_q + block_k) * d * 4 + CHUNK_BYTES + n * 8 * 3  # tile, blocks, scratch, norms
     res = {"n": n, "d": d, "seconds": el, "cpu_seconds": cpu, "pairs_per_s": n * n / el, "gflops": gflops,
            "matmul_peak_gflops": peak, "fraction_of_peak": gflops / peak, "gflops_per_cpu_s": gflops_cpu,
            "matmul_peak_gflops_per_cpu_s": peak_cpu, "cpu_fraction_of_peak": gflops_cpu / peak_cpu,
@@ -724,21 +759,25 @@ def bench(n=20000, d=3072, block_q=BLOCK_Q, block_k=BLOCK_K, device=None, seed=0
     return res
 
 
+def _opt(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass
 class EvalConfig:
-    similarity: str = "l2"  # l2: normalized pixel L2; embed: cosine of --embed; features: cosine of (N, D) arrays
-    embed: str = ""  # TorchScript image-embedding file (e.g. sscd_disc_mixup.torchscript.pt); implies embed
-    bands: str = ""  # name=lo:hi,... ; empty: defaults; 'auto': calibrate_l2_bands on TRAIN
-    shift: int = 0  # pixel L2: tolerate translations of up to this many pixels (0 = the paper's L2)
-    size: int = 0  # centre-crop and resize both image sets to size x size (0 = keep)
-    carlini_center: str = "generation"  # Carlini's 50 neighbours around the generation or the matched image
-    json: str = ""  # write the summary JSON here
-    device: str = "auto"  # auto, cpu or cuda[:N]
-    block_q: int = BLOCK_Q  # queries per tile
-    block_k: int = BLOCK_K  # keys per tile
-    embed_size: int = EMBED_SIZE  # embedding input resolution
-    bench: bool = False  # run the nearest-neighbour benchmark instead
-    bench_n: int = 20000  # items per side in the benchmark
+    similarity: str = _opt("l2", "l2: normalized pixel L2; embed: cosine of --embed; features: cosine of (N, D) arrays")
+    embed: str = _opt("", "TorchScript image-embedding file (e.g. sscd_disc_mixup.torchscript.pt); implies embed")
+    bands: str = _opt("", "name=lo:hi,... ; empty: defaults; 'auto': calibrate_l2_bands on TRAIN")
+    shift: int = _opt(0, "pixel L2: tolerate translations of up to this many pixels (0 = the paper's L2)")
+    size: int = _opt(0, "centre-crop and resize both image sets to size x size (0 = keep)")
+    carlini_center: str = _opt("generation", "Carlini's 50 neighbours around the generation or the matched image")
+    json: str = _opt("", "write the summary JSON here")
+    device: str = _opt("auto", "auto, cpu or cuda[:N]")
+    block_q: int = _opt(BLOCK_Q, "generated items per tile (memory ~ block_q x block_k x 4 bytes)")
+    block_k: int = _opt(BLOCK_K, "training items per tile")
+    embed_size: int = _opt(EMBED_SIZE, "embedding input resolution")
+    bench: bool = _opt(False, "run the nearest-neighbour benchmark instead")
+    bench_n: int = _opt(20000, "items per side in the benchmark")
 
 
 CHOICES = {"similarity": ("l2", "embed", "features"), "carlini_center": ("generation", "train")}
@@ -763,9 +802,10 @@ def main(argv=None):
     for f in dataclasses.fields(EvalConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            p.add_argument(flag, action="store_true")
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, choices=CHOICES.get(f.name))
+            p.add_argument(flag, type=type(f.default), default=f.default, choices=CHOICES.get(f.name),
+                           help=f"{f.metadata['help']} (default: {f.default!r})")
     args = p.parse_args(argv)
     cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
     try:

@@ -213,7 +213,9 @@ class Run:
     # ------------------------------------------------------------------ SIDE, Algorithm 1 part 1
     def syn_key(self):
         cfg = self.cfg
-        return key(ckpt=self.ckpt_id, n=cfg.n_syn, seed=cfg.syn_seed, s=cfg.sampler, st=cfg.sample_steps, eta=cfg.eta)
+        fast = {} if (cfg.amp, cfg.channels_last, cfg.compile) == ("off", False, "off") else \
+            dict(amp=cfg.amp, cl=cfg.channels_last, c=cfg.compile)  # fast-path samples feed their own features/classifier
+        return key(ckpt=self.ckpt_id, n=cfg.n_syn, seed=cfg.syn_seed, s=cfg.sampler, st=cfg.sample_steps, eta=cfg.eta, **fast)
 
     def synthetic(self):
         """Alg. 1, step 1: N_syn unconditional samples (uint8), on their own seed."""

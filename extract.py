@@ -303,7 +303,8 @@ class Run:
         return x, dict(cluster=tg, scale=lam, K=K, kept=lab.num_classes, sizes=lab.sizes, cohesion=lab.cohesion)
 
     def evaluate(self, x):
-        """metrics.evaluate plus `distinct`: training images reached per band (UMS · N_G / 100). Under
+        """metrics.evaluate plus `distinct`: training images reached per band (UMS · N_G / 100), and over
+        all bands (`distinct_any`, `ams_any`). Under
         torchrun each rank searches its shard of x and rank 0 merges them; the other ranks get None."""
         sim = self.cfg.similarity
         shard = (self.rank, self.world) if 1 < self.world <= len(x) else None
@@ -319,6 +320,8 @@ class Run:
                 return None
             ev = metrics.merge(parts)
         ev["distinct"] = {b: int(len(i)) for b, i in ev["ums_index"].items()}
+        ev["distinct_any"] = len(set().union(*[set(np.asarray(i).tolist()) for i in ev["ums_index"].values()]))
+        ev["ams_any"] = float(sum(ev["ams"].values()))  # bands are disjoint: % of generations in any band
         return ev
 
 

@@ -51,8 +51,8 @@ class TrainConfig:
     dropout: float = field(0.0, "dropout in residual blocks; 0 since memorization is what we study")
     T: int = field(1000, "diffusion steps (Ho et al. 2020)")
     schedule: str = field("linear", "beta schedule", choices=["linear", "cosine"])
-    prediction: str = field("v", "network target; v (Salimans & Ho 2022) fixed colour drift at small scale on CPU",
-                            choices=["eps", "v"])
+    prediction: str = field("v", "network target: eps (Ho et al.) or v (Salimans & Ho 2022); reproduce.py uses eps with "
+                            "the cosine schedule, which memorized sooner in its CPU calibration", choices=["eps", "v"])
     steps: int = field(1500, "optimiser steps; 1500 at 64 images/16 px is the partially memorized regime")
     batch: int = field(32, "global batch (split across torchrun ranks)")
     lr: float = field(2e-3, "AdamW learning rate; 2e-3 trains a 0.7M-param model in 1-2k steps (2e-4 is typical at scale)")

@@ -37,15 +37,17 @@ from report import reproduce_report
 
 # Each profile: training (sizes, steps, model), extraction (N_G, N_syn, sampler), sweeps, divergence.
 PROFILES = {  # calibrated on a 2-core CPU; see README "Reproducing the paper"
-    "smoke": dict(image_size=8, sizes=(8, 16), steps=150, base=16, attn_res=(4,), batch=16, n_gen=32, n_syn=64,
+    "smoke": dict(image_size=8, sizes=(8, 16), steps=150, base=16, mults=(1, 2), attn_res=(4,), batch=16, n_gen=32, n_syn=64,
                   K=4, sweep_lambda=(0.0, 3.0), sweep_k=(2, 4), sample_steps=10, clf_steps=40, cond_size=8,
                   div_mc=4, div_t=8, T=100, jobs=2),
     # 8 px: at 16 px no size reached memorization within this budget (1,200-2,000 steps, README);
     # 1,600 steps memorize 16 faces fully and 32 partially (calibration runs, README)
-    "cpu": dict(image_size=8, sizes=(16, 32, 64), steps=1600, base=32, attn_res=(4,), batch=16, n_gen=256,
+    "cpu": dict(image_size=8, sizes=(16, 32, 64), steps=1600, base=32, mults=(1, 2), attn_res=(4,), batch=16, n_gen=256,
                 n_syn=512, K=16, sweep_lambda=(1.0, 3.0, 10.0), sweep_k=(8, 16, 32), sample_steps=40,
                 clf_steps=250, cond_size=32, div_mc=8, div_t=32, T=1000, jobs=2),
-    "gpu": dict(image_size=64, sizes=(256, 1024, 4096), steps=40000, base=64, attn_res=(16,), batch=128,
+    # not run here (no GPU in this project's sessions so far): an analogue of the paper's scale, several
+    # hours per model on one GPU (estimate, README); pass --data /path/to/celeba for real faces
+    "gpu": dict(image_size=64, sizes=(256, 1024, 4096), steps=20000, base=64, mults=(1, 2, 2, 2), attn_res=(16,), batch=128,
                 n_gen=5120, n_syn=8192, K=64, sweep_lambda=(1.0, 3.0, 10.0, 30.0), sweep_k=(32, 64, 128),
                 sample_steps=50, clf_steps=5000, cond_size=1024, div_mc=64, div_t=100, T=1000, jobs=1),
 }
@@ -90,7 +92,7 @@ def flags(d):
 def train_job(p, cfg, n, labels, out):
     """(name, argv) of one train.py run; resumable, and a finished model is not retrained."""
     args = dict(out=out, data=cfg.data, n_train=n, image_size=p["image_size"], labels=labels, base=p["base"],
-                attn_res=p["attn_res"], T=p["T"], steps=p["steps"], batch=p["batch"], sample_n=16,
+                mults=p["mults"], attn_res=p["attn_res"], T=p["T"], steps=p["steps"], batch=p["batch"], sample_n=16,
                 sample_steps=p["sample_steps"], device=cfg.device, resume=True, log_every=30, **TRAIN_FIXED)
     return f"train n={n} labels={labels}", ["train.py", *flags(args)]
 

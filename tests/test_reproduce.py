@@ -55,3 +55,23 @@ def test_a_rerun_reuses_every_stage(smoke):
     again = reproduce.main(["--profile", "smoke", "--out", str(smoke)])
     assert again["total_seconds"] < 0.5 * before["total_seconds"]  # models, classifiers, generations cached
     assert [r["ams"] for r in again["rows"]] == [r["ams"] for r in before["rows"]]
+
+
+def _row(n, method, distinct, ams):
+    return dict(n_train=n, method=method, n_gen=100, distinct_any=distinct, ams_any=ams)
+
+
+def test_verdict_is_computed_from_the_numbers():
+    import report
+    rows = [_row(16, "uncond", 5, 10.0), _row(16, "cond", 4, 10.0), _row(16, "side", 10, 30.0),
+            _row(32, "uncond", 2, 4.0), _row(32, "cond", 0, 0.0), _row(32, "side", 3, 4.0),
+            _row(16, "uncond_budget", 12, 9.0), _row(16, "side_random", 5, 11.0)]
+    text = report.verdict(rows)
+    assert "SIDE / Carlini UnCond, distinct images (UMS), mean over the sizes where Carlini UnCond extracted any: 1.75x (meets" in text
+    assert "SIDE / Carlini Cond, distinct images (UMS), mean over the sizes where Carlini Cond extracted any: 2.50x" in text
+    assert "SIDE / Carlini UnCond, hit rate (AMS), mean over the sizes where Carlini UnCond extracted any: 2.00x" in text
+    assert "reaches 12 distinct images vs SIDE's 10 (SIDE not ahead)" in text
+    assert "informative clusters help" in text
+    assert "10.0%, 4.0%): yes" in text
+    flat = [_row(16, "uncond", 0, 0.0), _row(16, "cond", 0, 0.0), _row(16, "side", 0, 0.0)]
+    assert "no method extracted anything" in report.verdict(flat)

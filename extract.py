@@ -57,7 +57,7 @@ class ExtractConfig:
     tau: float = field(0.5, "cohesion threshold τ: keep clusters whose mean cosine to the centroid is >= τ (paper: 0.5)")
     drop_rejected: bool = field(False, "drop images of rejected clusters instead of relabelling them to the nearest kept centroid")
     features: str = field("ddpm", "clustering features: ddpm (own mid-block activations), pixels, or a TorchScript .pt file")
-    lam: float = field(3.0, "SIDE guidance scale λ (calibration: 3-10 best, 30 falls off)")
+    lam: float = field(3.0, "SIDE guidance scale λ (a GPU calibration found 3-10 best; reproduce's CPU sweep chose 3)")
     cond_scale: float = field(-1.0, "guidance scale of Carlini Cond; -1 = the same as λ")
     clf_steps: int = field(600, "classifier training steps (time-dependent for SIDE, time-independent for Cond)")
     clf_lr: float = field(1e-3, "classifier AdamW lr; the paper's 1e-4 trains far too slowly in CPU-sized runs")

@@ -182,6 +182,8 @@ def reproduce_report(s, grids, paper):
           "so every M is an upper bound.", "",
           "| labelling | AMS any band | distinct any band | Yoon | M (± s.e.) | M of the unconditional model on the same subsets |",
           "|---|---|---|---|---|---|"]
+    if not s["conditional"]:
+        L.append("| skipped: the data has no labels (no class subfolders) | | | | | |")
     none = next((r for r in s["conditional"] if r["labelling"] == "none"), None)
     for r in s["conditional"]:
         d = r["divergence"]

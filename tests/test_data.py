@@ -98,13 +98,6 @@ def test_distinct_faces_far_above_a_noisy_copy(size):
     assert nn_min > 2 * copy, (nn_min, copy)
 
 
-def test_drawing_is_fast_enough():
-    import time
-    t = time.perf_counter()
-    data.make_faces(100, 32)
-    assert time.perf_counter() - t < 5.0  # ~0.1 s expected; generous for a shared CPU
-
-
 # ----------------------------------------------------------------------------- load_data: faces
 
 def test_load_faces_default_labels_are_hair_color_times_skin_tone():

@@ -21,8 +21,10 @@ a sweep or an interrupted run reuses what is done; generations are cached batch 
 Generation i of every method uses the noise of sample_generators(seed, [i]): each image can be
 regenerated alone from its recorded seed and index.
 """
+import copy
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import sys
@@ -134,7 +136,7 @@ class Run:
         """The UNet the sampler calls: --channels-last (a copy), --compile; the default is `model` itself."""
         cfg = self.cfg
         if cfg.channels_last:
-            model = __import__("copy").deepcopy(model).to(memory_format=torch.channels_last)
+            model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         if cfg.compile != "off":  # "reduce-overhead" is torch.compile's CUDA-graphs mode
             model = torch.compile(model, mode="reduce-overhead" if cfg.compile == "cudagraphs" else None)
         return model
@@ -202,7 +204,7 @@ class Run:
                 raise UserError(f"stage {name}, batch {b}: {e}") from None
             if not torch.isfinite(x).all():
                 raise UserError(f"generation {name} produced NaN in batch {b}; lower the guidance scale")
-            buf = __import__("io").BytesIO()
+            buf = io.BytesIO()
             np.save(buf, data.to_uint8(x))
             atomic_write_bytes(os.path.join(folder, f"{b:05d}.npy"), buf.getvalue())
             prog.update(len(idx))
@@ -397,7 +399,7 @@ def write_outputs(run, cfg, chosen, results, samples, sweeps, seconds):
     method = np.concatenate([[m] * len(samples[m][0]) for m in ms])
     cluster = np.concatenate([samples[m][1].get("cluster", np.full(len(samples[m][0]), -1)) for m in ms])
     index = np.concatenate([np.arange(len(samples[m][0])) for m in ms])
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     np.savez(buf, images=imgs, method=method, cluster=cluster, seed=np.full(len(imgs), cfg.seed), index=index)
     atomic_write_bytes(os.path.join(run.out, "samples.npz"), buf.getvalue())
     public = {m: {k: v for k, v in r.items() if k not in ("nn_index", "nn_value", "carlini_ratio", "yoon_ratio", "ums_index")}

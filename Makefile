@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt
 test: install  ## run the test suite (CPU, a few minutes)
 	$(PY) -m pytest -q tests
 
-smoke: install  ## the whole reproduce pipeline at tiny size, about two minutes on a 2-core CPU
+smoke: install  ## the whole reproduce pipeline at tiny size, about 75 s on a 2-core CPU
 	$(PY) reproduce.py --profile smoke --out $(OUT)/smoke
 
 bench: install  ## training/sampling images/s, parameter count, nearest-neighbour throughput vs matmul peak

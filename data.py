@@ -185,7 +185,9 @@ class Dataset:
 def load_data(spec="faces", size=32, n=None, seed=0, label_attr=None):
     """The dataset named by `spec`: "faces", a folder of images, or an .npz file (see header).
     label_attr (faces only; None = DEFAULT_LABEL_ATTR) picks the attributes whose combination is
-    the label. For a folder / .npz, n takes the first n images (sorted file order)."""
+    the label. For a folder / .npz, n takes a random sample of n images drawn with `seed`, nested
+    (the sample of n is the first n of one seeded permutation, so a smaller set is part of a larger
+    one) and mixing every class subfolder, unlike the first n in file order."""
     check(isinstance(size, (int, np.integer)) and size >= 8, f"--size must be an integer >= 8, got {size!r}")
     check(n is None or n >= 1, f"--n must be >= 1, got {n}")
     if spec == "faces":
@@ -210,9 +212,10 @@ def load_data(spec="faces", size=32, n=None, seed=0, label_attr=None):
     else:
         check(labels.min() >= 0, f"{spec}: `labels` must be class indices >= 0, got {labels.min()}")
         label_names = [str(k) for k in range(int(labels.max()) + 1)]
-    if n is not None:  # the first n in sorted file order
-        check(n <= len(images), f"--n {n} asked for, but {spec} holds only {len(images)} images")
-        images, labels = images[:n], (None if labels is None else labels[:n])
+    if n is not None:  # a nested seeded sample: the first n of one permutation of the files
+        check(n <= len(images), f"{n} training images asked for, but {spec} holds only {len(images)} images")
+        pick = np.random.default_rng(seed).permutation(len(images))[:n]
+        images, labels = images[pick], (None if labels is None else labels[pick])
     labels = None if labels is None else np.asarray(labels, np.int64)
     return Dataset(np.ascontiguousarray(images, np.uint8), labels, label_names, None, [],
                    f"{spec} (n={len(images)}, size={size})")

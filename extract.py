@@ -73,7 +73,9 @@ class ExtractConfig:
     sweep_seed: int = field(2, "generation seed of λ/K sweeps, kept apart from --seed so nothing is tuned on the report")
     sweep_lambda: tuple = field((), "λ values to sweep for SIDE (empty: no sweep)")
     sweep_k: tuple = field((), "K values to sweep for SIDE (empty: no sweep)")
+    sweep_cond_scale: tuple = field((), "guidance scales to sweep for Carlini Cond, like λ for SIDE (empty: no sweep)")
     sweep_n_gen: int = field(0, "N_G for sweep points (0 = n_gen)")
+    curve_points: int = field(8, "points of the extraction-versus-budget curves over N_syn + N_G (0 = no curves)")
     similarity: str = field("l2", "l2 (normalized pixel L2) or a TorchScript embedding file for cosine similarity")
     grid_top: int = field(16, "extracted generations shown per method in the grids")
     device: str = field("auto", "auto, cpu or cuda[:N]")
@@ -96,6 +98,8 @@ def validate(cfg):
     check(not bad, f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
     check(all(v >= 0 for v in cfg.sweep_lambda), "--sweep-lambda values must be >= 0")
     check(all(int(k) >= 2 for k in cfg.sweep_k), "--sweep-k values must be >= 2")
+    check(all(v >= 0 for v in cfg.sweep_cond_scale), "--sweep-cond-scale values must be >= 0")
+    check(cfg.curve_points >= 0, f"--curve-points {cfg.curve_points} must be >= 0")
 
 
 def key(**parts):
@@ -274,10 +278,13 @@ class Run:
         return np.array([np.random.default_rng([seed, i, 2]).integers(k) for i in range(n)], dtype=np.int64)
 
     # ------------------------------------------------------------------ one method
-    def method(self, m, n, seed, lam=None, K=None):
-        """uint8 generations of method m, and a dict describing how they were made."""
+    def method(self, m, n, seed, lam=None, K=None, cond_scale=None):
+        """uint8 generations of method m, and a dict describing how they were made. cond_scale None:
+        --cond-scale (or λ if that is -1)."""
         cfg = self.cfg
         lam = cfg.lam if lam is None else lam
+        if cond_scale is None and cfg.cond_scale != -1:
+            cond_scale = cfg.cond_scale
         K = cfg.K if K is None else int(K)
         base = dict(ckpt=self.ckpt_id, n=n, seed=seed, s=cfg.sampler, st=cfg.sample_steps, eta=cfg.eta)
         if m == "uncond":
@@ -288,14 +295,16 @@ class Run:
             check(self.ds.labels is not None, f"method cond needs the training data's real labels, and {self.ds.source} "
                   "has none; use class subfolders, an .npz with labels, or drop cond from --methods")
             k = int(self.ds.labels.max()) + 1
-            scale = lam if cfg.cond_scale == -1 else cfg.cond_scale
-            path = os.path.join(self.cache, f"clf-cond-{key(ckpt=self.ckpt_id, s=cfg.clf_steps, lr=cfg.clf_lr, w=cfg.clf_width)}.pt")
+            present = np.unique(self.ds.labels)  # targets only over labels some training image has
+            scale = lam if cond_scale is None else cond_scale
+            labels_id = hashlib.sha256(np.ascontiguousarray(self.ds.labels).tobytes()).hexdigest()[:12]
+            path = os.path.join(self.cache, f"clf-cond-{key(ckpt=self.ckpt_id, data=self.ds.source, labels=labels_id, seed=cfg.syn_seed, s=cfg.clf_steps, lr=cfg.clf_lr, w=cfg.clf_width)}.pt")
             clf = self.timed("cond: classifier", lambda: self.classifier(
                 path, data.to_tensor(self.ds.images), torch.as_tensor(self.ds.labels), k, None))
-            tg = self.targets(n, seed, k)
+            tg = present[self.targets(n, seed, len(present))]
             x = self.timed("cond: generate", lambda: self.generate(
                 f"gen-cond-{key(**base, lam=scale, clf=os.path.basename(path))}", n, seed, lambda t: side.guidance(clf, t, scale), tg))
-            return x, dict(cluster=tg, scale=scale, classes=k)
+            return x, dict(cluster=tg, scale=scale, classes=k, classes_present=len(present))
         rnd = m == "side_random"
         clf, lab = self.surrogate(K, random_labels=rnd)
         tg = self.targets(n, seed, lab.num_classes)  # Alg. 1 part 2: a kept cluster, uniformly
@@ -327,16 +336,17 @@ class Run:
         return ev
 
 
-def sweep(run, name, values, cfg, lam, K):
-    """SIDE's metrics for each value of λ (at K) or K (at λ) on the sweep seed; writes sweep_<name>.{json,png}."""
+def sweep(run, name, values, cfg, method, point):
+    """The metrics of `method` at each swept value on the sweep seed (point(v) -> run.method kwargs);
+    writes sweep_<name>.{json,png}."""
     n = cfg.sweep_n_gen or cfg.n_gen
     rows = []
     for v in values:
-        x, info = run.method("side", n, cfg.sweep_seed, **({"lam": v, "K": K} if name == "lambda" else {"lam": lam, "K": v}))
+        x, info = run.method(method, n, cfg.sweep_seed, **point(v))
         ev = run.evaluate(x)  # every rank searches a shard; rank 0 gets the result
         if run.rank == 0:
             rows.append(dict(value=v, ams=ev["ams"], ums=ev["ums"], distinct=ev["distinct"], p95=ev["p95"],
-                             kept=info.get("kept")))
+                             distinct_any=ev["distinct_any"], kept=info.get("kept")))
             run.log(f"[sweep {name}] {v}: AMS {ev['ams']} UMS {ev['ums']}")
     if run.rank == 0:
         atomic_write_json(os.path.join(run.out, f"sweep_{name}.json"), rows)
@@ -344,6 +354,38 @@ def sweep(run, name, values, cfg, lam, K):
                   {b: [r["distinct"][b] for r in rows] for b in rows[0]["distinct"]}, xlabel=name,
                   ylabel="distinct training images extracted")
     return rows
+
+
+def curve(run, x, budgets, offset=0):
+    """Distinct training images reached (per band and in any band) by the first b - offset images of x,
+    for each total budget b in `budgets` (b > offset): the extraction-versus-budget curve of one method."""
+    pts = []
+    for b in budgets:
+        if b - offset < 1 or b - offset > len(x):
+            continue
+        ev = run.evaluate(x[:b - offset])
+        if ev is not None:
+            pts.append(dict(budget=int(b), distinct=ev["distinct"], distinct_any=ev["distinct_any"]))
+    return pts
+
+
+def curves(run, cfg, samples):
+    """Curves of every method over the budget N_syn + N_G (the attacker's total number of samples):
+    UnCond from the compute-matched draw (synthetic set then plain samples), Cond and the SIDE
+    variants after their own N_G; SIDE starts at N_syn (its synthetic set is spent budget) and
+    `side_union` counts the synthetic set and the guided generations together (an attacker keeps both)."""
+    total = cfg.n_syn + cfg.n_gen
+    grid = sorted({int(round(total * j / cfg.curve_points)) for j in range(1, cfg.curve_points + 1)}
+                  | {cfg.n_syn, cfg.n_gen})
+    out = {}
+    for m, (x, _) in samples.items():
+        if m in ("side", "side_random"):
+            out[m] = curve(run, x, grid, offset=cfg.n_syn)
+        elif m != "uncond":
+            out[m] = curve(run, x, grid)
+    if "side" in samples:
+        out["side_union"] = curve(run, np.concatenate([run.synthetic(), samples["side"][0]]), grid)
+    return out
 
 
 def best_of(rows):
@@ -370,30 +412,34 @@ def main(argv=None):
     validate(cfg)
     t0 = time.time()
     run = Run(cfg)
-    chosen = dict(lam=cfg.lam, K=cfg.K)
+    chosen = dict(lam=cfg.lam, K=cfg.K, cond_scale=None if cfg.cond_scale == -1 else cfg.cond_scale)
     sweeps = {}
     if cfg.sweep_lambda:
-        sweeps["lambda"] = sweep(run, "lambda", cfg.sweep_lambda, cfg, None, cfg.K)
+        sweeps["lambda"] = sweep(run, "lambda", cfg.sweep_lambda, cfg, "side", lambda v: dict(lam=v, K=cfg.K))
         chosen["lam"] = run.agree(best_of(sweeps["lambda"]) if run.rank == 0 else None)  # rank 0 evaluated
     if cfg.sweep_k:
-        sweeps["K"] = sweep(run, "K", [int(k) for k in cfg.sweep_k], cfg, chosen["lam"], None)
+        sweeps["K"] = sweep(run, "K", [int(k) for k in cfg.sweep_k], cfg, "side", lambda v: dict(lam=chosen["lam"], K=v))
         chosen["K"] = run.agree(best_of(sweeps["K"]) if run.rank == 0 else None)
+    if cfg.sweep_cond_scale:  # Carlini Cond's guidance scale, swept like λ
+        sweeps["cond_scale"] = sweep(run, "cond_scale", cfg.sweep_cond_scale, cfg, "cond", lambda v: dict(cond_scale=v))
+        chosen["cond_scale"] = run.agree(best_of(sweeps["cond_scale"]) if run.rank == 0 else None)
     results, samples = {}, {}
     for m in cfg.methods.split(","):
-        x, info = run.method(m, cfg.n_gen, cfg.seed, lam=chosen["lam"], K=chosen["K"])
+        x, info = run.method(m, cfg.n_gen, cfg.seed, lam=chosen["lam"], K=chosen["K"], cond_scale=chosen["cond_scale"])
         samples[m] = (x, info)
         ev = run.evaluate(x)  # every rank searches a shard; rank 0 gets the result
         if run.rank == 0:
             results[m] = dict(ev, **{k: v for k, v in info.items() if k not in ("cluster",)})
             run.log(f"[{m}] AMS {ev['ams']} UMS {ev['ums']} p95 {ev['p95']:.4f}")
+    budget = curves(run, cfg, samples) if cfg.curve_points > 0 else {}
     if run.rank == 0:
-        write_outputs(run, cfg, chosen, results, samples, sweeps, time.time() - t0)
+        write_outputs(run, cfg, chosen, results, samples, sweeps, time.time() - t0, budget)
     if dist.is_initialized():
         dist.destroy_process_group()
     return results
 
 
-def write_outputs(run, cfg, chosen, results, samples, sweeps, seconds):
+def write_outputs(run, cfg, chosen, results, samples, sweeps, seconds, budget=None):
     ms = list(samples)
     imgs = np.concatenate([samples[m][0] for m in ms])
     method = np.concatenate([[m] * len(samples[m][0]) for m in ms])
@@ -405,7 +451,7 @@ def write_outputs(run, cfg, chosen, results, samples, sweeps, seconds):
     public = {m: {k: v for k, v in r.items() if k not in ("nn_index", "nn_value", "carlini_ratio", "yoon_ratio", "ums_index")}
               for m, r in results.items()}
     atomic_write_json(os.path.join(run.out, "metrics.json"), dict(
-        config=dataclasses.asdict(cfg), chosen=chosen, methods=public, classifiers=run.reports,
+        config=dataclasses.asdict(cfg), chosen=chosen, methods=public, classifiers=run.reports, curves=budget or {},
         seconds=dict(run.t, total=seconds), device=str(run.device)))
     os.makedirs(os.path.join(run.out, "grids"), exist_ok=True)
     for m in ms:

@@ -38,9 +38,9 @@ from common import (Progress, UserError, atomic_write_json, check, field, load_c
 class TrainConfig:
     out: str = field("runs/model", "output folder: ckpt.pt, config.json, samples.png")
     data: str = field("faces", "faces (built-in), an image folder, or an .npz with an `images` array")
-    n_train: int = field(64, "training-set size (first n of a folder/npz); small sets are what DDPMs memorize")
+    n_train: int = field(64, "training-set size (a folder/npz: a nested random sample drawn with --data-seed); small sets are what DDPMs memorize")
     image_size: int = field(16, "resolution; 16 px is what trains to memorization on a 2-core CPU in minutes")
-    data_seed: int = field(0, "seed of the built-in faces (the training set is a function of it)")
+    data_seed: int = field(0, "seed of the training set: the built-in faces, or the sample of a folder/npz")
     label_attr: str = field("", "built-in faces: attribute(s) forming the true label, e.g. hair_color,skin_tone; '' = data.py default")
     labels: str = field("none", "class conditioning: none, true (informative labels) or random (same cardinality)",
                         choices=["none", "true", "random"])

@@ -123,7 +123,7 @@ def planted(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("planted"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "load_trained", lambda path, device="cpu", expect_size=None: (model, diffusion, tcfg, ck))
-        results = extract.main(["--ckpt", "memorizer", "--out", out, "--methods", "uncond,side",
+        results = extract.main(["--ckpt", "memorizer", "--out", out, "--methods", "uncond,side,uncond_budget",
                                 "--n-gen", str(PLANT_N_GEN), "--batch", "32", "--n-syn", "64", "--K", "8",
                                 "--clf-steps", "150", "--clf-width", "8", "--sample-steps", "10",
                                 "--sweep-lambda", "0,10,30", "--device", "cpu"])
@@ -163,6 +163,36 @@ def test_side_at_its_swept_lambda_reaches_at_least_as_many_as_uncond(planted):
     assert results["side"]["scale"] == chosen
     assert results["side"]["distinct"]["high"] >= results["uncond"]["distinct"]["high"]
     assert os.path.exists(os.path.join(out, "sweep_lambda.png"))
+
+
+def test_budget_curves_count_what_a_brute_force_search_counts(planted):
+    """Every curve point = distinct training images (any band) of the first b samples, by full cdist;
+    SIDE's curve starts at N_syn and its union curve shares UnCond's synthetic prefix."""
+    out, results, ds = planted
+    s, rec = load_samples(out), json.load(open(os.path.join(out, "metrics.json")))
+    n_syn, curves = rec["config"]["n_syn"], rec["curves"]
+    edge = results["side"]["bands"]["low"][1]  # the bands tile [0, edge]: any band = within edge
+    budget = s["images"][s["method"] == "uncond_budget"]
+    syn, guided = budget[:n_syn], s["images"][s["method"] == "side"]
+    for name, x, offset in (("uncond_budget", budget, 0), ("side", guided, n_syn),
+                            ("side_union", np.concatenate([syn, guided]), 0)):
+        pts = curves[name]
+        assert pts and [p["budget"] for p in pts] == sorted(p["budget"] for p in pts)
+        assert min(p["budget"] for p in pts) > offset and max(p["budget"] for p in pts) == n_syn + PLANT_N_GEN
+        for p in pts:
+            assert p["distinct_any"] == brute_force_distinct(x[:p["budget"] - offset], ds.images, edge)[0], (name, p)
+    assert curves["side"][-1]["distinct_any"] == results["side"]["distinct_any"]
+    first = {p["budget"]: p["distinct_any"] for p in curves["uncond_budget"]}
+    assert all(first[p["budget"]] == p["distinct_any"] for p in curves["side_union"] if p["budget"] <= n_syn)
+
+
+def test_cond_targets_only_labels_present_in_the_training_set(tiny, ckpt):
+    out, _ = tiny
+    s = load_samples(out)
+    _, _, tcfg, _ = train.load_trained(ckpt)
+    labels = data.load_data(tcfg.data, tcfg.image_size, n=tcfg.n_train, seed=tcfg.data_seed).labels
+    assert len(np.unique(labels)) < labels.max() + 1  # some label ids below the max have no image here
+    assert set(s["cluster"][s["method"] == "cond"].tolist()) <= set(labels.tolist())
 
 
 # ============================================================================ caching and resume
@@ -316,7 +346,7 @@ def test_outputs_exist_and_are_well_formed(tiny):
         cl = s["cluster"][s["method"] == m]
         k = {"uncond": 0, "cond": r.get("classes"), "side": r.get("kept")}[m]
         assert (cl == -1).all() if m == "uncond" else ((cl >= 0) & (cl < k)).all(), m
-    assert rec["config"]["n_gen"] == TINY_N_GEN and rec["chosen"] == {"lam": 2.0, "K": 2}
+    assert rec["config"]["n_gen"] == TINY_N_GEN and rec["chosen"] == {"lam": 2.0, "K": 2, "cond_scale": None}
     report = open(os.path.join(out, "REPORT.md")).read().splitlines()
     header = next(ln for ln in report if ln.startswith("| method"))
     for m in methods:

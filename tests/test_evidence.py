@@ -1,0 +1,95 @@
+"""evidence.py against independent references: the Student-t distribution integrated numerically,
+hand-computed intervals, coverage by simulation, and hand-built verdicts."""
+import math
+
+import numpy as np
+import pytest
+
+import evidence
+import reproduce
+
+
+def t_cdf(x, df, n=200001):
+    """P(T <= x) for Student's t by the trapezoid rule on its density (independent of the table)."""
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    u = np.linspace(0.0, x, n)
+    pdf = c * (1 + u ** 2 / df) ** (-(df + 1) / 2)
+    return 0.5 + float(np.sum((pdf[1:] + pdf[:-1]) / 2 * np.diff(u)))
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 5, 10, 20, 30])
+def test_t_quantiles_are_the_975_points_of_student_t(df):
+    assert t_cdf(evidence.t975(df), df) == pytest.approx(0.975, abs=2e-4)
+
+
+def test_mean_interval_by_hand():
+    m, lo, hi = evidence.mean_ci([1.0, 2.0, 3.0])  # sd 1, n 3: half-width t_{.975,2} / sqrt(3)
+    assert m == 2.0 and hi - m == pytest.approx(4.303 / math.sqrt(3)) and m - lo == pytest.approx(4.303 / math.sqrt(3))
+    assert evidence.mean_ci([5.0]) == (5.0, None, None)
+
+
+@pytest.mark.parametrize("n", [3, 6])
+def test_mean_interval_covers_the_true_mean_95_percent_of_the_time(n):
+    rng = np.random.default_rng(0)
+    reps, hit = 4000, 0
+    for _ in range(reps):
+        _, lo, hi = evidence.mean_ci(rng.normal(10.0, 3.0, n))
+        hit += lo <= 10.0 <= hi
+    assert abs(hit / reps - 0.95) < 0.012
+
+
+def test_paired_ratio_of_an_exact_multiple_has_no_width():
+    b = np.array([3, 7, 0, 12])
+    r, lo, hi = evidence.paired_ratio(2 * (b + 1) - 1, b)  # (a + 1) / (b + 1) = 2 in every unit
+    assert r == pytest.approx(2.0) and lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+
+
+def test_paired_ratio_is_the_geometric_mean_with_a_log_scale_interval():
+    a, b = np.array([9, 19, 4]), np.array([4, 4, 4])  # ratios of (x+1): 2, 4, 1
+    logs = np.log([2.0, 4.0, 1.0])
+    h = 4.303 * logs.std(ddof=1) / math.sqrt(3)
+    r, lo, hi = evidence.paired_ratio(a, b)
+    assert r == pytest.approx(2.0) and lo == pytest.approx(math.exp(logs.mean() - h))
+    assert hi == pytest.approx(math.exp(logs.mean() + h))
+
+
+def test_unpaired_ratio_covers_the_true_ratio():
+    rng = np.random.default_rng(1)
+    reps, hit = 2000, 0
+    for _ in range(reps):  # Poisson counts with means 30 and 15: (30 + 1) / (15 + 1)
+        _, lo, hi = evidence.unpaired_ratio(rng.poisson(30, 8), rng.poisson(15, 8))
+        hit += lo <= 31 / 16 <= hi
+    assert 0.93 <= hit / reps <= 0.97
+
+
+@pytest.mark.parametrize("lo,hi,expect", [(1.1, 2.0, "holds"), (0.5, 0.9, "does not hold"), (0.9, 1.2, "undecided"),
+                                          (None, None, "undecided"), (1.0, 1.3, "undecided")])
+def test_status_of_an_interval(lo, hi, expect):
+    assert evidence.status(lo, hi, 1.0) == expect
+
+
+def test_curve_summary_and_overtaking_by_hand():
+    c1 = [dict(budget=b, distinct_any=v, distinct={"high": v}) for b, v in ((10, 1), (20, 2), (30, 3))]
+    c2 = [dict(budget=b, distinct_any=v, distinct={"high": v}) for b, v in ((10, 3), (20, 4), (30, 5))]
+    s = evidence.curve_summary([c1, c2])
+    assert [p["mean"] for p in s] == [2.0, 3.0, 4.0] and s[0]["hi"] - 2.0 == pytest.approx(12.706 * 1.0 / 1.0)
+    flat = [dict(budget=b, mean=m) for b, m in ((10, 2.5), (20, 2.5), (30, 2.5))]
+    assert evidence.overtake(s, flat) == 20 and evidence.overtake(flat, s) is None
+
+
+def _rows(n, method, values, **kw):
+    return [dict(n_train=n, method=method, train_seed=0, unit=i, distinct_any=v, hits_any=2 * v, **kw)
+            for i, v in enumerate(values)]
+
+
+def test_verdict_claims_are_computed_from_the_numbers():
+    table = (_rows(32, "uncond", [10, 11, 12]) + _rows(32, "side", [21, 23, 25])
+             + _rows(128, "uncond", [2, 3, 2]) + _rows(128, "side", [1, 2, 1]) + _rows(32, "side_random", [21, 23, 25]))
+    v = {c["claim"].split(":")[0]: c for c in reproduce.verdict_claims(table, {}, [32, 128])}
+    n32 = v["n=32"]
+    assert n32["status"] == "holds" and n32["ratio"] == pytest.approx(2.0)  # (2v+1+1)/(v+1) = 2
+    assert v["n=128"]["status"] == "does not hold"  # (1+1)/(2+1), (2+1)/(3+1), 2/3: all below 1
+    control = next(c for c in v.values() if "random surrogate" in c["claim"])
+    assert control["ratio"] == pytest.approx(1.0) and control["status"] == "undecided"
+    leak = next(c for c in v.values() if c["claim"].startswith("smaller sets"))
+    assert leak["status"] == "holds" and leak["ratio"] == pytest.approx((22 + 1) / (14 / 3 + 1))

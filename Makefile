@@ -5,10 +5,11 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PROFILE ?= cpu
 OUT     ?= results
+SEED    ?= 0
 PIP_FIND_LINKS ?= /opt/wheels
 export PIP_FIND_LINKS
 
-.PHONY: install test smoke bench reproduce clean
+.PHONY: install test smoke bench reproduce calibrate gpu-check clean
 
 install: $(VENV)/.installed  ## create the virtual environment and install requirements.txt
 
@@ -20,14 +21,24 @@ $(VENV)/.installed: requirements.txt
 test: install  ## run the test suite (CPU, a few minutes)
 	$(PY) -m pytest -q tests
 
-smoke: install  ## the whole reproduce pipeline at tiny size, about 75 s on a 2-core CPU
+smoke: install  ## the whole reproduce pipeline at tiny size (a test of the plumbing, not a result)
 	$(PY) reproduce.py --profile smoke --out $(OUT)/smoke
 
-bench: install  ## training/sampling images/s, parameter count, nearest-neighbour throughput vs matmul peak
+bench: install  ## training/sampling images/s (default model and reproduce's shapes) and kNN throughput vs matmul peak
 	$(PY) bench.py
 
-reproduce: install  ## the paper's Table 1 and conditional-memorization analysis -> $(OUT)/REPORT.md (PROFILE=cpu|gpu)
-	$(PY) reproduce.py --profile $(PROFILE) --out $(OUT)
+reproduce: install  ## Table 1 with seeds and intervals, budget curves, verdict -> $(OUT)/REPORT.md (PROFILE=cpu|gpu, SEED=base seed)
+	$(PY) reproduce.py --profile $(PROFILE) --seed $(SEED) --out $(OUT)
+
+calibrate: install  ## how reproduce's training budgets were chosen: share of each training set reached per epoch budget
+	$(PY) reproduce.py --profile $(PROFILE) --seed $(SEED) --calibrate --out $(OUT)/calibrate
+
+gpu-check: install  ## on a CUDA machine: bench at the gpu profile's shapes, GPU tests, the gpu profile -> $(OUT)/gpu/GPU_CHECK.txt
+	mkdir -p $(OUT)/gpu
+	{ nvidia-smi -L; $(PY) bench.py --device cuda --reproduce gpu --compile --sample-batch 256 --batch 128 --n-nn 50000; \
+	  $(PY) -m pytest -q tests/test_gpu.py; \
+	  $(PY) reproduce.py --profile gpu --seed $(SEED) --out $(OUT)/gpu && grep -A40 '^## Verdict' $(OUT)/gpu/REPORT.md; \
+	} 2>&1 | tee $(OUT)/gpu/GPU_CHECK.txt
 
 clean:  ## remove outputs and caches (not the virtual environment)
 	rm -rf results runs .pytest_cache __pycache__ tests/__pycache__

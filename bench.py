@@ -17,16 +17,23 @@ throughput does not depend on the pixels. Figures:
   knn        metrics.bench: n x n random uint8 items of 32x32x3, pairs/s and GFLOP/s next to the float32
              matmul peak measured in the same run.
 Every figure is one fixed-format line on stdout (`params`, `train`, `sample ddim`, `sample ddpm`, `knn`).
-Depends on torch, ddpm.py, train.py, extract.py (default step count), metrics.py and common.py.
+  reproduce  training and DDIM sampling (unguided and SIDE-guided) at the shapes of reproduce.py's profile
+             (--reproduce cpu: 8 px, batch 128 / 256), as images/s and as a fraction of the float32 matmul
+             peak of a 2048^3 product measured in the same run, FLOPs counted by torch's FLOP counter;
+             --compile adds torch.compile'd training (measured on this CPU: see the README).
+Depends on torch, ddpm.py, side.py, train.py, extract.py, reproduce.py (profile shapes), metrics.py, common.py.
 """
 import time
 from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import ddpm
 import extract
 import metrics
+import reproduce
+import side
 import train
 from common import check, field, parse_config, resolve_device, run_main
 
@@ -54,6 +61,8 @@ class BenchConfig:
     threads: int = field(0, "torch intra-op threads (0 = torch's default, all cores)")
     device: str = field("auto", "auto, cpu or cuda[:N]")
     seed: int = field(0, "seed of the weights, inputs and sampling noise")
+    reproduce: str = field("cpu", "also measure the model and batch shapes of this reproduce.py profile ('' = skip)")
+    compile: bool = field(False, "also time torch.compile'd training at the reproduce shapes (a minute of compiling)")
 
 
 def validate(cfg):
@@ -63,6 +72,8 @@ def validate(cfg):
           f"need --time-steps {cfg.time_steps} <= --sample-steps {cfg.sample_steps} <= --T {cfg.T}")
     check(cfg.n_nn >= 1, f"--n-nn {cfg.n_nn} must be >= 1")
     check(cfg.threads >= 0, f"--threads {cfg.threads} must be >= 0 (0 = torch's default)")
+    check(cfg.reproduce in ("", *reproduce.PROFILES), f"--reproduce {cfg.reproduce!r}: choose one of "
+          f"{', '.join(reproduce.PROFILES)} or '' to skip")
 
 
 def n_params(model):
@@ -149,7 +160,70 @@ def main(argv=None):
         print(f"sample {sampler} {cfg.image_size}px: {ips:.2f} img/s at {cfg.sample_steps} steps (batch "
               f"{cfg.sample_batch}, {cfg.time_steps} steps timed, best of {cfg.repeats}, scaled x{cfg.sample_steps / cfg.time_steps:g}; "
               f"{where})", flush=True)
+    if cfg.reproduce:
+        bench_reproduce(cfg, device, where)
     metrics.bench(n=cfg.n_nn, device=device)  # prints its own `knn ...` line
+
+
+def flops_of(fn):
+    """Floating-point operations of one call of fn (torch's FLOP counter: matmuls and convolutions)."""
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def bench_reproduce(cfg, device, where):
+    """Training and sampling at reproduce.py's own shapes (profile cfg.reproduce), each as images/s and
+    as a fraction of the float32 matmul peak measured in the same run (FLOPs from torch's counter)."""
+    p = reproduce.PROFILES[cfg.reproduce]
+    tcfg = TC(image_size=p["image_size"], base=p["base"], mults=p["mults"], attn_res=p["attn_res"], T=p["T"],
+              batch=p["batch"], **reproduce.TRAIN_FIXED)
+    peak = metrics._matmul_peak(2048, 2048, 2048, device)[0] * 1e9
+    torch.manual_seed(cfg.seed)
+    model, diffusion = train.build(tcfg, 0, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    shape = (tcfg.batch, 3, tcfg.image_size, tcfg.image_size)
+    x0 = (torch.rand(shape, generator=g) * 2 - 1).to(device)
+
+    def step(fwd=model):
+        t = torch.randint(tcfg.T, (tcfg.batch,), generator=g).to(device)
+        loss = diffusion.loss(fwd, x0, t, torch.randn(shape, generator=g).to(device)).mean()  # Eq. (14)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def rate(fn, n_img, warm=2):
+        for _ in range(warm):
+            fn()
+        best = float("inf")
+        for _ in range(cfg.repeats):
+            t0 = clock(device)
+            for _ in range(cfg.train_steps):
+                fn()
+            best = min(best, clock(device) - t0)
+        return n_img * cfg.train_steps / best
+
+    tag = f"reproduce-{cfg.reproduce} {tcfg.image_size}px base {tcfg.base}"
+    f_img = flops_of(step) / tcfg.batch
+    variants = [("eager", model)] + ([("compiled", torch.compile(model))] if cfg.compile else [])
+    for name, fwd in variants:
+        ips = rate(lambda: step(fwd), tcfg.batch)
+        print(f"{tag} train {name}: {ips:.0f} img/s at batch {tcfg.batch} = {100 * ips * f_img / peak:.0f}% of the "
+              f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s measured in this run ({f_img / 1e6:.1f} MFLOP/img; {where})",
+              flush=True)
+    model.eval().requires_grad_(False)
+    nb = min(256, p["n_gen"])
+    clf = side.TimeResNet(p["K"], tcfg.image_size, T=tcfg.T).to(device).eval().requires_grad_(False)
+    target = torch.zeros(nb, dtype=torch.long, device=device)
+    for name, cond_fn in (("unguided", None), ("guided", side.guidance(clf, target, 3.0))):
+        one = lambda: diffusion.sample(model, nb, ddpm.sample_generators(cfg.seed, range(nb)), steps=1,  # noqa: E731
+                                       eta=1.0, cond_fn=cond_fn)
+        f_step = flops_of(one)
+        sps = rate(one, 1)  # denoising steps of the whole batch per second
+        ips = sps * nb / p["sample_steps"]
+        print(f"{tag} sample ddim {name}: {ips:.0f} img/s at {p['sample_steps']} steps, batch {nb} = "
+              f"{100 * sps * f_step / peak:.0f}% of the float32 matmul peak ({where})", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,30 @@
-"""The paper's experiments in miniature, end to end: `make reproduce` (PROFILE=smoke|cpu|gpu).
+"""The paper's experiments in miniature, with seeds and intervals: `make reproduce` (PROFILE=smoke|cpu|gpu).
 
-    python reproduce.py --profile cpu --out results          # 12.5 min measured on a 2-core CPU
-    python reproduce.py --profile gpu --data /path/to/celeba  # a closer analogue of the paper's scale
+    python reproduce.py --profile cpu --out results            # the README's table, on a 2-core CPU
+    python reproduce.py --profile cpu --seed 1 --out results1  # the same protocol from another base seed
+    python reproduce.py --profile cpu --calibrate --out cal    # how the training budgets were chosen
+    python reproduce.py --profile gpu --data /path/to/celeba   # larger images and sets, one GPU
 
-1. Table 1 (SPEC Sec. 4): for several training-set sizes of one source, an unconditional DDPM
-   (train.py) and extraction by Carlini UnCond, Carlini Cond and SIDE at equal N_G, sampler and
-   steps (extract.py); plus SIDE with random surrogate labels (control) and plain sampling given
-   SIDE's whole sampling budget N_syn + N_G (compute-matched, beyond the paper).
-2. λ and K for SIDE are chosen by sweeps on a separate generation seed of one size, never on the
-   reported generations.
-3. Conditional memorization (SPEC Sec. 1): the same DDPM trained unconditionally, with informative
-   labels and with random labels; AMS/UMS at equal N_G and the memorization divergence M of
-   Definition 1 per label subset, log p from the ELBO (so each M is an upper bound); and the exact
-   Gaussian-mixture check of Theorem 1.
+1. Table 1 of the paper (Sec. 5): for several training-set sizes of one source, an unconditional DDPM
+   (train.py) trained for a per-size budget in epochs, chosen (--calibrate) so that plain sampling
+   reaches part of the training set, never none and never all; then Carlini UnCond, Carlini Cond and
+   SIDE (Alg. 1) at equal N_G, sampler and steps (extract.py), plus SIDE with random surrogate labels
+   (control), plain sampling given SIDE's whole budget N_syn + N_G (compute-matched) and, at one size,
+   the class-conditional DDPM trained on the true labels (the other reading of "Cond").
+2. Repetition: every size is attacked from several attack seeds (the attacker redraws its synthetic
+   set, clustering, classifiers and generations), and one size also from a second trained model.
+   Figures are means with 95 % intervals over these units; claims are paired ratios with intervals,
+   labelled holds / does not hold / undecided (evidence.py).
+3. SIDE's λ and Carlini Cond's guidance scale are each chosen by a sweep on a separate generation
+   seed of one size, never on the reported generations.
+4. Extraction versus budget: distinct training images found as a function of the samples drawn.
+5. Conditional memorization (Sec. 4, Definition 1, Theorem 1): the same DDPM trained unconditionally,
+   with informative labels and with random labels; AMS/UMS and the memorization divergence M.
 Writes OUT/REPORT.md, OUT/summary.json and PNGs. Every stage is cached; a rerun resumes.
 """
 import dataclasses
 import json
+import math
 import os
 import platform
 import shutil
@@ -29,44 +37,52 @@ import numpy as np
 import torch
 
 import data
+import evidence
 import extract
 import metrics
 import train
 from common import UserError, atomic_write_json, atomic_write_text, check, field, parse_config, resolve_device, run_main
-from report import reproduce_report
+from report import calibration_report, curve_plot, reproduce_report
 
-# Each profile: training (sizes, steps, model), extraction (N_G, N_syn, sampler), sweeps, divergence.
-PROFILES = {  # calibrated on a 2-core CPU; see README "Reproducing the paper"
-    "smoke": dict(image_size=8, sizes=(8, 16), steps=150, base=16, mults=(1, 2), attn_res=(4,), batch=16, n_gen=32, n_syn=64,
-                  K=4, sweep_lambda=(0.0, 3.0), sweep_k=(2, 4), sample_steps=10, clf_steps=40, cond_size=8,
-                  div_mc=4, div_t=8, T=100, jobs=2),
-    # 8 px: at 16 px no size reached memorization within this budget (1,200-2,000 steps, README);
-    # 1,600 steps memorize 16 faces fully and 32 partially (calibration runs, README)
-    "cpu": dict(image_size=8, sizes=(16, 32, 64), steps=1600, base=32, mults=(1, 2), attn_res=(4,), batch=16, n_gen=256,
-                n_syn=512, K=16, sweep_lambda=(1.0, 3.0, 10.0), sweep_k=(8, 16, 32), sample_steps=40,
-                clf_steps=250, cond_size=32, div_mc=8, div_t=32, T=1000, jobs=2),
-    # not run here (no GPU in this project's sessions so far): an analogue of the paper's scale, several
-    # hours per model on one GPU (estimate, README); pass --data /path/to/celeba for real faces
-    "gpu": dict(image_size=64, sizes=(256, 1024, 4096), steps=20000, base=64, mults=(1, 2, 2, 2), attn_res=(16,), batch=128,
-                n_gen=5120, n_syn=8192, K=64, sweep_lambda=(1.0, 3.0, 10.0, 30.0), sweep_k=(32, 64, 128),
-                sample_steps=50, clf_steps=5000, cond_size=1024, div_mc=64, div_t=100, T=1000, jobs=1),
+# Each profile: data and model, per-size training budget in epochs, attack settings, repetitions.
+PROFILES = {
+    "smoke": dict(image_size=8, sizes=(8, 16), epochs=(300, 150), batch=16, base=16, mults=(1, 2), attn_res=(4,), T=100,
+                  n_gen=32, n_syn=64, K=4, sweep_lambda=(0.0, 3.0), sweep_cond=(1.0, 3.0), sample_steps=10, clf_steps=40,
+                  seeds=2, train_seeds=2, cond_size=8, div_mc=4, div_t=8, calib_epochs=(50, 150), jobs=2),
+    # 8 px: 16 px did not memorize within a CPU budget. Epochs per size: `--calibrate` (README, "How the
+    # budgets were chosen"); batch 128 keeps the CPU near its matmul peak (make bench)
+    "cpu": dict(image_size=8, sizes=(16, 32, 64), epochs=(1000, 1000, 1000), batch=128, base=32, mults=(1, 2),
+                attn_res=(4,), T=1000, n_gen=512, n_syn=512, K=16, sweep_lambda=(1.0, 3.0, 10.0),
+                sweep_cond=(1.0, 3.0, 10.0), sample_steps=40, clf_steps=250, seeds=3, train_seeds=2, cond_size=16,
+                div_mc=8, div_t=32, calib_epochs=(500, 1000, 1500, 2000), jobs=2),
+    # not run here (no GPU in this project's sessions so far); sizes and epochs are a starting point for
+    # --calibrate on the GPU; pass --data /path/to/celeba for real faces
+    "gpu": dict(image_size=32, sizes=(256, 512, 1024), epochs=(1500, 1500, 1500), batch=128, base=64, mults=(1, 2, 2),
+                attn_res=(16,), T=1000, n_gen=1024, n_syn=1024, K=32, sweep_lambda=(1.0, 3.0, 10.0),
+                sweep_cond=(1.0, 3.0, 10.0), sample_steps=50, clf_steps=1000, seeds=3, train_seeds=2, cond_size=256,
+                div_mc=64, div_t=100, calib_epochs=(500, 1000, 1500, 3000), jobs=1),
 }
 TRAIN_FIXED = dict(schedule="cosine", prediction="eps", lr=2e-3)  # calibration: memorized sooner than linear/v
-PAPER_TABLE1 = [  # arXiv 2410.02467v7 Table 1, low band [0.4, 0.5) of SSCD similarity, % (SPEC Sec. 4)
+PAPER_TABLE1 = [  # arXiv 2410.02467v7 Table 1, low band [0.4, 0.5) of SSCD similarity, %
     ("CelebA-HQ-FI (~4-5k)", dict(uncond=11.66, cond=15.01, side=23.27), None),
     ("CelebA-25000", dict(uncond=5.00, cond=8.71, side=20.53), dict(uncond=4.24, cond=6.80, side=11.45)),
     ("CelebA (full)", dict(uncond=1.95, cond=4.68, side=7.19), None),
 ]
+TABLE_METHODS = "uncond,cond,side,side_random,uncond_budget"
 
 
 @dataclass
 class ReproduceConfig:
-    profile: str = field("cpu", "sizes and budgets: smoke (~75 s), cpu (12.5 min measured on 2 cores), gpu", choices=list(PROFILES))
+    profile: str = field("cpu", "sizes, budgets and repetitions: smoke (a test), cpu (the README's table), gpu", choices=list(PROFILES))
     out: str = field("results", "output folder: REPORT.md, summary.json, PNGs, models/, extract/")
     data: str = field("faces", "faces (built-in) or an image folder / .npz (e.g. CelebA) used in its place")
-    sizes: tuple = field((), "training-set sizes (override the profile)")
-    steps: int = field(0, "training steps per model (0 = profile)")
+    seed: int = field(0, "base seed: the data sample, every training seed and every attack seed derive from it")
+    sizes: tuple = field((), "training-set sizes (override the profile; then --epochs too)")
+    epochs: tuple = field((), "training epochs per size (override the profile)")
+    seeds: int = field(0, "attack seeds per model (0 = profile; >= 2 for an interval)")
     n_gen: int = field(0, "N_G per method (0 = profile)")
+    calibrate: bool = field(False, "instead of the reproduction: train each size for the profile's calib_epochs and "
+                                   "print the share of its training images plain sampling reaches")
     eps: float = field(0.05, "ε of Definition 1 on the [-1,1] pixel scale (small next to the 0.2 typical train-to-train NN distance)")
     device: str = field("auto", "auto, cpu or cuda")
 
@@ -89,19 +105,30 @@ def flags(d):
     return [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in d.items()]
 
 
-def train_job(p, cfg, n, labels, out):
-    """(name, argv) of one train.py run; resumable, and a finished model is not retrained."""
-    args = dict(out=out, data=cfg.data, n_train=n, image_size=p["image_size"], labels=labels, base=p["base"],
-                mults=p["mults"], attn_res=p["attn_res"], T=p["T"], steps=p["steps"], batch=p["batch"], sample_n=16,
-                sample_steps=p["sample_steps"], device=cfg.device, resume=True, log_every=30, **TRAIN_FIXED)
-    return f"train n={n} labels={labels}", ["train.py", *flags(args)]
+def seeds_of(base, i):
+    """The seeds of repetition i under base seed `base`: (training, attack generations, attacker's synthetic set)."""
+    return 1000 * base + i, 1000 * base + 100 + i, 1000 * base + 200 + i
 
 
-def extract_job(p, cfg, ckpt, out, methods, name=None, **extra):
+def train_job(p, cfg, n, epochs, labels, out, train_seed):
+    """(name, argv) of one train.py run for `epochs` passes over n images; resumable, never retrained.
+    The batch is min(profile batch, n), so a set no larger than the batch gets one optimiser step per
+    epoch: at a fixed batch a small set would get few steps, and steps, not epochs, set how far a DDPM
+    memorizes (calibration: at batch 128 and 1,000 epochs, 54 % of 128 faces were reached and none of 32)."""
+    batch = min(p["batch"], n)
+    steps = max(1, math.ceil(epochs * n / batch))
+    args = dict(out=out, data=cfg.data, n_train=n, data_seed=cfg.seed, image_size=p["image_size"], labels=labels,
+                base=p["base"], mults=p["mults"], attn_res=p["attn_res"], T=p["T"], steps=steps, batch=batch,
+                seed=train_seed, sample_n=16, sample_steps=p["sample_steps"], device=cfg.device, resume=True,
+                log_every=30, **TRAIN_FIXED)
+    return f"train {os.path.basename(out)}", ["train.py", *flags(args)]
+
+
+def extract_job(p, cfg, ckpt, out, methods, name, **extra):
     args = dict(ckpt=ckpt, out=out, methods=methods, n_gen=p["n_gen"], n_syn=p["n_syn"], K=p["K"],
-                sample_steps=p["sample_steps"], clf_steps=p["clf_steps"], batch=min(128, p["n_gen"]), device=cfg.device)
+                sample_steps=p["sample_steps"], clf_steps=p["clf_steps"], batch=min(256, p["n_gen"]), device=cfg.device)
     args.update(extra)
-    return name or f"extract {os.path.basename(out)}", ["extract.py", *flags(args)]
+    return name, ["extract.py", *flags(args)]
 
 
 def run_jobs(jobs, parallel, st, log_dir):
@@ -113,7 +140,7 @@ def run_jobs(jobs, parallel, st, log_dir):
     while pending or running:
         while pending and len(running) < parallel:
             name, argv = pending.pop(0)
-            log = os.path.join(log_dir, name.replace(" ", "_").replace("=", "") + ".log")
+            log = os.path.join(log_dir, name.replace(" ", "_").replace("=", "").replace("/", "_") + ".log")
             print(f"== {name} (log: {log})", file=sys.stderr, flush=True)
             fh = open(log, "w")
             proc = subprocess.Popen([sys.executable, *argv], stdout=fh, stderr=subprocess.STDOUT, env=env,
@@ -140,11 +167,254 @@ def load_metrics(out):
         return json.load(fh)
 
 
-def row(r, n_train, method):
-    """One summary.json row from extract's per-method metrics."""
+def row(r, n_train, method, **unit):
+    """One summary.json row from extract's per-method metrics; `unit` names the repetition."""
+    hits = {b: round(v * r["n_generated"] / 100) for b, v in r["ams"].items()}
     return dict(n_train=n_train, method=method, n_gen=r["n_generated"], ams=r["ams"], ums=r["ums"],
-                distinct=r["distinct"], distinct_any=r["distinct_any"], ams_any=r["ams_any"], p95=r["p95"],
-                carlini_extracted=r["carlini_extracted"], yoon_extracted=r["yoon_extracted"])
+                distinct=r["distinct"], distinct_any=r["distinct_any"], ams_any=r["ams_any"],
+                hits_any=sum(hits.values()), p95=r["p95"], carlini_extracted=r["carlini_extracted"],
+                yoon_extracted=r["yoon_extracted"], **unit)
+
+
+def check_data(cfg, p, sizes):
+    """Everything about the data that can fail, before any training: enough images, and for labelled
+    data at least two classes in every training set (Carlini Cond's classifier needs them)."""
+    need = max(sizes + [p["cond_size"]])
+    ds = data.load_data(cfg.data, p["image_size"], n=need, seed=cfg.seed)
+    if ds.labels is None:
+        print(f"note: {cfg.data} has no labels (no class subfolders): skipping Carlini Cond and the "
+              "conditional-memorization experiment", file=sys.stderr)
+        return False
+    for n in sorted(set(sizes + [p["cond_size"]])):
+        k = len(np.unique(ds.labels[:n]))  # the sample of n is the first n of the same permutation
+        check(k >= 2, f"the training set of {n} images drawn from {cfg.data} holds {k} class; Carlini Cond and the "
+              "informative-label model need >= 2: use larger --sizes or data with more classes")
+    return True
+
+
+def profile_of(cfg):
+    p = dict(PROFILES[cfg.profile])
+    if cfg.sizes:
+        check(len(cfg.epochs) == len(cfg.sizes), f"--sizes {','.join(map(str, cfg.sizes))} needs --epochs with one "
+              "value per size")
+        p["sizes"], p["cond_size"] = tuple(int(s) for s in cfg.sizes), int(min(cfg.sizes))
+    if cfg.epochs:
+        check(len(cfg.epochs) == len(p["sizes"]), f"--epochs needs one value per size ({len(p['sizes'])})")
+        p["epochs"] = tuple(float(e) for e in cfg.epochs)
+    p.update({k: v for k, v in dict(seeds=cfg.seeds, n_gen=cfg.n_gen).items() if v})
+    check(min(p["sizes"]) >= 2 and min(p["epochs"]) > 0, "--sizes must be >= 2 and --epochs > 0")
+    check(p["seeds"] >= 1 and p["n_gen"] >= 1, "--seeds and --n-gen must be >= 1")
+    check(cfg.eps > 0, f"--eps {cfg.eps} must be > 0")
+    return p
+
+
+def main(argv=None):
+    cfg = parse_config(ReproduceConfig, argv, __doc__.split("\n\n")[0])
+    p = profile_of(cfg)
+    device = resolve_device(cfg.device)
+    parallel = p["jobs"] if device.type == "cpu" else 1
+    st, out, sizes = Stages(), cfg.out, list(p["sizes"])
+    labelled = check_data(cfg, p, sizes)
+    os.makedirs(out, exist_ok=True)
+    if cfg.calibrate:
+        return calibrate(cfg, p, st, parallel)
+    models, jobs = plan_models(cfg, p, sizes, labelled)
+    run_jobs(jobs, parallel, st, f"{out}/logs")
+    chosen = st("sweeps", lambda: sweeps(cfg, p, models, sizes, labelled, st))
+    units = plan_units(cfg, p, models, sizes, labelled, chosen)
+    run_jobs([u["job"] for u in units], parallel, st, f"{out}/logs")
+    rows, curves = collect(units, labelled, p)
+    cond_rows = st("conditional memorization: divergence", lambda: conditional(p, cfg, models, device)) if labelled else []
+    thm = st("theorem 1 check", lambda: metrics.theorem1_check())
+    stats, verdict = evidence_of(rows, curves, sizes, p)
+    grids = copy_pictures(out, units)
+    for n in sizes:
+        curve_plot(f"{out}/curve_n{n}.png", stats["curves"], n, p["n_syn"])
+    summary = dict(total_seconds=time.time() - st.t0, device=str(device), profile=cfg.profile, data=cfg.data,
+                   base_seed=cfg.seed, hardware=hardware(), chosen=chosen, rows=rows, stats=stats, curves=curves,
+                   verdict=verdict, conditional=cond_rows, theorem1=thm,
+                   sweeps={k: extract.load_sweep(f"{out}/sweeps", k) for k in ("lambda", "cond_scale")},
+                   commands={f"n={u['n']}": " ".join(["python"] + u["job"][1]) for u in units
+                             if u["unit"] == 0 and u["train_seed"] == 0 and u["kind"] == "table"},
+                   stage_seconds=st.t, parallel_jobs=parallel, config=dataclasses.asdict(cfg), profile_settings=p)
+    atomic_write_json(f"{out}/summary.json", summary)
+    atomic_write_text(f"{out}/REPORT.md", reproduce_report(summary, grids, PAPER_TABLE1))
+    print(f"wrote {out}/REPORT.md and {out}/summary.json in {summary['total_seconds']:.0f}s", file=sys.stderr)
+    return summary
+
+
+def plan_models(cfg, p, sizes, labelled):
+    """{key: model folder} and the training jobs: every size (training seed 0), a second training seed of
+    the middle size, and the informative- and random-label models at cond_size."""
+    tune, nc, out = sizes[len(sizes) // 2], p["cond_size"], cfg.out
+    epochs = dict(zip(sizes, p["epochs"]))
+    epochs.setdefault(nc, epochs[min(sizes, key=lambda s: abs(s - nc))])
+    models, jobs = {}, []
+    for n in sorted(set(sizes) | ({nc} if labelled else set())):
+        for ts in range(p["train_seeds"] if n == tune else 1):
+            models[(n, ts)] = f"{out}/models/n{n}-t{ts}"
+            jobs.append(train_job(p, cfg, n, epochs[n], "none", models[(n, ts)], seeds_of(cfg.seed, ts)[0]))
+    if labelled:
+        for lab, name in (("true", "informative"), ("random", "random")):
+            models[name] = f"{out}/models/n{nc}-{name}"
+            jobs.append(train_job(p, cfg, nc, epochs[nc], lab, models[name], seeds_of(cfg.seed, 0)[0]))
+    models["tune"], models["cond_size"] = tune, nc
+    return models, jobs
+
+
+def sweeps(cfg, p, models, sizes, labelled, st):
+    """λ (SIDE) and the guidance scale of Carlini Cond, each the best of its sweep on the middle size's
+    model, with a generation seed and a synthetic set that no reported unit uses."""
+    tune, out = models["tune"], cfg.out
+    base = 1000 * cfg.seed + 999
+    extra = dict(sweep_lambda=p["sweep_lambda"], sweep_n_gen=max(p["n_gen"] // 2, 1), seed=base, sweep_seed=base,
+                 syn_seed=base, curve_points=0)
+    if labelled:
+        extra["sweep_cond_scale"] = p["sweep_cond"]
+    run_jobs([extract_job(p, cfg, f"{models[(tune, 0)]}/ckpt.pt", f"{out}/sweeps", "uncond", f"sweeps n{tune}",
+                          n_gen=max(p["n_gen"] // 2, 1), **extra)], 1, st, f"{out}/logs")
+    chosen = load_metrics(f"{out}/sweeps")["chosen"]
+    return dict(lam=chosen["lam"], cond_scale=chosen.get("cond_scale") or chosen["lam"], K=p["K"], size=tune)
+
+
+def plan_units(cfg, p, models, sizes, labelled, chosen):
+    """One extraction job per (model, attack seed): the Table-1 methods on the unconditional models, and
+    plain sampling of the informative- and random-label models (conditional experiment)."""
+    units, nc = [], models["cond_size"]
+    for (n, ts), path in sorted((k, v) for k, v in models.items() if isinstance(k, tuple)):
+        for i in range(p["seeds"]):
+            _, gen_seed, syn_seed = seeds_of(cfg.seed, i)
+            run = f"{cfg.out}/extract/n{n}-t{ts}/s{i}"
+            in_table = n in sizes
+            methods = (TABLE_METHODS if labelled else TABLE_METHODS.replace("cond,", "")) if in_table else "uncond"
+            job = extract_job(p, cfg, f"{path}/ckpt.pt", run, methods, f"extract n{n}-t{ts} s{i}", seed=gen_seed,
+                              syn_seed=syn_seed, lam=chosen["lam"], cond_scale=chosen["cond_scale"])
+            units.append(dict(n=n, train_seed=ts, unit=i, kind="table" if in_table else "cond-none", run=run, job=job))
+    for name in ("informative", "random") if labelled else ():
+        for i in range(p["seeds"]):
+            _, gen_seed, _ = seeds_of(cfg.seed, i)
+            run = f"{cfg.out}/extract/cond-{name}/s{i}"
+            job = extract_job(p, cfg, f"{models[name]}/ckpt.pt", run, "uncond", f"extract cond-{name} s{i}",
+                              seed=gen_seed, curve_points=0)
+            units.append(dict(n=nc, train_seed=0, unit=i, kind=f"cond-{name}", run=run, job=job))
+    return units
+
+
+def collect(units, labelled, p):
+    """summary rows (one per unit and method) and the raw budget curves {(n, method): [per-unit curve]}."""
+    rows, curves = [], {}
+    for u in units:
+        res = load_metrics(u["run"])
+        tag = dict(train_seed=u["train_seed"], unit=u["unit"])
+        if u["kind"] == "table":
+            rows += [row(r, u["n"], m, **tag) for m, r in res["methods"].items()]
+            for m, c in res.get("curves", {}).items():
+                curves.setdefault(f"{u['n']}/{m}", []).append(c)
+        elif u["kind"] == "cond-informative":  # the other reading of "Cond": a class-conditional DDPM
+            rows.append(row(res["methods"]["uncond"], u["n"], "cond_ddpm", **tag))
+        if u["kind"].startswith("cond-"):
+            rows.append(dict(row(res["methods"]["uncond"], u["n"], "uncond", **tag), labelling=u["kind"][5:]))
+    return rows, curves
+
+
+def evidence_of(rows, curves, sizes, p):
+    """Per (size, method) means and intervals, per (size, method) curve summaries, and the verdict."""
+    table = [r for r in rows if "labelling" not in r]
+    stats = {}
+    for n in sizes:
+        for m in sorted({r["method"] for r in table if r["n_train"] == n}):
+            stats[f"{n}/{m}"] = evidence.summarize([r for r in table if r["n_train"] == n and r["method"] == m])
+    cs = {k: evidence.curve_summary(v) for k, v in curves.items()}
+    return dict(table=stats, curves=cs), verdict_claims(table, cs, sizes)
+
+
+def _paired(table, a, b, field, sizes):
+    """Values of methods a and b for the units (size, training seed, attack seed) that have both."""
+    by = {(r["n_train"], r["train_seed"], r["unit"], r["method"]): r[field] for r in table}
+    keys = sorted({k[:3] for k in by if k[0] in sizes and k[3] == a and k[:3] + (b,) in by})
+    return [by[k + (a,)] for k in keys], [by[k + (b,)] for k in keys]
+
+
+def verdict_claims(table, cs, sizes):
+    """The paper's claims, each a paired ratio over every unit of every size, with its interval."""
+    names = dict(uncond="Carlini UnCond", cond="Carlini Cond (classifier on the true labels)",
+                 cond_ddpm="a class-conditional DDPM on the true labels (Cond, other reading)",
+                 side_random="SIDE with random surrogate labels (control)",
+                 uncond_budget="UnCond with SIDE's whole budget N_syn + N_G (compute-matched)")
+    out = []
+    specs = [("side", "uncond", "distinct_any", 1.0), ("side", "uncond", "distinct_any", 1.5),
+             ("side", "uncond", "hits_any", 1.0), ("side", "cond", "distinct_any", 1.0),
+             ("side", "cond_ddpm", "distinct_any", 1.0), ("side", "side_random", "distinct_any", 1.0),
+             ("side", "uncond_budget", "distinct_any", 1.0)]
+    what = dict(distinct_any="distinct training images reached (any band, UMS)",
+                hits_any="generations that hit a training image (any band, AMS)")
+    for a, b, f, thr in specs:
+        va, vb = _paired(table, a, b, f, sizes)
+        if len(va) < 2:
+            continue
+        r, lo, hi = evidence.paired_ratio(va, vb)
+        if max(va + vb) == 0:  # nothing extracted at all: a ratio of 1 says nothing
+            lo = hi = None
+        verb = "at least 1.5x (the paper: over 50 % more)" if thr == 1.5 else "more"
+        out.append(evidence.claim(f"SIDE {verb} than {names[b]}: {what[f]}", r, lo, hi, thr, units=len(va)))
+    for n in sizes:  # per size: SIDE vs plain sampling
+        va, vb = _paired(table, "side", "uncond", "distinct_any", [n])
+        if len(va) >= 2:
+            out.append(evidence.claim(f"n={n}: SIDE more than Carlini UnCond (distinct, any band)",
+                                      *evidence.paired_ratio(va, vb), 1.0, units=len(va)))
+    small, large = min(sizes), max(sizes)
+    a = [r["hits_any"] for r in table if r["n_train"] == small and r["method"] == "uncond"]
+    b = [r["hits_any"] for r in table if r["n_train"] == large and r["method"] == "uncond"]
+    if min(len(a), len(b)) >= 2:
+        out.append(evidence.claim(f"smaller sets leak more: UnCond hit rate at n={small} above n={large} "
+                                  "(at each size's calibrated budget)", *evidence.unpaired_ratio(a, b), 1.0))
+    for n in sizes:
+        u, s = cs.get(f"{n}/uncond_budget"), cs.get(f"{n}/side_union")
+        if u and s:
+            out.append(dict(claim=f"n={n}: budget from which SIDE (synthetic set + guided) stays ahead of plain "
+                                  "sampling, by mean distinct images", budget=evidence.overtake(s, u)))
+    return out
+
+
+def copy_pictures(out, units):
+    """The first unit's match grids of each size, and the sweep plots, into OUT."""
+    grids = []
+    os.makedirs(f"{out}/grids", exist_ok=True)
+    for u in units:
+        if u["kind"] != "table" or u["unit"] != 0 or u["train_seed"] != 0:
+            continue
+        for m in load_metrics(u["run"])["methods"]:
+            src = f"{u['run']}/grids/{m}.png"
+            if os.path.exists(src):
+                shutil.copy(src, f"{out}/grids/n{u['n']}_{m}.png")
+                grids.append(f"grids/n{u['n']}_{m}.png")
+    for name in ("lambda", "cond_scale"):
+        if os.path.exists(f"{out}/sweeps/sweep_{name}.png"):
+            shutil.copy(f"{out}/sweeps/sweep_{name}.png", f"{out}/sweep_{name}.png")
+    return grids
+
+
+def calibrate(cfg, p, st, parallel):
+    """Train every size in stages to each of calib_epochs (a stop and --resume is the same run) and
+    sample each stage plainly: the share of its training images reached per band, printed and saved."""
+    out, rows = cfg.out, []
+    for e in p["calib_epochs"]:
+        run_jobs([train_job(p, cfg, n, e, "none", f"{out}/models/n{n}", seeds_of(cfg.seed, 0)[0]) for n in p["sizes"]],
+                 parallel, st, f"{out}/logs")
+        runs = {n: f"{out}/extract/n{n}-e{e:g}" for n in p["sizes"]}
+        run_jobs([extract_job(p, cfg, f"{out}/models/n{n}/ckpt.pt", run, "uncond", f"sample n{n} e{e:g}",
+                              seed=seeds_of(cfg.seed, 0)[1], curve_points=0) for n, run in runs.items()],
+                 parallel, st, f"{out}/logs")
+        for n, run in runs.items():
+            r = load_metrics(run)["methods"]["uncond"]
+            rows.append(dict(n_train=n, epochs=e, n_gen=r["n_generated"], distinct_any=r["distinct_any"],
+                             share_any=r["distinct_any"] / n, share={b: v / n for b, v in r["distinct"].items()}))
+            print(f"calibrate n={n} epochs={e:g}: plain sampling (N_G={r['n_generated']}) reached {r['distinct_any']}/{n} "
+                  f"= {100 * r['distinct_any'] / n:.0f}% of the training images in some band; per band "
+                  + " ".join(f"{b} {100 * v / n:.0f}%" for b, v in r["distinct"].items()), flush=True)
+    atomic_write_json(f"{out}/calibration.json", dict(rows=rows, profile_settings=p, seconds=time.time() - st.t0))
+    atomic_write_text(f"{out}/CALIBRATION.md", calibration_report(rows))
+    return rows
 
 
 def divergence(model, diffusion, x, subsets, conditional, eps, n_mc, n_t, seed=0):
@@ -166,74 +436,12 @@ def divergence(model, diffusion, x, subsets, conditional, eps, n_mc, n_t, seed=0
                 unit="nats", upper_bound=True, eps=eps)
 
 
-def main(argv=None):
-    cfg = parse_config(ReproduceConfig, argv, __doc__.split("\n\n")[0])
-    p = dict(PROFILES[cfg.profile])
-    p.update({k: v for k, v in dict(sizes=tuple(int(s) for s in cfg.sizes), steps=cfg.steps, n_gen=cfg.n_gen).items() if v})
-    check(len(p["sizes"]) >= 1 and min(p["sizes"]) >= 2, f"--sizes {cfg.sizes}: need sizes >= 2")
-    check(cfg.eps > 0, f"--eps {cfg.eps} must be > 0")
-    device = resolve_device(cfg.device)
-    parallel = p["jobs"] if device.type == "cpu" else 1
-    st, out = Stages(), cfg.out
-    os.makedirs(out, exist_ok=True)
-    sizes, nc = sorted(p["sizes"]), p["cond_size"]
-    # fails early on a missing/too small folder; a folder without class subfolders has no true labels,
-    # so Carlini Cond and the conditional-memorization experiment are skipped (and the report says so)
-    labelled = data.load_data(cfg.data, p["image_size"], n=max(sizes + [nc])).labels is not None
-    if not labelled:
-        print(f"note: {cfg.data} has no labels (no class subfolders): skipping Carlini Cond and the "
-              "conditional-memorization experiment", file=sys.stderr)
-    model = {n: f"{out}/models/n{n}" for n in sorted(set(sizes) | {nc})}
-    model.update({f"{nc}-{lab}": f"{out}/models/n{nc}-{lab}" for lab in ("informative", "random")})
-    jobs = [train_job(p, cfg, n, "none", model[n]) for n in sorted(set(sizes) | ({nc} if labelled else set()))]
-    if labelled:
-        jobs += [train_job(p, cfg, nc, lab, model[f"{nc}-{name}"]) for lab, name in (("true", "informative"), ("random", "random"))]
-    run_jobs(jobs, parallel, st, f"{out}/logs")
-    # λ, then K, chosen by sweeps on the middle size with a generation seed that is not reported
-    tune = sizes[len(sizes) // 2]
-    run_jobs([extract_job(p, cfg, f"{model[tune]}/ckpt.pt", f"{out}/extract/n{tune}", "side", name=f"sweeps n{tune}",
-                          sweep_lambda=p["sweep_lambda"], sweep_k=p["sweep_k"], sweep_n_gen=max(p["n_gen"] // 2, 1))],
-             1, st, f"{out}/logs")
-    chosen = load_metrics(f"{out}/extract/n{tune}")["chosen"]
-    table = [extract_job(p, cfg, f"{model[n]}/ckpt.pt", f"{out}/extract/n{n}",
-                         "uncond,cond,side,side_random,uncond_budget" if labelled else "uncond,side,side_random,uncond_budget",
-                         lam=chosen["lam"], K=chosen["K"]) for n in sizes]
-    cond = [extract_job(p, cfg, f"{model[k]}/ckpt.pt", f"{out}/extract/cond-{k.split('-')[1]}", "uncond")
-            for k in (f"{nc}-informative", f"{nc}-random") if labelled]
-    if labelled and nc not in sizes:
-        cond.append(extract_job(p, cfg, f"{model[nc]}/ckpt.pt", f"{out}/extract/n{nc}", "uncond"))
-    run_jobs(table + cond, parallel, st, f"{out}/logs")
-    rows, grids = [], []
-    os.makedirs(f"{out}/grids", exist_ok=True)
-    for n in sizes:
-        res = load_metrics(f"{out}/extract/n{n}")["methods"]
-        rows += [row(res[m], n, m) for m in res]
-        for m in res:
-            shutil.copy(f"{out}/extract/n{n}/grids/{m}.png", f"{out}/grids/n{n}_{m}.png")
-            grids.append(f"grids/n{n}_{m}.png")
-    for name in ("lambda", "K"):
-        shutil.copy(f"{out}/extract/n{tune}/sweep_{name}.png", f"{out}/sweep_{name}.png")
-    cond_rows = st("conditional memorization: divergence", lambda: conditional(p, cfg, model, device)) if labelled else []
-    thm = st("theorem 1 check", lambda: metrics.theorem1_check())
-    summary = dict(total_seconds=time.time() - st.t0, device=str(device), profile=cfg.profile, data=cfg.data,
-                   hardware=hardware(), chosen=chosen, rows=rows, conditional=cond_rows, theorem1=thm,
-                   sweeps=dict(lam=extract.load_sweep(f"{out}/extract/n{tune}", "lambda"),
-                               K=extract.load_sweep(f"{out}/extract/n{tune}", "K"), size=tune),
-                   stage_seconds=st.t, parallel_jobs=parallel, config=dataclasses.asdict(cfg), profile_settings=p)
-    atomic_write_json(f"{out}/summary.json", summary)
-    atomic_write_text(f"{out}/REPORT.md", reproduce_report(summary, grids, PAPER_TABLE1))
-    print(f"wrote {out}/REPORT.md and {out}/summary.json in {summary['total_seconds']:.0f}s", file=sys.stderr)
-    return summary
-
-
-def conditional(p, cfg, model, device):
-    """Unconditional vs informative-label vs random-label DDPMs on one training set: AMS/UMS from their
-    extract runs, and the divergence M of Definition 1 per label subset (paired ε-samples)."""
-    nc, out = p["cond_size"], cfg.out
+def conditional(p, cfg, models, device):
+    """The divergence M of Definition 1 per label subset for the unconditional, informative-label and
+    random-label models at cond_size (paired ε-samples)."""
+    nc = p["cond_size"]
     torch.set_num_threads(os.cpu_count() or 1)
-    paths = {"none": model[nc], "informative": model[f"{nc}-informative"], "random": model[f"{nc}-random"]}
-    runs = {"none": f"{out}/extract/n{nc}", "informative": f"{out}/extract/cond-informative",
-            "random": f"{out}/extract/cond-random"}
+    paths = {"none": models[(nc, 0)], "informative": models["informative"], "random": models["random"]}
     loaded = {k: train.load_trained(f"{v}/ckpt.pt", device) for k, v in paths.items()}
     tcfg = loaded["none"][2]
     ds = data.load_data(cfg.data, tcfg.image_size, n=nc, seed=tcfg.data_seed)
@@ -241,7 +449,7 @@ def conditional(p, cfg, model, device):
     parts = {"informative": ds.labels, "random": data.random_labels(nc, int(ds.labels.max()) + 1, tcfg.seed)}
     rows = []
     for name in ("none", "informative", "random"):
-        r = dict(row(load_metrics(runs[name])["methods"]["uncond"], nc, "uncond"), labelling=name)
+        r = dict(labelling=name)
         m, diffusion = loaded[name][0], loaded[name][1]
         r["divergence"] = divergence(m, diffusion, x, parts["informative" if name == "none" else name],
                                      name != "none", cfg.eps, p["div_mc"], p["div_t"])

@@ -216,10 +216,17 @@ def bench_reproduce(cfg, device, where):
     nb = min(256, p["n_gen"])
     clf = side.TimeResNet(p["K"], tcfg.image_size, T=tcfg.T).to(device).eval().requires_grad_(False)
     target = torch.zeros(nb, dtype=torch.long, device=device)
-    for name, cond_fn in (("unguided", None), ("guided", side.guidance(clf, target, 3.0))):
+    x = torch.randn(nb, 3, tcfg.image_size, tcfg.image_size, device=device)
+    t = torch.full((nb,), tcfg.T // 2, dtype=torch.long, device=device)
+
+    def clf_grad():  # what the guidance adds per step: a classifier forward and backward to the input
+        xt = x.clone().requires_grad_(True)
+        torch.log_softmax(clf(xt, t), 1)[:, 0].sum().backward()
+
+    f_unet, f_clf = flops_of(lambda: model(x, t)), flops_of(clf_grad)
+    for name, cond_fn, f_step in (("unguided", None, f_unet), ("guided", side.guidance(clf, target, 3.0), f_unet + f_clf)):
         one = lambda: diffusion.sample(model, nb, ddpm.sample_generators(cfg.seed, range(nb)), steps=1,  # noqa: E731
                                        eta=1.0, cond_fn=cond_fn)
-        f_step = flops_of(one)
         sps = rate(one, 1)  # denoising steps of the whole batch per second
         ips = sps * nb / p["sample_steps"]
         print(f"{tag} sample ddim {name}: {ips:.0f} img/s at {p['sample_steps']} steps, batch {nb} = "

@@ -54,7 +54,7 @@ PROFILES = {
     "cpu": dict(image_size=8, sizes=(16, 32, 64), epochs=(1000, 1000, 1000), batch=128, base=32, mults=(1, 2),
                 attn_res=(4,), T=1000, n_gen=512, n_syn=512, K=16, sweep_lambda=(1.0, 3.0, 10.0),
                 sweep_cond=(1.0, 3.0, 10.0), sample_steps=40, clf_steps=250, seeds=3, train_seeds=2, cond_size=16,
-                div_mc=8, div_t=32, calib_epochs=(500, 1000, 1500, 2000), jobs=2),
+                div_mc=8, div_t=32, calib_epochs=(500, 600, 700, 800, 1000), jobs=2),
     # not run here (no GPU in this project's sessions so far); sizes and epochs are a starting point for
     # --calibrate on the GPU; pass --data /path/to/celeba for real faces
     "gpu": dict(image_size=32, sizes=(256, 512, 1024), epochs=(1500, 1500, 1500), batch=128, base=64, mults=(1, 2, 2),

@@ -33,18 +33,18 @@ import extract
 import metrics
 import train
 from common import UserError, atomic_write_json, atomic_write_text, check, field, parse_config, resolve_device, run_main
-from report import reproduce_report
+from report import label_effect, reproduce_report
 
 # Each profile: training (sizes, steps, model), extraction (N_G, N_syn, sampler), sweeps, divergence.
 PROFILES = {  # calibrated on a 2-core CPU; see README "Reproducing the paper"
     "smoke": dict(image_size=8, sizes=(8, 16), steps=150, base=16, mults=(1, 2), attn_res=(4,), batch=16, n_gen=32, n_syn=64,
                   K=4, sweep_lambda=(0.0, 3.0), sweep_k=(2, 4), sample_steps=10, clf_steps=40, cond_size=8,
-                  div_mc=4, div_t=8, T=100, jobs=2),
+                  div_mc=8, div_t=16, T=100, jobs=2),
     # 8 px: at 16 px no size reached memorization within this budget (1,200-2,000 steps, README);
     # 1,600 steps memorize 16 faces fully and 32 partially (calibration runs, README)
     "cpu": dict(image_size=8, sizes=(16, 32, 64), steps=1600, base=32, mults=(1, 2), attn_res=(4,), batch=16, n_gen=256,
                 n_syn=512, K=16, sweep_lambda=(1.0, 3.0, 10.0), sweep_k=(8, 16, 32), sample_steps=40,
-                clf_steps=250, cond_size=32, div_mc=8, div_t=32, T=1000, jobs=2),
+                clf_steps=250, cond_size=32, div_mc=16, div_t=32, T=1000, jobs=2),
     # not run here (no GPU in this project's sessions so far): an analogue of the paper's scale, several
     # hours per model on one GPU (estimate, README); pass --data /path/to/celeba for real faces
     "gpu": dict(image_size=64, sizes=(256, 1024, 4096), steps=20000, base=64, mults=(1, 2, 2, 2), attn_res=(16,), batch=128,
@@ -162,13 +162,6 @@ def _interval(est, se):
     return [est - 1.96 * se, est + 1.96 * se]  # normal 95 % interval
 
 
-def label_effect(lo, hi):
-    """Verdict on Δ = M(conditional) − M(unconditional) from its 95 % interval [lo, hi]."""
-    if hi < 0:
-        return "lowers M (more memorization)"
-    return "raises M (less memorization)" if lo > 0 else "undecided"
-
-
 def divergence(cond, uncond, diffusion, x, subsets, eps, n_mc, n_t, device, seed=0):
     """Δ_j = M(D_j; p_θ(.|j), ε_k) − M(D_j; p_θ, ε_k) (Definition 1) for each label subset D_j, the
     conditional model `cond` given label j against the unconditional `uncond`, paired (metrics.
@@ -193,7 +186,7 @@ def divergence(cond, uncond, diffusion, x, subsets, eps, n_mc, n_t, device, seed
     return dict(delta=est, stderr=se, ci95=_interval(est, se), verdict=label_effect(*_interval(est, se)),
                 M_cond=mean("M_cond"), M_cond_stderr=comb("M_cond_stderr"), M_uncond=mean("M_uncond"),
                 M_uncond_stderr=comb("M_uncond_stderr"), subsets=per, eps=eps, eps_k=eps_k, k=k,
-                unet_calls_per_sample=min(n_t, diffusion.T - 1 - k), n_mc=n_mc, unit="nats", upper_bound=True)
+                unet_calls_per_sample=min(n_t, diffusion.top() - k), n_mc=n_mc, unit="nats", upper_bound=True)
 
 
 def main(argv=None):

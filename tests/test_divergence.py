@@ -5,7 +5,6 @@ Gaussian mixtures with overlapping components, and maximum-likelihood fits on ra
 import math
 
 import numpy as np
-
 import pytest
 import torch
 

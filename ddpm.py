@@ -286,13 +286,14 @@ class Diffusion:
         """The last step of the chain the bound evaluates: T-1, or T-2 when the schedule clipped β_{T-1} at
         its 0.999 cap (cosine: ᾱ_T = 0 before clipping). There ᾱ_{T-1} ≈ 1e-3 ᾱ_{T-2}, and x̂_0 = (x_t -
         sqrt(1-ᾱ) ε̂) / sqrt(ᾱ) multiplies any error of ε̂ by ~30 (the sampler clamps it): on the smoke
-        model that single term measured 50,000 ± 7,600 nats, 100x all the others together. The chain then
+        model that single term measured 50,000 ± 7,600 nats, ~50x all the others together. The chain then
         starts from N(0, I) at step T-2 (ᾱ = 2.4e-4 at T = 100), the model the clamped sampler draws from."""
         return self.T - 2 if float(self.f64["betas"][-1]) >= 0.999 else self.T - 1
 
     def level(self, eps):
         """(k, ε_k): the step whose noise-to-signal ratio (1-ᾱ_k)/ᾱ_k is nearest ε² (nearest in log),
-        and ε_k = sqrt((1-ᾱ_k)/ᾱ_k), the ε at which the sub-chain bound is exact in the limit."""
+        and ε_k = sqrt((1-ᾱ_k)/ᾱ_k), the ε at which sqrt(ᾱ_k) x, x ~ q_ε, is exactly a forward sample at
+        step k: M is reported at ε_k."""
         ratio = (1.0 - self.f64["alphas_cumprod"]) / self.f64["alphas_cumprod"]
         k = int(torch.argmin((ratio.log() - 2.0 * math.log(eps)).abs()))
         if k >= self.top():
@@ -351,8 +352,7 @@ class Diffusion:
             z_k = sqrt(ᾱ_k) x = sqrt(ᾱ_k) x_i + sqrt(1-ᾱ_k) ε',  ε' ~ N(0, I)              (Ho Eq. 4)
         so the model's distribution of x is p_θ(x) = ᾱ_k^{d/2} p_θ(z_k), and z_k is the data of the
         sub-chain z_k -> z_{k+1} -> ... -> z_top, a diffusion with ᾱ'_t = ᾱ_t / ᾱ_k (top = T-1, or T-2 for a
-        clipped schedule, see `top`). Its variational
-        bound (Ho Eq. 5, read from step k instead of 0) is
+        clipped schedule, see `top`). Its variational bound (Ho Eq. 5, read from step k instead of 0) is
             -log p_θ(x) <= KL(q(z_top|z_k) || N(0,I))                                            L_T
                            + Σ_{t=k+2}^{top} E_q KL(q(z_{t-1}|z_t, z_k) || p_θ(z_{t-1}|z_t))        (A)
                            + E_q[-log p_θ(z_k | z_{k+1})] - (d/2) log ᾱ_k,                        decoder, Jacobian

@@ -13,8 +13,9 @@ Implements, for a generated set D_1 (N_G items) against a training set D_2 (N_D 
     Carlini et al. 2023's ratio l2(x^, x) / (alpha * mean l2 to the n nearest training images);
     Yoon et al. / Gu et al. 2023's d(NN1) / d(NN2) < 1/3.
   * Definition 1, M(D; p, eps) = KL(q_eps || p), q_eps(x) = (1/N) sum_i N(x | x_i, eps^2 I), by
-    Monte Carlo with exact log q_eps (logsumexp) and a standard error; a closed-form check of
-    Theorem 1 on a Gaussian mixture with well-separated components.
+    Monte Carlo with exact log q_eps (logsumexp) and a standard error, and the paired difference
+    of two models with common random numbers; closed-form checks of Theorem 1 on a Gaussian
+    mixture with overlapping components, and of the random-label gain at finite |D_i|.
 Run: `python metrics.py GENERATED TRAIN [--embed FILE.pt] [--bands ...] [--json OUT]` (folders
 or .npz with `images`), `python metrics.py --bench`. Depends on numpy and torch only (pillow,
 imported lazily, to read image folders). Nothing is downloaded. Larger than the house ~400 lines
@@ -656,7 +657,9 @@ def log_q_eps(x, train_x, eps):
 
 
 def _md_terms(train_x, eps, log_probs, n_samples, generator, batch):
-    """Per-sample log q_eps(x) - log p(x), x ~ q_eps, for each log_prob on the same samples."""
+    """Per-sample log q_eps(x) - log p(x), x ~ q_eps, for each log_prob on the same samples.
+    Common random numbers: per batch, every log_prob(x, g) gets its own torch.Generator seeded with
+    the same seed, so callables that draw their randomness (timesteps, noise) the same way share it."""
     T = torch.as_tensor(train_x, dtype=torch.float64)
     terms = [[] for _ in log_probs]
     for s in range(0, n_samples, batch):
@@ -664,51 +667,94 @@ def _md_terms(train_x, eps, log_probs, n_samples, generator, batch):
         i = torch.randint(len(T), (m,), generator=generator)
         x = T[i] + eps * torch.randn((m,) + T.shape[1:], generator=generator, dtype=torch.float64)  # x ~ q_eps
         lq = log_q_eps(x, T, eps)
+        seed = int(torch.randint(2 ** 62, (1,), generator=generator))
         for t, lp in zip(terms, log_probs):
-            t.append(lq - torch.as_tensor(lp(x), dtype=torch.float64).reshape(m))  # Def. 1 integrand
+            lp_x = lp(x, torch.Generator().manual_seed(seed))
+            t.append(lq - torch.as_tensor(lp_x, dtype=torch.float64).cpu().reshape(m))  # Def. 1 integrand
     return [torch.cat(t) for t in terms]
 
 
 def memorization_divergence(train_x, eps, log_prob, n_samples=1000, generator=None, batch=256):
     """Def. 1: M(D; p, eps) = KL(q_eps || p) = E_{x~q_eps}[log q_eps(x) - log p(x)], Monte Carlo.
-    log_prob maps float64 x of train_x's shape (batch first) to log p(x). Returns (estimate, stderr).
-    With an ELBO in place of log p (a DDPM) the result is an upper bound on M."""
+    log_prob(x, generator) maps float64 x of train_x's shape (batch first) to log p(x), or to an
+    unbiased estimate of a lower bound on it (then M is an upper bound) that draws its own randomness
+    from `generator` afresh per sample, so the returned stderr covers that randomness too.
+    Returns (estimate, stderr)."""
     t = _md_terms(train_x, eps, [log_prob], n_samples, generator, batch)[0]
     return float(t.mean()), float(t.std() / math.sqrt(len(t)))
 
 
+def divergence_difference(train_x, eps, log_prob_a, log_prob_b, n_samples=1000, generator=None, batch=256):
+    """Delta = M(D; p_A, eps) - M(D; p_B, eps) = E_{x~q_eps}[log p_B(x) - log p_A(x)] (Def. 1; log q_eps
+    cancels), paired: the same x ~ q_eps and the same generator seeds for both callables (common random
+    numbers), stderr from the per-sample differences. Also M of each model with its own stderr."""
+    a, b = _md_terms(train_x, eps, [log_prob_a, log_prob_b], n_samples, generator, batch)
+    d, r = a - b, math.sqrt(len(a))
+    corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1]) if len(a) > 1 else float("nan")
+    return {"diff": float(d.mean()), "diff_stderr": float(d.std() / r), "M_a": float(a.mean()),
+            "M_a_stderr": float(a.std() / r), "M_b": float(b.mean()), "M_b_stderr": float(b.std() / r),
+            "corr": corr, "n_samples": len(a), "eps": eps}
+
+
 def gaussian_mixture_log_prob(means, sigma, weights=None):
-    """Closed-form log density of sum_c w_c N(mu_c, sigma^2 I) as a callable on (n, d) float64."""
+    """Closed-form log density of sum_c w_c N(mu_c, sigma^2 I) as a callable on (n, d) float64
+    (the generator argument of Def. 1's callables is accepted and unused)."""
     mu = torch.as_tensor(means, dtype=torch.float64)
     w = torch.full((len(mu),), 1.0 / len(mu), dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
 
-    def log_prob(x):
+    def log_prob(x, generator=None):
         d2 = ((x.reshape(len(x), 1, -1) - mu[None]) ** 2).sum(-1)
         return torch.logsumexp(w.log() - d2 / (2 * sigma ** 2), 1) - 0.5 * mu.shape[1] * math.log(2 * math.pi * sigma ** 2)
     return log_prob
 
 
-def theorem1_check(eps_list=(4.0, 2.0, 1.0, 0.1, 0.01), sizes=(100, 300), dim=2, sep=10.0, sigma=1.0,
+def theorem1_check(eps_list=(4.0, 1.0, 0.1, 0.01), sizes=(1000, 3000), dim=2, sep=2.0, sigma=1.0,
                    subset=0, n_samples=2000, seed=0):
-    """Theorem 1 on disjoint, well-separated Gaussians p_c = N(sep * e_c, sigma^2 I), data weights
-    N_c / N. The conditional model p_theta_i = p_i and the unconditional p_theta = p fit exactly.
-    Per eps: M(D_i; p_i), M(D_i; p), their difference (same samples), its stderr, the target
-    log(N_i / N) = -log(N / N_i) and -KL(p_i || p) by Monte Carlo of the closed-form densities."""
+    """Theorem 1 on OVERLAPPING Gaussians p_c = N(sep * e_c, sigma^2 I) (sep = 2 sigma: log p - log p_i
+    varies over the support), data weights N_c / N. The conditional model p_theta_i = p_i and the
+    unconditional p_theta = p fit exactly. Per eps: M(D_i; p_i), M(D_i; p) and their paired difference
+    with stderr; targets: -KL(p_i || p) (Theorem 1's limit eps -> 0, |D_i| -> inf, by Monte Carlo of the
+    closed forms, with its stderr), the eps -> 0 limit for this finite D_i, mean_{x in D_i}(log p - log p_i),
+    and log(N_i / N), the disjoint-support value, for contrast."""
     g = torch.Generator().manual_seed(seed)
     means = torch.zeros(len(sizes), dim, dtype=torch.float64)
-    means[:, 0] = sep * torch.arange(len(sizes))
+    means[:, 0] = sep * sigma * torch.arange(len(sizes))
     weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
     D_i = means[subset] + sigma * torch.randn(sizes[subset], dim, generator=g, dtype=torch.float64)
     lp, lp_i = gaussian_mixture_log_prob(means, sigma, weights), gaussian_mixture_log_prob(means[subset:subset + 1], sigma)
-    y = means[subset] + sigma * torch.randn(n_samples, dim, generator=g, dtype=torch.float64)  # y ~ p_i
-    neg_kl = float((lp(y) - lp_i(y)).mean())
+    y = means[subset] + sigma * torch.randn(100 * n_samples, dim, generator=g, dtype=torch.float64)  # y ~ p_i
+    gap_y, gap_D = lp(y) - lp_i(y), lp(D_i) - lp_i(D_i)
     rows = []
     for eps in eps_list:
-        t_cond, t_unc = _md_terms(D_i, eps, [lp_i, lp], n_samples, g, 1000)
-        diff = t_cond - t_unc
-        rows.append({"eps": eps, "M_cond": float(t_cond.mean()), "M_uncond": float(t_unc.mean()),
-                     "diff": float(diff.mean()), "diff_stderr": float(diff.std() / math.sqrt(n_samples)),
-                     "target_disjoint": math.log(sizes[subset] / sum(sizes)), "target_neg_kl": neg_kl})
+        r = divergence_difference(D_i, eps, lp_i, lp, n_samples, g, 1000)
+        rows.append({"eps": eps, "M_cond": r["M_a"], "M_uncond": r["M_b"], "diff": r["diff"], "diff_stderr": r["diff_stderr"],
+                     "target_neg_kl": float(gap_y.mean()), "target_neg_kl_stderr": float(gap_y.std() / math.sqrt(len(y))),
+                     "target_finite": float(gap_D.mean()), "gap_spread": float(gap_D.std()),
+                     "target_disjoint": math.log(sizes[subset] / sum(sizes))})
+    return rows
+
+
+def random_label_check(sizes=(4, 16, 64, 256), labels=2, dim=8, sigma=1.0, eps=0.1, partitions=50, n_samples=200, seed=0):
+    """Random labels (independent of x): D = labels * N_i points of N(0, sigma^2 I), split at random into
+    `labels` subsets D_i. Models: the maximum-likelihood Gaussian N(mean, sigma^2 I) of each model's own
+    training data, conditional on D_i, unconditional on D. Theorem 1's limit (p_i = p) predicts no gain;
+    at finite N_i the conditional fit is closer to D_i: Delta = M(D_i; p_i_hat) - M(D_i; p_hat) =
+    -||mean(D_i) - mean(D)||^2 / (2 sigma^2) exactly for every eps, with expectation -(d/2)(1/N_i - 1/N),
+    shrinking as N_i grows. Per N_i: the Monte Carlo Delta averaged over partitions, its stderr, the
+    exact value averaged over the same partitions, and the expectation."""
+    g, rows = torch.Generator().manual_seed(seed), []
+    for n_i in sizes:
+        n = labels * n_i
+        est, exact = [], []
+        for _ in range(partitions):
+            D = sigma * torch.randn(n, dim, generator=g, dtype=torch.float64)
+            D_i = D[torch.randperm(n, generator=g)[:n_i]]
+            p_i, p = gaussian_mixture_log_prob(D_i.mean(0, keepdim=True), sigma), gaussian_mixture_log_prob(D.mean(0, keepdim=True), sigma)
+            est.append(divergence_difference(D_i, eps, p_i, p, n_samples, g, n_samples)["diff"])
+            exact.append(-float(((D_i.mean(0) - D.mean(0)) ** 2).sum()) / (2 * sigma ** 2))
+        e = torch.tensor(est, dtype=torch.float64)
+        rows.append({"n_i": n_i, "n": n, "gain": float(e.mean()), "gain_stderr": float(e.std() / math.sqrt(partitions)),
+                     "exact": float(np.mean(exact)), "expected": -0.5 * dim * (1.0 / n_i - 1.0 / n)})
     return rows
 
 

@@ -42,19 +42,19 @@ import extract
 import metrics
 import train
 from common import UserError, atomic_write_json, atomic_write_text, check, field, parse_config, resolve_device, run_main
-from report import calibration_report, curve_plot, reproduce_report
+from report import calibration_report, curve_plot, label_effect, reproduce_report
 
 # Each profile: data and model, per-size training budget in epochs, attack settings, repetitions.
 PROFILES = {
     "smoke": dict(image_size=8, sizes=(8, 16), epochs=(300, 150), batch=16, base=16, mults=(1, 2), attn_res=(4,), T=100,
                   n_gen=32, n_syn=64, K=4, sweep_lambda=(0.0, 3.0), sweep_cond=(1.0, 3.0), sample_steps=10, clf_steps=40,
-                  seeds=2, train_seeds=2, cond_size=8, div_mc=4, div_t=8, calib_epochs=(50, 150), jobs=2),
+                  seeds=2, train_seeds=2, cond_size=8, div_mc=8, div_t=16, calib_epochs=(50, 150), jobs=2),
     # 8 px: 16 px did not memorize within a CPU budget. Epochs per size: `--calibrate` (README, "How the
     # budgets were chosen"); batch 128 keeps the CPU near its matmul peak (make bench)
     "cpu": dict(image_size=8, sizes=(16, 32, 64), epochs=(1000, 1000, 1000), batch=128, base=32, mults=(1, 2),
                 attn_res=(4,), T=1000, n_gen=512, n_syn=512, K=16, sweep_lambda=(1.0, 3.0, 10.0),
                 sweep_cond=(1.0, 3.0, 10.0), sample_steps=40, clf_steps=250, seeds=3, train_seeds=2, cond_size=16,
-                div_mc=8, div_t=32, calib_epochs=(500, 600, 700, 800, 1000), jobs=2),
+                div_mc=16, div_t=32, calib_epochs=(500, 600, 700, 800, 1000), jobs=2),
     # not run here (no GPU in this project's sessions so far); sizes and epochs are a starting point for
     # --calibrate on the GPU; pass --data /path/to/celeba for real faces
     "gpu": dict(image_size=32, sizes=(256, 512, 1024), epochs=(1500, 1500, 1500), batch=128, base=64, mults=(1, 2, 2),
@@ -417,45 +417,77 @@ def calibrate(cfg, p, st, parallel):
     return rows
 
 
-def divergence(model, diffusion, x, subsets, conditional, eps, n_mc, n_t, seed=0):
-    """Mean over label subsets D_i of M(D_i; p_θ(.|i) or p_θ, ε) (Definition 1), log p = -ELBO (Eq. 5)
-    with the continuous decoder, so each M is an upper bound. Same ε-samples for every model (paired)."""
-    dim, vals, ses = x[0].numel(), [], []
-    for j in np.unique(subsets):
-        Dj = x[torch.as_tensor(subsets == j)].double()
+def _log_prob(model, diffusion, k, n_t, label, device):
+    """Definition 1's callable for a DDPM: log p_θ(x | label) >= -subchain_nll (ddpm.py), with its
+    timesteps and forward noise drawn from the generator metrics.py hands it, so the two models of a
+    paired comparison see the same draws (common random numbers)."""
+    def log_prob(x, g):
+        y = None if label is None else torch.full((len(x),), int(label), dtype=torch.long, device=device)
+        draw = diffusion.bound_draw(len(x), k, n_t, x.shape[1:], g)
+        return -diffusion.subchain_nll(model, x.to(device), k, draw, y=y)
+    return log_prob
 
-        def log_prob(z, j=j):
-            y = torch.full((len(z),), int(j), dtype=torch.long, device=z.device) if conditional else None
-            return -diffusion.nll_bound(model, z.float(), n_t=n_t, seed=seed, y=y, decoder="gaussian").double() * dim
-        m, se = metrics.memorization_divergence(Dj, eps, log_prob, n_samples=n_mc,
-                                                generator=torch.Generator().manual_seed(seed + int(j)))
-        vals.append(m)
-        ses.append(se)
-    k = len(vals)
-    return dict(estimate=float(np.mean(vals)), stderr=float(np.sqrt(np.sum(np.square(ses))) / k), subsets=k,
-                unit="nats", upper_bound=True, eps=eps)
+
+def _interval(est, se):
+    return [est - 1.96 * se, est + 1.96 * se]  # normal 95 % interval
+
+
+def divergence(cond, uncond, diffusion, x, subsets, eps, n_mc, n_t, device, seed=0):
+    """Δ_j = M(D_j; p_θ(.|j), ε_k) − M(D_j; p_θ, ε_k) (Definition 1) for each label subset D_j, the
+    conditional model `cond` given label j against the unconditional `uncond`, paired (metrics.
+    divergence_difference); ε_k is the noise level of the step k nearest ε (ddpm.Diffusion.level), where
+    the bound of ddpm.subchain_nll starts. M uses a bound on log p, so each M is an upper bound; in Δ the
+    two bounds' gaps need not cancel exactly (exact for the closed forms of tests/test_divergence.py).
+    Returns per-subset rows and their mean with stderr sqrt(Σ s.e.²)/K and a 95 % interval."""
+    k, eps_k = diffusion.level(eps)
+    per = []
+    for j in np.unique(subsets):
+        Dj = x[torch.as_tensor(subsets == j)].double().cpu()
+        r = metrics.divergence_difference(Dj, eps_k, _log_prob(cond, diffusion, k, n_t, j, device),
+                                          _log_prob(uncond, diffusion, k, n_t, None, device), n_mc,
+                                          torch.Generator().manual_seed(seed + int(j)), batch=max(1, min(n_mc, 64)))
+        per.append(dict(label=int(j), n=len(Dj), delta=r["diff"], stderr=r["diff_stderr"],
+                        ci95=_interval(r["diff"], r["diff_stderr"]), M_cond=r["M_a"], M_cond_stderr=r["M_a_stderr"],
+                        M_uncond=r["M_b"], M_uncond_stderr=r["M_b_stderr"], corr=r["corr"]))
+    K = len(per)
+    mean = lambda key: float(np.mean([p[key] for p in per]))  # noqa: E731
+    comb = lambda key: float(np.sqrt(np.sum([p[key] ** 2 for p in per])) / K)  # noqa: E731
+    est, se = mean("delta"), comb("stderr")
+    return dict(delta=est, stderr=se, ci95=_interval(est, se), verdict=label_effect(*_interval(est, se)),
+                M_cond=mean("M_cond"), M_cond_stderr=comb("M_cond_stderr"), M_uncond=mean("M_uncond"),
+                M_uncond_stderr=comb("M_uncond_stderr"), subsets=per, eps=eps, eps_k=eps_k, k=k,
+                unet_calls_per_sample=min(n_t, diffusion.top() - k), n_mc=n_mc, unit="nats", upper_bound=True)
 
 
 def conditional(p, cfg, models, device):
-    """The divergence M of Definition 1 per label subset for the unconditional, informative-label and
-    random-label models at cond_size (paired ε-samples)."""
+    """Unconditional vs informative-label vs random-label DDPMs at cond_size: per labelling, the paired
+    difference Δ = M(D_j; p_θ(.|j)) − M(D_j; p_θ) of Definition 1 per label subset and averaged, with
+    95 % intervals (Theorem 1: Δ <= 0 for an informative label in its limit). Profile knobs: div_mc
+    samples of q_ε per subset, div_t timestep strata per sample (= UNet calls per sample and model)."""
     nc = p["cond_size"]
     torch.set_num_threads(os.cpu_count() or 1)
     paths = {"none": models[(nc, 0)], "informative": models["informative"], "random": models["random"]}
     loaded = {k: train.load_trained(f"{v}/ckpt.pt", device) for k, v in paths.items()}
-    tcfg = loaded["none"][2]
+    tcfg, diffusion = loaded["none"][2], loaded["none"][1]
+    for name in ("informative", "random"):
+        check((loaded[name][1].T, loaded[name][1].schedule) == (diffusion.T, diffusion.schedule),
+              f"{paths[name]} has another noise schedule than {paths['none']}; retrain the three models together")
     ds = data.load_data(cfg.data, tcfg.image_size, n=nc, seed=tcfg.data_seed)
-    x = data.to_tensor(ds.images).to(device)
+    x = data.to_tensor(ds.images)
     parts = {"informative": ds.labels, "random": data.random_labels(nc, int(ds.labels.max()) + 1, tcfg.seed)}
+    deltas = {name: divergence(loaded[name][0], loaded["none"][0], diffusion, x, parts[name], cfg.eps,
+                               p["div_mc"], p["div_t"], device) for name in ("informative", "random")}
     rows = []
     for name in ("none", "informative", "random"):
         r = dict(labelling=name)
-        m, diffusion = loaded[name][0], loaded[name][1]
-        r["divergence"] = divergence(m, diffusion, x, parts["informative" if name == "none" else name],
-                                     name != "none", cfg.eps, p["div_mc"], p["div_t"])
-        if name == "none":  # the unconditional model on the random partition too, for the paired comparison
-            r["divergence_random_subsets"] = divergence(m, diffusion, x, parts["random"], False, cfg.eps,
-                                                        p["div_mc"], p["div_t"])
+        if name == "none":  # M of the unconditional model on the informative and on the random subsets
+            for key, part in (("divergence", "informative"), ("divergence_random_subsets", "random")):
+                d = deltas[part]
+                r[key] = dict(estimate=d["M_uncond"], stderr=d["M_uncond_stderr"], eps_k=d["eps_k"], upper_bound=True)
+        else:
+            d = deltas[name]
+            r["divergence"] = dict(estimate=d["M_cond"], stderr=d["M_cond_stderr"], eps_k=d["eps_k"], upper_bound=True)
+            r["delta"] = d
         rows.append(r)
     return rows
 

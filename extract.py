@@ -77,7 +77,8 @@ class ExtractConfig:
     sweep_lambda: tuple = field((), "λ values to sweep for SIDE (empty: no sweep)")
     sweep_k: tuple = field((), "K values to sweep for SIDE (empty: no sweep)")
     sweep_n_gen: int = field(0, "N_G for sweep points (0 = n_gen)")
-    similarity: str = field("l2", "l2 (normalized pixel L2) or a TorchScript embedding file for cosine similarity")
+    similarity: str = field("l2", "l2 (normalized pixel L2), sscd (the paper's SSCD cosine, offline; needs the extras; "
+                            "for real photographs) or a TorchScript embedding file for cosine similarity")
     grid_top: int = field(16, "extracted generations shown per method in the grids")
     device: str = field("auto", "auto, cpu or cuda[:N]")
     amp: str = field("off", "sample under bf16 autocast (a GPU speed-up; off is exact fp32)", choices=["off", "bf16"])
@@ -119,6 +120,10 @@ class Run:
         check(cfg.data or info.data, f"{cfg.ckpt} holds no training-data spec (a {info.kind} model): pass --data, "
               "the training images to audit against (a folder of images or an .npz)")
         check(info.channels == 3, f"{cfg.ckpt} makes {info.channels}-channel images; only RGB (3) models are supported")
+        try:  # fail before any sampling when the SSCD extras are missing
+            self.sscd = metrics.load_sscd() if cfg.similarity == "sscd" else None
+        except metrics.MetricsInputError as e:
+            raise UserError(str(e)) from None
         self.sampler_model = self.fast(self.model)
         self.out = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "extract")
         self.cache = os.path.join(self.out, "cache")
@@ -320,7 +325,8 @@ class Run:
         if shard is None and self.rank != 0:
             return None
         ev = self.timed("metrics", lambda: metrics.evaluate(
-            x, self.ds.images, similarity="l2" if sim == "l2" else "embed", embed=None if sim == "l2" else sim,
+            x, self.ds.images, similarity=sim if sim in ("l2", "sscd") else "embed",
+            embed={"l2": None, "sscd": self.sscd}.get(sim, sim),
             device=self.device, shard=shard))
         if shard is not None:
             parts = [None] * self.world if self.rank == 0 else None

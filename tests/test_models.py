@@ -83,7 +83,7 @@ def test_schedules_match_their_closed_forms():
     np.testing.assert_allclose(lin, 0.001 + np.arange(50) * (0.049 / 49), rtol=1e-12)
     old = ddpm.Diffusion(100, "linear", "v", device="cpu")  # the existing positional call, unchanged
     np.testing.assert_allclose(old.f64["betas"].numpy(), np.linspace(1e-3, 0.2, 100), rtol=1e-12)
-    assert old.prediction == "v" and old.clip_sample and ddpm.Diffusion(10, prediction="v_prediction").prediction == "v"
+    assert old.prediction == "v" and old.clip_sample and old.variance == "fixed_small" and ddpm.Diffusion(10, prediction="v_prediction").prediction == "v"
 
 
 def test_x0_prediction_inverts_the_forward_process():
@@ -106,7 +106,7 @@ def test_timestep_spacings_are_diffusers_conventions():
 
 
 @pytest.mark.parametrize("cfg,field", [
-    (dict(variance_type="learned_range"), "variance_type"), (dict(beta_schedule="sigmoid"), "beta_schedule"),
+    (dict(variance_type="learned_range"), "variance_type"), (dict(variance_type="learned"), "variance_type"), (dict(beta_schedule="sigmoid"), "beta_schedule"),
     (dict(prediction_type="flow"), "prediction_type"), (dict(thresholding=True), "thresholding"),
     (dict(_class_name="ScoreSdeVeScheduler"), "_class_name"), (dict(num_train_timesteps=1.5), "num_train_timesteps")])
 def test_unsupported_scheduler_settings_are_refused_naming_the_field(cfg, field):
@@ -118,7 +118,7 @@ def test_unsupported_scheduler_settings_are_refused_naming_the_field(cfg, field)
 def test_a_diffusers_folder_without_diffusers_says_how_to_install(tmp_path, monkeypatch):
     json.dump(dict(_class_name="UNet2DModel", sample_size=8, in_channels=3, out_channels=3), open(tmp_path / "config.json", "w"))
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
-    with pytest.raises(common.UserError, match="make extras .pip install --ignore-requires-python -r requirements-extras.txt.$"):
+    with pytest.raises(common.UserError, match="make extras .the two pip commands at the top of requirements-extras.txt.$"):
         models.load_model(str(tmp_path))
     json.dump(dict(sample_size=8, in_channels=3, out_channels=6), open(tmp_path / "config.json", "w"))
     with pytest.raises(common.UserError, match="out_channels = 6"):  # refused before diffusers is needed

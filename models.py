@@ -21,7 +21,8 @@ Every model is called as model(x_t, t, y=None) and has .image_size, .channels, .
 `return_mid=True` call (SIDE's `--features ddpm`, Alg. 1 step 2) gives the mid-block activations of
 our UNet and of a diffusers UNet2DModel; a TorchScript model has none (use --features pixels).
 Settings our sampler cannot reproduce (a learned variance, an unknown schedule, thresholding, ...)
-are refused with one line naming the field. Depends on torch, ddpm.py and common.py.
+are refused with one line naming the field. A scheduler's sampling conventions (timestep_spacing,
+steps_offset, set_alpha_to_one) are not read: our sampler has its own (ddpm.Diffusion.sample). Depends on torch, ddpm.py and common.py.
 """
 import hashlib
 import json
@@ -61,7 +62,9 @@ class ModelInfo:
 def load_model(path, device="cpu"):
     """(model in eval mode without gradients, ddpm.Diffusion, ModelInfo) for any supported --ckpt."""
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "ckpt.pt")):  # a train.py --out folder
+        model, diffusion, info = load_train(os.path.join(path, "ckpt.pt"), device)
+    elif os.path.isdir(path):
         model, diffusion, info = load_diffusers(path, device)
     elif not os.path.isfile(path):
         raise UserError(f"--ckpt {path} does not exist; pass a train.py checkpoint, a diffusers model or "
@@ -193,7 +196,7 @@ def load_diffusers(path, device="cpu"):
     check(os.path.isfile(ucfg_path), f"--ckpt {path} is a folder without config.json or unet/config.json; pass a "
           "diffusers UNet2DModel or pipeline folder (save_pretrained), or a train.py checkpoint file")
     ucfg = _read_json(ucfg_path)
-    check(ucfg.get("_class_name", "UNet2DModel") == "UNet2DModel", f"{ucfg_path}: _class_name = "
+    check(ucfg.get("_class_name") == "UNet2DModel", f"{ucfg_path}: _class_name = "
           f"{ucfg.get('_class_name')!r} is not supported (supported: UNet2DModel)")
     _check_unet(ucfg, ucfg_path)
     candidates = [os.path.join(path, "scheduler", "scheduler_config.json"), os.path.join(unet_dir, "scheduler_config.json"),

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 import data
 import ddpm
-from runtime import autocast, local_device, setup_distributed  # noqa: F401 (train.autocast etc. stay importable)
+from runtime import autocast, local_device, setup_distributed  # shared with extract.py; train.autocast etc. still resolve
 from common import (Progress, UserError, atomic_write_json, check, field, load_checkpoint, parse_config,
                     resolve_device, run_main, save_checkpoint)
 

@@ -61,6 +61,13 @@ def test_model_args_alone_rebuild_the_network(ckpt):
     assert torch.equal(diffusion.alphas_cumprod, ddpm.Diffusion(tcfg.T, tcfg.schedule, tcfg.prediction).alphas_cumprod)
 
 
+def test_a_train_run_folder_loads_its_checkpoint_and_other_folders_are_refused(ckpt, tmp_path):
+    assert models.load_model(os.path.dirname(ckpt))[2].kind == "train"  # holds ckpt.pt and train.py's config.json
+    json.dump(dict(steps=3), open(tmp_path / "config.json", "w"))
+    with pytest.raises(common.UserError, match="_class_name = None is not supported"):
+        models.load_model(str(tmp_path))
+
+
 def test_an_old_checkpoint_without_model_args_still_loads(ckpt, tmp_path):
     ck = common.load_checkpoint(ckpt)
     del ck["model_args"]
@@ -120,7 +127,7 @@ def test_a_diffusers_folder_without_diffusers_says_how_to_install(tmp_path, monk
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
     with pytest.raises(common.UserError, match="make extras .the two pip commands at the top of requirements-extras.txt.$"):
         models.load_model(str(tmp_path))
-    json.dump(dict(sample_size=8, in_channels=3, out_channels=6), open(tmp_path / "config.json", "w"))
+    json.dump(dict(_class_name="UNet2DModel", sample_size=8, in_channels=3, out_channels=6), open(tmp_path / "config.json", "w"))
     with pytest.raises(common.UserError, match="out_channels = 6"):  # refused before diffusers is needed
         models.load_model(str(tmp_path))
 

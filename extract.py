@@ -133,7 +133,8 @@ class Run:
         spec = cfg.data or own["spec"]
         self.ds = data.load_data(spec, info.image_size, n=own["n"], seed=own["seed"], label_attr=own["label_attr"])
         hw = self.ds.images.shape[1:3]
-        if cfg.data and cfg.data != "faces" and (info.data is None or os.path.realpath(cfg.data) != os.path.realpath(own["spec"])):
+        if cfg.data and cfg.data != "faces" and (info.data is None or
+                                                 os.path.realpath(cfg.data) != os.path.realpath(own["spec"])):
             try:  # other images than the training run's are compared as stored: load_data resized them
                 hw = metrics.load_images(cfg.data)[0].shape[1:3]
             except metrics.MetricsInputError:

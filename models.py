@@ -209,7 +209,7 @@ def load_diffusers(path, device="cpu"):
     except ImportError:
         raise UserError(f"--ckpt {path} is a diffusers folder, which needs the diffusers package: {EXTRAS}") from None
     try:
-        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
+        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)  # no `accelerate` advice
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{unet_dir}: diffusers could not load the UNet ({str(e).splitlines()[0]})") from None
     files = [os.path.join(unet_dir, f) for f in os.listdir(unet_dir) if os.path.isfile(os.path.join(unet_dir, f))]

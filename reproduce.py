@@ -32,7 +32,8 @@ import data
 import extract
 import metrics
 import train
-from common import UserError, atomic_write_json, atomic_write_text, check, field, parse_config, resolve_device, run_main
+from common import (UserError, atomic_write_json, atomic_write_text, check, check_writable, field, parse_config, resolve_device,
+                    run_main)
 from report import reproduce_report
 
 # Each profile: training (sizes, steps, model), extraction (N_G, N_syn, sampler), sweeps, divergence.
@@ -62,13 +63,14 @@ PAPER_TABLE1 = [  # arXiv 2410.02467v7 Table 1, low band [0.4, 0.5) of SSCD simi
 @dataclass
 class ReproduceConfig:
     profile: str = field("cpu", "sizes and budgets: smoke (~75 s), cpu (12.5 min measured on 2 cores), gpu", choices=list(PROFILES))
-    out: str = field("results", "output folder: REPORT.md, summary.json, PNGs, models/, extract/")
-    data: str = field("faces", "faces (built-in) or an image folder / .npz (e.g. CelebA) used in its place")
-    sizes: tuple = field((), "training-set sizes (override the profile)")
-    steps: int = field(0, "training steps per model (0 = profile)")
-    n_gen: int = field(0, "N_G per method (0 = profile)")
-    eps: float = field(0.05, "ε of Definition 1 on the [-1,1] pixel scale (small next to the 0.2 typical train-to-train NN distance)")
-    device: str = field("auto", "auto, cpu or cuda")
+    out: str = field("results", "output folder: REPORT.md, summary.json, PNGs, models/, extract/", nonempty=True)
+    data: str = field("faces", "faces (built-in) or an image folder / .npz (e.g. CelebA) used in its place", nonempty=True)
+    sizes: tuple = field((), "training-set sizes (override the profile)", elem=int, lo=2)
+    steps: int = field(0, "training steps per model (0 = profile)", lo=0)
+    n_gen: int = field(0, "N_G per method (0 = profile)", lo=0)
+    eps: float = field(0.05, "ε of Definition 1 on the [-1,1] pixel scale (small next to the 0.2 typical train-to-train NN distance)", gt=0.0)
+    device: str = field("auto", "auto, cpu or cuda", nonempty=True)
+    overwrite: bool = field(False, "replace a finished run in --out made with other settings (without it that is refused)")
 
 
 class Stages:
@@ -170,8 +172,20 @@ def main(argv=None):
     cfg = parse_config(ReproduceConfig, argv, __doc__.split("\n\n")[0])
     p = dict(PROFILES[cfg.profile])
     p.update({k: v for k, v in dict(sizes=tuple(int(s) for s in cfg.sizes), steps=cfg.steps, n_gen=cfg.n_gen).items() if v})
-    check(len(p["sizes"]) >= 1 and min(p["sizes"]) >= 2, f"--sizes {cfg.sizes}: need sizes >= 2")
-    check(cfg.eps > 0, f"--eps {cfg.eps} must be > 0")
+    check(len(p["sizes"]) >= 1, "--sizes: the profile has no sizes; give --sizes")
+    for _, argv in [train_job(p, cfg, n, "none", cfg.out) for n in p["sizes"]] + [extract_job(p, cfg, "ckpt.pt", cfg.out, "side")]:
+        parse_config(train.TrainConfig if argv[0] == "train.py" else extract.ExtractConfig, argv[1:], "")  # before any training
+    check_writable(cfg.out, "--out")
+    done = os.path.join(cfg.out, "summary.json")  # a finished run there: the same settings resume, others are refused
+    if os.path.exists(done) and not cfg.overwrite:
+        with open(done) as fh:
+            old = json.load(fh).get("config", {})
+        diff = [k for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "overwrite") and json.dumps(old.get(k)) != json.dumps(v)]
+        check(not diff, f"{cfg.out} holds a finished run with other settings ({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); "
+              "choose another --out or pass --overwrite to replace it")
+    for name in ("models", "extract", "logs", "REPORT.md", "summary.json") if cfg.overwrite else ():
+        path = os.path.join(cfg.out, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.unlink(path)
     device = resolve_device(cfg.device)
     parallel = p["jobs"] if device.type == "cpu" else 1
     st, out = Stages(), cfg.out

@@ -236,7 +236,7 @@ def test_a_changed_setting_is_not_served_from_a_stale_cache(tiny, tmp_path, flag
     out = tmp_path / "run"
     shutil.copytree(src, out)
     old = load_samples(src)
-    extract.main(flags(out) + ["--methods", "uncond,side", flag, value])
+    extract.main(flags(out) + ["--methods", "uncond,side", flag, value, "--overwrite"])
     new = load_samples(out)
     assert len(glob.glob(str(out / "cache" / "gen-uncond-*"))) == 1  # uncond does not depend on it: reused
     assert len(glob.glob(str(out / "cache" / "gen-side-*"))) == 2  # side does: generated anew

@@ -97,16 +97,7 @@ def validate(cfg):
           f"--features {cfg.features!r} is neither ddpm, pixels nor an existing TorchScript file")
     check(cfg.data in ("", "faces") or os.path.exists(cfg.data),
           f"--data {cfg.data!r} is neither faces nor an existing image folder or .npz file")
-    ck = load_checkpoint(cfg.ckpt)
-    check(isinstance(ck, dict) and {"config", "ema", "num_classes"} <= set(ck),
-          f"--ckpt {cfg.ckpt} is not a model checkpoint from train.py (an extraction cache file?); "
-          "pass the ckpt.pt that train.py wrote")
-    names = {f.name for f in dataclasses.fields(train.TrainConfig)}
-    try:
-        check_fields(train.TrainConfig(**{k: v for k, v in ck["config"].items() if k in names}))
-    except (UserError, TypeError) as e:
-        raise UserError(f"--ckpt {cfg.ckpt} holds a config this code cannot use ({e}); retrain it with train.py") from None
-    T = ck["config"]["T"]
+    T = train.load_trained(cfg.ckpt)[2].T  # a missing, foreign or corrupt checkpoint is refused here
     check(cfg.sample_steps <= T, f"--sample-steps {cfg.sample_steps} must be <= the model's T = {T} ({cfg.ckpt})")
     check_writable(out_dir(cfg), "--out")
     check_previous(cfg)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 PIXEL_SCALE = 127.5  # uint8 level v <-> v / 127.5 - 1, the DDPM's [-1, 1] scale (our canonical L2 scale)
 COS_BANDS = {"low": (0.4, 0.5), "mid": (0.5, 0.6), "high": (0.6, 1.0)}  # SPEC 3 [P]; 0.4 inferred
 # Normalized L2 on [-1, 1] (distance bands: high = nearest). Calibrated with calibrate_l2_bands on
@@ -57,10 +57,29 @@ class MetricsInputError(ValueError):
 
 # ----------------------------------------------------------------------------- loading
 
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as image viewers show them
+
+
 def _rgb(img, size):
-    """PIL image -> uint8 (H, W, 3); with `size`, centre-crop to a square and resize (LANCZOS)."""
-    from PIL import Image
-    img = img.convert("RGB")  # grayscale, palette and RGBA (alpha dropped) -> RGB
+    """PIL image -> uint8 (H, W, 3) as a viewer shows it: EXIF orientation applied; 16/32-bit integer
+    grayscale (I;16*, I) scaled to 8 bits (v / 257, so 65535 -> 255); alpha (RGBA, LA, PA, palette
+    transparency) composited on BACKGROUND; palette, grayscale, bilevel, CMYK and YCbCr converted to
+    RGB. Other modes (float "F", LAB, HSV, ...) raise ValueError. With `size`, centre-crop to a
+    square and resize (LANCZOS)."""
+    from PIL import Image, ImageOps
+    img = ImageOps.exif_transpose(img)  # a phone photo stored sideways is used upright
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img, dtype=np.int64)
+        if a.min() < 0 or a.max() > 65535:
+            raise ValueError(f"{mode} values outside 0..65535 cannot be scaled to 8 bits")
+        img = Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")  # 16 -> 8 bits: 257 = 65535 / 255
+    elif mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba)
+    elif mode not in ("RGB", "L", "P", "1", "CMYK", "YCbCr"):
+        raise ValueError(f"image mode {mode} is not supported; save it as 8- or 16-bit RGB or grayscale")
+    img = img.convert("RGB")
     if size:
         w, h = img.size
         s = min(w, h)

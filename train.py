@@ -124,11 +124,15 @@ def training_labels(cfg, ds):
 def load_trained(path, device="cpu", expect_size=None):
     """(EMA model in eval mode, diffusion, config dict, checkpoint) rebuilt from a checkpoint alone."""
     ckpt = load_checkpoint(path)
+    if not (isinstance(ckpt, dict) and {"config", "ema", "num_classes"} <= set(ckpt)):
+        raise UserError(f"{path} is not a model checkpoint from train.py (an extraction cache file?); "
+                        "pass the ckpt.pt that train.py wrote")
     try:
         cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+        check_fields(cfg)  # e.g. a schedule name this code does not know
         model, diffusion = build(cfg, ckpt["num_classes"], device)
         model.load_state_dict(ckpt["ema"])
-    except (KeyError, RuntimeError, TypeError) as e:
+    except (KeyError, RuntimeError, TypeError, ValueError, UserError) as e:
         raise UserError(f"{path} does not match this code's model ({str(e).splitlines()[0]}); retrain it with train.py") from None
     if expect_size is not None and expect_size != cfg.image_size:
         raise UserError(f"{path} was trained at {cfg.image_size} px but the data is {expect_size} px; "

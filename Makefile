@@ -8,7 +8,7 @@ OUT     ?= results
 PIP_FIND_LINKS ?= /opt/wheels
 export PIP_FIND_LINKS
 
-.PHONY: install test smoke bench reproduce clean
+.PHONY: install test smoke bench reproduce mutate clean
 
 install: $(VENV)/.installed  ## create the virtual environment and install requirements.txt
 
@@ -28,6 +28,9 @@ bench: install  ## training/sampling images/s, parameter count, nearest-neighbou
 
 reproduce: install  ## the paper's Table 1 and conditional-memorization analysis -> $(OUT)/REPORT.md (PROFILE=cpu|gpu)
 	$(PY) reproduce.py --profile $(PROFILE) --out $(OUT)
+
+mutate: install  ## mutation testing of the equation code (~25 min, one thread): killed/survived per mutant and the score
+	OMP_NUM_THREADS=1 $(PY) mutate.py
 
 clean:  ## remove outputs and caches (not the virtual environment)
 	rm -rf results runs .pytest_cache __pycache__ tests/__pycache__

@@ -37,8 +37,7 @@ def test_summary_has_every_required_field(smoke):
     labellings = [c["labelling"] for c in s["conditional"]]
     assert labellings == ["none", "informative", "random"]
     for c in s["conditional"]:
-        assert ROW_FIELDS <= set(c) and c["divergence"]["stderr"] >= 0
-        assert c["divergence"]["upper_bound"] is True
+        assert ROW_FIELDS <= set(c)  # (no `stderr >= 0` / `upper_bound is True`: they could not fail)
 
 
 def test_report_and_pictures_are_written(smoke):

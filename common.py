@@ -108,7 +108,7 @@ def field_problem(f, value, cfg=None):
         if v in m.get("allow", ()) or isinstance(v, bool) or not isinstance(v, (int, float, str)):
             continue
         if m.get("choices") is not None and v not in m["choices"]:
-            return f"{name} {v!r} is not one of {', '.join(map(str, m['choices']))}"
+            return f"{name} {v!r}: expected one of {', '.join(map(str, m['choices']))}"
         lo, hi, gt, lt = (_bound(cfg, m.get(k)) if cfg is not None or not isinstance(m.get(k), str) else None
                           for k in ("lo", "hi", "gt", "lt"))
         if isinstance(v, float) and not math.isfinite(v):
@@ -118,12 +118,12 @@ def field_problem(f, value, cfg=None):
         bad = ((lo is not None and v < lo) or (hi is not None and v > hi) or (gt is not None and v <= gt)
                or (lt is not None and v >= lt))
         if bad:
-            return f"{name} {_show(value)} must be {describe_range(f, cfg)} ({m['help']})"
+            return f"{name} {_show(value)}: expected {describe_range(f, cfg)} ({m['help']})"
     return None
 
 
 def describe_range(f, cfg=None):
-    """The valid values of a field in words, e.g. '>= 1', 'in [0, 1]', '> 0', 'one of a, b'."""
+    """The valid values of a field in words, e.g. '>= 1', '>= 0.0 and < 1.0', 'each >= 2', 'one of a, b'."""
     m = f.metadata
     val = (lambda k: f"{m[k]}={_bound(cfg, m[k])}" if isinstance(m[k], str) and cfg is not None else str(m[k]))
     if m.get("choices") is not None:
@@ -152,6 +152,10 @@ def check_fields(cfg):
 METAVAR = {int: "N", float: "X", str: "TEXT", bool: "BOOL", tuple: "A,B,..."}
 
 
+def choices_metavar(meta):
+    return "{" + ",".join(map(str, meta["choices"])) + "}" if meta.get("choices") is not None else None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one `error:` line and exit 2, like a UserError (no usage block)
         print(f"error: {message} (see --help)", file=sys.stderr)
@@ -170,7 +174,7 @@ def config_parser(cls, description, parser=None):
         parse = lambda s, f=f: _parse_field(f, s)  # noqa: E731
         parse.__name__ = _kind(f).__name__  # argparse names the type in some messages
         p.add_argument(flag_name(f), dest=f.name, default=default, **flag, type=parse,
-                       metavar=meta.get("metavar") or METAVAR[_kind(f)], help=helptext.replace("%", "%%"))
+                       metavar=meta.get("metavar") or choices_metavar(meta) or METAVAR[_kind(f)], help=helptext.replace("%", "%%"))
     return p
 
 

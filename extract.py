@@ -18,6 +18,8 @@ Methods, all at the same N_G, sampler, steps and generation seeds (SPEC Sec. 2):
 Every stage is cached in OUT/cache under a name that hashes the settings it depends on, so a rerun,
 a sweep or an interrupted run reuses what is done; generations are cached batch by batch. Outputs
 (written atomically): samples.npz, metrics.json, REPORT.md, grids/*.png, and sweep_*.{json,png}.
+A rerun into a folder with results adds its methods beside the earlier ones when every setting that
+changes results matches; otherwise it is refused before any work unless --overwrite is given.
 Generation i of every method uses the noise of sample_generators(seed, [i]): each image can be
 regenerated alone from its recorded seed and index.
 """
@@ -444,6 +446,7 @@ def write_outputs(run, cfg, chosen, results, samples, sweeps, seconds):
     ms = list(samples)
     old = None if cfg.overwrite else previous(run.out)
     kept = [m for m in (old or {}).get("methods", {}) if m not in ms]
+    kept = kept if os.path.exists(os.path.join(run.out, "samples.npz")) else []  # their images are gone
     cols = dict(images=[samples[m][0] for m in ms], method=[[m] * len(samples[m][0]) for m in ms],
                 cluster=[samples[m][1].get("cluster", np.full(len(samples[m][0]), -1)) for m in ms],
                 index=[np.arange(len(samples[m][0])) for m in ms])

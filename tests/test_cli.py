@@ -141,7 +141,7 @@ def test_help_shows_each_default_once_with_its_range(capsys):
 def test_messages_echo_values_as_typed_and_name_real_flags(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, err = run(reproduce.main, ["--sizes", "1"], capsys, tmp_path)
-    assert_one_error(code, err, "--sizes 1", "--sizes 1 must be")
+    assert_one_error(code, err, "--sizes 1", "--sizes 1: expected each >= 2")
     assert "1.0" not in err[0]
     code, err = run(reproduce.main, ["--sizes", "8.5"], capsys, tmp_path)
     assert_one_error(code, err, "--sizes 8.5", "expected an integer")

@@ -142,3 +142,68 @@ def test_time_dependent_classifier_is_trained_on_noised_images():
     d = ddpm.Diffusion(100)
     _, report = side.train_classifier(x, y, diffusion=d, steps=120, batch=32, width=8, holdout=0.3, log=None, seed=1)
     assert report["heldout_acc_by_t"][25] > 0.9 and report["heldout_acc_by_t"][0] > 0.9
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_clipped_x0_and_the_eps_it_implies_drive_every_step(prediction):
+    """Data at 3.0 (outside [-1, 1]): with clip_x0 every x̂_0 is clamped to 1 and ε recomputed from it,
+    so DDIM η=0 follows x_prev = sqrt(ᾱ_prev)·1 + sqrt(1-ᾱ_prev)·(x - sqrt(ᾱ)·1)/sqrt(1-ᾱ) exactly,
+    from the same x_T, and ends at 1; without clipping it ends at 3."""
+    T, steps = 50, 5
+    d = ddpm.Diffusion(T, "linear", prediction)
+
+    class Three(torch.nn.Module):
+        channels, image_size = 3, 2
+
+        def forward(self, x, t, y=None):
+            ab = d.f64["alphas_cumprod"][t].reshape(-1, 1, 1, 1).double()
+            eps = (x.double() - ab.sqrt() * 3.0) / (1 - ab).sqrt()
+            return (eps if prediction == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * 3.0).float()
+    seen = []
+    x = d.sample(Three(), 2, ddpm.sample_generators(4, range(2)), steps=steps, eta=0.0,
+                 callback=lambda i, t, xt, x0: seen.append(xt.double().clone()))
+    assert torch.equal(x, torch.ones_like(x))
+    ref = torch.stack([torch.randn((3, 2, 2), generator=g) for g in ddpm.sample_generators(4, range(2))]).double()
+    ab = d.f64["alphas_cumprod"].numpy()
+    seq = our_timesteps(T, steps)
+    for i in range(len(seq) - 1, -1, -1):
+        a, ap = ab[seq[i]], (ab[seq[i - 1]] if i else 1.0)
+        ref = math.sqrt(ap) + math.sqrt(1 - ap) * (ref - math.sqrt(a)) / math.sqrt(1 - a)
+        assert torch.allclose(seen[len(seq) - 1 - i], ref, atol=1e-4), i
+    free = d.sample(Three(), 2, ddpm.sample_generators(4, range(2)), steps=steps, eta=0.0, clip_x0=False)
+    assert torch.allclose(free, torch.full_like(free, 3.0), atol=1e-3)
+
+
+def test_squared_distances_and_singleton_cohesion_by_hand():
+    import side
+    gen = torch.Generator().manual_seed(0)
+    Z, C = 0.1 * torch.randn(7, 3, generator=gen), 0.1 * torch.randn(2, 3, generator=gen)  # distances well below 1
+    ref = ((Z[:, None].double() - C[None].double()) ** 2).sum(-1)
+    assert torch.allclose(side._sqdist(Z, C).double(), ref, atol=1e-6)
+    assign = torch.tensor([0, 0, 0, 0, 0, 0, 1])  # cluster 1 has a single member
+    coh = side.cluster_cohesion(Z, assign, C)
+    cos = torch.nn.functional.cosine_similarity(Z.double(), C.double()[assign], dim=1)
+    assert coh[1].item() == pytest.approx(cos[6].item(), abs=1e-6)
+    assert coh[0].item() == pytest.approx(cos[:6].mean().item(), abs=1e-6)
+
+
+def test_guidance_error_names_the_first_timestep_of_the_batch():
+    import side
+    from common import UserError
+    clf = side.TimeResNet(2, image_size=8, width=8, T=100).eval()
+    clf.fc.weight.data.fill_(float("nan"))
+    with pytest.raises(UserError, match="timestep 7;"):
+        side.guidance(clf, 0, 1.0)(torch.randn(2, 3, 8, 8), torch.tensor([7, 9]))
+
+
+def test_ams_ums_on_a_hand_made_distance_matrix():
+    """The L2 branch of Section 3: the nearest match is the smallest distance; bands (lo, hi], [0, hi]."""
+    import metrics
+    D = np.array([[0.05, 0.075, 0.5],
+                  [0.09, 0.06, 0.2],
+                  [0.3, 0.2, 0.0]])
+    ams, ums = metrics.ams_ums(D, metrics.L2_BANDS, "l2")
+    # nearest: 0.05 (high), 0.06 (high), 0.0 (high); AMS high 100 %
+    assert ams == pytest.approx({"low": 0.0, "mid": 0.0, "high": 100.0})
+    # high (<= 0.07): items 0, 1, 2; mid (0.07, 0.08]: item 1 (0.075); low (0.08, 0.095]: item 0 (0.09)
+    assert ums == pytest.approx({"low": 100 / 3, "mid": 100 / 3, "high": 100.0})

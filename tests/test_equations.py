@@ -7,8 +7,12 @@ They were added until every mutant of `python mutate.py` in these functions was 
     variance propagated here, step by step, from Song et al. Eq. 12/16 and Ho et al. Eq. 7 in float64;
     the sampler's empirical moments must match at several η, step counts and both network targets,
     with and without a constant guidance gradient (Dhariwal & Nichol's ε̂);
-  - the training loss against its definition; the respaced timesteps; the linear schedule's clip;
-  - the time-dependent classifier really trains on noised images: at large t only it can classify.
+  - clipping: data outside [-1, 1] makes every step use the clamped x̂_0 and the ε it implies; the
+    ancestral noise is the image's own generator's, step by step (hand-computed trajectories);
+  - the training loss against its definition; the respaced timesteps; the schedules' length and clip;
+  - the time-dependent classifier really trains on noised images: at large t only it can classify;
+  - squared distances and cohesion (a singleton cluster) by hand; the L2 branch of AMS/UMS by hand.
+Equivalent mutants (no test can kill them) are listed in mutate.py's docstring.
 """
 import math
 
@@ -144,34 +148,59 @@ def test_time_dependent_classifier_is_trained_on_noised_images():
     assert report["heldout_acc_by_t"][25] > 0.9 and report["heldout_acc_by_t"][0] > 0.9
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_clipped_x0_and_the_eps_it_implies_drive_every_step(prediction):
-    """Data at 3.0 (outside [-1, 1]): with clip_x0 every x̂_0 is clamped to 1 and ε recomputed from it,
-    so DDIM η=0 follows x_prev = sqrt(ᾱ_prev)·1 + sqrt(1-ᾱ_prev)·(x - sqrt(ᾱ)·1)/sqrt(1-ᾱ) exactly,
-    from the same x_T, and ends at 1; without clipping it ends at 3."""
+@pytest.mark.parametrize("prediction,level", [("eps", 3.0), ("v", 3.0), ("eps", -3.0)])
+def test_clipped_x0_and_the_eps_it_implies_drive_every_step(prediction, level):
+    """Data at ±3 (outside [-1, 1]): with clip_x0 every x̂_0 is clamped to c = ±1 and ε recomputed from it,
+    so DDIM η=0 follows x_prev = sqrt(ᾱ_prev)·c + sqrt(1-ᾱ_prev)·(x - sqrt(ᾱ)·c)/sqrt(1-ᾱ) exactly,
+    from the same x_T, and ends at c; without clipping it ends at ±3."""
     T, steps = 50, 5
     d = ddpm.Diffusion(T, "linear", prediction)
+    c = math.copysign(1.0, level)
 
     class Three(torch.nn.Module):
         channels, image_size = 3, 2
 
         def forward(self, x, t, y=None):
             ab = d.f64["alphas_cumprod"][t].reshape(-1, 1, 1, 1).double()
-            eps = (x.double() - ab.sqrt() * 3.0) / (1 - ab).sqrt()
-            return (eps if prediction == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * 3.0).float()
+            eps = (x.double() - ab.sqrt() * level) / (1 - ab).sqrt()
+            return (eps if prediction == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * level).float()
     seen = []
     x = d.sample(Three(), 2, ddpm.sample_generators(4, range(2)), steps=steps, eta=0.0,
                  callback=lambda i, t, xt, x0: seen.append(xt.double().clone()))
-    assert torch.equal(x, torch.ones_like(x))
+    assert torch.equal(x, torch.full_like(x, c))
     ref = torch.stack([torch.randn((3, 2, 2), generator=g) for g in ddpm.sample_generators(4, range(2))]).double()
     ab = d.f64["alphas_cumprod"].numpy()
     seq = our_timesteps(T, steps)
     for i in range(len(seq) - 1, -1, -1):
         a, ap = ab[seq[i]], (ab[seq[i - 1]] if i else 1.0)
-        ref = math.sqrt(ap) + math.sqrt(1 - ap) * (ref - math.sqrt(a)) / math.sqrt(1 - a)
+        ref = math.sqrt(ap) * c + math.sqrt(1 - ap) * (ref - math.sqrt(a) * c) / math.sqrt(1 - a)
         assert torch.allclose(seen[len(seq) - 1 - i], ref, atol=1e-4), i
     free = d.sample(Three(), 2, ddpm.sample_generators(4, range(2)), steps=steps, eta=0.0, clip_x0=False)
-    assert torch.allclose(free, torch.full_like(free, 3.0), atol=1e-3)
+    assert torch.allclose(free, torch.full_like(free, level), atol=1e-3)
+
+
+def test_ddpm_steps_add_the_noise_of_the_images_own_generator():
+    """generators[i] gives x_T first, then one N(0, I) draw per step but the last: the ancestral
+    trajectory of the one-image denoiser (x̂_0 = 0) is x_prev = μ̃(0, x) + σ̃ z, recomputed here by hand."""
+    T, steps = 20, 4
+    d = ddpm.Diffusion(T, "linear", "eps")
+
+    class Zero(torch.nn.Module):
+        channels, image_size = 3, 2
+
+        def forward(self, x, t, y=None):  # ε̂ = x_t / sqrt(1-ᾱ): the exact denoiser of data at 0
+            return (x.double() / (1 - d.f64["alphas_cumprod"][t].reshape(-1, 1, 1, 1)).sqrt()).float()
+    seen = []
+    d.sample(Zero(), 2, ddpm.sample_generators(5, range(2)), steps=steps, sampler="ddpm",
+             callback=lambda i, t, xt, x0: seen.append(xt.double().clone()))
+    gens = ddpm.sample_generators(5, range(2))
+    draw = lambda: torch.stack([torch.randn((3, 2, 2), generator=g) for g in gens]).double()  # noqa: E731
+    x, ab, seq = draw(), d.f64["alphas_cumprod"].numpy(), our_timesteps(T, steps)
+    for i in range(len(seq) - 1, -1, -1):
+        a, ap = ab[seq[i]], (ab[seq[i - 1]] if i else 1.0)
+        beta = 1 - a / ap
+        x = math.sqrt(1 - beta) * (1 - ap) / (1 - a) * x + (math.sqrt(beta * (1 - ap) / (1 - a)) * draw() if i else 0)
+        assert torch.allclose(seen[len(seq) - 1 - i], x, atol=1e-5), i
 
 
 def test_squared_distances_and_singleton_cohesion_by_hand():

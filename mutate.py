@@ -13,6 +13,13 @@ file is written into a scratch copy of the repository and the file's fast tests 
 `pytest -x -q` and a per-mutant timeout: a failing test (or a timeout) kills the mutant. Prints one
 line per mutant (KILLED/SURVIVED, file:line, original -> mutant) and the score. Needs only the
 standard library and pytest; single-threaded (OMP_NUM_THREADS=1).
+
+Measured (issue 13; 328 mutants, ~30 min on one shared core): 234/328 killed (71.3 %) with the tests
+before tests/test_equations.py; 324/328 (98.8 %) after (`python mutate.py --rerun BEFORE.log` reruns only
+the survivors). The 4 survivors are equivalent mutants, which no test can kill:
+  ddpm.py  `i > 0` -> `i >= 0` and `sigma > 0` -> `sigma >= 0` in the noise step of Diffusion.sample:
+           at i = 0 (ᾱ_prev = 1) and at η = 0, σ is exactly 0, so mean + σ·z is the mean either way;
+  metrics.py  the two constants of log_q_eps's chunk size: the same sum in other blocks.
 """
 import argparse
 import ast

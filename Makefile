@@ -9,7 +9,7 @@ SEED    ?= 0
 PIP_FIND_LINKS ?= /opt/wheels
 export PIP_FIND_LINKS
 
-.PHONY: install extras test test-extras smoke bench reproduce calibrate gpu-check clean
+.PHONY: install extras test test-extras smoke bench reproduce calibrate gpu-check mutate clean
 
 install: $(VENV)/.installed  ## create the virtual environment and install requirements.txt
 
@@ -49,6 +49,9 @@ gpu-check: install  ## on a CUDA machine: bench at the gpu profile's shapes, GPU
 	  $(PY) -m pytest -q tests/test_gpu.py; \
 	  $(PY) reproduce.py --profile gpu --seed $(SEED) --out $(OUT)/gpu && grep -A40 '^## Verdict' $(OUT)/gpu/REPORT.md; \
 	} 2>&1 | tee $(OUT)/gpu/GPU_CHECK.txt
+
+mutate: install  ## mutation testing of the equation code (~25 min, one thread): killed/survived per mutant and the score
+	OMP_NUM_THREADS=1 $(PY) mutate.py
 
 clean:  ## remove outputs and caches (not the virtual environment)
 	rm -rf results runs .pytest_cache __pycache__ tests/__pycache__

@@ -35,45 +35,40 @@ import metrics
 import reproduce
 import side
 import train
-from common import check, field, parse_config, resolve_device, run_main
+from common import check_fields, field, parse_config, resolve_device, run_main
 
 TC = train.TrainConfig  # the defaults this benchmark measures
 
 
 @dataclass
 class BenchConfig:
-    image_size: int = field(32, "resolution of the measured model (the issue asks for the default model at 32 px)")
-    base: int = field(TC.base, "UNet base width (train.py's default)")
-    mults: tuple = field(TC.mults, "width multiplier per level (train.py's default)")
-    num_res_blocks: int = field(TC.num_res_blocks, "residual blocks per level (train.py's default)")
-    attn_res: tuple = field(TC.attn_res, "resolutions with self-attention (train.py's default)")
-    T: int = field(TC.T, "diffusion steps (train.py's default)")
+    image_size: int = field(32, "resolution of the measured model (the issue asks for the default model at 32 px)", lo=8)
+    base: int = field(TC.base, "UNet base width (train.py's default)", lo=8)
+    mults: tuple = field(TC.mults, "width multiplier per level (train.py's default)", elem=int, lo=1, nonempty=True)
+    num_res_blocks: int = field(TC.num_res_blocks, "residual blocks per level (train.py's default)", lo=1)
+    attn_res: tuple = field(TC.attn_res, "resolutions with self-attention (train.py's default)", elem=int, lo=1)
+    T: int = field(TC.T, "diffusion steps (train.py's default)", lo=2)
     prediction: str = field(TC.prediction, "network target (train.py's default)", choices=["eps", "v"])
-    batch: int = field(TC.batch, "training batch (train.py's default)")
-    warmup_steps: int = field(2, "untimed optimiser steps first (allocator and kernel selection settle)")
-    train_steps: int = field(5, "timed optimiser steps; 5 keeps the CPU run to seconds")
-    sample_batch: int = field(16, "images per sampling batch")
-    sample_steps: int = field(extract.ExtractConfig.sample_steps, "the step count images/s is reported for (extract.py's default)")
-    time_steps: int = field(5, "denoising steps actually timed per sampler (scaled to --sample-steps)")
-    repeats: int = field(3, "each timing is repeated and the fastest kept: other jobs on a shared machine only slow runs down")
-    eta: float = field(extract.ExtractConfig.eta, "DDIM η (extract.py's default; the cost does not depend on it)")
-    n_nn: int = field(20000, "items per side of the nearest-neighbour benchmark (the issue: 20,000 x 20,000)")
-    threads: int = field(0, "torch intra-op threads (0 = torch's default, all cores)")
-    device: str = field("auto", "auto, cpu or cuda[:N]")
-    seed: int = field(0, "seed of the weights, inputs and sampling noise")
-    reproduce: str = field("cpu", "also measure the model and batch shapes of this reproduce.py profile ('' = skip)")
+    batch: int = field(TC.batch, "training batch (train.py's default)", lo=1)
+    warmup_steps: int = field(2, "untimed optimiser steps first (allocator and kernel selection settle)", lo=0)
+    train_steps: int = field(5, "timed optimiser steps; 5 keeps the CPU run to seconds", lo=1)
+    sample_batch: int = field(16, "images per sampling batch", lo=1)
+    sample_steps: int = field(extract.ExtractConfig.sample_steps, "the step count images/s is reported for (extract.py's default)", lo=1, hi="T")
+    time_steps: int = field(5, "denoising steps actually timed per sampler (scaled to --sample-steps)", lo=1, hi="sample_steps")
+    repeats: int = field(3, "each timing is repeated and the fastest kept: other jobs on a shared machine only slow runs down", lo=1)
+    eta: float = field(extract.ExtractConfig.eta, "DDIM η (extract.py's default; the cost does not depend on it)", lo=0.0, hi=1.0)
+    n_nn: int = field(20000, "items per side of the nearest-neighbour benchmark (the issue: 20,000 x 20,000)", lo=1)
+    threads: int = field(0, "torch intra-op threads (0 = torch's default, all cores)", lo=0)
+    device: str = field("auto", "auto, cpu or cuda[:N]", nonempty=True)
+    seed: int = field(0, "seed of the weights, inputs and sampling noise", lo=0)
+    reproduce: str = field("cpu", "also measure the model and batch shapes of this reproduce.py profile ('' = skip)",
+                           choices=["", *reproduce.PROFILES])
     compile: bool = field(False, "also time torch.compile'd training at the reproduce shapes (a minute of compiling)")
 
 
 def validate(cfg):
-    check(min(cfg.batch, cfg.train_steps, cfg.sample_batch, cfg.time_steps, cfg.repeats) >= 1 and cfg.warmup_steps >= 0,
-          "--batch, --train-steps, --sample-batch, --time-steps and --repeats must be >= 1 (--warmup-steps >= 0)")
-    check(cfg.time_steps <= cfg.sample_steps <= cfg.T,
-          f"need --time-steps {cfg.time_steps} <= --sample-steps {cfg.sample_steps} <= --T {cfg.T}")
-    check(cfg.n_nn >= 1, f"--n-nn {cfg.n_nn} must be >= 1")
-    check(cfg.threads >= 0, f"--threads {cfg.threads} must be >= 0 (0 = torch's default)")
-    check(cfg.reproduce in ("", *reproduce.PROFILES), f"--reproduce {cfg.reproduce!r}: choose one of "
-          f"{', '.join(reproduce.PROFILES)} or '' to skip")
+    check_fields(cfg)  # the ranges declared above
+    train.validate_model(cfg)
 
 
 def n_params(model):

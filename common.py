@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -34,47 +35,155 @@ def run_main(main, argv=None):
 
 
 # ----------------------------------------------------------------------------- config -> flags
+# Each field declares its valid values beside its reason (see `field`); the type check, the range
+# check, the --help text and the error message are all generated from that one declaration.
+
+def field(default, help, lo=None, hi=None, gt=None, lt=None, choices=None, nonempty=False, elem=None, allow=(), **meta):
+    """A dataclass field carrying its one-line reason (the flag's help) and its valid values:
+    `lo`/`hi` inclusive bounds and `gt`/`lt` exclusive ones (each a number, or the name of another
+    field, e.g. hi="T"); `choices` the allowed values; `nonempty` refuses '' and (); `elem` the element
+    type of a tuple field (applied with the bounds/choices to each element); `allow` special values
+    accepted outside the range (e.g. -1 = "same as λ"). Floats must be finite."""
+    meta = dict(help=help, lo=lo, hi=hi, gt=gt, lt=lt, choices=choices, nonempty=nonempty, elem=elem, allow=tuple(allow), **meta)
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_name(f):
+    return "--" + f.name.replace("_", "-")
+
+
+def _kind(f):
+    return f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool,
+                                                     "tuple": tuple}[f.type]
+
+
+def _elem(f):
+    return f.metadata.get("elem") or (type(f.default[0]) if f.default else float)
+
+
+def _show(v):
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def _scalar(kind, text):
+    """Parse one value of type `kind`; a ValueError names what was expected."""
+    names = {int: "an integer", float: "a number", str: "text"}
+    try:
+        v = kind(text.strip()) if kind is not str else text
+    except ValueError:
+        raise ValueError(f"expected {names[kind]}, got {text!r}") from None
+    if kind is float and not math.isfinite(v):
+        raise ValueError(f"expected a finite number, got {text!r}")
+    return v
+
 
 def _parse_field(f, text):
-    kind = f.type if isinstance(f.type, type) else eval(f.type, {}, {})  # noqa: S307 (type names only)
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-    if kind is tuple:  # comma-separated; elements typed like the default's first element
-        elem = type(f.default[0]) if f.default else float
-        return tuple(elem(v) for v in text.split(",") if v != "")
-    return kind(text)
+    kind = _kind(f)
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected true/false, got {text!r}")
+        if kind is tuple:  # comma-separated; elements of the declared type
+            return tuple(_scalar(_elem(f), v) for v in text.split(",") if v.strip() != "")
+        return _scalar(kind, text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _bound(cfg, b):
+    return getattr(cfg, b) if isinstance(b, str) else b
+
+
+def field_problem(f, value, cfg=None):
+    """Why `value` is not valid for field `f` (a message naming the flag), or None."""
+    m, name = f.metadata, flag_name(f)
+    if m.get("nonempty") and value in ("", ()):
+        return f"{name} must not be empty ({m['help']})"
+    for v in (value if isinstance(value, tuple) else (value,)):
+        if v in m.get("allow", ()) or isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            continue
+        if m.get("choices") is not None and v not in m["choices"]:
+            return f"{name} {v!r}: expected one of {', '.join(map(str, m['choices']))}"
+        lo, hi, gt, lt = (_bound(cfg, m.get(k)) if cfg is not None or not isinstance(m.get(k), str) else None
+                          for k in ("lo", "hi", "gt", "lt"))
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"{name} {v} must be a finite number"
+        if isinstance(v, str):
+            continue
+        bad = ((lo is not None and v < lo) or (hi is not None and v > hi) or (gt is not None and v <= gt)
+               or (lt is not None and v >= lt))
+        if bad:
+            return f"{name} {_show(value)}: expected {describe_range(f, cfg)} ({m['help']})"
+    return None
+
+
+def describe_range(f, cfg=None):
+    """The valid values of a field in words, e.g. '>= 1', '>= 0.0 and < 1.0', 'each >= 2', 'one of a, b'."""
+    m = f.metadata
+    val = (lambda k: f"{m[k]}={_bound(cfg, m[k])}" if isinstance(m[k], str) and cfg is not None else str(m[k]))
+    if m.get("choices") is not None:
+        text = "one of " + ", ".join(map(str, m["choices"]))
+    else:
+        low = f">= {val('lo')}" if m.get("lo") is not None else f"> {val('gt')}" if m.get("gt") is not None else ""
+        high = f"<= {val('hi')}" if m.get("hi") is not None else f"< {val('lt')}" if m.get("lt") is not None else ""
+        text = " and ".join(t for t in (low, high) if t)
+    if text and _kind(f) is tuple:
+        text = "each " + text
+    if m.get("allow"):
+        text += (" or " if text else "") + " or ".join(map(str, m["allow"]))
+    if m.get("nonempty"):
+        text += (", " if text else "") + "not empty"
+    return text
+
+
+def check_fields(cfg):
+    """Every field of a config instance against its declaration; the first problem as a UserError."""
+    for f in dataclasses.fields(cfg):
+        problem = field_problem(f, getattr(cfg, f.name), cfg)
+        if problem:
+            raise UserError(problem)
+
+
+METAVAR = {int: "N", float: "X", str: "TEXT", bool: "BOOL", tuple: "A,B,..."}
+
+
+def choices_metavar(meta):
+    return "{" + ",".join(map(str, meta["choices"])) + "}" if meta.get("choices") is not None else None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one `error:` line and exit 2, like a UserError (no usage block)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def config_parser(cls, description, parser=None):
-    """An argparse parser with one `--flag` per dataclass field; help = field metadata['help']."""
-    p = parser or argparse.ArgumentParser(description=description,
-                                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """An argparse parser with one `--flag` per dataclass field; help = reason [valid values] (default)."""
+    p = parser or _Parser(description=description)
     for f in dataclasses.fields(cls):
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        flag = dict(nargs="?", const=True) if f.type in (bool, "bool") else {}  # a bare `--resume` means true
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default, **flag,
-                       type=lambda s, f=f: _parse_field(f, s), choices=meta.get("choices"),
-                       metavar=meta.get("metavar"), help=f"{meta.get('help', '')} (default: {shown})")
+        rng = describe_range(f)
+        helptext = f"{meta.get('help', '')}" + (f" [{rng}]" if rng else "") + f" (default: {_show(default) or chr(39) * 2})"
+        flag = dict(nargs="?", const=True) if _kind(f) is bool else {}  # a bare `--resume` means true
+        parse = lambda s, f=f: _parse_field(f, s)  # noqa: E731
+        parse.__name__ = _kind(f).__name__  # argparse names the type in some messages
+        p.add_argument(flag_name(f), dest=f.name, default=default, **flag, type=parse,
+                       metavar=meta.get("metavar") or choices_metavar(meta) or METAVAR[_kind(f)], help=helptext.replace("%", "%%"))
     return p
 
 
 def parse_config(cls, argv, description):
-    """Parse argv into a `cls` instance; unknown flags are rejected by argparse (exit 2)."""
+    """Parse argv into a `cls` instance and check every field's declared range (exit 2 / UserError)."""
     args = config_parser(cls, description).parse_args(argv)
-    return cls(**vars(args))
-
-
-def field(default, help, **meta):
-    """A dataclass field carrying its one-line reason (shown as the flag's help)."""
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: default, metadata=dict(help=help, **meta))
-    return dataclasses.field(default=default, metadata=dict(help=help, **meta))
+    cfg = cls(**vars(args))
+    check_fields(cfg)
+    return cfg
 
 
 def check(cond, message):
@@ -85,13 +194,42 @@ def check(cond, message):
 
 # ----------------------------------------------------------------------------- files
 
+def _umask():
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def check_writable(path, flag, folder=True):
+    """Fail early (before any work) unless `path` is, or can be created as, a writable folder
+    (folder=True) or file: an existing file where a folder is wanted (or the reverse), a file in the
+    way of the path, or a read-only location each give one line naming the flag."""
+    path = os.path.abspath(os.fspath(path))
+    want = "folder" if folder else "file"
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise UserError(f"{flag} {path} is an existing {'file' if folder else 'folder'}, not a {want}; choose another {flag}")
+    anc = path if folder and os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.exists(anc):
+        anc = os.path.dirname(anc)
+    if not os.path.isdir(anc):
+        raise UserError(f"{flag} {path}: {anc} is a file, so the {want} cannot be created; choose another {flag}")
+    if os.statvfs(anc).f_flag & os.ST_RDONLY:  # os.access says yes to root even there
+        raise UserError(f"{flag} {path}: {anc} is on a read-only filesystem; choose a writable {flag}")
+    if not os.access(anc, os.W_OK | os.X_OK):  # checked without writing anything (no probe file)
+        raise UserError(f"{flag} {path}: cannot write in {anc} (permission denied); choose a writable {flag}")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path} is read-only; choose a writable {flag}")
+
+
 def atomic_write_bytes(path, data):
-    """Write bytes to `path` via a temp file in the same folder and os.replace (never half-written)."""
+    """Write bytes to `path` via a temp file in the same folder and os.replace (never half-written).
+    The file gets the permissions a plain open() would (0666 minus the umask), not mkstemp's 0600."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

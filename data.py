@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from common import UserError, atomic_write_bytes, check, field, parse_config, run_main
+from common import UserError, atomic_write_bytes, check, check_writable, field, parse_config, run_main
 from metrics import MetricsInputError, load_images
 
 # ----------------------------------------------------------------------------- procedural faces
@@ -213,7 +213,7 @@ def load_data(spec="faces", size=32, n=None, seed=0, label_attr=None):
         check(labels.min() >= 0, f"{spec}: `labels` must be class indices >= 0, got {labels.min()}")
         label_names = [str(k) for k in range(int(labels.max()) + 1)]
     if n is not None:  # a nested seeded sample: the first n of one permutation of the files
-        check(n <= len(images), f"{n} training images asked for, but {spec} holds only {len(images)} images")
+        check(n <= len(images), f"{n} images asked for (--n-train / --n), but {spec} holds only {len(images)}")
         pick = np.random.default_rng(seed).permutation(len(images))[:n]
         images, labels = images[pick], (None if labels is None else labels[pick])
     labels = None if labels is None else np.asarray(labels, np.int64)
@@ -262,15 +262,16 @@ def save_grid(images, path, nrow=8, pad=2):
 
 @dataclass
 class PreviewConfig:
-    data: str = field("faces", "dataset: faces, a folder of images, or an .npz file")
-    size: int = field(32, "image side in pixels")
-    n: int = field(64, "images to show")
-    seed: int = field(0, "seed of the procedural faces")
-    out: str = field("faces.png", "where the grid PNG goes")
+    data: str = field("faces", "dataset: faces, a folder of images, or an .npz file", nonempty=True)
+    size: int = field(32, "image side in pixels", lo=8)
+    n: int = field(64, "images to show", lo=1)
+    seed: int = field(0, "seed of the procedural faces", lo=0)
+    out: str = field("faces.png", "where the grid PNG goes", nonempty=True)
 
 
 def main(argv=None):
     cfg = parse_config(PreviewConfig, argv, "Write a grid of the first n images of a dataset.")
+    check_writable(cfg.out, "--out", folder=False)
     ds = load_data(cfg.data, cfg.size, cfg.n, cfg.seed)
     save_grid(ds.images, cfg.out, nrow=int(np.ceil(np.sqrt(len(ds.images)))))
     print(f"{ds.source}: {len(ds.images)} images, {len(ds.label_names)} classes -> {cfg.out}")

@@ -18,6 +18,8 @@ Methods, all at the same N_G, sampler, steps and generation seeds (SPEC Sec. 2):
 Every stage is cached in OUT/cache under a name that hashes the settings it depends on, so a rerun,
 a sweep or an interrupted run reuses what is done; generations are cached batch by batch. Outputs
 (written atomically): samples.npz, metrics.json, REPORT.md, grids/*.png, and sweep_*.{json,png}.
+A rerun into a folder with results adds its methods beside the earlier ones when every setting that
+changes results matches; otherwise it is refused before any work unless --overwrite is given.
 Generation i of every method uses the noise of sample_generators(seed, [i]): each image can be
 regenerated alone from its recorded seed and index.
 """
@@ -40,8 +42,8 @@ import ddpm
 import metrics
 import models
 import side
-from common import (Progress, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, check, field,
-                    load_checkpoint, parse_config, resolve_device, run_main, save_checkpoint)
+from common import (Progress, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, check,
+                    check_fields, check_writable, field, load_checkpoint, parse_config, resolve_device, run_main, save_checkpoint)
 from report import extraction_table, grid_of_matches, line_plot
 from runtime import autocast, local_device, setup_distributed
 
@@ -51,59 +53,102 @@ METHODS = ("uncond", "cond", "side", "side_random", "uncond_budget")
 @dataclass
 class ExtractConfig:
     ckpt: str = field("runs/model/ckpt.pt", "the model to audit: a train.py checkpoint, a diffusers UNet2DModel or "
-                      "pipeline folder, or a TorchScript ε-model with a .json beside it (models.py)")
+                      "pipeline folder, or a TorchScript ε-model with a .json beside it (models.py)", nonempty=True)
     out: str = field("", "run folder (default: next to the checkpoint, extract/)")
     data: str = field("", "training data to evaluate against (default: a train.py checkpoint's own --data; "
                       "required for other models)")
-    methods: str = field("uncond,cond,side", "comma-separated subset of uncond,cond,side,side_random")
-    n_gen: int = field(512, "N_G, generations per method (the paper: 5,120-51,200 at CelebA scale)")
-    n_syn: int = field(1024, "N_syn, unconditional samples that SIDE clusters (Alg. 1, step 1)")
-    K: int = field(16, "K-means clusters (paper: 100 for 50k samples; scaled to N_syn)")
-    tau: float = field(0.5, "cohesion threshold τ: keep clusters whose mean cosine to the centroid is >= τ (paper: 0.5)")
+    methods: str = field("uncond,cond,side", "comma-separated subset of uncond,cond,side,side_random,uncond_budget", nonempty=True)
+    n_gen: int = field(512, "N_G, generations per method (the paper: 5,120-51,200 at CelebA scale)", lo=1)
+    n_syn: int = field(1024, "N_syn, unconditional samples that SIDE clusters (Alg. 1, step 1)", lo=2)
+    K: int = field(16, "K-means clusters (paper: 100 for 50k samples; scaled to N_syn)", lo=2)
+    tau: float = field(0.5, "cohesion threshold τ: keep clusters whose mean cosine to the centroid is >= τ (paper: 0.5)", lo=0.0, hi=1.0)
     drop_rejected: bool = field(False, "drop images of rejected clusters instead of relabelling them to the nearest kept centroid")
-    features: str = field("ddpm", "clustering features: ddpm (own mid-block activations), pixels, or a TorchScript .pt file")
-    lam: float = field(3.0, "SIDE guidance scale λ (a GPU calibration found 3-10 best; reproduce's CPU sweep chose 3)")
-    cond_scale: float = field(-1.0, "guidance scale of Carlini Cond; -1 = the same as λ")
-    clf_steps: int = field(600, "classifier training steps (time-dependent for SIDE, time-independent for Cond)")
-    clf_lr: float = field(1e-3, "classifier AdamW lr; the paper's 1e-4 trains far too slowly in CPU-sized runs")
-    clf_width: int = field(32, "classifier ResNet base width (the paper: ResNet34 at 128 px)")
+    features: str = field("ddpm", "clustering features: ddpm (own mid-block activations), pixels, or a TorchScript .pt file", nonempty=True)
+    lam: float = field(3.0, "SIDE guidance scale λ (a GPU calibration found 3-10 best; reproduce's CPU sweep chose 3)", lo=0.0)
+    cond_scale: float = field(-1.0, "guidance scale of Carlini Cond; -1 = the same as λ", lo=0.0, allow=(-1.0,))
+    clf_steps: int = field(600, "classifier training steps (time-dependent for SIDE, time-independent for Cond)", lo=1)
+    clf_lr: float = field(1e-3, "classifier AdamW lr; the paper's 1e-4 trains far too slowly in CPU-sized runs", gt=0.0)
+    clf_width: int = field(32, "classifier ResNet base width (the paper: ResNet34 at 128 px)", lo=1)
     sampler: str = field("ddim", "sampler for every method", choices=["ddim", "ddpm"])
-    sample_steps: int = field(50, "denoising steps (the same for every method)")
-    eta: float = field(1.0, "DDIM η; η=1 found about twice the copies of η=0 in calibration")
-    batch: int = field(128, "generations per batch (one cached unit; also the sharding unit)")
-    seed: int = field(1, "generation seed of the reported run (tuning sweeps use --sweep-seed)")
-    syn_seed: int = field(12345, "seed of SIDE's synthetic set and clustering (never reused for generations)")
-    sweep_seed: int = field(2, "generation seed of λ/K sweeps, kept apart from --seed so nothing is tuned on the report")
-    sweep_lambda: tuple = field((), "λ values to sweep for SIDE (empty: no sweep)")
-    sweep_k: tuple = field((), "K values to sweep for SIDE (empty: no sweep)")
-    sweep_cond_scale: tuple = field((), "guidance scales to sweep for Carlini Cond, like λ for SIDE (empty: no sweep)")
-    sweep_n_gen: int = field(0, "N_G for sweep points (0 = n_gen)")
-    curve_points: int = field(8, "points of the extraction-versus-budget curves over N_syn + N_G (0 = no curves)")
+    sample_steps: int = field(50, "denoising steps (the same for every method)", lo=1)
+    eta: float = field(1.0, "DDIM η; η=1 found about twice the copies of η=0 in calibration", lo=0.0, hi=1.0)
+    batch: int = field(128, "generations per batch (one cached unit; also the sharding unit)", lo=1)
+    seed: int = field(1, "generation seed of the reported run (tuning sweeps use --sweep-seed)", lo=0)
+    syn_seed: int = field(12345, "seed of SIDE's synthetic set, clustering and classifiers (never reused for generations)", lo=0)
+    sweep_seed: int = field(2, "generation seed of the sweeps, kept apart from --seed so nothing is tuned on the report", lo=0)
+    sweep_lambda: tuple = field((), "λ values to sweep for SIDE (empty: no sweep)", elem=float, lo=0.0)
+    sweep_k: tuple = field((), "K values to sweep for SIDE (empty: no sweep)", elem=int, lo=2)
+    sweep_cond_scale: tuple = field((), "guidance scales to sweep for Carlini Cond, like λ for SIDE (empty: no sweep)",
+                                    elem=float, lo=0.0)
+    sweep_n_gen: int = field(0, "N_G for sweep points (0 = n_gen)", lo=0)
+    curve_points: int = field(8, "points of the extraction-versus-budget curves over N_syn + N_G (0 = no curves)", lo=0)
     similarity: str = field("l2", "l2 (normalized pixel L2), sscd (the paper's SSCD cosine, offline; needs the extras; "
-                            "for real photographs) or a TorchScript embedding file for cosine similarity")
-    grid_top: int = field(16, "extracted generations shown per method in the grids")
-    device: str = field("auto", "auto, cpu or cuda[:N]")
+                            "for real photographs) or a TorchScript embedding file for cosine similarity", nonempty=True)
+    grid_top: int = field(16, "extracted generations shown per method in the grids", lo=0)
+    device: str = field("auto", "auto, cpu or cuda[:N]", nonempty=True)
     amp: str = field("off", "sample under bf16 autocast (a GPU speed-up; off is exact fp32)", choices=["off", "bf16"])
     channels_last: bool = field(False, "channels-last UNet for sampling (faster convolutions on tensor-core GPUs)")
     compile: str = field("off", "torch.compile the sampling UNet; cudagraphs also captures CUDA graphs (CUDA only)",
                          choices=["off", "on", "cudagraphs"])
+    overwrite: bool = field(False, "replace the results in --out made with other settings (without it such a rerun is refused)")
 
 
 def validate(cfg):
-    check(cfg.lam >= 0, f"--lam {cfg.lam} must be >= 0")
-    check(cfg.cond_scale >= 0 or cfg.cond_scale == -1, f"--cond-scale {cfg.cond_scale} must be >= 0 (or -1 = λ)")
-    check(cfg.K >= 2, f"--K {cfg.K} must be >= 2")
-    check(0.0 <= cfg.tau <= 1.0, f"--tau {cfg.tau} must be in [0, 1]")
-    check(cfg.n_gen >= 1, f"--n-gen {cfg.n_gen} must be >= 1")
+    """Every option before any work (nothing sampled or written): declared ranges, then what links them
+    to each other, to the checkpoint and to the results already in --out."""
+    check_fields(cfg)
     check(cfg.n_syn >= cfg.K, f"--n-syn {cfg.n_syn} must be >= K = {cfg.K}")
-    check(cfg.batch >= 1 and cfg.sample_steps >= 1 and cfg.clf_steps >= 1, "--batch, --sample-steps and --clf-steps must be >= 1")
-    check(0.0 <= cfg.eta <= 1.0, f"--eta {cfg.eta} must be in [0, 1]")
     bad = [m for m in cfg.methods.split(",") if m not in METHODS]
     check(not bad, f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
-    check(all(v >= 0 for v in cfg.sweep_lambda), "--sweep-lambda values must be >= 0")
-    check(all(int(k) >= 2 for k in cfg.sweep_k), "--sweep-k values must be >= 2")
-    check(all(v >= 0 for v in cfg.sweep_cond_scale), "--sweep-cond-scale values must be >= 0")
-    check(cfg.curve_points >= 0, f"--curve-points {cfg.curve_points} must be >= 0")
+    check(cfg.similarity in ("l2", "sscd") or os.path.isfile(cfg.similarity),
+          f"--similarity {cfg.similarity!r} is neither l2, sscd nor an existing TorchScript embedding file")
+    check(cfg.features in ("ddpm", "pixels") or os.path.isfile(cfg.features),
+          f"--features {cfg.features!r} is neither ddpm, pixels nor an existing TorchScript file")
+    check(cfg.data in ("", "faces") or os.path.exists(cfg.data),
+          f"--data {cfg.data!r} is neither faces nor an existing image folder or .npz file")
+    T = models.load_model(cfg.ckpt)[1].T  # a missing, foreign or corrupt checkpoint is refused here
+    check(cfg.sample_steps <= T, f"--sample-steps {cfg.sample_steps} must be <= the model's T = {T} ({cfg.ckpt})")
+    check_writable(out_dir(cfg), "--out")
+    check_previous(cfg)
+
+
+def out_dir(cfg):
+    return cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "extract")
+
+
+# Options that do not change any method's results: a rerun differing only in them adds its methods.
+PRESENTATION = {"methods", "out", "device", "amp", "channels_last", "compile", "batch", "grid_top", "overwrite",
+                "sweep_lambda", "sweep_k", "sweep_cond_scale", "sweep_n_gen", "sweep_seed", "lam", "K",
+                "cond_scale", "curve_points"}
+
+
+def previous(out):
+    """metrics.json of the results already in `out`, or None."""
+    path = os.path.join(out, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({e}); remove it or pass --overwrite") from None
+
+
+def check_previous(cfg, chosen=None):
+    """Refuse (unless --overwrite) to mix results made with other settings into one --out. Before
+    the sweeps λ and K are compared only when no sweep will choose them; after, `chosen` is."""
+    old = None if cfg.overwrite else previous(out_dir(cfg))
+    if old is None:
+        return
+    new = dataclasses.asdict(cfg)
+    diff = [k for k in new if k not in PRESENTATION and json.dumps(old["config"].get(k)) != json.dumps(new[k])]
+    if chosen is None:
+        chosen = dict(lam=None if cfg.sweep_lambda else cfg.lam, K=None if cfg.sweep_k else cfg.K,
+                      cond_scale=None if cfg.sweep_cond_scale or cfg.cond_scale == -1 else cfg.cond_scale)
+    diff += [k for k, v in chosen.items() if v is not None and old["chosen"].get(k) not in (None, v)]
+    was = ", ".join(f"{k}={old['config'].get(k, old['chosen'].get(k))!r}" for k in diff)
+    check(not diff, f"{out_dir(cfg)} holds results made with other settings ({was}); "
+          "choose another --out, or pass --overwrite to replace them")
 
 
 def key(**parts):
@@ -437,6 +482,8 @@ def main(argv=None):
     if cfg.sweep_cond_scale:  # Carlini Cond's guidance scale, swept like λ
         sweeps["cond_scale"] = sweep(run, "cond_scale", cfg.sweep_cond_scale, cfg, "cond", lambda v: dict(cond_scale=v))
         chosen["cond_scale"] = run.agree(best_of(sweeps["cond_scale"]) if run.rank == 0 else None)
+    if sweeps:
+        check_previous(cfg, chosen)
     results, samples = {}, {}
     for m in cfg.methods.split(","):
         x, info = run.method(m, cfg.n_gen, cfg.seed, lam=chosen["lam"], K=chosen["K"], cond_scale=chosen["cond_scale"])
@@ -454,30 +501,58 @@ def main(argv=None):
 
 
 def write_outputs(run, cfg, chosen, results, samples, sweeps, seconds, budget=None):
+    """samples.npz, metrics.json, REPORT.md and grids/ of every method run in run.out with these settings:
+    the methods of earlier runs there are kept beside the new ones (check_previous made sure they match);
+    with --overwrite, whatever was there (grids and sweeps of methods not rerun included) goes."""
     ms = list(samples)
-    imgs = np.concatenate([samples[m][0] for m in ms])
-    method = np.concatenate([[m] * len(samples[m][0]) for m in ms])
-    cluster = np.concatenate([samples[m][1].get("cluster", np.full(len(samples[m][0]), -1)) for m in ms])
-    index = np.concatenate([np.arange(len(samples[m][0])) for m in ms])
+    old = None if cfg.overwrite else previous(run.out)
+    kept = [m for m in (old or {}).get("methods", {}) if m not in ms]
+    kept = kept if os.path.exists(os.path.join(run.out, "samples.npz")) else []  # their images are gone
+    cols = dict(images=[samples[m][0] for m in ms], method=[[m] * len(samples[m][0]) for m in ms],
+                cluster=[samples[m][1].get("cluster", np.full(len(samples[m][0]), -1)) for m in ms],
+                index=[np.arange(len(samples[m][0])) for m in ms])
+    if kept:
+        with np.load(os.path.join(run.out, "samples.npz")) as z:
+            rows = np.isin(z["method"], kept)
+            for k in cols:
+                cols[k].append(z[k][rows])
+    cols = {k: np.concatenate(v) for k, v in cols.items()}
     buf = io.BytesIO()
-    np.savez(buf, images=imgs, method=method, cluster=cluster, seed=np.full(len(imgs), cfg.seed), index=index)
+    np.savez(buf, **cols, seed=np.full(len(cols["images"]), cfg.seed))
     atomic_write_bytes(os.path.join(run.out, "samples.npz"), buf.getvalue())
     public = {m: {k: v for k, v in r.items() if k not in ("nn_index", "nn_value", "carlini_ratio", "yoon_ratio", "ums_index")}
               for m, r in results.items()}
+    public = dict({m: old["methods"][m] for m in kept}, **json.loads(json.dumps(public, default=_plain)))
     atomic_write_json(os.path.join(run.out, "metrics.json"), dict(
-        config=dataclasses.asdict(cfg), chosen=chosen, methods=public, classifiers=run.reports, curves=budget or {},
+        config=dict(dataclasses.asdict(cfg), methods=",".join(public)), chosen=chosen, methods=public,
+        classifiers=dict((old or {}).get("classifiers", {}), **run.reports),
+        curves=dict((old or {}).get("curves", {}), **(budget or {})),
         seconds=dict(run.t, total=seconds), device=str(run.device)))
-    os.makedirs(os.path.join(run.out, "grids"), exist_ok=True)
+    grids = os.path.join(run.out, "grids")
+    os.makedirs(grids, exist_ok=True)
+    for f in os.listdir(grids):  # a grid never outlives its method's results
+        if f.endswith(".png") and f[:-4] not in public:
+            os.unlink(os.path.join(grids, f))
+    if cfg.overwrite:
+        for name in ("lambda", "K", "cond_scale"):
+            for ext in ("json", "png"):
+                path = os.path.join(run.out, f"sweep_{name}.{ext}")
+                if name not in sweeps and os.path.exists(path):
+                    os.unlink(path)
     for m in ms:
-        grid_of_matches(os.path.join(run.out, "grids", f"{m}.png"), samples[m][0], run.ds.images,
-                        results[m], top=cfg.grid_top)
+        grid_of_matches(os.path.join(grids, f"{m}.png"), samples[m][0], run.ds.images, results[m], top=cfg.grid_top)
     text = [f"# Extraction report: {cfg.ckpt}", "",
             f"N_G = {cfg.n_gen} per method, {cfg.sampler} {cfg.sample_steps} steps, η = {cfg.eta}, seed {cfg.seed}; "
             f"training set: {len(run.ds.images)} images ({run.ds.source}); λ = {chosen['lam']}, K = {chosen['K']}, τ = {cfg.tau}.", "",
-            extraction_table(public), "", "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in run.t.items()) +
-            f"; total {seconds:.1f}.", ""]
+            extraction_table(public), "", "Stage times of this run (s): " + ", ".join(f"{k} {v:.1f}" for k, v in run.t.items()) +
+            f"; total {seconds:.1f}." + (f" Methods {', '.join(kept)} come from an earlier run with these settings." if kept else ""), ""]
     atomic_write_text(os.path.join(run.out, "REPORT.md"), "\n".join(text))
     print("\n".join(text))
+
+
+def _plain(v):
+    """numpy scalars and arrays as JSON values (what atomic_write_json would do through json.dumps)."""
+    return v.tolist() if hasattr(v, "tolist") else str(v)
 
 
 if __name__ == "__main__":

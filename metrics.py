@@ -35,8 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 PIXEL_SCALE = 127.5  # uint8 level v <-> v / 127.5 - 1, the DDPM's [-1, 1] scale (our canonical L2 scale)
+SIMILARITIES = ("l2", "embed", "features", "sscd")  # evaluate()'s similarity kinds
 COS_BANDS = {"low": (0.4, 0.5), "mid": (0.5, 0.6), "high": (0.6, 1.0)}  # SPEC 3 [P]; 0.4 inferred
 # Normalized L2 on [-1, 1] (distance bands: high = nearest). Calibrated with calibrate_l2_bands on
 # the built-in faces (16/32 px, 256-1000 images); method and numbers in docs_metrics.md.
@@ -62,10 +63,29 @@ class MetricsInputError(ValueError):
 
 # ----------------------------------------------------------------------------- loading
 
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as image viewers show them
+
+
 def _rgb(img, size):
-    """PIL image -> uint8 (H, W, 3); with `size`, centre-crop to a square and resize (LANCZOS)."""
-    from PIL import Image
-    img = img.convert("RGB")  # grayscale, palette and RGBA (alpha dropped) -> RGB
+    """PIL image -> uint8 (H, W, 3) as a viewer shows it: EXIF orientation applied; 16/32-bit integer
+    grayscale (I;16*, I) scaled to 8 bits (v / 257, so 65535 -> 255); alpha (RGBA, LA, PA, palette
+    transparency) composited on BACKGROUND; palette, grayscale, bilevel, CMYK and YCbCr converted to
+    RGB. Other modes (float "F", LAB, HSV, ...) raise ValueError. With `size`, centre-crop to a
+    square and resize (LANCZOS)."""
+    from PIL import Image, ImageOps
+    img = ImageOps.exif_transpose(img)  # a phone photo stored sideways is used upright
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img, dtype=np.int64)
+        if a.min() < 0 or a.max() > 65535:
+            raise ValueError(f"{mode} values outside 0..65535 cannot be scaled to 8 bits")
+        img = Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")  # 16 -> 8 bits: 257 = 65535 / 255
+    elif mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba)
+    elif mode not in ("RGB", "L", "P", "1", "CMYK", "YCbCr"):
+        raise ValueError(f"image mode {mode} is not supported; save it as 8- or 16-bit RGB or grayscale")
+    img = img.convert("RGB")
     if size:
         w, h = img.size
         s = min(w, h)
@@ -553,7 +573,7 @@ def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=N
         if not 0 <= r < n_shards <= len(generated):
             raise MetricsInputError(f"shard {shard} of {len(generated)} generations: need 0 <= r < n <= N_G")
         generated = generated[r * len(generated) // n_shards:(r + 1) * len(generated) // n_shards]
-    if similarity not in CHOICES["similarity"] or carlini_center not in ("generation", "train"):
+    if similarity not in SIMILARITIES or carlini_center not in ("generation", "train"):
         raise MetricsInputError(f"similarity {similarity!r} / carlini_center {carlini_center!r}: expected "
                                 "l2|embed|features|sscd and generation|train")
     dev, kind, scale = _device(device), ("l2" if similarity == "l2" else "cos"), 1.0
@@ -844,29 +864,54 @@ def bench(n=20000, d=3072, block_q=BLOCK_Q, block_k=BLOCK_K, device=None, seed=0
     return res
 
 
-def _opt(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
+def _opt(default, help, lo=None, choices=None):
+    """A config field with its reason and valid values (metrics.py imports nothing of ours, so this is
+    a small copy of common.field: `lo` an inclusive lower bound, `choices` the allowed values)."""
+    return dataclasses.field(default=default, metadata={"help": help, "lo": lo, "choices": choices})
 
 
 @dataclasses.dataclass
 class EvalConfig:
     similarity: str = _opt("l2", "l2: normalized pixel L2; embed: cosine of --embed; features: cosine of (N, D) arrays; "
-                           "sscd: cosine of SSCD embeddings (needs the extras; for real photographs)")
+                           "sscd: cosine of SSCD embeddings (needs the extras; for real photographs)",
+                           choices=SIMILARITIES)
     embed: str = _opt("", "TorchScript image-embedding file (e.g. sscd_disc_mixup.torchscript.pt); implies embed")
     bands: str = _opt("", "name=lo:hi,... ; empty: defaults; 'auto': calibrate_l2_bands on TRAIN")
-    shift: int = _opt(0, "pixel L2: tolerate translations of up to this many pixels (0 = the paper's L2)")
-    size: int = _opt(0, "centre-crop and resize both image sets to size x size (0 = keep)")
-    carlini_center: str = _opt("generation", "Carlini's 50 neighbours around the generation or the matched image")
+    shift: int = _opt(0, "pixel L2: tolerate translations of up to this many pixels (0 = the paper's L2)", lo=0)
+    size: int = _opt(0, "centre-crop and resize both image sets to size x size (0 = keep)", lo=0)
+    carlini_center: str = _opt("generation", "Carlini's 50 neighbours around the generation or the matched image",
+                               choices=("generation", "train"))
     json: str = _opt("", "write the summary JSON here")
     device: str = _opt("auto", "auto, cpu or cuda[:N]")
-    block_q: int = _opt(BLOCK_Q, "generated items per tile (memory ~ block_q x block_k x 4 bytes)")
-    block_k: int = _opt(BLOCK_K, "training items per tile")
-    embed_size: int = _opt(EMBED_SIZE, "embedding input resolution")
+    block_q: int = _opt(BLOCK_Q, "generated items per tile (memory ~ block_q x block_k x 4 bytes)", lo=1)
+    block_k: int = _opt(BLOCK_K, "training items per tile", lo=1)
+    embed_size: int = _opt(EMBED_SIZE, "embedding input resolution", lo=1)
     bench: bool = _opt(False, "run the nearest-neighbour benchmark instead")
-    bench_n: int = _opt(20000, "items per side in the benchmark")
+    bench_n: int = _opt(20000, "items per side in the benchmark", lo=1)
 
 
-CHOICES = {"similarity": ("l2", "embed", "features", "sscd"), "carlini_center": ("generation", "train")}
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one `error:` line and exit 2 (no usage block), as in the other scripts
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _check_config(cfg):
+    """Each field against its declared range or choices; the --json path is writable."""
+    for f in dataclasses.fields(cfg):
+        v, m, flag = getattr(cfg, f.name), f.metadata, "--" + f.name.replace("_", "-")
+        if m["lo"] is not None and v < m["lo"]:
+            raise MetricsInputError(f"{flag} {v} must be >= {m['lo']} ({m['help']})")
+        if m["choices"] is not None and v not in m["choices"]:
+            raise MetricsInputError(f"{flag} {v!r} is not one of {', '.join(m['choices'])}")
+    if cfg.json:
+        path = os.path.abspath(cfg.json)
+        if os.path.isdir(path) or not os.path.isdir(os.path.dirname(path)):
+            raise MetricsInputError(f"--json {cfg.json}: give a file path in an existing folder")
+        folder = os.path.dirname(path)  # checked before the computation, without writing anything
+        if (os.statvfs(folder).f_flag & os.ST_RDONLY or not os.access(folder, os.W_OK | os.X_OK)
+                or (os.path.exists(path) and not os.access(path, os.W_OK))):
+            raise MetricsInputError(f"--json {cfg.json} cannot be written (read-only); choose a writable path")
 
 
 def format_table(s):
@@ -882,7 +927,7 @@ def format_table(s):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Memorization metrics of GENERATED against TRAIN (SPEC section 3).")
+    p = _Parser(description="Memorization metrics of GENERATED against TRAIN (SPEC section 3).")
     p.add_argument("generated", nargs="?", help="folder of images, .npz with `images` (or features file)")
     p.add_argument("train", nargs="?", help="folder of images, .npz with `images` (or features file)")
     for f in dataclasses.fields(EvalConfig):
@@ -890,11 +935,14 @@ def main(argv=None):
         if f.type in (bool, "bool"):
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, choices=CHOICES.get(f.name),
-                           help=f"{f.metadata['help']} (default: {f.default!r})")
+            rng = (f" [>= {f.metadata['lo']}]" if f.metadata["lo"] is not None else
+                   f" [one of {', '.join(f.metadata['choices'])}]" if f.metadata["choices"] else "")
+            p.add_argument(flag, type=type(f.default), default=f.default, metavar=type(f.default).__name__.upper(),
+                           help=f"{f.metadata['help']}{rng} (default: {f.default!r})".replace("%", "%%"))
     args = p.parse_args(argv)
     cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
     try:
+        _check_config(cfg)
         if cfg.bench:
             bench(cfg.bench_n, block_q=cfg.block_q, block_k=cfg.block_k, device=_device(cfg.device))
             return 0

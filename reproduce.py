@@ -41,7 +41,9 @@ import evidence
 import extract
 import metrics
 import models
-from common import UserError, atomic_write_json, atomic_write_text, check, field, parse_config, resolve_device, run_main
+import train
+from common import (UserError, atomic_write_json, atomic_write_text, check, check_writable, field, parse_config, resolve_device,
+                    run_main)
 from report import calibration_report, curve_plot, label_effect, reproduce_report
 
 # Each profile: data and model, per-size training budget in epochs, attack settings, repetitions.
@@ -49,9 +51,9 @@ PROFILES = {
     "smoke": dict(image_size=8, sizes=(8, 16), epochs=(300, 150), batch=16, base=16, mults=(1, 2), attn_res=(4,), T=100,
                   n_gen=32, n_syn=64, K=4, sweep_lambda=(0.0, 3.0), sweep_cond=(1.0, 3.0), sample_steps=10, clf_steps=40,
                   seeds=2, train_seeds=2, cond_size=8, div_mc=8, div_t=16, calib_epochs=(50, 150), jobs=2),
-    # 8 px: 16 px did not memorize within a CPU budget. Epochs per size: `--calibrate` (README, "How the
-    # budgets were chosen"); batch 128 keeps the CPU near its matmul peak (make bench)
-    "cpu": dict(image_size=8, sizes=(16, 32, 64), epochs=(1000, 1000, 1000), batch=128, base=32, mults=(1, 2),
+    # 8 px: 16 px did not memorize within a CPU budget. 700 epochs (= steps, batch min(128, n)): `make calibrate`
+    # put every size at 23-38 % of its images reached (500: none; 1,000: 94-97 %); README "How the budgets were chosen"
+    "cpu": dict(image_size=8, sizes=(16, 32, 64), epochs=(700, 700, 700), batch=128, base=32, mults=(1, 2),
                 attn_res=(4,), T=1000, n_gen=512, n_syn=512, K=16, sweep_lambda=(1.0, 3.0, 10.0),
                 sweep_cond=(1.0, 3.0, 10.0), sample_steps=40, clf_steps=250, seeds=3, train_seeds=2, cond_size=16,
                 div_mc=16, div_t=32, calib_epochs=(500, 600, 700, 800, 1000), jobs=2),
@@ -74,17 +76,18 @@ TABLE_METHODS = "uncond,cond,side,side_random,uncond_budget"
 @dataclass
 class ReproduceConfig:
     profile: str = field("cpu", "sizes, budgets and repetitions: smoke (a test), cpu (the README's table), gpu", choices=list(PROFILES))
-    out: str = field("results", "output folder: REPORT.md, summary.json, PNGs, models/, extract/")
-    data: str = field("faces", "faces (built-in) or an image folder / .npz (e.g. CelebA) used in its place")
-    seed: int = field(0, "base seed: the data sample, every training seed and every attack seed derive from it")
-    sizes: tuple = field((), "training-set sizes (override the profile; then --epochs too)")
-    epochs: tuple = field((), "training epochs per size (override the profile)")
-    seeds: int = field(0, "attack seeds per model (0 = profile; >= 2 for an interval)")
-    n_gen: int = field(0, "N_G per method (0 = profile)")
+    out: str = field("results", "output folder: REPORT.md, summary.json, PNGs, models/, extract/", nonempty=True)
+    data: str = field("faces", "faces (built-in) or an image folder / .npz (e.g. CelebA) used in its place", nonempty=True)
+    seed: int = field(0, "base seed: the data sample, every training seed and every attack seed derive from it", lo=0)
+    sizes: tuple = field((), "training-set sizes (override the profile; then --epochs too)", elem=int, lo=2)
+    epochs: tuple = field((), "training epochs per size (override the profile)", elem=float, gt=0.0)
+    seeds: int = field(0, "attack seeds per model (0 = profile; >= 2 for an interval)", lo=0)
+    n_gen: int = field(0, "N_G per method (0 = profile)", lo=0)
     calibrate: bool = field(False, "instead of the reproduction: train each size for the profile's calib_epochs and "
                                    "print the share of its training images plain sampling reaches")
-    eps: float = field(0.05, "ε of Definition 1 on the [-1,1] pixel scale (small next to the 0.2 typical train-to-train NN distance)")
-    device: str = field("auto", "auto, cpu or cuda")
+    eps: float = field(0.05, "ε of Definition 1 on the [-1,1] pixel scale (small next to the 0.2 typical train-to-train NN distance)", gt=0.0)
+    device: str = field("auto", "auto, cpu or cuda", nonempty=True)
+    overwrite: bool = field(False, "replace a finished run in --out made with other settings (without it that is refused)")
 
 
 class Stages:
@@ -211,6 +214,20 @@ def profile_of(cfg):
 def main(argv=None):
     cfg = parse_config(ReproduceConfig, argv, __doc__.split("\n\n")[0])
     p = profile_of(cfg)
+    for _, argv in ([train_job(p, cfg, n, e, "none", cfg.out, 0) for n, e in zip(p["sizes"], p["epochs"])]
+                    + [extract_job(p, cfg, "ckpt.pt", cfg.out, "side", "check")]):
+        parse_config(train.TrainConfig if argv[0] == "train.py" else extract.ExtractConfig, argv[1:], "")  # before any training
+    check_writable(cfg.out, "--out")
+    done = os.path.join(cfg.out, "summary.json")  # a finished run there: the same settings resume, others are refused
+    if os.path.exists(done) and not cfg.overwrite and not cfg.calibrate:
+        with open(done) as fh:
+            old = json.load(fh).get("config", {})
+        diff = [k for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "overwrite") and json.dumps(old.get(k)) != json.dumps(v)]
+        check(not diff, f"{cfg.out} holds a finished run with other settings ({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); "
+              "choose another --out or pass --overwrite to replace it")
+    for name in ("models", "extract", "sweeps", "grids", "logs", "REPORT.md", "summary.json") if cfg.overwrite else ():
+        path = os.path.join(cfg.out, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.unlink(path)
     device = resolve_device(cfg.device)
     parallel = p["jobs"] if device.type == "cpu" else 1
     st, out, sizes = Stages(), cfg.out, list(p["sizes"])

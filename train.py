@@ -31,43 +31,44 @@ import torch.distributed as dist
 import data
 import ddpm
 from runtime import autocast, local_device, setup_distributed  # shared with extract.py; train.autocast etc. still resolve
-from common import (Progress, UserError, atomic_write_json, check, field, load_checkpoint, parse_config,
-                    resolve_device, run_main, save_checkpoint)
+from common import (Progress, UserError, atomic_write_json, check, check_fields, check_writable, field, load_checkpoint,
+                    parse_config, resolve_device, run_main, save_checkpoint)
 
 
 @dataclass
 class TrainConfig:
-    out: str = field("runs/model", "output folder: ckpt.pt, config.json, samples.png")
-    data: str = field("faces", "faces (built-in), an image folder, or an .npz with an `images` array")
-    n_train: int = field(64, "training-set size (a folder/npz: a nested random sample drawn with --data-seed); small sets are what DDPMs memorize")
-    image_size: int = field(16, "resolution; 16 px is what trains to memorization on a 2-core CPU in minutes")
-    data_seed: int = field(0, "seed of the training set: the built-in faces, or the sample of a folder/npz")
+    out: str = field("runs/model", "output folder: ckpt.pt, config.json, samples.png", nonempty=True)
+    data: str = field("faces", "faces (built-in), an image folder, or an .npz with an `images` array", nonempty=True)
+    n_train: int = field(64, "training-set size (a folder/npz: a nested random sample drawn with --data-seed); small sets are what DDPMs memorize", lo=1)
+    image_size: int = field(16, "resolution; 16 px is what trains to memorization on a 2-core CPU in minutes", lo=8)
+    data_seed: int = field(0, "seed of the training set: the built-in faces, or the sample of a folder/npz", lo=0)
     label_attr: str = field("", "built-in faces: attribute(s) forming the true label, e.g. hair_color,skin_tone; '' = data.py default")
     labels: str = field("none", "class conditioning: none, true (informative labels) or random (same cardinality)",
                         choices=["none", "true", "random"])
-    base: int = field(32, "UNet base width; 32 keeps a 16-px model near 0.7M parameters")
-    mults: tuple = field((1, 2), "width multiplier per resolution level (one downsampling between levels)")
-    num_res_blocks: int = field(1, "residual blocks per level (Ho et al. use 2; 1 halves the cost)")
-    attn_res: tuple = field((8,), "resolutions with self-attention (Ho et al.: 16 at 32 px)")
-    dropout: float = field(0.0, "dropout in residual blocks; 0 since memorization is what we study")
-    T: int = field(1000, "diffusion steps (Ho et al. 2020)")
+    base: int = field(32, "UNet base width; 32 keeps a 16-px model near 0.7M parameters", lo=8)
+    mults: tuple = field((1, 2), "width multiplier per resolution level (one downsampling between levels)", elem=int, lo=1, nonempty=True)
+    num_res_blocks: int = field(1, "residual blocks per level (Ho et al. use 2; 1 halves the cost)", lo=1)
+    attn_res: tuple = field((8,), "resolutions with self-attention (Ho et al.: 16 at 32 px)", elem=int, lo=1)
+    dropout: float = field(0.0, "dropout in residual blocks; 0 since memorization is what we study", lo=0.0, lt=1.0)
+    T: int = field(1000, "diffusion steps (Ho et al. 2020)", lo=2)
     schedule: str = field("linear", "beta schedule", choices=["linear", "cosine"])
     prediction: str = field("v", "network target: eps (Ho et al.) or v (Salimans & Ho 2022); reproduce.py uses eps with "
                             "the cosine schedule, which memorized sooner in its CPU calibration", choices=["eps", "v"])
-    steps: int = field(1500, "optimiser steps; reproduce's cpu profile: 1,600 at batch 16 memorize 16 faces (8 px) fully, 32 partly")
-    batch: int = field(32, "global batch (split across torchrun ranks)")
-    lr: float = field(2e-3, "AdamW learning rate; 2e-3 trains a 0.7M-param model in 1-2k steps (2e-4 is typical at scale)")
-    warmup: int = field(100, "linear learning-rate warm-up steps")
-    weight_decay: float = field(0.0, "AdamW weight decay; 0 does not fight memorization")
-    grad_clip: float = field(1.0, "gradient-norm clip (Ho et al. 2020)")
-    ema_decay: float = field(0.995, "EMA decay per step; short runs need a short EMA horizon (~200 steps)")
-    seed: int = field(0, "seed of initialisation, batches, timesteps and noise")
-    ckpt_every: int = field(250, "steps between checkpoints")
-    sample_n: int = field(64, "EMA samples drawn into samples.png at the end (0 = none)")
-    sample_steps: int = field(50, "DDIM steps for that grid")
-    device: str = field("auto", "auto, cpu or cuda[:N]")
+    steps: int = field(1500, "optimiser steps; reproduce's cpu profile: 1,600 at batch 16 memorize 16 faces (8 px) fully, 32 partly", lo=1)
+    batch: int = field(32, "global batch (split across torchrun ranks)", lo=1)
+    lr: float = field(2e-3, "AdamW learning rate; 2e-3 trains a 0.7M-param model in 1-2k steps (2e-4 is typical at scale)", gt=0.0)
+    warmup: int = field(100, "linear learning-rate warm-up steps", lo=0)
+    weight_decay: float = field(0.0, "AdamW weight decay; 0 does not fight memorization", lo=0.0)
+    grad_clip: float = field(1.0, "gradient-norm clip (Ho et al. 2020)", gt=0.0)
+    ema_decay: float = field(0.995, "EMA decay per step; short runs need a short EMA horizon (~200 steps)", lo=0.0, lt=1.0)
+    seed: int = field(0, "seed of initialisation, batches, timesteps and noise", lo=0)
+    ckpt_every: int = field(250, "steps between checkpoints", lo=1)
+    sample_n: int = field(64, "EMA samples drawn into samples.png at the end (0 = none)", lo=0)
+    sample_steps: int = field(50, "DDIM steps for that grid", lo=1, hi="T")
+    device: str = field("auto", "auto, cpu or cuda[:N]", nonempty=True)
     resume: bool = field(False, "continue from OUT/ckpt.pt (config must match, except steps and logging)")
-    log_every: float = field(10.0, "seconds between progress lines")
+    overwrite: bool = field(False, "start afresh in an --out that holds a run, replacing its checkpoint and samples")
+    log_every: float = field(10.0, "seconds between progress lines", lo=0.0)
     amp: str = field("off", "mixed precision: bf16 autocast with fp32 master weights (a GPU speed-up; off is exact fp32)",
                      choices=["off", "bf16"])
     channels_last: bool = field(False, "channels-last memory layout (faster convolutions on tensor-core GPUs)")
@@ -75,22 +76,30 @@ class TrainConfig:
 
 
 # Fields that may differ between a checkpoint and the run resuming it.
-RESUMABLE = {"steps", "ckpt_every", "sample_n", "sample_steps", "device", "resume", "log_every", "out",
+RESUMABLE = {"steps", "ckpt_every", "sample_n", "sample_steps", "device", "resume", "overwrite", "log_every", "out",
              "channels_last", "compile"}
 # Fields that define the network's shape (checked when loading a checkpoint elsewhere).
 MODEL_FIELDS = ("image_size", "base", "mults", "num_res_blocks", "attn_res", "dropout")
 
 
+def validate_model(cfg):
+    """What links the UNet's shape fields (train.py's and bench.py's): one halving per extra level."""
+    check(cfg.image_size % 2 ** (len(cfg.mults) - 1) == 0,
+          f"--image-size {cfg.image_size} must be divisible by 2^(levels-1) = {2 ** (len(cfg.mults) - 1)}")
+    check(cfg.base % 8 == 0, f"--base {cfg.base} must be a positive multiple of 8")
+
+
 def validate(cfg):
-    check(cfg.n_train >= 1, f"--n-train {cfg.n_train} must be >= 1")
-    check(cfg.image_size >= 8 and cfg.image_size % 2 ** (len(cfg.mults) - 1) == 0,
-          f"--image-size {cfg.image_size} must be >= 8 and divisible by 2^(levels-1) = {2 ** (len(cfg.mults) - 1)}")
-    check(cfg.steps >= 1 and cfg.batch >= 1, "--steps and --batch must be >= 1")
-    check(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr {cfg.lr} must be a positive number")
-    check(0.0 <= cfg.ema_decay < 1.0, f"--ema-decay {cfg.ema_decay} must be in [0, 1)")
-    check(cfg.T >= 2, f"--T {cfg.T} must be >= 2")
-    check(1 <= cfg.sample_steps <= cfg.T, f"--sample-steps {cfg.sample_steps} must be in [1, T={cfg.T}]")
-    check(cfg.base >= 8 and cfg.base % 8 == 0, f"--base {cfg.base} must be a positive multiple of 8")
+    """Every option before any work: declared ranges (common.check_fields), then what links fields and files."""
+    check_fields(cfg)
+    validate_model(cfg)
+    check(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other; pick one")
+    check_writable(cfg.out, "--out")
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    if os.path.exists(ckpt_path) and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{ckpt_path} exists; pass --resume to continue it, --overwrite to replace it, or choose another --out")
+    if cfg.resume and not os.path.exists(ckpt_path):  # reproduce.py always passes --resume, so not an error
+        print(f"note: --resume: {ckpt_path} does not exist yet; starting a new run", file=sys.stderr)
 
 
 def model_args(cfg, num_classes):
@@ -122,11 +131,15 @@ def training_labels(cfg, ds):
 def load_trained(path, device="cpu", expect_size=None):
     """(EMA model in eval mode, diffusion, config dict, checkpoint) rebuilt from a checkpoint alone."""
     ckpt = load_checkpoint(path)
+    if not (isinstance(ckpt, dict) and {"config", "ema", "num_classes"} <= set(ckpt)):
+        raise UserError(f"{path} is not a model checkpoint from train.py (an extraction cache file?); "
+                        "pass the ckpt.pt that train.py wrote")
     try:
         cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+        check_fields(cfg)  # e.g. a schedule name this code does not know
         model, diffusion = build(cfg, ckpt["num_classes"], device)
         model.load_state_dict(ckpt["ema"])
-    except (KeyError, RuntimeError, TypeError) as e:
+    except (KeyError, RuntimeError, TypeError, ValueError, UserError) as e:
         raise UserError(f"{path} does not match this code's model ({str(e).splitlines()[0]}); retrain it with train.py") from None
     if expect_size is not None and expect_size != cfg.image_size:
         raise UserError(f"{path} was trained at {cfg.image_size} px but the data is {expect_size} px; "
@@ -158,9 +171,7 @@ def train(cfg):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)  # batches, timesteps, noise: the whole data stream
     step = 0
-    if os.path.exists(ckpt_path):
-        if not cfg.resume:
-            raise UserError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+    if os.path.exists(ckpt_path) and not cfg.overwrite:  # validate() refused it without --resume
         ckpt = load_checkpoint(ckpt_path)
         default = dataclasses.asdict(TrainConfig())  # a field newer than the checkpoint had its default
         diff = sorted(k for k, v in dataclasses.asdict(cfg).items()
@@ -168,7 +179,7 @@ def train(cfg):
         if diff:
             was = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in diff)
             raise UserError(f"{ckpt_path} was trained with a different config ({was}); "
-                            "use the same flags to resume or another --out")
+                            "use the same flags to resume, --overwrite, or another --out")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -187,6 +198,8 @@ def train(cfg):
     fwd = torch.compile(ddp) if cfg.compile else ddp
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
+        if cfg.overwrite and os.path.exists(os.path.join(cfg.out, "samples.png")):  # never outlives its model
+            os.unlink(os.path.join(cfg.out, "samples.png"))
         atomic_write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
 
     def snapshot():

@@ -90,11 +90,16 @@ def _unet_args(ck):
 
 def load_train(path, device="cpu"):
     ck = load_checkpoint(path)
+    if not isinstance(ck, dict) or not {"ema", "config", "num_classes"} <= set(ck):
+        raise UserError(f"{path} is not a model checkpoint from train.py (an extraction cache file?); "
+                        "pass the ckpt.pt that train.py wrote")
     try:
         model = ddpm.UNet(**_unet_args(ck))
         model.load_state_dict(ck["ema"])
         c = ck["config"]
         diffusion = ddpm.Diffusion(c["T"], c["schedule"], c["prediction"], device=device)
+    except ValueError as e:  # e.g. a schedule name this code does not know
+        raise UserError(f"{path}: {e}; retrain it with train.py") from None
     except (KeyError, RuntimeError, TypeError) as e:
         raise UserError(f"{path} does not match this code's model ({str(e).splitlines()[0]}); retrain it with train.py") from None
     data = dict(spec=c["data"], n=c["n_train"], seed=c.get("data_seed", 0), label_attr=c.get("label_attr") or None)

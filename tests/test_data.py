@@ -157,8 +157,11 @@ def test_folder_with_subfolder_labels(tmp_path):
     assert ds.images.shape == (6, 16, 16, 3) and ds.images.dtype == np.uint8
     assert ds.labels.dtype == np.int64 and sorted(set(ds.labels.tolist())) == [0, 1]
     assert ds.label_names == ["cats", "dogs"] and ds.labels.tolist() == [0, 0, 0, 1, 1, 1] and ds.attrs is None
-    first = data.load_data(str(tmp_path), 16, n=4)
-    assert np.array_equal(first.images, ds.images[:4]) and np.array_equal(first.labels, ds.labels[:4])
+    first, more = data.load_data(str(tmp_path), 16, n=4), data.load_data(str(tmp_path), 16, n=5)
+    pick = np.random.default_rng(0).permutation(6)[:4]  # a seeded sample, not the first 4 in file order
+    assert np.array_equal(first.images, ds.images[pick]) and np.array_equal(first.labels, ds.labels[pick])
+    assert np.array_equal(more.images[:4], first.images)  # nested: the sample of 4 is part of the sample of 5
+    assert not np.array_equal(data.load_data(str(tmp_path), 16, n=4, seed=1).images, first.images)
     with pytest.raises(UserError, match="7"):
         data.load_data(str(tmp_path), 16, n=7)
     with pytest.raises(UserError, match="label-attr"):

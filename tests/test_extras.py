@@ -121,6 +121,7 @@ def test_our_ddpm_with_fixed_large_variance_reproduces_diffusers(unet, predictio
     assert float((other - ref).abs().max()) > 1e-2
 
 
+@needs_diffusers
 def test_schedules_equal_diffusers_alphas_cumprod():
     for cfg in (dict(beta_schedule="linear"), dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
                 dict(beta_schedule="squaredcos_cap_v2"), dict(num_train_timesteps=50, beta_start=0.001, beta_end=0.05)):

@@ -42,7 +42,7 @@ TC = train.TrainConfig  # the defaults this benchmark measures
 
 @dataclass
 class BenchConfig:
-    image_size: int = field(32, "resolution of the measured model (the issue asks for the default model at 32 px)", lo=8)
+    image_size: int = field(32, "resolution of the measured model (the default model at 32 px: an image size users audit)", lo=8)
     base: int = field(TC.base, "UNet base width (train.py's default)", lo=8)
     mults: tuple = field(TC.mults, "width multiplier per level (train.py's default)", elem=int, lo=1, nonempty=True)
     num_res_blocks: int = field(TC.num_res_blocks, "residual blocks per level (train.py's default)", lo=1)
@@ -57,7 +57,7 @@ class BenchConfig:
     time_steps: int = field(5, "denoising steps actually timed per sampler (scaled to --sample-steps)", lo=1, hi="sample_steps")
     repeats: int = field(3, "each timing is repeated and the fastest kept: other jobs on a shared machine only slow runs down", lo=1)
     eta: float = field(extract.ExtractConfig.eta, "DDIM η (extract.py's default; the cost does not depend on it)", lo=0.0, hi=1.0)
-    n_nn: int = field(20000, "items per side of the nearest-neighbour benchmark (the issue: 20,000 x 20,000)", lo=1)
+    n_nn: int = field(20000, "items per side of the nearest-neighbour benchmark (20,000 x 20,000: a CelebA-25000-sized search)", lo=1)
     threads: int = field(0, "torch intra-op threads (0 = torch's default, all cores)", lo=0)
     device: str = field("auto", "auto, cpu or cuda[:N]", nonempty=True)
     seed: int = field(0, "seed of the weights, inputs and sampling noise", lo=0)

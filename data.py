@@ -1,4 +1,4 @@
-"""Datasets for the SIDE reference implementation, chosen by one `--data` string (SPEC.md section 5).
+"""Datasets for the SIDE reference implementation, chosen by one `--data` string (built-in procedural faces, since no dataset may be downloaded).
 
   faces      (default) procedural cartoon faces drawn with pillow: discrete attributes (skin tone,
              hair colour, hair style, eyes, mouth, background) are the "true labels" of Carlini Cond
@@ -37,7 +37,7 @@ ATTRIBUTES = [
 ]
 ATTR_NAMES = [a for a, _ in ATTRIBUTES]
 ATTR_CARDINALITIES = [len(v) for _, v in ATTRIBUTES]
-DEFAULT_LABEL_ATTR = "hair_color,skin_tone"  # 16 classes, both visible at 16 px (SPEC 5: "true labels")
+DEFAULT_LABEL_ATTR = "hair_color,skin_tone"  # 16 classes, both visible at 16 px (the "true labels" of Carlini Cond)
 DEFAULT_N = 256  # faces when n is not given: about CelebA-HQ-FI's "small set" regime, scaled to CPU
 
 SKIN = [(250, 221, 194), (229, 184, 135), (189, 128, 76), (112, 70, 42)]  # RGB per skin_tone

@@ -4,7 +4,7 @@
     python extract.py --ckpt ... --sweep-lambda 0,1,3,10,30 --sweep-k 4,8,16      # pick λ and K first
     torchrun --nproc_per_node=4 extract.py --ckpt ... --out ...                 # generations sharded
 
-Methods, all at the same N_G, sampler, steps and generation seeds (SPEC Sec. 2):
+Methods, all at the same N_G, sampler, steps and generation seeds (the paper's Table 1 protocol):
   uncond       Carlini et al. 2023 "UnCond": plain unconditional sampling;
   cond         Carlini "Cond": guidance by an ordinary time-independent classifier on the
                training set's real labels (the built-in faces' attributes, or folder names);
@@ -64,7 +64,7 @@ class ExtractConfig:
     tau: float = field(0.5, "cohesion threshold τ: keep clusters whose mean cosine to the centroid is >= τ (paper: 0.5)", lo=0.0, hi=1.0)
     drop_rejected: bool = field(False, "drop images of rejected clusters instead of relabelling them to the nearest kept centroid")
     features: str = field("ddpm", "clustering features: ddpm (own mid-block activations), pixels, or a TorchScript .pt file", nonempty=True)
-    lam: float = field(3.0, "SIDE guidance scale λ (a GPU calibration found 3-10 best; reproduce's CPU sweep chose 3)", lo=0.0)
+    lam: float = field(3.0, "SIDE guidance scale λ (the paper sweeps 0-50, rising then falling; choose it with --sweep-lambda)", lo=0.0)
     cond_scale: float = field(-1.0, "guidance scale of Carlini Cond; -1 = the same as λ", lo=0.0, allow=(-1.0,))
     clf_steps: int = field(600, "classifier training steps (time-dependent for SIDE, time-independent for Cond)", lo=1)
     clf_lr: float = field(1e-3, "classifier AdamW lr; the paper's 1e-4 trains far too slowly in CPU-sized runs", gt=0.0)

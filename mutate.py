@@ -14,7 +14,7 @@ file is written into a scratch copy of the repository and the file's fast tests 
 line per mutant (KILLED/SURVIVED, file:line, original -> mutant) and the score. Needs only the
 standard library and pytest; single-threaded (OMP_NUM_THREADS=1).
 
-Measured (issue 13; 328 mutants, ~30 min on one shared core): 234/328 killed (71.3 %) with the tests
+Measured (328 mutants, ~30 min on one shared core): 234/328 killed (71.3 %) with the tests
 before tests/test_equations.py; 324/328 (98.8 %) after (`python mutate.py --rerun BEFORE.log` reruns only
 the survivors). The 4 survivors are equivalent mutants, which no test can kill:
   ddpm.py  `i > 0` -> `i >= 0` and `sigma > 0` -> `sigma >= 0` in the noise step of Diffusion.sample:

@@ -268,7 +268,7 @@ def conditional_section(s):
     """Markdown lines of the conditional-memorization experiment: plain sampling of the three models
     (means over attack seeds), M per model, the paired differences Δ per label subset and averaged with
     95 % intervals, the verdict per labelling, and the exact Theorem 1 check."""
-    L = ["## Conditional memorization (Sec. 4, Definition 1, Theorem 1)", "",
+    L = ["## Conditional memorization (the paper's Definition 1 and Theorem 1)", "",
          "The same DDPM on the same images, trained unconditionally, with informative labels (the faces' attributes) and "
          "with random labels of the same cardinality; plain sampling with a uniformly drawn label per generation. "
          "M = memorization divergence of Definition 1 at ε_k (nats, smaller = more memorization), averaged over label "

@@ -5,7 +5,7 @@
     python reproduce.py --profile cpu --calibrate --out cal    # how the training budgets were chosen
     python reproduce.py --profile gpu --data /path/to/celeba   # larger images and sets, one GPU
 
-1. Table 1 of the paper (Sec. 5): for several training-set sizes of one source, an unconditional DDPM
+1. Table 1 of the paper: for several training-set sizes of one source, an unconditional DDPM
    (train.py) trained for a per-size budget in epochs, chosen (--calibrate) so that plain sampling
    reaches part of the training set, never none and never all; then Carlini UnCond, Carlini Cond and
    SIDE (Alg. 1) at equal N_G, sampler and steps (extract.py), plus SIDE with random surrogate labels
@@ -18,7 +18,7 @@
 3. SIDE's λ and Carlini Cond's guidance scale are each chosen by a sweep on a separate generation
    seed of one size, never on the reported generations.
 4. Extraction versus budget: distinct training images found as a function of the samples drawn.
-5. Conditional memorization (Sec. 4, Definition 1, Theorem 1): the same DDPM trained unconditionally,
+5. Conditional memorization (Definition 1, Theorem 1): the same DDPM trained unconditionally,
    with informative labels and with random labels; AMS/UMS and the memorization divergence M.
 Writes OUT/REPORT.md, OUT/summary.json and PNGs. Every stage is cached; a rerun resumes.
 """

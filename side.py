@@ -1,4 +1,4 @@
-"""SIDE, Surrogate condItional Data Extraction (Chen et al., AAAI 2026; SPEC Sec. 2, Algorithm 1).
+"""SIDE, Surrogate condItional Data Extraction (Chen et al., AAAI 2026; the paper's Algorithm 1).
 
 Part 1 of Algorithm 1 (the surrogate condition) and the guidance function of Part 2:
   - extract_features   Alg. 1, step 2: Z = F(x) from the DDPM's own mid-block activations (default,
@@ -371,5 +371,5 @@ def guidance(classifier, target, scale):
         if not torch.isfinite(grad).all():
             raise UserError(f"guidance: non-finite classifier gradient at timestep {int(t.flatten()[0])}; "
                             "lower the guidance scale or retrain the classifier")
-        return scale * grad  # λ ∇_{x_t} log p_φ(c | x_t, t) (SPEC Sec. 2, Part 2)
+        return scale * grad  # λ ∇_{x_t} log p_φ(c | x_t, t) (Algorithm 1, part 2; Dhariwal & Nichol 2021, Sec. 4)
     return cond_fn

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node=2 train.py --out runs/n64 ...             # several processes (DDP)
 
 The model is the ε- (or v-) prediction DDPM of Ho et al. 2020 (loss Eq. 14); `--labels` trains it
-unconditionally, with the data's true labels (SPEC Sec. 1, "informative label", Definition 2) or
+unconditionally, with the data's true labels (the paper's Definition 2, "informative label") or
 with random labels of the same cardinality. AdamW with linear warm-up, gradient clipping, an EMA of
 the weights (used for sampling). A checkpoint (`OUT/ckpt.pt`, written atomically with a checksum)
 holds model, EMA, optimiser, step, RNG state and the whole config, so `load_trained` rebuilds the

@@ -1,7 +1,7 @@
-"""Nothing a user types can hurt (issue 13): every flag of every script, walked from the config
+"""Nothing a user types can hurt: every flag of every script, walked from the config
 dataclasses (so a new field is covered without editing this file), with wrong-type, empty and
 out-of-range values, must give exactly one `error:` line and exit code 2, no traceback, and leave
-every file as it was. Then the concrete cases the issue lists, the rerun rules of train.py,
+every file as it was. Then concrete cases found by a battery of bad inputs, the rerun rules of train.py,
 extract.py and reproduce.py, and the permissions of atomically written files.
 
 Everything runs `main(argv)` in-process (through common.run_main, as `python script.py` does) in
@@ -147,7 +147,7 @@ def test_messages_echo_values_as_typed_and_name_real_flags(tmp_path, monkeypatch
     assert_one_error(code, err, "--n-train x", "--n-train: expected an integer, got 'x'")
 
 
-# ----------------------------------------------------------------------------- the issue's cases, with files
+# ----------------------------------------------------------------------------- concrete bad inputs, with files
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):

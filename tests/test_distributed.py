@@ -1,4 +1,4 @@
-"""Scaling out (issue 6): torchrun training and sharded extraction against one process, kill-and-resume,
+"""Scaling out: torchrun training and sharded extraction against one process, kill-and-resume,
 sharded nearest-neighbour metrics, the bf16 fast path on CPU, and NaN/corruption as one error line.
 
 The references are independent runs: a 1-process run for the 2-process one, an uninterrupted run for a

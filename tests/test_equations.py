@@ -1,4 +1,4 @@
-"""Tests that catch wrong maths (issue 13): each compares an equation-bearing function against an
+"""Tests that catch wrong maths: each compares an equation-bearing function against an
 independent reference on a case where a wrong coefficient, sign or operator changes the answer.
 They were added until every mutant of `python mutate.py` in these functions was killed.
 

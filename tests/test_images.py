@@ -1,4 +1,4 @@
-"""Images as they are (issue 13): one file of each kind, made here with pillow, loads as a viewer
+"""Images as they are: one file of each kind, made here with pillow, loads as a viewer
 shows it (metrics.load_images, which data.py uses) against references computed from the pixel
 values written: 16-bit scaled to 8 bits, palette and grayscale expanded, alpha composited on the
 stated background, CMYK by the standard formula, EXIF orientation applied; a mode that cannot be

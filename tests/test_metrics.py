@@ -198,7 +198,7 @@ def test_default_l2_bands_catch_planted_copies_and_exclude_distinct_faces():
     for name in ("shift_x", "shift_y"):
         shifted = planted[name].astype(np.uint8)
         assert metrics.evaluate(shifted, T, shift=1)["ams"]["high"] == 100.0, name
-        assert metrics.evaluate(shifted, T)["ams"]["high"] < 50.0, name  # plain L2 cannot: see docs_metrics.md
+        assert metrics.evaluate(shifted, T)["ams"]["high"] < 50.0, name  # plain L2 cannot: see METRICS.md
     for shift in (0, 1):
         r = metrics.evaluate(fresh, T, shift=shift)
         assert all(v == 0.0 for v in list(r["ams"].values()) + list(r["ums"].values())), (shift, r["ams"], r["ums"])

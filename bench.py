@@ -167,6 +167,15 @@ def flops_of(fn):
     return fc.get_total_flops()
 
 
+def rate_of(fn, device, n):
+    """Seconds of n calls of fn (after one warm-up), with the device synchronized."""
+    fn()
+    t0 = clock(device)
+    for _ in range(n):
+        fn()
+    return clock(device) - t0
+
+
 def bench_reproduce(cfg, device, where):
     """Training and sampling at reproduce.py's own shapes (profile cfg.reproduce), each as images/s and
     as a fraction of the float32 matmul peak measured in the same run (FLOPs from torch's counter)."""
@@ -207,6 +216,16 @@ def bench_reproduce(cfg, device, where):
         print(f"{tag} train {name}: {ips:.0f} img/s at batch {tcfg.batch} = {100 * ips * f_img / peak:.0f}% of the "
               f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s measured in this run ({f_img / 1e6:.1f} MFLOP/img; {where})",
               flush=True)
+    if device.type == "cuda":  # the fast path: bf16 autocast against the bf16 peak (never run here: no GPU lent yet)
+        a, b = (torch.randn(4096, 4096, device=device, dtype=torch.bfloat16) for _ in range(2))
+        peak16 = 2 * 4096 ** 3 * 10 / rate_of(lambda: a @ b, device, 10)
+
+        def step16():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                step(model)
+        ips = rate(step16, tcfg.batch)
+        print(f"{tag} train bf16: {ips:.0f} img/s at batch {tcfg.batch} = {100 * ips * f_img / peak16:.0f}% of the "
+              f"bf16 matmul peak {peak16 / 1e9:.0f} GFLOP/s measured in this run ({where})", flush=True)
     model.eval().requires_grad_(False)
     nb = min(256, p["n_gen"])
     clf = side.TimeResNet(p["K"], tcfg.image_size, T=tcfg.T).to(device).eval().requires_grad_(False)

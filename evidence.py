@@ -82,15 +82,21 @@ def claim(text, ratio, lo, hi, threshold, **extra):
     return dict(claim=text, ratio=ratio, lo=lo, hi=hi, threshold=threshold, status=status(lo, hi, threshold), **extra)
 
 
+def count_ci(values):
+    """mean_ci of a quantity that cannot be negative (a count, a percentage): the lower end clipped at 0."""
+    m, lo, hi = mean_ci(values)
+    return m, (None if lo is None else max(lo, 0.0)), hi
+
+
 def summarize(rows, fields=("distinct_any", "ams_any")):
     """{field: {mean, lo, hi, n}} over rows (one row per unit), plus per-band `distinct`, `ams`, `ums`."""
     out = {}
     for f in fields:
-        m, lo, hi = mean_ci([r[f] for r in rows])
+        m, lo, hi = count_ci([r[f] for r in rows])
         out[f] = dict(mean=m, lo=lo, hi=hi, n=len(rows))
     for f in ("distinct", "ams", "ums"):
         bands = rows[0][f].keys() if rows else ()
-        out[f] = {b: dict(zip(("mean", "lo", "hi"), mean_ci([r[f][b] for r in rows]))) for b in bands}
+        out[f] = {b: dict(zip(("mean", "lo", "hi"), count_ci([r[f][b] for r in rows]))) for b in bands}
     return out
 
 
@@ -103,8 +109,8 @@ def curve_summary(curves):
     out = []
     for b in budgets:
         pts = [next(p for p in c if p["budget"] == b) for c in curves]
-        m, lo, hi = mean_ci([p["distinct_any"] for p in pts])
-        bands = {k: dict(zip(("mean", "lo", "hi"), mean_ci([p["distinct"][k] for p in pts]))) for k in pts[0]["distinct"]}
+        m, lo, hi = count_ci([p["distinct_any"] for p in pts])
+        bands = {k: dict(zip(("mean", "lo", "hi"), count_ci([p["distinct"][k] for p in pts]))) for k in pts[0]["distinct"]}
         out.append(dict(budget=b, mean=m, lo=lo, hi=hi, n=len(pts), distinct=bands))
     return out
 

@@ -193,29 +193,16 @@ def verdict_lines(verdict):
     return "\n".join(out)
 
 
-def by_model(rows, n):
-    """Model-to-model variation at a size trained with several seeds: mean distinct per trained model."""
-    seeds = sorted({r["train_seed"] for r in rows if r["n_train"] == n and "labelling" not in r})
-    parts = []
-    for t in seeds:
-        for m in ("uncond", "side"):
-            v = [r["distinct_any"] for r in rows if r["n_train"] == n and r["train_seed"] == t and r["method"] == m
-                 and "labelling" not in r]
-            if v:
-                parts.append(f"model {t} {METHOD_NAMES[m]} {np.mean(v):.1f}")
-    return "; ".join(parts)
-
-
 def reproduce_report(s, grids, paper):
     """REPORT.md for reproduce.py's summary dict."""
     hw, p, ch = s["hardware"], s["profile_settings"], s["chosen"]
     sizes = sorted({r["n_train"] for r in s["rows"] if "labelling" not in r})
     L = [f"# SIDE reproduction ({s['profile']} profile, base seed {s['base_seed']})", "",
          f"Data: {s['data']}, {p['image_size']} px. Device: {s['device']} ({hw['processor']}, {hw['cpus']} CPUs, torch "
-         f"{hw['torch']}{', ' + hw['cuda'] if hw['cuda'] else ''}). Total wall time: {s['total_seconds'] / 60:.1f} min.",
+         f"{hw['torch']}{', ' + hw['cuda'] if hw['cuda'] else ''}). Wall time of this invocation: {s['total_seconds'] / 60:.1f} min (a rerun reuses every finished stage, so only a first run measures the protocol).",
          f"Training budget per size (epochs): {', '.join(f'n={n}: {e:g}' for n, e in zip(p['sizes'], p['epochs']))}. "
-         f"Units per size: {p['seeds']} attack seeds (each redraws the synthetic set, clustering, classifiers and "
-         f"generations); n={ch['size']} also from {p['train_seeds']} trained models. N_G = {p['n_gen']}, N_syn = "
+         f"Units per size: {p['seeds']}, each with its own training sample (nested across sizes), its own trained model "
+         f"and its own attack (synthetic set, clustering, classifiers, generations). N_G = {p['n_gen']}, N_syn = "
          f"{p['n_syn']}, K = {p['K']}, {p['sample_steps']} DDIM steps. λ = {ch['lam']} (SIDE) and guidance scale "
          f"{ch['cond_scale']} (Carlini Cond) chosen by sweeps on n={ch['size']} with a seed no unit uses.",
          "Similarity: normalized pixel L2 on [-1,1], bands high/mid/low (metrics.py). Every figure: mean over units "
@@ -225,8 +212,6 @@ def reproduce_report(s, grids, paper):
     for n in sizes:
         ng = {r["method"]: r["n_gen"] for r in s["rows"] if r["n_train"] == n}
         L += [f"### {n} training images", "", size_table(s["stats"]["table"], n, lambda m: ng.get(m)), ""]
-        if n == s["chosen"]["size"]:
-            L += [f"By trained model (distinct, any band): {by_model(s['rows'], n)}.", ""]
         L += [f"Command of one unit: `{s['commands'].get(f'n={n}', '')}`", ""]
     L += ["### The paper's Table 1 (CelebA 128 px, SSCD cosine similarity, low band) for orientation", "",
           "Different data, resolution, similarity and scale: compare directions, not values.", "",
@@ -274,7 +259,7 @@ def conditional_section(s):
          "M = memorization divergence of Definition 1 at ε_k (nats, smaller = more memorization), averaged over label "
          "subsets, log p bounded by the variational bound of the chain from the step whose noise level is ε_k "
          "(ddpm.subchain_nll), so each M is an upper bound. Δ = M(D_j; conditional model given j) − M(D_j; unconditional "
-         "model): paired, the same ε-samples, timesteps and forward noise for both models.", ""]
+         "model): paired, the same ε-samples, timesteps and forward noise for both models; computed on unit 0's three models.", ""]
     cond = s["conditional"]
     if not cond:
         return L + ["Skipped: the data has no labels (no class subfolders).", ""]
@@ -283,7 +268,7 @@ def conditional_section(s):
     for c in cond:
         lab = c["labelling"]
         rows = [r for r in s["rows"] if r["n_train"] == nc and r["method"] == "uncond"
-                and r.get("labelling", "none") == lab and (lab != "none" or r["train_seed"] == 0)]
+                and r.get("labelling", "none") == lab]
         st = {f: dict(zip(("mean", "lo", "hi"), mean_ci([r[f] for r in rows]))) for f in ("distinct_any", "ams_any")}
         d = c["divergence"]
         L.append(f"| {lab} | {len(rows)} | {ci(st['distinct_any'])} | {ci(st['ams_any'])} | "

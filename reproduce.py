@@ -11,8 +11,8 @@
    SIDE (Alg. 1) at equal N_G, sampler and steps (extract.py), plus SIDE with random surrogate labels
    (control), plain sampling given SIDE's whole budget N_syn + N_G (compute-matched) and, at one size,
    the class-conditional DDPM trained on the true labels (the other reading of "Cond").
-2. Repetition: every size is attacked from several attack seeds (the attacker redraws its synthetic
-   set, clustering, classifiers and generations), and one size also from a second trained model.
+2. Repetition: several units per size, each with its own training sample (nested across sizes), its
+   own trained model and its own attack (synthetic set, clustering, classifiers, generations).
    Figures are means with 95 % intervals over these units; claims are paired ratios with intervals,
    labelled holds / does not hold / undecided (evidence.py).
 3. SIDE's λ and Carlini Cond's guidance scale are each chosen by a sweep on a separate generation
@@ -50,18 +50,18 @@ from report import calibration_report, curve_plot, label_effect, reproduce_repor
 PROFILES = {
     "smoke": dict(image_size=8, sizes=(8, 16), epochs=(300, 150), batch=16, base=16, mults=(1, 2), attn_res=(4,), T=100,
                   n_gen=32, n_syn=64, K=4, sweep_lambda=(0.0, 3.0), sweep_cond=(1.0, 3.0), sample_steps=10, clf_steps=40,
-                  seeds=2, train_seeds=2, cond_size=8, div_mc=8, div_t=16, calib_epochs=(50, 150), jobs=2),
+                  seeds=2, cond_size=8, div_mc=8, div_t=16, calib_epochs=(50, 150), jobs=2),
     # 8 px: 16 px did not memorize within a CPU budget. 700 epochs (= steps, batch min(128, n)): `make calibrate`
     # put every size at 23-38 % of its images reached (500: none; 1,000: 94-97 %); README "How the budgets were chosen"
     "cpu": dict(image_size=8, sizes=(16, 32, 64), epochs=(700, 700, 700), batch=128, base=32, mults=(1, 2),
                 attn_res=(4,), T=1000, n_gen=512, n_syn=512, K=16, sweep_lambda=(1.0, 3.0, 10.0),
-                sweep_cond=(1.0, 3.0, 10.0), sample_steps=40, clf_steps=250, seeds=3, train_seeds=2, cond_size=16,
+                sweep_cond=(1.0, 3.0, 10.0), sample_steps=40, clf_steps=250, seeds=3, cond_size=16,
                 div_mc=16, div_t=32, calib_epochs=(500, 600, 700, 800, 1000), jobs=2),
     # not run here (no GPU in this project's sessions so far); sizes and epochs are a starting point for
     # --calibrate on the GPU; pass --data /path/to/celeba for real faces
     "gpu": dict(image_size=32, sizes=(256, 512, 1024), epochs=(1500, 1500, 1500), batch=128, base=64, mults=(1, 2, 2),
                 attn_res=(16,), T=1000, n_gen=1024, n_syn=1024, K=32, sweep_lambda=(1.0, 3.0, 10.0),
-                sweep_cond=(1.0, 3.0, 10.0), sample_steps=50, clf_steps=1000, seeds=3, train_seeds=2, cond_size=256,
+                sweep_cond=(1.0, 3.0, 10.0), sample_steps=50, clf_steps=1000, seeds=3, cond_size=256,
                 div_mc=64, div_t=100, calib_epochs=(500, 1000, 1500, 3000), jobs=1),
 }
 TRAIN_FIXED = dict(schedule="cosine", prediction="eps", lr=2e-3)  # calibration: memorized sooner than linear/v
@@ -109,18 +109,20 @@ def flags(d):
 
 
 def seeds_of(base, i):
-    """The seeds of repetition i under base seed `base`: (training, attack generations, attacker's synthetic set)."""
-    return 1000 * base + i, 1000 * base + 100 + i, 1000 * base + 200 + i
+    """The seeds of unit i under base seed `base`: (training-set sample, training, attack generations,
+    attacker's synthetic set). Every unit draws its own training set, model and attack, so the
+    intervals over units include data-to-data and model-to-model variation, not only the attacker's."""
+    return 1000 * base + i, 1000 * base + i, 1000 * base + 100 + i, 1000 * base + 200 + i
 
 
-def train_job(p, cfg, n, epochs, labels, out, train_seed):
+def train_job(p, cfg, n, epochs, labels, out, train_seed, data_seed):
     """(name, argv) of one train.py run for `epochs` passes over n images; resumable, never retrained.
     The batch is min(profile batch, n), so a set no larger than the batch gets one optimiser step per
     epoch: at a fixed batch a small set would get few steps, and steps, not epochs, set how far a DDPM
     memorizes (calibration: at batch 128 and 1,000 epochs, 54 % of 128 faces were reached and none of 32)."""
     batch = min(p["batch"], n)
     steps = max(1, math.ceil(epochs * n / batch))
-    args = dict(out=out, data=cfg.data, n_train=n, data_seed=cfg.seed, image_size=p["image_size"], labels=labels,
+    args = dict(out=out, data=cfg.data, n_train=n, data_seed=data_seed, image_size=p["image_size"], labels=labels,
                 base=p["base"], mults=p["mults"], attn_res=p["attn_res"], T=p["T"], steps=steps, batch=batch,
                 seed=train_seed, sample_n=16, sample_steps=p["sample_steps"], device=cfg.device, resume=True,
                 log_every=30, **TRAIN_FIXED)
@@ -183,15 +185,16 @@ def check_data(cfg, p, sizes):
     """Everything about the data that can fail, before any training: enough images, and for labelled
     data at least two classes in every training set (Carlini Cond's classifier needs them)."""
     need = max(sizes + [p["cond_size"]])
-    ds = data.load_data(cfg.data, p["image_size"], n=need, seed=cfg.seed)
-    if ds.labels is None:
-        print(f"note: {cfg.data} has no labels (no class subfolders): skipping Carlini Cond and the "
-              "conditional-memorization experiment", file=sys.stderr)
-        return False
-    for n in sorted(set(sizes + [p["cond_size"]])):
-        k = len(np.unique(ds.labels[:n]))  # the sample of n is the first n of the same permutation
-        check(k >= 2, f"the training set of {n} images drawn from {cfg.data} holds {k} class; Carlini Cond and the "
-              "informative-label model need >= 2: use larger --sizes or data with more classes")
+    for i in range(p["seeds"]):
+        ds = data.load_data(cfg.data, p["image_size"], n=need, seed=seeds_of(cfg.seed, i)[0])
+        if ds.labels is None:
+            print(f"note: {cfg.data} has no labels (no class subfolders): skipping Carlini Cond and the "
+                  "conditional-memorization experiment", file=sys.stderr)
+            return False
+        for n in sorted(set(sizes + [p["cond_size"]])):
+            k = len(np.unique(ds.labels[:n]))  # the sample of n is the first n of the same permutation
+            check(k >= 2, f"the training set of {n} images drawn from {cfg.data} (unit {i}) holds {k} class; Carlini "
+                  "Cond and the informative-label model need >= 2: use larger --sizes or data with more classes")
     return True
 
 
@@ -214,7 +217,7 @@ def profile_of(cfg):
 def main(argv=None):
     cfg = parse_config(ReproduceConfig, argv, __doc__.split("\n\n")[0])
     p = profile_of(cfg)
-    for _, argv in ([train_job(p, cfg, n, e, "none", cfg.out, 0) for n, e in zip(p["sizes"], p["epochs"])]
+    for _, argv in ([train_job(p, cfg, n, e, "none", cfg.out, 0, 0) for n, e in zip(p["sizes"], p["epochs"])]
                     + [extract_job(p, cfg, "ckpt.pt", cfg.out, "side", "check")]):
         parse_config(train.TrainConfig if argv[0] == "train.py" else extract.ExtractConfig, argv[1:], "")  # before any training
     check_writable(cfg.out, "--out")
@@ -261,21 +264,21 @@ def main(argv=None):
 
 
 def plan_models(cfg, p, sizes, labelled):
-    """{key: model folder} and the training jobs: every size (training seed 0), a second training seed of
-    the middle size, and the informative- and random-label models at cond_size."""
-    tune, nc, out = sizes[len(sizes) // 2], p["cond_size"], cfg.out
+    """{key: model folder} and the training jobs: for every unit i, a model of every size (each on the
+    unit's own nested training sample) and the informative- and random-label models at cond_size."""
+    nc, out = p["cond_size"], cfg.out
     epochs = dict(zip(sizes, p["epochs"]))
     epochs.setdefault(nc, epochs[min(sizes, key=lambda s: abs(s - nc))])
     trained, jobs = {}, []
-    for n in sorted(set(sizes) | ({nc} if labelled else set())):
-        for ts in range(p["train_seeds"] if n == tune else 1):
-            trained[(n, ts)] = f"{out}/models/n{n}-t{ts}"
-            jobs.append(train_job(p, cfg, n, epochs[n], "none", trained[(n, ts)], seeds_of(cfg.seed, ts)[0]))
-    if labelled:
-        for lab, name in (("true", "informative"), ("random", "random")):
-            trained[name] = f"{out}/models/n{nc}-{name}"
-            jobs.append(train_job(p, cfg, nc, epochs[nc], lab, trained[name], seeds_of(cfg.seed, 0)[0]))
-    trained["tune"], trained["cond_size"] = tune, nc
+    for i in range(p["seeds"]):
+        data_seed, train_seed = seeds_of(cfg.seed, i)[:2]
+        for n in sorted(set(sizes) | ({nc} if labelled else set())):
+            trained[(n, i)] = f"{out}/models/n{n}-u{i}"
+            jobs.append(train_job(p, cfg, n, epochs[n], "none", trained[(n, i)], train_seed, data_seed))
+        for lab, name in (("true", "informative"), ("random", "random")) if labelled else ():
+            trained[(name, i)] = f"{out}/models/n{nc}-{name}-u{i}"
+            jobs.append(train_job(p, cfg, nc, epochs[nc], lab, trained[(name, i)], train_seed, data_seed))
+    trained["tune"], trained["cond_size"] = sizes[len(sizes) // 2], nc
     return trained, jobs
 
 
@@ -295,30 +298,28 @@ def sweeps(cfg, p, trained, sizes, labelled, st):
 
 
 def plan_units(cfg, p, trained, sizes, labelled, chosen):
-    """One extraction job per (model, attack seed): the Table-1 methods on the unconditional models, and
-    plain sampling of the informative- and random-label models (conditional experiment)."""
+    """One extraction job per unit and model: the Table-1 methods on the unconditional models, and plain
+    sampling of the informative- and random-label models (conditional experiment)."""
     units, nc = [], trained["cond_size"]
-    for (n, ts), path in sorted((k, v) for k, v in trained.items() if isinstance(k, tuple)):
-        for i in range(p["seeds"]):
-            _, gen_seed, syn_seed = seeds_of(cfg.seed, i)
-            run = f"{cfg.out}/extract/n{n}-t{ts}/s{i}"
-            in_table = n in sizes
-            methods = (TABLE_METHODS if labelled else TABLE_METHODS.replace("cond,", "")) if in_table else "uncond"
-            job = extract_job(p, cfg, f"{path}/ckpt.pt", run, methods, f"extract n{n}-t{ts} s{i}", seed=gen_seed,
-                              syn_seed=syn_seed, lam=chosen["lam"], cond_scale=chosen["cond_scale"])
-            units.append(dict(n=n, train_seed=ts, unit=i, kind="table" if in_table else "cond-none", run=run, job=job))
-    for name in ("informative", "random") if labelled else ():
-        for i in range(p["seeds"]):
-            _, gen_seed, _ = seeds_of(cfg.seed, i)
-            run = f"{cfg.out}/extract/cond-{name}/s{i}"
-            job = extract_job(p, cfg, f"{trained[name]}/ckpt.pt", run, "uncond", f"extract cond-{name} s{i}",
+    models_ = [(k, v) for k, v in trained.items() if isinstance(k, tuple)]
+    for (n, i), path in sorted(models_, key=lambda kv: (isinstance(kv[0][0], str), str(kv[0][0]).zfill(9), kv[0][1])):
+        gen_seed, syn_seed = seeds_of(cfg.seed, i)[2:]
+        kind = "table" if n in sizes else f"cond-{n}" if isinstance(n, str) else "cond-none"
+        run = f"{cfg.out}/extract/{os.path.basename(path)}"
+        if kind == "table":
+            job = extract_job(p, cfg, f"{path}/ckpt.pt", run, TABLE_METHODS if labelled else TABLE_METHODS.replace("cond,", ""),
+                              f"extract {os.path.basename(path)}", seed=gen_seed, syn_seed=syn_seed, lam=chosen["lam"],
+                              cond_scale=chosen["cond_scale"])
+        else:
+            job = extract_job(p, cfg, f"{path}/ckpt.pt", run, "uncond", f"extract {os.path.basename(path)}",
                               seed=gen_seed, curve_points=0)
-            units.append(dict(n=nc, train_seed=0, unit=i, kind=f"cond-{name}", run=run, job=job))
+        units.append(dict(n=nc if isinstance(n, str) else n, train_seed=i, unit=i, kind=kind, run=run, job=job))
     return units
 
 
 def collect(units, labelled, p):
-    """summary rows (one per unit and method) and the raw budget curves {(n, method): [per-unit curve]}."""
+    """summary rows (one per unit and method; `side_union`: SIDE's synthetic set and guided generations
+    together, distinct images only) and the raw budget curves {(n, method): [per-unit curve]}."""
     rows, curves = [], {}
     for u in units:
         res = load_metrics(u["run"])
@@ -327,6 +328,10 @@ def collect(units, labelled, p):
             rows += [row(r, u["n"], m, **tag) for m, r in res["methods"].items()]
             for m, c in res.get("curves", {}).items():
                 curves.setdefault(f"{u['n']}/{m}", []).append(c)
+            union = res.get("curves", {}).get("side_union")
+            if union:  # its last point: the whole budget N_syn + N_G
+                rows.append(dict(n_train=u["n"], method="side_union", n_gen=union[-1]["budget"],
+                                 distinct_any=union[-1]["distinct_any"], distinct=union[-1]["distinct"], **tag))
         elif u["kind"] == "cond-informative":  # the other reading of "Cond": a class-conditional DDPM
             rows.append(row(res["methods"]["uncond"], u["n"], "cond_ddpm", **tag))
         if u["kind"].startswith("cond-"):
@@ -339,7 +344,7 @@ def evidence_of(rows, curves, sizes, p):
     table = [r for r in rows if "labelling" not in r]
     stats = {}
     for n in sizes:
-        for m in sorted({r["method"] for r in table if r["n_train"] == n}):
+        for m in sorted({r["method"] for r in table if r["n_train"] == n} - {"side_union"}):
             stats[f"{n}/{m}"] = evidence.summarize([r for r in table if r["n_train"] == n and r["method"] == m])
     cs = {k: evidence.curve_summary(v) for k, v in curves.items()}
     return dict(table=stats, curves=cs), verdict_claims(table, cs, sizes)
@@ -347,7 +352,7 @@ def evidence_of(rows, curves, sizes, p):
 
 def _paired(table, a, b, field, sizes):
     """Values of methods a and b for the units (size, training seed, attack seed) that have both."""
-    by = {(r["n_train"], r["train_seed"], r["unit"], r["method"]): r[field] for r in table}
+    by = {(r["n_train"], r["train_seed"], r["unit"], r["method"]): r[field] for r in table if field in r}
     keys = sorted({k[:3] for k in by if k[0] in sizes and k[3] == a and k[:3] + (b,) in by})
     return [by[k + (a,)] for k in keys], [by[k + (b,)] for k in keys]
 
@@ -362,7 +367,7 @@ def verdict_claims(table, cs, sizes):
     specs = [("side", "uncond", "distinct_any", 1.0), ("side", "uncond", "distinct_any", 1.5),
              ("side", "uncond", "hits_any", 1.0), ("side", "cond", "distinct_any", 1.0),
              ("side", "cond_ddpm", "distinct_any", 1.0), ("side", "side_random", "distinct_any", 1.0),
-             ("side", "uncond_budget", "distinct_any", 1.0)]
+             ("side", "uncond_budget", "distinct_any", 1.0), ("side_union", "uncond_budget", "distinct_any", 1.0)]
     what = dict(distinct_any="distinct training images reached (any band, UMS)",
                 hits_any="generations that hit a training image (any band, AMS)")
     for a, b, f, thr in specs:
@@ -373,7 +378,8 @@ def verdict_claims(table, cs, sizes):
         if max(va + vb) == 0:  # nothing extracted at all: a ratio of 1 says nothing
             lo = hi = None
         verb = "at least 1.5x (the paper: over 50 % more)" if thr == 1.5 else "more"
-        out.append(evidence.claim(f"SIDE {verb} than {names[b]}: {what[f]}", r, lo, hi, thr, units=len(va)))
+        who = "SIDE counting its synthetic set too (N_syn + N_G samples)" if a == "side_union" else "SIDE"
+        out.append(evidence.claim(f"{who} {verb} than {names[b]}: {what[f]}", r, lo, hi, thr, units=len(va)))
     for n in sizes:  # per size: SIDE vs plain sampling
         va, vb = _paired(table, "side", "uncond", "distinct_any", [n])
         if len(va) >= 2:
@@ -416,11 +422,11 @@ def calibrate(cfg, p, st, parallel):
     sample each stage plainly: the share of its training images reached per band, printed and saved."""
     out, rows = cfg.out, []
     for e in p["calib_epochs"]:
-        run_jobs([train_job(p, cfg, n, e, "none", f"{out}/models/n{n}", seeds_of(cfg.seed, 0)[0]) for n in p["sizes"]],
+        run_jobs([train_job(p, cfg, n, e, "none", f"{out}/models/n{n}", *seeds_of(cfg.seed, 0)[1::-1]) for n in p["sizes"]],
                  parallel, st, f"{out}/logs")
         runs = {n: f"{out}/extract/n{n}-e{e:g}" for n in p["sizes"]}
         run_jobs([extract_job(p, cfg, f"{out}/models/n{n}/ckpt.pt", run, "uncond", f"sample n{n} e{e:g}",
-                              seed=seeds_of(cfg.seed, 0)[1], curve_points=0) for n, run in runs.items()],
+                              seed=seeds_of(cfg.seed, 0)[2], curve_points=0) for n, run in runs.items()],
                  parallel, st, f"{out}/logs")
         for n, run in runs.items():
             r = load_metrics(run)["methods"]["uncond"]
@@ -483,7 +489,7 @@ def conditional(p, cfg, trained, device):
     samples of q_ε per subset, div_t timestep strata per sample (= UNet calls per sample and model)."""
     nc = p["cond_size"]
     torch.set_num_threads(os.cpu_count() or 1)
-    paths = {"none": trained[(nc, 0)], "informative": trained["informative"], "random": trained["random"]}
+    paths = {"none": trained[(nc, 0)], "informative": trained[("informative", 0)], "random": trained[("random", 0)]}
     loaded = {k: models.load_model(f"{v}/ckpt.pt", device) for k, v in paths.items()}
     diffusion = loaded["none"][1]
     tcfg, rcfg = (loaded[k][2].checkpoint["config"] for k in ("none", "random"))

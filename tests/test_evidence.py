@@ -17,9 +17,10 @@ def t_cdf(x, df, n=200001):
     return 0.5 + float(np.sum((pdf[1:] + pdf[:-1]) / 2 * np.diff(u)))
 
 
-@pytest.mark.parametrize("df", [1, 2, 3, 5, 10, 20, 30])
-def test_t_quantiles_are_the_975_points_of_student_t(df):
-    assert t_cdf(evidence.t975(df), df) == pytest.approx(0.975, abs=2e-4)
+@pytest.mark.parametrize("df,tol", [(1, 2e-4), (2, 2e-4), (3, 2e-4), (5, 2e-4), (10, 2e-4), (20, 2e-4), (30, 2e-4),
+                                    (200, 1e-3)])  # beyond the table: the normal quantile, 7e-4 off at df 200
+def test_t_quantiles_are_the_975_points_of_student_t(df, tol):
+    assert t_cdf(evidence.t975(df), df) == pytest.approx(0.975, abs=tol)
 
 
 def test_mean_interval_by_hand():
@@ -73,6 +74,7 @@ def test_curve_summary_and_overtaking_by_hand():
     c2 = [dict(budget=b, distinct_any=v, distinct={"high": v}) for b, v in ((10, 3), (20, 4), (30, 5))]
     s = evidence.curve_summary([c1, c2])
     assert [p["mean"] for p in s] == [2.0, 3.0, 4.0] and s[0]["hi"] - 2.0 == pytest.approx(12.706 * 1.0 / 1.0)
+    assert s[0]["lo"] == 0.0  # 2 - 12.7 clipped: a count is never negative
     flat = [dict(budget=b, mean=m) for b, m in ((10, 2.5), (20, 2.5), (30, 2.5))]
     assert evidence.overtake(s, flat) == 20 and evidence.overtake(flat, s) is None
 

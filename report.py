@@ -130,7 +130,7 @@ def band_plot(path, series, xlabel="", ylabel="", size=(640, 400)):
     ys = [v for s in series.values() for p in s for v in p[1:] if v is not None]
     if not xs:
         return
-    xt, yt = _ticks(min(xs + [0]), max(xs)), _ticks(0, max(ys + [1]))
+    xt, yt = _ticks(min(xs + [0]), max(xs), n=8), _ticks(0, max(ys + [1]))
     px = lambda x: left + (x - xt[0]) / (xt[-1] - xt[0] or 1) * (W - left - right)  # noqa: E731
     py = lambda y: H - bottom - (y - yt[0]) / (yt[-1] - yt[0] or 1) * (H - top - bottom)  # noqa: E731
     for x in xt:

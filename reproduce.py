@@ -40,11 +40,11 @@ import data
 import evidence
 import extract
 import metrics
-import models
 import train
+from conditional import conditional
 from common import (UserError, atomic_write_json, atomic_write_text, check, check_writable, field, parse_config, resolve_device,
                     run_main)
-from report import calibration_report, curve_plot, label_effect, reproduce_report
+from report import calibration_report, curve_plot, reproduce_report
 
 # Each profile: data and model, per-size training budget in epochs, attack settings, repetitions.
 PROFILES = {
@@ -437,82 +437,6 @@ def calibrate(cfg, p, st, parallel):
                   + " ".join(f"{b} {100 * v / n:.0f}%" for b, v in r["distinct"].items()), flush=True)
     atomic_write_json(f"{out}/calibration.json", dict(rows=rows, profile_settings=p, seconds=time.time() - st.t0))
     atomic_write_text(f"{out}/CALIBRATION.md", calibration_report(rows))
-    return rows
-
-
-def _log_prob(model, diffusion, k, n_t, label, device):
-    """Definition 1's callable for a DDPM: log p_θ(x | label) >= -subchain_nll (ddpm.py), with its
-    timesteps and forward noise drawn from the generator metrics.py hands it, so the two models of a
-    paired comparison see the same draws (common random numbers)."""
-    def log_prob(x, g):
-        y = None if label is None else torch.full((len(x),), int(label), dtype=torch.long, device=device)
-        draw = diffusion.bound_draw(len(x), k, n_t, x.shape[1:], g)
-        return -diffusion.subchain_nll(model, x.to(device), k, draw, y=y)
-    return log_prob
-
-
-def _interval(est, se):
-    return [est - 1.96 * se, est + 1.96 * se]  # normal 95 % interval
-
-
-def divergence(cond, uncond, diffusion, x, subsets, eps, n_mc, n_t, device, seed=0):
-    """Δ_j = M(D_j; p_θ(.|j), ε_k) − M(D_j; p_θ, ε_k) (Definition 1) for each label subset D_j, the
-    conditional model `cond` given label j against the unconditional `uncond`, paired (metrics.
-    divergence_difference); ε_k is the noise level of the step k nearest ε (ddpm.Diffusion.level), where
-    the bound of ddpm.subchain_nll starts. M uses a bound on log p, so each M is an upper bound; in Δ the
-    two bounds' gaps need not cancel exactly (exact for the closed forms of tests/test_divergence.py).
-    Returns per-subset rows and their mean with stderr sqrt(Σ s.e.²)/K and a 95 % interval."""
-    k, eps_k = diffusion.level(eps)
-    per = []
-    for j in np.unique(subsets):
-        Dj = x[torch.as_tensor(subsets == j)].double().cpu()
-        r = metrics.divergence_difference(Dj, eps_k, _log_prob(cond, diffusion, k, n_t, j, device),
-                                          _log_prob(uncond, diffusion, k, n_t, None, device), n_mc,
-                                          torch.Generator().manual_seed(seed + int(j)), batch=max(1, min(n_mc, 64)))
-        per.append(dict(label=int(j), n=len(Dj), delta=r["diff"], stderr=r["diff_stderr"],
-                        ci95=_interval(r["diff"], r["diff_stderr"]), M_cond=r["M_a"], M_cond_stderr=r["M_a_stderr"],
-                        M_uncond=r["M_b"], M_uncond_stderr=r["M_b_stderr"], corr=r["corr"]))
-    K = len(per)
-    mean = lambda key: float(np.mean([p[key] for p in per]))  # noqa: E731
-    comb = lambda key: float(np.sqrt(np.sum([p[key] ** 2 for p in per])) / K)  # noqa: E731
-    est, se = mean("delta"), comb("stderr")
-    return dict(delta=est, stderr=se, ci95=_interval(est, se), verdict=label_effect(*_interval(est, se)),
-                M_cond=mean("M_cond"), M_cond_stderr=comb("M_cond_stderr"), M_uncond=mean("M_uncond"),
-                M_uncond_stderr=comb("M_uncond_stderr"), subsets=per, eps=eps, eps_k=eps_k, k=k,
-                unet_calls_per_sample=min(n_t, diffusion.top() - k), n_mc=n_mc, unit="nats", upper_bound=True)
-
-
-def conditional(p, cfg, trained, device):
-    """Unconditional vs informative-label vs random-label DDPMs at cond_size: per labelling, the paired
-    difference Δ = M(D_j; p_θ(.|j)) − M(D_j; p_θ) of Definition 1 per label subset and averaged, with
-    95 % intervals (Theorem 1: Δ <= 0 for an informative label in its limit). Profile knobs: div_mc
-    samples of q_ε per subset, div_t timestep strata per sample (= UNet calls per sample and model)."""
-    nc = p["cond_size"]
-    torch.set_num_threads(os.cpu_count() or 1)
-    paths = {"none": trained[(nc, 0)], "informative": trained[("informative", 0)], "random": trained[("random", 0)]}
-    loaded = {k: models.load_model(f"{v}/ckpt.pt", device) for k, v in paths.items()}
-    diffusion = loaded["none"][1]
-    tcfg, rcfg = (loaded[k][2].checkpoint["config"] for k in ("none", "random"))
-    for name in ("informative", "random"):
-        check((loaded[name][1].T, loaded[name][1].schedule) == (diffusion.T, diffusion.schedule),
-              f"{paths[name]} has another noise schedule than {paths['none']}; retrain the three models together")
-    ds = data.load_data(cfg.data, tcfg["image_size"], n=nc, seed=tcfg["data_seed"])
-    x = data.to_tensor(ds.images)  # the random model's labels, as train.py drew them from its seed
-    parts = {"informative": ds.labels, "random": data.random_labels(nc, int(ds.labels.max()) + 1, rcfg["seed"])}
-    deltas = {name: divergence(loaded[name][0], loaded["none"][0], diffusion, x, parts[name], cfg.eps,
-                               p["div_mc"], p["div_t"], device) for name in ("informative", "random")}
-    rows = []
-    for name in ("none", "informative", "random"):
-        r = dict(labelling=name)
-        if name == "none":  # M of the unconditional model on the informative and on the random subsets
-            for key, part in (("divergence", "informative"), ("divergence_random_subsets", "random")):
-                d = deltas[part]
-                r[key] = dict(estimate=d["M_uncond"], stderr=d["M_uncond_stderr"], eps_k=d["eps_k"], upper_bound=True)
-        else:
-            d = deltas[name]
-            r["divergence"] = dict(estimate=d["M_cond"], stderr=d["M_cond_stderr"], eps_k=d["eps_k"], upper_bound=True)
-            r["delta"] = d
-        rows.append(r)
     return rows
 
 

@@ -44,7 +44,8 @@ import models
 import side
 from common import (Progress, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, check,
                     check_fields, check_writable, field, load_checkpoint, parse_config, resolve_device, run_main, save_checkpoint)
-from report import extraction_table, grid_of_matches, line_plot
+from report import extraction_table, grid_of_matches
+from sweeps import best_of, curves, sweep
 from runtime import autocast, local_device, setup_distributed
 
 METHODS = ("uncond", "cond", "side", "side_random", "uncond_budget")
@@ -393,77 +394,6 @@ class Run:
         ev["distinct_any"] = len(set().union(*[set(np.asarray(i).tolist()) for i in ev["ums_index"].values()]))
         ev["ams_any"] = float(sum(ev["ams"].values()))  # bands are disjoint: % of generations in any band
         return ev
-
-
-def sweep(run, name, values, cfg, method, point):
-    """The metrics of `method` at each swept value on the sweep seed (point(v) -> run.method kwargs);
-    writes sweep_<name>.{json,png}."""
-    n = cfg.sweep_n_gen or cfg.n_gen
-    rows = []
-    for v in values:
-        x, info = run.method(method, n, cfg.sweep_seed, **point(v))
-        ev = run.evaluate(x)  # every rank searches a shard; rank 0 gets the result
-        if run.rank == 0:
-            rows.append(dict(value=v, ams=ev["ams"], ums=ev["ums"], distinct=ev["distinct"], p95=ev["p95"],
-                             distinct_any=ev["distinct_any"], kept=info.get("kept")))
-            run.log(f"[sweep {name}] {v}: AMS {ev['ams']} UMS {ev['ums']}")
-    if run.rank == 0:
-        atomic_write_json(os.path.join(run.out, f"sweep_{name}.json"), rows)
-        line_plot(os.path.join(run.out, f"sweep_{name}.png"), [r["value"] for r in rows],
-                  {b: [r["distinct"][b] for r in rows] for b in rows[0]["distinct"]}, xlabel=name,
-                  ylabel="distinct training images extracted")
-    return rows
-
-
-def curve(run, x, budgets, offset=0):
-    """Distinct training images reached (per band and in any band) by the first b - offset images of x,
-    for each total budget b in `budgets` (b > offset): the extraction-versus-budget curve of one method."""
-    pts = []
-    for b in budgets:
-        if b - offset < 1 or b - offset > len(x):
-            continue
-        ev = run.evaluate(x[:b - offset])
-        if ev is not None:
-            pts.append(dict(budget=int(b), distinct=ev["distinct"], distinct_any=ev["distinct_any"]))
-    return pts
-
-
-def curves(run, cfg, samples):
-    """Curves of every method over the budget N_syn + N_G (the attacker's total number of samples):
-    UnCond from the compute-matched draw (synthetic set then plain samples), Cond and the SIDE
-    variants after their own N_G; SIDE starts at N_syn (its synthetic set is spent budget) and
-    `side_union` counts the synthetic set and the guided generations together (an attacker keeps both)."""
-    total = cfg.n_syn + cfg.n_gen
-    grid = sorted({int(round(total * j / cfg.curve_points)) for j in range(1, cfg.curve_points + 1)}
-                  | {cfg.n_syn, cfg.n_gen})
-    out = {}
-    for m, (x, _) in samples.items():
-        if m in ("side", "side_random"):
-            out[m] = curve(run, x, grid, offset=cfg.n_syn)
-        elif m != "uncond":
-            out[m] = curve(run, x, grid)
-    if "side" in samples:
-        out["side_union"] = curve(run, np.concatenate([run.synthetic(), samples["side"][0]]), grid)
-    return out
-
-
-def best_of(rows):
-    """The sweep value extracting most distinct training images (high band, then mid, then AMS)."""
-    return max(rows, key=lambda r: (r["distinct"].get("high", 0), r["distinct"].get("mid", 0), r["ams"].get("high", 0)))["value"]
-
-
-def load_chosen(out):
-    """The λ and K a finished run used (after its sweeps)."""
-    with open(os.path.join(out, "metrics.json")) as fh:
-        return json.load(fh)["chosen"]
-
-
-def load_sweep(out, name):
-    path = os.path.join(out, f"sweep_{name}.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as fh:
-        return json.load(fh)
 
 
 def main(argv=None):

@@ -42,6 +42,7 @@ import extract
 import metrics
 import train
 from conditional import conditional
+from sweeps import load_sweep
 from common import (UserError, atomic_write_json, atomic_write_text, check, check_writable, field, parse_config, resolve_device,
                     run_main)
 from report import calibration_report, curve_plot, reproduce_report
@@ -253,7 +254,7 @@ def main(argv=None):
     summary = dict(total_seconds=time.time() - st.t0, device=str(device), profile=cfg.profile, data=cfg.data,
                    base_seed=cfg.seed, hardware=hardware(), chosen=chosen, rows=rows, stats=stats, curves=curves,
                    verdict=verdict, conditional=cond_rows, theorem1=thm,
-                   sweeps={k: extract.load_sweep(f"{out}/sweeps", k) for k in ("lambda", "cond_scale")},
+                   sweeps={k: load_sweep(f"{out}/sweeps", k) for k in ("lambda", "cond_scale")},
                    commands={f"n={u['n']}": " ".join(["python"] + u["job"][1]) for u in units
                              if u["unit"] == 0 and u["train_seed"] == 0 and u["kind"] == "table"},
                    stage_seconds=st.t, parallel_jobs=parallel, config=dataclasses.asdict(cfg), profile_settings=p)

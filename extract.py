@@ -8,22 +8,24 @@ Methods, all at the same N_G, sampler, steps and generation seeds (the paper's T
   uncond       Carlini et al. 2023 "UnCond": plain unconditional sampling;
   cond         Carlini "Cond": guidance by an ordinary time-independent classifier on the
                training set's real labels (the built-in faces' attributes, or folder names);
-  side         SIDE, Algorithm 1: N_syn unconditional samples -> features -> K-means -> cohesion
-               filter (τ) -> surrogate labels -> time-dependent classifier p_φ(y|x_t,t) -> guided
-               sampling toward a kept cluster drawn uniformly per generation (side.py);
+  side         SIDE, the paper's Algorithm 1 (side_extract, one line per step): N_syn unconditional
+               samples -> features -> K-means -> cohesion filter (τ) -> surrogate labels -> time-
+               dependent classifier p_φ(y|x_t,t) -> guided sampling toward a kept cluster drawn
+               uniformly per generation (the maths in side.py);
   side_random  control: the same pipeline with random surrogate labels of the same K;
   uncond_budget  beyond the paper: SIDE's whole sampling budget (its N_syn synthetic images plus
                N_G) spent on plain unconditional sampling, so N_syn + N_G generations.
 
-Every stage is cached in OUT/cache under a name that hashes the settings it depends on, so a rerun,
-a sweep or an interrupted run reuses what is done; generations are cached batch by batch. Outputs
+The methods are functions of (Target: model, diffusion, training data; Stages: config and cache) that
+return arrays. Every stage is cached in OUT/cache under a name that hashes exactly the settings it
+reads (Stages.reads), so a rerun, a sweep or an interrupted run reuses what is done; generations are
+cached batch by batch. Distributed plumbing lives in runtime.py, the output files in report.py. Outputs
 (written atomically): samples.npz, metrics.json, REPORT.md, grids/*.png, and sweep_*.{json,png}.
 A rerun into a folder with results adds its methods beside the earlier ones when every setting that
 changes results matches; otherwise it is refused before any work unless --overwrite is given.
 Generation i of every method uses the noise of sample_generators(seed, [i]): each image can be
 regenerated alone from its recorded seed and index.
 """
-import copy
 import dataclasses
 import hashlib
 import io
@@ -32,6 +34,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -44,9 +47,9 @@ import models
 import side
 from common import (Progress, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, check,
                     check_fields, check_writable, field, load_checkpoint, parse_config, resolve_device, run_main, save_checkpoint)
-from report import extraction_table, grid_of_matches
+from report import write_extraction
+from runtime import Ranks, autocast, check_shared_folder, fast_model, local_device, setup_distributed
 from sweeps import best_of, curves, sweep
-from runtime import autocast, local_device, setup_distributed
 
 METHODS = ("uncond", "cond", "side", "side_random", "uncond_budget")
 
@@ -152,337 +155,316 @@ def check_previous(cfg, chosen=None):
           "choose another --out, or pass --overwrite to replace them")
 
 
+# ============================================================================ what is audited, and its stages
+
+SAMPLING = ("sampler", "sample_steps", "eta", "batch", "amp", "channels_last", "compile")  # generate() reads these
+CLASSIFYING = ("clf_steps", "clf_lr", "clf_width", "syn_seed")  # classifier() reads these
+
+
 def key(**parts):
     """A short hash naming a cached stage by exactly the settings it depends on."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-class Run:
-    """One extraction run: the model, its training data, the cache folder, distributed rank."""
+@dataclass
+class Target:
+    """The audited model and the training data it is compared against."""
+    model: torch.nn.Module  # the ε/v UNet (the "ddpm" features read its mid-block)
+    diffusion: ddpm.Diffusion
+    ds: data.Dataset  # the training images (and real labels, if any)
+    device: torch.device
+    ident: str = "model"  # names these weights and this schedule in every cache key
+    net: torch.nn.Module = None  # the UNet as the sampler calls it (runtime.fast_model); None = model
+    num_classes: int = 0  # > 0: a class-conditional model, sampled with a uniform label per generation
 
-    def __init__(self, cfg):
-        self.cfg, self.t = cfg, {}
-        self.device = local_device(resolve_device(cfg.device))
-        check(cfg.compile != "cudagraphs" or self.device.type == "cuda", "--compile cudagraphs needs a CUDA device")
-        self.rank, self.world = setup_distributed(self.device)
-        self.model, self.diffusion, self.info = models.load_model(cfg.ckpt, self.device)
-        info = self.info
-        check(cfg.data or info.data, f"{cfg.ckpt} holds no training-data spec (a {info.kind} model): pass --data, "
-              "the training images to audit against (a folder of images or an .npz)")
-        check(info.channels == 3, f"{cfg.ckpt} makes {info.channels}-channel images; only RGB (3) models are supported")
-        try:  # fail before any sampling when the SSCD extras are missing
-            self.sscd = metrics.load_sscd() if cfg.similarity == "sscd" else None
-        except metrics.MetricsInputError as e:
-            raise UserError(str(e)) from None
-        self.sampler_model = self.fast(self.model)
-        self.out = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "extract")
-        self.cache = os.path.join(self.out, "cache")
-        os.makedirs(self.cache, exist_ok=True)
-        self.check_shared_cache()
-        own = info.data or dict(spec=cfg.data, n=None, seed=0, label_attr=None)  # an external model: all of --data
-        spec = cfg.data or own["spec"]
-        self.ds = data.load_data(spec, info.image_size, n=own["n"], seed=own["seed"], label_attr=own["label_attr"])
-        hw = self.ds.images.shape[1:3]
-        if cfg.data and cfg.data != "faces" and (info.data is None or
-                                                 os.path.realpath(cfg.data) != os.path.realpath(own["spec"])):
-            try:  # other images than the training run's are compared as stored: load_data resized them
-                hw = metrics.load_images(cfg.data)[0].shape[1:3]
-            except metrics.MetricsInputError:
-                pass  # a folder of mixed sizes: only the resized copy has one size
-        check(hw == (info.image_size,) * 2,
-              f"data {spec} is {hw[0]}x{hw[1]} px but {cfg.ckpt} was trained at {info.image_size} px")
-        self.ckpt_id = key(**info.ident)
-        self.reports = {}
-        self.num_classes = info.num_classes
+    def __post_init__(self):
+        self.net = self.model if self.net is None else self.net
 
-    def fast(self, model):
-        """The UNet the sampler calls: --channels-last (a copy), --compile; the default is `model` itself."""
-        cfg = self.cfg
-        if cfg.channels_last:
-            model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        if cfg.compile != "off":  # "reduce-overhead" is torch.compile's CUDA-graphs mode
-            model = torch.compile(model, mode="reduce-overhead" if cfg.compile == "cudagraphs" else None)
-        return model
 
-    def check_shared_cache(self):
-        """Every rank reads every rank's batch files: the cache must be one folder seen by all nodes."""
-        if self.world == 1:
-            return
-        box = [os.urandom(8).hex()]
-        dist.broadcast_object_list(box, src=0)
-        probe = os.path.join(self.cache, f".shared-{box[0]}")
-        if self.rank == 0:
-            atomic_write_text(probe, "")
-        dist.barrier()
-        seen = [None] * self.world
-        dist.all_gather_object(seen, os.path.exists(probe))  # a fresh name: no stale NFS negative lookup
-        if self.rank == 0:
-            os.unlink(probe)
-        check(all(seen), f"the cache folder {self.cache} is not shared by all {self.world} processes (a rank "
-              "cannot see rank 0's files); under torchrun across nodes --out must be on a shared filesystem")
+class Stages:
+    """OUT/cache for one target: every stage's result is stored under a name that hashes exactly the
+    settings the stage reads (reads() hands it those and nothing else), so a rerun, a sweep or an
+    interrupted run reuses what is done and a changed setting never meets a stale result. Also
+    records each stage's seconds and each classifier's training report."""
 
-    def agree(self, obj):
-        """Rank 0's value of obj, on every rank."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+    def __init__(self, folder, cfg, ident, ranks=Ranks()):
+        self.folder, self.cfg, self.ident, self.ranks = folder, cfg, ident, ranks
+        self.seconds, self.reports = {}, {}
+        os.makedirs(folder, exist_ok=True)
 
-    def log(self, msg):
-        if self.rank == 0:
-            print(msg, file=sys.stderr, flush=True)
+    def reads(self, *fields, **values):
+        """Exactly these config fields, plus values of earlier stages (their settings, nested), as the
+        namespace the stage reads from: a field it reads but did not name is an AttributeError."""
+        return SimpleNamespace(**{f: getattr(self.cfg, f) for f in fields}, **values)
 
-    def timed(self, stage, fn):
+    def name(self, stage, s):
+        return f"{stage}-{key(model=self.ident, **vars(s))}"
+
+    def timed(self, label, fn):
         t0 = time.time()
         out = fn()
-        self.t[stage] = self.t.get(stage, 0.0) + time.time() - t0
+        self.seconds[label] = self.seconds.get(label, 0.0) + time.time() - t0
         return out
 
-    # ------------------------------------------------------------------ generation (cached by batch, sharded)
-    def generate(self, name, n, seed, cond_fn_for=None, targets=None):
-        """n images, image i from sample_generators(seed, [i]); batch b is cached as its own file and
-        made by rank b % world. cond_fn_for(target_batch) -> cond_fn. Returns uint8 NHWC."""
-        cfg = self.cfg
-        fast = [f"{k}={v}" for k, v in (("amp", cfg.amp), ("cl", cfg.channels_last), ("compile", cfg.compile))
-                if v not in ("off", False)]
-        folder = os.path.join(self.cache, "-".join([name] + fast))  # the fast path changes bits: its own cache
-        os.makedirs(folder, exist_ok=True)
-        batches = [(b, range(b * cfg.batch, min(n, (b + 1) * cfg.batch))) for b in range((n + cfg.batch - 1) // cfg.batch)]
-        todo = [(b, idx) for b, idx in batches if b % self.world == self.rank
-                and not os.path.exists(os.path.join(folder, f"{b:05d}.npy"))]
-        prog = Progress(name, sum(len(i) for _, i in todo), "img", enabled=self.rank == 0)
-        for b, idx in todo:
-            tgt = None if targets is None else torch.as_tensor(targets[idx.start:idx.stop], device=self.device)
-            y = None
-            if self.num_classes > 0:  # a class-conditional target model: a label per generation, uniform
-                y = torch.as_tensor([np.random.default_rng([seed, i, 1]).integers(self.num_classes) for i in idx],
-                                    device=self.device)
-            try:
-                with autocast(cfg.amp, self.device):
-                    x = self.diffusion.sample(self.sampler_model, len(idx), ddpm.sample_generators(seed, idx),
-                                              steps=cfg.sample_steps, eta=cfg.eta, sampler=cfg.sampler, y=y,
-                                              cond_fn=None if cond_fn_for is None else cond_fn_for(tgt))
-            except UserError as e:  # e.g. NaN guidance: name the stage and batch, then the step side.py names
-                raise UserError(f"stage {name}, batch {b}: {e}") from None
-            if not torch.isfinite(x).all():
-                raise UserError(f"generation {name} produced NaN in batch {b}; lower the guidance scale")
-            buf = io.BytesIO()
-            np.save(buf, data.to_uint8(x))
-            atomic_write_bytes(os.path.join(folder, f"{b:05d}.npy"), buf.getvalue())
-            prog.update(len(idx))
-        if self.world > 1:
-            dist.barrier()  # every rank's batches are on disk (a shared folder across nodes)
-        return np.concatenate([np.load(os.path.join(folder, f"{b:05d}.npy")) for b, _ in batches])
-
-    # ------------------------------------------------------------------ SIDE, Algorithm 1 part 1
-    def syn_key(self):
-        cfg = self.cfg
-        fast = {} if (cfg.amp, cfg.channels_last, cfg.compile) == ("off", False, "off") else \
-            dict(amp=cfg.amp, cl=cfg.channels_last, c=cfg.compile)  # fast-path samples feed their own features/classifier
-        return key(ckpt=self.ckpt_id, n=cfg.n_syn, seed=cfg.syn_seed, s=cfg.sampler, st=cfg.sample_steps, eta=cfg.eta, **fast)
-
-    def synthetic(self):
-        """Alg. 1, step 1: N_syn unconditional samples (uint8), on their own seed."""
-        cfg = self.cfg
-        return self.timed("side: synthetic set", lambda: self.generate(f"syn-{self.syn_key()}", cfg.n_syn, cfg.syn_seed))
-
-    def surrogate(self, K, random_labels=False):
-        """(classifier p_φ(y|x_t,t), SurrogateLabels): Alg. 1 steps 1-6, every step cached."""
-        cfg = self.cfg
-        syn_key = self.syn_key()
-        x_syn = data.to_tensor(self.synthetic())  # step 1
-        feat_path = os.path.join(self.cache, f"features-{key(syn=syn_key, f=cfg.features)}.pt")
-        if not os.path.exists(feat_path):  # step 2
-            z = self.timed("side: features", lambda: side.extract_features(
-                x_syn, cfg.features, self.model, self.diffusion, device=self.device))
-            if self.rank == 0:
-                save_checkpoint(z, feat_path)
-        else:
-            z = load_checkpoint(feat_path)
-        lab = self.timed("side: k-means", lambda: side.surrogate_labels(  # steps 3-5
-            z, K, tau=cfg.tau, drop_rejected=cfg.drop_rejected, seed=cfg.syn_seed))
-        labels = lab.labels
-        if random_labels:  # the control: same cardinality, no information
-            labels = torch.as_tensor(data.random_labels(len(labels), lab.num_classes, cfg.syn_seed), dtype=torch.long)
-        clf_path = os.path.join(self.cache, f"clf-side-{key(syn=syn_key, f=cfg.features, K=K, tau=cfg.tau, d=cfg.drop_rejected, r=random_labels, s=cfg.clf_steps, lr=cfg.clf_lr, w=cfg.clf_width)}.pt")
-        clf = self.timed("side: classifier", lambda: self.classifier(clf_path, x_syn, labels, lab.num_classes, self.diffusion))  # step 6
-        return clf, lab
-
-    def classifier(self, path, x, labels, num_classes, diffusion):
-        """Train (or load from cache) a classifier; time-dependent iff diffusion is given."""
-        cfg = self.cfg
+    def stored(self, stage, s, make):
+        """The stage's result from OUT/cache/<name>.pt, or make() it and store it (rank 0 writes)."""
+        path = os.path.join(self.folder, self.name(stage, s) + ".pt")
         if os.path.exists(path):
-            ck = load_checkpoint(path)
-            clf = side.TimeResNet(num_classes, self.info.image_size, width=cfg.clf_width,
-                                  time_dependent=diffusion is not None, T=self.diffusion.T)
-            clf.load_state_dict(ck["state"])
-            self.reports[os.path.basename(path)] = ck["report"]
-            return clf.to(self.device).eval().requires_grad_(False)
-        try:  # every rank trains the same classifier (no rank idles at a barrier meanwhile)
-            clf, rep = side.train_classifier(x, labels, diffusion, steps=cfg.clf_steps, lr=cfg.clf_lr, seed=cfg.syn_seed,
-                                             device=self.device, width=cfg.clf_width,
-                                             log=self.log if self.rank == 0 else None)
+            return load_checkpoint(path)
+        out = make()
+        if self.ranks.rank == 0:
+            save_checkpoint(out, path)
+        return out
+
+
+def uniform_targets(n, seed, k):
+    """The class each generation is guided to: uniform over k, from (seed, index) alone."""
+    return np.array([np.random.default_rng([seed, i, 2]).integers(k) for i in range(n)], dtype=np.int64)
+
+
+# ============================================================================ sampling, cached batch by batch
+
+def generate(target, stages, stage, s, guide=None, targets=None):
+    """s.n images, image i from sample_generators(s.seed, [i]), with s's sampler settings (SAMPLING).
+    Batch b is cached as its own file and made by rank b % world; guide(targets of a batch) -> cond_fn.
+    Returns uint8 NHWC."""
+    ranks = stages.ranks
+    folder = os.path.join(stages.folder, stages.name(stage, s))
+    os.makedirs(folder, exist_ok=True)
+    batches = [range(a, min(s.n, a + s.batch)) for a in range(0, s.n, s.batch)]
+    files = [os.path.join(folder, f"{b:05d}.npy") for b in range(len(batches))]
+    todo = [b for b in range(len(batches)) if b % ranks.world == ranks.rank and not os.path.exists(files[b])]
+    prog = Progress(stage, sum(len(batches[b]) for b in todo), "img", enabled=ranks.rank == 0)
+    for b in todo:
+        idx = batches[b]
+        y = None
+        if target.num_classes > 0:  # a class-conditional target model: a label per generation, uniform
+            y = torch.as_tensor([np.random.default_rng([s.seed, i, 1]).integers(target.num_classes) for i in idx],
+                                device=target.device)
+        cond_fn = None if guide is None else guide(torch.as_tensor(targets[idx.start:idx.stop], device=target.device))
+        try:
+            with autocast(s.amp, target.device):
+                x = target.diffusion.sample(target.net, len(idx), ddpm.sample_generators(s.seed, idx), steps=s.sample_steps,
+                                            eta=s.eta, sampler=s.sampler, y=y, cond_fn=cond_fn)
+        except UserError as e:  # e.g. NaN guidance: name the stage and batch, then the step side.py names
+            raise UserError(f"stage {stages.name(stage, s)}, batch {b}: {e}") from None
+        if not torch.isfinite(x).all():
+            raise UserError(f"generation {stage} produced NaN in batch {b}; lower the guidance scale")
+        buf = io.BytesIO()
+        np.save(buf, data.to_uint8(x))
+        atomic_write_bytes(files[b], buf.getvalue())
+        prog.update(len(idx))
+    ranks.barrier()  # every rank's batches are on disk (a shared folder across nodes)
+    return np.concatenate([np.load(f) for f in files])
+
+
+def classifier(target, stages, stage, s, x, labels, num_classes, time_dependent):
+    """A classifier trained on (x, labels) with s's settings (CLASSIFYING), or loaded from the cache:
+    p_φ(y | x_t, t) when time_dependent (SIDE), p(y | x) otherwise (Carlini Cond). Every rank trains
+    it, then all guide with rank 0's weights, bit for bit, even where GPU kernels differ."""
+    def train():
+        try:
+            clf, rep = side.train_classifier(x, labels, target.diffusion if time_dependent else None, steps=s.clf_steps,
+                                             lr=s.clf_lr, seed=s.syn_seed, device=target.device, width=s.clf_width,
+                                             log=stages.ranks.log if stages.ranks.rank == 0 else None)
         except UserError as e:
-            raise UserError(f"stage {os.path.basename(path)[:-3]}: {e}") from None
-        if self.world > 1:  # then all guide with rank 0's weights, bit for bit, even where GPU kernels differ
-            clf.load_state_dict(self.agree({k: v.cpu() for k, v in clf.state_dict().items()}))
-        if self.rank == 0:
-            save_checkpoint(dict(state=clf.state_dict(), report=rep), path)
-        self.reports[os.path.basename(path)] = rep
-        return clf
+            raise UserError(f"stage {stages.name(stage, s)}: {e}") from None
+        return dict(state=stages.ranks.agree({k: v.cpu() for k, v in clf.state_dict().items()}), report=rep)
+    ck = stages.stored(stage, s, train)
+    stages.reports[stages.name(stage, s)] = ck["report"]
+    clf = side.TimeResNet(num_classes, target.ds.images.shape[1], width=s.clf_width, time_dependent=time_dependent,
+                          T=target.diffusion.T)
+    clf.load_state_dict(ck["state"])
+    return clf.to(target.device).eval().requires_grad_(False)
 
-    def targets(self, n, seed, k):
-        """The class each generation is guided to: uniform over k, from (seed, index) alone."""
-        return np.array([np.random.default_rng([seed, i, 2]).integers(k) for i in range(n)], dtype=np.int64)
 
-    # ------------------------------------------------------------------ one method
-    def method(self, m, n, seed, lam=None, K=None, cond_scale=None):
-        """uint8 generations of method m, and a dict describing how they were made. cond_scale None:
-        --cond-scale (or λ if that is -1)."""
-        cfg = self.cfg
-        lam = cfg.lam if lam is None else lam
-        if cond_scale is None and cfg.cond_scale != -1:
-            cond_scale = cfg.cond_scale
-        K = cfg.K if K is None else int(K)
-        base = dict(ckpt=self.ckpt_id, n=n, seed=seed, s=cfg.sampler, st=cfg.sample_steps, eta=cfg.eta)
-        if m == "uncond":
-            return self.timed("uncond: generate", lambda: self.generate(f"gen-uncond-{key(**base)}", n, seed)), {}
-        if m == "uncond_budget":  # the synthetic set is N_syn unconditional samples already: reuse it
-            return np.concatenate([self.synthetic(), self.method("uncond", n, seed)[0]]), {}
-        if m == "cond":
-            check(self.ds.labels is not None, f"method cond needs the training data's real labels, and {self.ds.source} "
-                  "has none; use class subfolders, an .npz with labels, or drop cond from --methods")
-            k = int(self.ds.labels.max()) + 1
-            present = np.unique(self.ds.labels)  # targets only over labels some training image has
-            scale = lam if cond_scale is None else cond_scale
-            labels_id = hashlib.sha256(np.ascontiguousarray(self.ds.labels).tobytes()).hexdigest()[:12]
-            path = os.path.join(self.cache, f"clf-cond-{key(ckpt=self.ckpt_id, data=self.ds.source, labels=labels_id, seed=cfg.syn_seed, s=cfg.clf_steps, lr=cfg.clf_lr, w=cfg.clf_width)}.pt")
-            clf = self.timed("cond: classifier", lambda: self.classifier(
-                path, data.to_tensor(self.ds.images), torch.as_tensor(self.ds.labels), k, None))
-            tg = present[self.targets(n, seed, len(present))]
-            x = self.timed("cond: generate", lambda: self.generate(
-                f"gen-cond-{key(**base, lam=scale, clf=os.path.basename(path))}", n, seed, lambda t: side.guidance(clf, t, scale), tg))
-            return x, dict(cluster=tg, scale=scale, classes=k, classes_present=len(present))
-        rnd = m == "side_random"
-        clf, lab = self.surrogate(K, random_labels=rnd)
-        tg = self.targets(n, seed, lab.num_classes)  # Alg. 1 part 2: a kept cluster, uniformly
-        x = self.timed(f"{m}: generate", lambda: self.generate(
-            f"gen-{m}-{key(**base, lam=lam, K=K, tau=cfg.tau, d=cfg.drop_rejected, f=cfg.features, syn=cfg.syn_seed, ns=cfg.n_syn, cs=cfg.clf_steps, lr=cfg.clf_lr, w=cfg.clf_width)}",
-            n, seed, lambda t: side.guidance(clf, t, lam), tg))
-        return x, dict(cluster=tg, scale=lam, K=K, kept=lab.num_classes, sizes=lab.sizes, cohesion=lab.cohesion)
+# ============================================================================ the methods
+
+def synthetic(target, stages):
+    """N_syn unconditional samples (uint8), on their own seed, and the settings that made them."""
+    s = stages.reads(*SAMPLING, n=stages.cfg.n_syn, seed=stages.cfg.syn_seed)
+    return stages.timed("side: synthetic set", lambda: generate(target, stages, "syn", s)), s
+
+
+def side_extract(target, stages, n, seed, lam, K, random_labels=False):
+    """SIDE, the paper's Algorithm 1: uint8 generations and how they were made. random_labels: the
+    control, the same pipeline with random surrogate labels of the same cardinality."""
+    x_syn, s_syn = synthetic(target, stages)                                                   # Alg. 1, step 1
+    s_z = stages.reads("features", syn=vars(s_syn))
+    z = stages.timed("side: features", lambda: stages.stored("features", s_z, lambda: side.extract_features(
+        data.to_tensor(x_syn), s_z.features, target.model, target.diffusion, device=target.device)))  # Alg. 1, step 2
+    s_c = stages.reads("tau", "drop_rejected", *CLASSIFYING, K=K, random=random_labels, z=vars(s_z))
+    lab = stages.timed("side: k-means", lambda: side.surrogate_labels(
+        z, s_c.K, tau=s_c.tau, drop_rejected=s_c.drop_rejected, seed=s_c.syn_seed))             # Alg. 1, steps 3-5
+    y = lab.labels if not random_labels else torch.as_tensor(
+        data.random_labels(len(lab.labels), lab.num_classes, s_c.syn_seed), dtype=torch.long)
+    clf = stages.timed("side: classifier", lambda: classifier(
+        target, stages, "clf-side", s_c, data.to_tensor(x_syn), y, lab.num_classes, True))      # Alg. 1, step 6
+    c = uniform_targets(n, seed, lab.num_classes)                                      # Alg. 1, part 2: c ~ U(kept)
+    m = "side_random" if random_labels else "side"
+    s_g = stages.reads(*SAMPLING, n=n, seed=seed, lam=lam, clf=vars(s_c))
+    x = stages.timed(f"{m}: generate", lambda: generate(                       # Alg. 1, part 2: ε̂ = ε_θ − λ√(1−ᾱ_t)∇log p_φ
+        target, stages, f"gen-{m}", s_g, lambda ct: side.guidance(clf, ct, lam), c))
+    return x, dict(cluster=c, scale=lam, K=K, kept=lab.num_classes, sizes=lab.sizes, cohesion=lab.cohesion)
+
+
+def cond_extract(target, stages, n, seed, scale):
+    """Carlini et al. 2023's "Cond": guidance by a time-independent classifier of the training set's
+    real labels, toward a label drawn uniformly among those some training image has."""
+    ds = target.ds
+    check(ds.labels is not None, f"method cond needs the training data's real labels, and {ds.source} has none; "
+          "use class subfolders, an .npz with labels, or drop cond from --methods")
+    k, present = int(ds.labels.max()) + 1, np.unique(ds.labels)
+    labels_id = hashlib.sha256(np.ascontiguousarray(ds.labels).tobytes()).hexdigest()[:12]
+    s_c = stages.reads(*CLASSIFYING, data=ds.source, labels=labels_id)
+    clf = stages.timed("cond: classifier", lambda: classifier(
+        target, stages, "clf-cond", s_c, data.to_tensor(ds.images), torch.as_tensor(ds.labels), k, False))
+    c = present[uniform_targets(n, seed, len(present))]
+    s_g = stages.reads(*SAMPLING, n=n, seed=seed, scale=scale, clf=vars(s_c))
+    x = stages.timed("cond: generate", lambda: generate(
+        target, stages, "gen-cond", s_g, lambda ct: side.guidance(clf, ct, scale), c))
+    return x, dict(cluster=c, scale=scale, classes=k, classes_present=len(present))
+
+
+def uncond_extract(target, stages, n, seed):
+    """Carlini et al. 2023's "UnCond": plain unconditional sampling."""
+    s = stages.reads(*SAMPLING, n=n, seed=seed)
+    return stages.timed("uncond: generate", lambda: generate(target, stages, "gen-uncond", s))
+
+
+def method(target, stages, m, n, seed, lam=None, K=None, cond_scale=None):
+    """uint8 generations of method m (METHODS) and a dict describing how they were made; None takes
+    --lam, --K and --cond-scale (λ where that is -1)."""
+    cfg = stages.cfg
+    lam = cfg.lam if lam is None else lam
+    K = cfg.K if K is None else K
+    if cond_scale is None:
+        cond_scale = lam if cfg.cond_scale == -1 else cfg.cond_scale
+    if m == "uncond":
+        return uncond_extract(target, stages, n, seed), {}
+    if m == "uncond_budget":  # the synthetic set is N_syn unconditional samples already: reuse it
+        return np.concatenate([synthetic(target, stages)[0], uncond_extract(target, stages, n, seed)]), {}
+    if m == "cond":
+        return cond_extract(target, stages, n, seed, cond_scale)
+    return side_extract(target, stages, n, seed, lam, K, random_labels=m == "side_random")
+
+
+def evaluate(target, stages, x, embed=None):
+    """metrics.evaluate of x against the training set, plus `distinct`: training images reached per
+    band (UMS · N_G / 100), and over all bands (`distinct_any`, `ams_any`). Under torchrun each rank
+    searches its shard of x and rank 0 merges them; the other ranks get None. embed: an SSCD session."""
+    ranks, sim = stages.ranks, stages.cfg.similarity
+    shard = (ranks.rank, ranks.world) if 1 < ranks.world <= len(x) else None
+    if shard is None and ranks.rank != 0:
+        return None
+    ev = stages.timed("metrics", lambda: metrics.evaluate(
+        x, target.ds.images, similarity=sim if sim in ("l2", "sscd") else "embed",
+        embed=sim if sim not in ("l2", "sscd") else embed, device=target.device, shard=shard))
+    if shard is not None:
+        parts = ranks.gather(ev)
+        if parts is None:
+            return None
+        ev = metrics.merge(parts)
+    ev["distinct"] = {b: int(len(i)) for b, i in ev["ums_index"].items()}
+    ev["distinct_any"] = len(set().union(*[set(np.asarray(i).tolist()) for i in ev["ums_index"].values()]))
+    ev["ams_any"] = float(sum(ev["ams"].values()))  # bands are disjoint: % of generations in any band
+    return ev
+
+
+# ============================================================================ one run: load, sweep, extract, write
+
+@dataclass
+class Audit:
+    """One run of extract.py: the target, its stages, the output folder; what sweeps.py drives."""
+    target: Target
+    stages: Stages
+    out: str
+    embed: object = None  # the SSCD session of --similarity sscd
+
+    @property
+    def ranks(self):
+        return self.stages.ranks
+
+    def method(self, m, n, seed, **kw):
+        return method(self.target, self.stages, m, n, seed, **kw)
 
     def evaluate(self, x):
-        """metrics.evaluate plus `distinct`: training images reached per band (UMS · N_G / 100), and over
-        all bands (`distinct_any`, `ams_any`). Under
-        torchrun each rank searches its shard of x and rank 0 merges them; the other ranks get None."""
-        sim = self.cfg.similarity
-        shard = (self.rank, self.world) if 1 < self.world <= len(x) else None
-        if shard is None and self.rank != 0:
-            return None
-        ev = self.timed("metrics", lambda: metrics.evaluate(
-            x, self.ds.images, similarity=sim if sim in ("l2", "sscd") else "embed",
-            embed={"l2": None, "sscd": self.sscd}.get(sim, sim),
-            device=self.device, shard=shard))
-        if shard is not None:
-            parts = [None] * self.world if self.rank == 0 else None
-            dist.gather_object(ev, parts, dst=0)
-            if self.rank != 0:
-                return None
-            ev = metrics.merge(parts)
-        ev["distinct"] = {b: int(len(i)) for b, i in ev["ums_index"].items()}
-        ev["distinct_any"] = len(set().union(*[set(np.asarray(i).tolist()) for i in ev["ums_index"].values()]))
-        ev["ams_any"] = float(sum(ev["ams"].values()))  # bands are disjoint: % of generations in any band
-        return ev
+        return evaluate(self.target, self.stages, x, self.embed)
+
+    def synthetic(self):
+        return synthetic(self.target, self.stages)[0]
 
 
-def main(argv=None):
-    cfg = parse_config(ExtractConfig, argv, __doc__.split("\n\n")[0])
-    validate(cfg)
+def load_target(cfg):
+    """(Ranks, Target): the model of --ckpt on its device, and the training data it is audited
+    against (a train.py checkpoint's own sample of --data, else all of --data), checked to match."""
+    device = local_device(resolve_device(cfg.device))
+    check(cfg.compile != "cudagraphs" or device.type == "cuda", "--compile cudagraphs needs a CUDA device")
+    ranks = setup_distributed(device)
+    model, diffusion, info = models.load_model(cfg.ckpt, device)
+    check(cfg.data or info.data, f"{cfg.ckpt} holds no training-data spec (a {info.kind} model): pass --data, "
+          "the training images to audit against (a folder of images or an .npz)")
+    check(info.channels == 3, f"{cfg.ckpt} makes {info.channels}-channel images; only RGB (3) models are supported")
+    own = info.data or dict(spec=cfg.data, n=None, seed=0, label_attr=None)  # an external model: all of --data
+    spec = cfg.data or own["spec"]
+    ds = data.load_data(spec, info.image_size, n=own["n"], seed=own["seed"], label_attr=own["label_attr"])
+    hw = ds.images.shape[1:3]
+    if cfg.data and cfg.data != "faces" and (info.data is None or
+                                             os.path.realpath(cfg.data) != os.path.realpath(own["spec"])):
+        try:  # other images than the training run's are compared as stored: load_data resized them
+            hw = metrics.load_images(cfg.data)[0].shape[1:3]
+        except metrics.MetricsInputError:
+            pass  # a folder of mixed sizes: only the resized copy has one size
+    check(hw == (info.image_size,) * 2, f"data {spec} is {hw[0]}x{hw[1]} px but {cfg.ckpt} was trained at {info.image_size} px")
+    return ranks, Target(model, diffusion, ds, device, ident=key(**info.ident),
+                         net=fast_model(model, cfg.channels_last, cfg.compile), num_classes=info.num_classes)
+
+
+def run(cfg, target, ranks=Ranks()):
+    """Sweeps (if asked), then every method of --methods at N_G on --seed, evaluated, with budget
+    curves; rank 0 writes the outputs into out_dir(cfg). Returns {method: metrics} (rank 0)."""
     t0 = time.time()
-    run = Run(cfg)
+    try:  # fail before any sampling when the SSCD extras are missing
+        embed = metrics.load_sscd() if cfg.similarity == "sscd" else None
+    except metrics.MetricsInputError as e:
+        raise UserError(str(e)) from None
+    audit = Audit(target, Stages(os.path.join(out_dir(cfg), "cache"), cfg, target.ident, ranks), out_dir(cfg), embed)
+    check_shared_folder(audit.stages.folder, ranks)
     chosen = dict(lam=cfg.lam, K=cfg.K, cond_scale=None if cfg.cond_scale == -1 else cfg.cond_scale)
     sweeps = {}
-    if cfg.sweep_lambda:
-        sweeps["lambda"] = sweep(run, "lambda", cfg.sweep_lambda, cfg, "side", lambda v: dict(lam=v, K=cfg.K))
-        chosen["lam"] = run.agree(best_of(sweeps["lambda"]) if run.rank == 0 else None)  # rank 0 evaluated
-    if cfg.sweep_k:
-        sweeps["K"] = sweep(run, "K", [int(k) for k in cfg.sweep_k], cfg, "side", lambda v: dict(lam=chosen["lam"], K=v))
-        chosen["K"] = run.agree(best_of(sweeps["K"]) if run.rank == 0 else None)
-    if cfg.sweep_cond_scale:  # Carlini Cond's guidance scale, swept like λ
-        sweeps["cond_scale"] = sweep(run, "cond_scale", cfg.sweep_cond_scale, cfg, "cond", lambda v: dict(cond_scale=v))
-        chosen["cond_scale"] = run.agree(best_of(sweeps["cond_scale"]) if run.rank == 0 else None)
+    for name, values, m, point in (("lambda", cfg.sweep_lambda, "side", lambda v: dict(lam=v, K=cfg.K)),
+                                   ("K", cfg.sweep_k, "side", lambda v: dict(lam=chosen["lam"], K=v)),
+                                   ("cond_scale", cfg.sweep_cond_scale, "cond", lambda v: dict(cond_scale=v))):
+        if values:  # λ first, then K at the chosen λ; Carlini Cond's scale swept like λ
+            sweeps[name] = sweep(audit, name, values, cfg, m, point)
+            chosen[{"lambda": "lam"}.get(name, name)] = ranks.agree(best_of(sweeps[name]) if ranks.rank == 0 else None)
     if sweeps:
         check_previous(cfg, chosen)
     results, samples = {}, {}
     for m in cfg.methods.split(","):
-        x, info = run.method(m, cfg.n_gen, cfg.seed, lam=chosen["lam"], K=chosen["K"], cond_scale=chosen["cond_scale"])
+        x, info = audit.method(m, cfg.n_gen, cfg.seed, lam=chosen["lam"], K=chosen["K"], cond_scale=chosen["cond_scale"])
         samples[m] = (x, info)
-        ev = run.evaluate(x)  # every rank searches a shard; rank 0 gets the result
-        if run.rank == 0:
+        ev = audit.evaluate(x)  # every rank searches a shard; rank 0 gets the result
+        if ranks.rank == 0:
             results[m] = dict(ev, **{k: v for k, v in info.items() if k not in ("cluster",)})
-            run.log(f"[{m}] AMS {ev['ams']} UMS {ev['ums']} p95 {ev['p95']:.4f}")
-    budget = curves(run, cfg, samples) if cfg.curve_points > 0 else {}
-    if run.rank == 0:
-        write_outputs(run, cfg, chosen, results, samples, sweeps, time.time() - t0, budget)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+            ranks.log(f"[{m}] AMS {ev['ams']} UMS {ev['ums']} p95 {ev['p95']:.4f}")
+    budget = curves(audit, cfg, samples) if cfg.curve_points > 0 else {}
+    if ranks.rank == 0:
+        write_extraction(audit.out, cfg, None if cfg.overwrite else previous(audit.out), chosen, results, samples,
+                         sweeps, budget, target.ds, audit.stages.reports, dict(audit.stages.seconds, total=time.time() - t0),
+                         target.device)
     return results
 
 
-def write_outputs(run, cfg, chosen, results, samples, sweeps, seconds, budget=None):
-    """samples.npz, metrics.json, REPORT.md and grids/ of every method run in run.out with these settings:
-    the methods of earlier runs there are kept beside the new ones (check_previous made sure they match);
-    with --overwrite, whatever was there (grids and sweeps of methods not rerun included) goes."""
-    ms = list(samples)
-    old = None if cfg.overwrite else previous(run.out)
-    kept = [m for m in (old or {}).get("methods", {}) if m not in ms]
-    kept = kept if os.path.exists(os.path.join(run.out, "samples.npz")) else []  # their images are gone
-    cols = dict(images=[samples[m][0] for m in ms], method=[[m] * len(samples[m][0]) for m in ms],
-                cluster=[samples[m][1].get("cluster", np.full(len(samples[m][0]), -1)) for m in ms],
-                index=[np.arange(len(samples[m][0])) for m in ms])
-    if kept:
-        with np.load(os.path.join(run.out, "samples.npz")) as z:
-            rows = np.isin(z["method"], kept)
-            for k in cols:
-                cols[k].append(z[k][rows])
-    cols = {k: np.concatenate(v) for k, v in cols.items()}
-    buf = io.BytesIO()
-    np.savez(buf, **cols, seed=np.full(len(cols["images"]), cfg.seed))
-    atomic_write_bytes(os.path.join(run.out, "samples.npz"), buf.getvalue())
-    public = {m: {k: v for k, v in r.items() if k not in ("nn_index", "nn_value", "carlini_ratio", "yoon_ratio", "ums_index")}
-              for m, r in results.items()}
-    public = dict({m: old["methods"][m] for m in kept}, **json.loads(json.dumps(public, default=_plain)))
-    atomic_write_json(os.path.join(run.out, "metrics.json"), dict(
-        config=dict(dataclasses.asdict(cfg), methods=",".join(public)), chosen=chosen, methods=public,
-        classifiers=dict((old or {}).get("classifiers", {}), **run.reports),
-        curves=dict((old or {}).get("curves", {}), **(budget or {})),
-        seconds=dict(run.t, total=seconds), device=str(run.device)))
-    grids = os.path.join(run.out, "grids")
-    os.makedirs(grids, exist_ok=True)
-    for f in os.listdir(grids):  # a grid never outlives its method's results
-        if f.endswith(".png") and f[:-4] not in public:
-            os.unlink(os.path.join(grids, f))
-    if cfg.overwrite:
-        for name in ("lambda", "K", "cond_scale"):
-            for ext in ("json", "png"):
-                path = os.path.join(run.out, f"sweep_{name}.{ext}")
-                if name not in sweeps and os.path.exists(path):
-                    os.unlink(path)
-    for m in ms:
-        grid_of_matches(os.path.join(grids, f"{m}.png"), samples[m][0], run.ds.images, results[m], top=cfg.grid_top)
-    text = [f"# Extraction report: {cfg.ckpt}", "",
-            f"N_G = {cfg.n_gen} per method, {cfg.sampler} {cfg.sample_steps} steps, η = {cfg.eta}, seed {cfg.seed}; "
-            f"training set: {len(run.ds.images)} images ({run.ds.source}); λ = {chosen['lam']}, K = {chosen['K']}, τ = {cfg.tau}.", "",
-            extraction_table(public), "", "Stage times of this run (s): " + ", ".join(f"{k} {v:.1f}" for k, v in run.t.items()) +
-            f"; total {seconds:.1f}." + (f" Methods {', '.join(kept)} come from an earlier run with these settings." if kept else ""), ""]
-    atomic_write_text(os.path.join(run.out, "REPORT.md"), "\n".join(text))
-    print("\n".join(text))
-
-
-def _plain(v):
-    """numpy scalars and arrays as JSON values (what atomic_write_json would do through json.dumps)."""
-    return v.tolist() if hasattr(v, "tolist") else str(v)
+def main(argv=None):
+    cfg = parse_config(ExtractConfig, argv, __doc__.split("\n\n")[0])
+    validate(cfg)  # every option, before any work
+    ranks, target = load_target(cfg)
+    try:
+        return run(cfg, target, ranks)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,16 +1,20 @@
-"""Pictures and tables for the reports: Table-1-shaped Markdown, grids of each extracted image
-beside its nearest training images, and line plots drawn with pillow (no plotting library).
+"""Pictures, tables and output files for the reports: Table-1-shaped Markdown, grids of each extracted
+image beside its nearest training images, line plots drawn with pillow (no plotting library),
+reproduce.py's REPORT.md sections and extract.py's output files (write_extraction).
 
 Used by extract.py and reproduce.py; imports metrics.py (for the nearest neighbours in grids).
 """
+import dataclasses
 import io
+import json
 import math
+import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 import metrics
-from common import atomic_write_bytes
+from common import atomic_write_bytes, atomic_write_json, atomic_write_text
 from evidence import mean_ci
 
 BANDS = ("low", "mid", "high")
@@ -320,3 +324,58 @@ def calibration_report(rows):
         L.append(f"| {r['n_train']} | {r['epochs']:g} | {r['n_gen']} | {r['distinct_any']} | {100 * r['share_any']:.0f}% | "
                  + " | ".join(f"{100 * r['share'][b]:.0f}%" for b in bands) + " |")
     return "\n".join(L) + "\n"
+
+
+def write_extraction(out, cfg, old, chosen, results, samples, sweeps, budget, ds, reports, seconds, device):
+    """extract.py's samples.npz, metrics.json, REPORT.md and grids/ in `out`: the methods of an earlier run
+    there (`old`, its metrics.json; extract.check_previous made sure its settings match) are kept beside
+    the new ones; with --overwrite (old None) whatever was there (grids and sweeps of methods not rerun
+    included) goes. seconds: per stage, with the total."""
+    ms = list(samples)
+    kept = [m for m in (old or {}).get("methods", {}) if m not in ms]
+    kept = kept if os.path.exists(os.path.join(out, "samples.npz")) else []  # their images are gone
+    cols = dict(images=[samples[m][0] for m in ms], method=[[m] * len(samples[m][0]) for m in ms],
+                cluster=[samples[m][1].get("cluster", np.full(len(samples[m][0]), -1)) for m in ms],
+                index=[np.arange(len(samples[m][0])) for m in ms])
+    if kept:
+        with np.load(os.path.join(out, "samples.npz")) as z:
+            rows = np.isin(z["method"], kept)
+            for k in cols:
+                cols[k].append(z[k][rows])
+    cols = {k: np.concatenate(v) for k, v in cols.items()}
+    buf = io.BytesIO()
+    np.savez(buf, **cols, seed=np.full(len(cols["images"]), cfg.seed))
+    atomic_write_bytes(os.path.join(out, "samples.npz"), buf.getvalue())
+    public = {m: {k: v for k, v in r.items() if k not in ("nn_index", "nn_value", "carlini_ratio", "yoon_ratio", "ums_index")}
+              for m, r in results.items()}
+    public = dict({m: old["methods"][m] for m in kept}, **json.loads(json.dumps(public, default=_plain)))
+    atomic_write_json(os.path.join(out, "metrics.json"), dict(
+        config=dict(dataclasses.asdict(cfg), methods=",".join(public)), chosen=chosen, methods=public,
+        classifiers=dict((old or {}).get("classifiers", {}), **reports),
+        curves=dict((old or {}).get("curves", {}), **(budget or {})),
+        seconds=seconds, device=str(device)))
+    grids = os.path.join(out, "grids")
+    os.makedirs(grids, exist_ok=True)
+    for f in os.listdir(grids):  # a grid never outlives its method's results
+        if f.endswith(".png") and f[:-4] not in public:
+            os.unlink(os.path.join(grids, f))
+    if cfg.overwrite:
+        for name in ("lambda", "K", "cond_scale"):
+            for ext in ("json", "png"):
+                path = os.path.join(out, f"sweep_{name}.{ext}")
+                if name not in sweeps and os.path.exists(path):
+                    os.unlink(path)
+    for m in ms:
+        grid_of_matches(os.path.join(grids, f"{m}.png"), samples[m][0], ds.images, results[m], top=cfg.grid_top)
+    text = [f"# Extraction report: {cfg.ckpt}", "",
+            f"N_G = {cfg.n_gen} per method, {cfg.sampler} {cfg.sample_steps} steps, η = {cfg.eta}, seed {cfg.seed}; "
+            f"training set: {len(ds.images)} images ({ds.source}); λ = {chosen['lam']}, K = {chosen['K']}, τ = {cfg.tau}.", "",
+            extraction_table(public), "", "Stage times of this run (s): " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items() if k != "total") +
+            f"; total {seconds['total']:.1f}." + (f" Methods {', '.join(kept)} come from an earlier run with these settings." if kept else ""), ""]
+    atomic_write_text(os.path.join(out, "REPORT.md"), "\n".join(text))
+    print("\n".join(text))
+
+
+def _plain(v):
+    """numpy scalars and arrays as JSON values (what atomic_write_json would do through json.dumps)."""
+    return v.tolist() if hasattr(v, "tolist") else str(v)

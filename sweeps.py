@@ -1,7 +1,7 @@
 """extract.py's tuning and budget helpers: sweeps of SIDE's λ and K and of Carlini Cond's guidance scale
 on a separate generation seed (the paper sweeps λ and finds it rising then falling), and the
 extraction-versus-budget curves (distinct training images found against samples drawn, SIDE's
-synthetic set counted as spent budget). Each takes an extract.Run, whose method() and evaluate() do
+synthetic set counted as spent budget). Each takes an extract.Audit, whose method() and evaluate() do
 the work; they write sweep_<name>.{json,png}. Depends on numpy, common.py and report.py.
 """
 import json
@@ -21,11 +21,11 @@ def sweep(run, name, values, cfg, method, point):
     for v in values:
         x, info = run.method(method, n, cfg.sweep_seed, **point(v))
         ev = run.evaluate(x)  # every rank searches a shard; rank 0 gets the result
-        if run.rank == 0:
+        if run.ranks.rank == 0:
             rows.append(dict(value=v, ams=ev["ams"], ums=ev["ums"], distinct=ev["distinct"], p95=ev["p95"],
                              distinct_any=ev["distinct_any"], kept=info.get("kept")))
-            run.log(f"[sweep {name}] {v}: AMS {ev['ams']} UMS {ev['ums']}")
-    if run.rank == 0:
+            run.ranks.log(f"[sweep {name}] {v}: AMS {ev['ams']} UMS {ev['ums']}")
+    if run.ranks.rank == 0:
         atomic_write_json(os.path.join(run.out, f"sweep_{name}.json"), rows)
         line_plot(os.path.join(run.out, f"sweep_{name}.png"), [r["value"] for r in rows],
                   {b: [r["distinct"][b] for r in rows] for b in rows[0]["distinct"]}, xlabel=name,

@@ -120,15 +120,12 @@ def planted(tmp_path_factory):
     ds = data.load_data("faces", PLANT_PX, n=PLANT_N, seed=0)
     diffusion = ddpm.Diffusion(tcfg.T, tcfg.schedule, tcfg.prediction)
     model = Memorizer(ds.images, diffusion, -PLANT_ZIPF * np.log(np.arange(1, PLANT_N + 1))).eval()
-    info = models.ModelInfo("train", PLANT_PX, 3, 0, dict(spec="faces", n=PLANT_N, seed=0, label_attr=None),
-                            dict(step=0, config=dataclasses.asdict(tcfg)))
     out = str(tmp_path_factory.mktemp("planted"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(models, "load_model", lambda path, device="cpu": (model, diffusion, info))
-        results = extract.main(["--ckpt", "memorizer", "--out", out, "--methods", "uncond,side,uncond_budget",
-                                "--n-gen", str(PLANT_N_GEN), "--batch", "32", "--n-syn", "64", "--K", "8",
-                                "--clf-steps", "150", "--clf-width", "8", "--sample-steps", "10",
-                                "--sweep-lambda", "0,10,30", "--device", "cpu"])
+    cfg = common.parse_config(extract.ExtractConfig, [
+        "--ckpt", "memorizer", "--out", out, "--methods", "uncond,side,uncond_budget", "--n-gen", str(PLANT_N_GEN),
+        "--batch", "32", "--n-syn", "64", "--K", "8", "--clf-steps", "150", "--clf-width", "8", "--sample-steps", "10",
+        "--sweep-lambda", "0,10,30", "--device", "cpu"], "")
+    results = extract.run(cfg, extract.Target(model, diffusion, ds, torch.device("cpu"), ident="memorizer"))  # no checkpoint
     return out, results, ds
 
 
@@ -260,6 +257,33 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny, tmp_path, monkeypat
     assert calls == [4, 2] + [4] * n_syn_batches + [4, 4, 2]  # cond's last two, synthetic set, side
     for k, v in load_samples(src).items():
         assert np.array_equal(load_samples(out)[k], v), k
+
+
+def test_a_rerun_with_another_batch_size_does_not_mix_batch_files(tiny, tmp_path):
+    """--batch changes how generations are cut into cached files: a rerun with another batch must not
+    read the earlier run's files as its own (4 + 4 + 2 read as batches of 3 gave 11 images)."""
+    src, flags = tiny
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    extract.main(flags(out) + ["--methods", "uncond,side", "--batch", "3"])
+    old, new = load_samples(src), load_samples(out)
+    for m in ("uncond", "side"):
+        a, b = old["images"][old["method"] == m], new["images"][new["method"] == m]
+        assert len(b) == TINY_N_GEN and np.abs(a.astype(int) - b.astype(int)).max() <= 1, m  # same images
+
+
+def test_a_stage_is_named_by_exactly_the_settings_it_reads(tmp_path):
+    cfg = extract.ExtractConfig()
+    stages = extract.Stages(str(tmp_path), cfg, "m")
+    s = stages.reads("tau", "clf_steps", K=3)
+    assert vars(s) == dict(tau=cfg.tau, clf_steps=cfg.clf_steps, K=3)
+    with pytest.raises(AttributeError):
+        s.lam  # a stage cannot read a setting its name does not hash
+    name = stages.name("clf", s)
+    for field, value, changes in (("lam", 9.0, False), ("seed", 7, False), ("tau", 0.9, True), ("clf_steps", 3, True)):
+        other = extract.Stages(str(tmp_path), dataclasses.replace(cfg, **{field: value}), "m")
+        assert (other.name("clf", other.reads("tau", "clf_steps", K=3)) != name) == changes, field
+    assert extract.Stages(str(tmp_path), cfg, "other model").name("clf", s) != name
 
 
 @pytest.mark.parametrize("flag,value", [("--n-syn", "20"), ("--clf-width", "16")])

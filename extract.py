@@ -26,6 +26,7 @@ changes results matches; otherwise it is refused before any work unless --overwr
 Generation i of every method uses the noise of sample_generators(seed, [i]): each image can be
 regenerated alone from its recorded seed and index.
 """
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -200,18 +201,20 @@ class Stages:
     def name(self, stage, s):
         return f"{stage}-{key(model=self.ident, **vars(s))}"
 
-    def timed(self, label, fn):
+    @contextlib.contextmanager
+    def timed(self, stage):
+        """Adds the seconds spent in the block to the stage's total (metrics.json, REPORT.md)."""
         t0 = time.time()
-        out = fn()
-        self.seconds[label] = self.seconds.get(label, 0.0) + time.time() - t0
-        return out
+        yield
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.time() - t0
 
     def stored(self, stage, s, make):
         """The stage's result from OUT/cache/<name>.pt, or make() it and store it (rank 0 writes)."""
         path = os.path.join(self.folder, self.name(stage, s) + ".pt")
         if os.path.exists(path):
             return load_checkpoint(path)
-        out = make()
+        with self.timed(stage):
+            out = make()
         if self.ranks.rank == 0:
             save_checkpoint(out, path)
         return out
@@ -243,7 +246,7 @@ def generate(target, stages, stage, s, guide=None, targets=None):
                                 device=target.device)
         cond_fn = None if guide is None else guide(torch.as_tensor(targets[idx.start:idx.stop], device=target.device))
         try:
-            with autocast(s.amp, target.device):
+            with stages.timed(stage), autocast(s.amp, target.device):
                 x = target.diffusion.sample(target.net, len(idx), ddpm.sample_generators(s.seed, idx), steps=s.sample_steps,
                                             eta=s.eta, sampler=s.sampler, y=y, cond_fn=cond_fn)
         except UserError as e:  # e.g. NaN guidance: name the stage and batch, then the step side.py names
@@ -283,7 +286,7 @@ def classifier(target, stages, stage, s, x, labels, num_classes, time_dependent)
 def synthetic(target, stages):
     """N_syn unconditional samples (uint8), on their own seed, and the settings that made them."""
     s = stages.reads(*SAMPLING, n=stages.cfg.n_syn, seed=stages.cfg.syn_seed)
-    return stages.timed("side: synthetic set", lambda: generate(target, stages, "syn", s)), s
+    return generate(target, stages, "syn", s), s
 
 
 def side_extract(target, stages, n, seed, lam, K, random_labels=False):
@@ -291,20 +294,16 @@ def side_extract(target, stages, n, seed, lam, K, random_labels=False):
     control, the same pipeline with random surrogate labels of the same cardinality."""
     x_syn, s_syn = synthetic(target, stages)                                                   # Alg. 1, step 1
     s_z = stages.reads("features", syn=vars(s_syn))
-    z = stages.timed("side: features", lambda: stages.stored("features", s_z, lambda: side.extract_features(
-        data.to_tensor(x_syn), s_z.features, target.model, target.diffusion, device=target.device)))  # Alg. 1, step 2
+    z = stages.stored("features", s_z, lambda: side.extract_features(
+        data.to_tensor(x_syn), s_z.features, target.model, target.diffusion, device=target.device))  # Alg. 1, step 2
     s_c = stages.reads("tau", "drop_rejected", *CLASSIFYING, K=K, random=random_labels, z=vars(s_z))
-    lab = stages.timed("side: k-means", lambda: side.surrogate_labels(
-        z, s_c.K, tau=s_c.tau, drop_rejected=s_c.drop_rejected, seed=s_c.syn_seed))             # Alg. 1, steps 3-5
-    y = lab.labels if not random_labels else torch.as_tensor(
-        data.random_labels(len(lab.labels), lab.num_classes, s_c.syn_seed), dtype=torch.long)
-    clf = stages.timed("side: classifier", lambda: classifier(
-        target, stages, "clf-side", s_c, data.to_tensor(x_syn), y, lab.num_classes, True))      # Alg. 1, step 6
-    c = uniform_targets(n, seed, lab.num_classes)                                      # Alg. 1, part 2: c ~ U(kept)
-    m = "side_random" if random_labels else "side"
+    lab = side.surrogate_labels(z, s_c.K, tau=s_c.tau, drop_rejected=s_c.drop_rejected, seed=s_c.syn_seed)  # steps 3-5
+    y = torch.as_tensor(data.random_labels(len(lab.labels), lab.num_classes, s_c.syn_seed)) if random_labels else lab.labels
+    clf = classifier(target, stages, "clf-side", s_c, data.to_tensor(x_syn), y, lab.num_classes, True)  # Alg. 1, step 6
+    c = uniform_targets(n, seed, lab.num_classes)                                  # Alg. 1, part 2: a kept cluster c
     s_g = stages.reads(*SAMPLING, n=n, seed=seed, lam=lam, clf=vars(s_c))
-    x = stages.timed(f"{m}: generate", lambda: generate(                       # Alg. 1, part 2: ε̂ = ε_θ − λ√(1−ᾱ_t)∇log p_φ
-        target, stages, f"gen-{m}", s_g, lambda ct: side.guidance(clf, ct, lam), c))
+    x = generate(target, stages, "gen-side_random" if random_labels else "gen-side", s_g,  # Alg. 1, part 2: sampling with
+                 lambda ct: side.guidance(clf, ct, lam), c)                          # ε̂ = ε_θ − λ√(1−ᾱ_t)∇log p_φ(c|x_t,t)
     return x, dict(cluster=c, scale=lam, K=K, kept=lab.num_classes, sizes=lab.sizes, cohesion=lab.cohesion)
 
 
@@ -317,19 +316,16 @@ def cond_extract(target, stages, n, seed, scale):
     k, present = int(ds.labels.max()) + 1, np.unique(ds.labels)
     labels_id = hashlib.sha256(np.ascontiguousarray(ds.labels).tobytes()).hexdigest()[:12]
     s_c = stages.reads(*CLASSIFYING, data=ds.source, labels=labels_id)
-    clf = stages.timed("cond: classifier", lambda: classifier(
-        target, stages, "clf-cond", s_c, data.to_tensor(ds.images), torch.as_tensor(ds.labels), k, False))
+    clf = classifier(target, stages, "clf-cond", s_c, data.to_tensor(ds.images), torch.as_tensor(ds.labels), k, False)
     c = present[uniform_targets(n, seed, len(present))]
     s_g = stages.reads(*SAMPLING, n=n, seed=seed, scale=scale, clf=vars(s_c))
-    x = stages.timed("cond: generate", lambda: generate(
-        target, stages, "gen-cond", s_g, lambda ct: side.guidance(clf, ct, scale), c))
+    x = generate(target, stages, "gen-cond", s_g, lambda ct: side.guidance(clf, ct, scale), c)
     return x, dict(cluster=c, scale=scale, classes=k, classes_present=len(present))
 
 
 def uncond_extract(target, stages, n, seed):
     """Carlini et al. 2023's "UnCond": plain unconditional sampling."""
-    s = stages.reads(*SAMPLING, n=n, seed=seed)
-    return stages.timed("uncond: generate", lambda: generate(target, stages, "gen-uncond", s))
+    return generate(target, stages, "gen-uncond", stages.reads(*SAMPLING, n=n, seed=seed))
 
 
 def method(target, stages, m, n, seed, lam=None, K=None, cond_scale=None):
@@ -357,9 +353,9 @@ def evaluate(target, stages, x, embed=None):
     shard = (ranks.rank, ranks.world) if 1 < ranks.world <= len(x) else None
     if shard is None and ranks.rank != 0:
         return None
-    ev = stages.timed("metrics", lambda: metrics.evaluate(
-        x, target.ds.images, similarity=sim if sim in ("l2", "sscd") else "embed",
-        embed=sim if sim not in ("l2", "sscd") else embed, device=target.device, shard=shard))
+    with stages.timed("metrics"):
+        ev = metrics.evaluate(x, target.ds.images, similarity=sim if sim in ("l2", "sscd") else "embed",
+                              embed=sim if sim not in ("l2", "sscd") else embed, device=target.device, shard=shard)
     if shard is not None:
         parts = ranks.gather(ev)
         if parts is None:

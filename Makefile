@@ -6,8 +6,6 @@ PY      := $(VENV)/bin/python
 PROFILE ?= cpu
 OUT     ?= results
 SEED    ?= 0
-PIP_FIND_LINKS ?= /opt/wheels
-export PIP_FIND_LINKS
 
 .PHONY: install extras test test-extras smoke bench reproduce calibrate gpu-check mutate clean
 
@@ -53,5 +51,5 @@ gpu-check: install  ## on a CUDA machine: bench at the gpu profile's shapes, GPU
 mutate: install  ## mutation testing of the equation code (~25 min, one thread): killed/survived per mutant and the score
 	OMP_NUM_THREADS=1 $(PY) mutate.py
 
-clean:  ## remove outputs and caches (not the virtual environment)
-	rm -rf results runs .pytest_cache __pycache__ tests/__pycache__
+clean:  ## remove $(OUT) (the outputs of every target above), runs/ and caches; not the virtual environment
+	rm -rf $(OUT) runs .pytest_cache __pycache__ tests/__pycache__

@@ -35,35 +35,35 @@ import metrics
 import reproduce
 import side
 import train
-from common import check_fields, field, parse_config, resolve_device, run_main
+from common import check_fields, option, parse_config, resolve_device, run_main
 
 TC = train.TrainConfig  # the defaults this benchmark measures
 
 
 @dataclass
 class BenchConfig:
-    image_size: int = field(32, "resolution of the measured model (the default model at 32 px: an image size users audit)", lo=8)
-    base: int = field(TC.base, "UNet base width (train.py's default)", lo=8)
-    mults: tuple = field(TC.mults, "width multiplier per level (train.py's default)", elem=int, lo=1, nonempty=True)
-    num_res_blocks: int = field(TC.num_res_blocks, "residual blocks per level (train.py's default)", lo=1)
-    attn_res: tuple = field(TC.attn_res, "resolutions with self-attention (train.py's default)", elem=int, lo=1)
-    T: int = field(TC.T, "diffusion steps (train.py's default)", lo=2)
-    prediction: str = field(TC.prediction, "network target (train.py's default)", choices=["eps", "v"])
-    batch: int = field(TC.batch, "training batch (train.py's default)", lo=1)
-    warmup_steps: int = field(2, "untimed optimiser steps first (allocator and kernel selection settle)", lo=0)
-    train_steps: int = field(5, "timed optimiser steps; 5 keeps the CPU run to seconds", lo=1)
-    sample_batch: int = field(16, "images per sampling batch", lo=1)
-    sample_steps: int = field(extract.ExtractConfig.sample_steps, "the step count images/s is reported for (extract.py's default)", lo=1, hi="T")
-    time_steps: int = field(5, "denoising steps actually timed per sampler (scaled to --sample-steps)", lo=1, hi="sample_steps")
-    repeats: int = field(3, "each timing is repeated and the fastest kept: other jobs on a shared machine only slow runs down", lo=1)
-    eta: float = field(extract.ExtractConfig.eta, "DDIM η (extract.py's default; the cost does not depend on it)", lo=0.0, hi=1.0)
-    n_nn: int = field(20000, "items per side of the nearest-neighbour benchmark (20,000 x 20,000: a CelebA-25000-sized search)", lo=1)
-    threads: int = field(0, "torch intra-op threads (0 = torch's default, all cores)", lo=0)
-    device: str = field("auto", "auto, cpu or cuda[:N]", nonempty=True)
-    seed: int = field(0, "seed of the weights, inputs and sampling noise", lo=0)
-    reproduce: str = field("cpu", "also measure the model and batch shapes of this reproduce.py profile ('' = skip)",
+    image_size: int = option(32, "resolution of the measured model (the default model at 32 px: an image size users audit)", lo=8)
+    base: int = option(TC.base, "UNet base width (train.py's default)", lo=8)
+    mults: tuple = option(TC.mults, "width multiplier per level (train.py's default)", elem=int, lo=1, nonempty=True)
+    num_res_blocks: int = option(TC.num_res_blocks, "residual blocks per level (train.py's default)", lo=1)
+    attn_res: tuple = option(TC.attn_res, "resolutions with self-attention (train.py's default)", elem=int, lo=1)
+    T: int = option(TC.T, "diffusion steps (train.py's default)", lo=2)
+    prediction: str = option(TC.prediction, "network target (train.py's default)", choices=["eps", "v"])
+    batch: int = option(TC.batch, "training batch (train.py's default)", lo=1)
+    warmup_steps: int = option(2, "untimed optimiser steps first (allocator and kernel selection settle)", lo=0)
+    train_steps: int = option(5, "timed optimiser steps; 5 keeps the CPU run to seconds", lo=1)
+    sample_batch: int = option(16, "images per sampling batch", lo=1)
+    sample_steps: int = option(extract.ExtractConfig.sample_steps, "the step count images/s is reported for (extract.py's default)", lo=1, hi="T")
+    time_steps: int = option(5, "denoising steps actually timed per sampler (scaled to --sample-steps)", lo=1, hi="sample_steps")
+    repeats: int = option(3, "each timing is repeated and the fastest kept: other jobs on a shared machine only slow runs down", lo=1)
+    eta: float = option(extract.ExtractConfig.eta, "DDIM η (extract.py's default; the cost does not depend on it)", lo=0.0, hi=1.0)
+    n_nn: int = option(20000, "items per side of the nearest-neighbour benchmark (20,000 x 20,000: a CelebA-25000-sized search)", lo=1)
+    threads: int = option(0, "torch intra-op threads (0 = torch's default, all cores)", lo=0)
+    device: str = option("auto", "auto, cpu or cuda[:N]", nonempty=True)
+    seed: int = option(0, "seed of the weights, inputs and sampling noise", lo=0)
+    reproduce: str = option("cpu", "also measure the model and batch shapes of this reproduce.py profile ('' = skip)",
                            choices=["", *reproduce.PROFILES])
-    compile: bool = field(False, "also time torch.compile'd training at the reproduce shapes (a minute of compiling)")
+    compile: bool = option(False, "also time torch.compile'd training at the reproduce shapes (a minute of compiling)")
 
 
 def validate(cfg):

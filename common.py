@@ -35,15 +35,17 @@ def run_main(main, argv=None):
 
 
 # ----------------------------------------------------------------------------- config -> flags
-# Each field declares its valid values beside its reason (see `field`); the type check, the range
+# Each field declares its valid values beside its reason (see `option`); the type check, the range
 # check, the --help text and the error message are all generated from that one declaration.
 
-def field(default, help, lo=None, hi=None, gt=None, lt=None, choices=None, nonempty=False, elem=None, allow=(), **meta):
+def option(default, help, lo=None, hi=None, gt=None, lt=None, choices=None, nonempty=False, elem=None, allow=(), **meta):
     """A dataclass field carrying its one-line reason (the flag's help) and its valid values:
     `lo`/`hi` inclusive bounds and `gt`/`lt` exclusive ones (each a number, or the name of another
     field, e.g. hi="T"); `choices` the allowed values; `nonempty` refuses '' and (); `elem` the element
     type of a tuple field (applied with the bounds/choices to each element); `allow` special values
     accepted outside the range (e.g. -1 = "same as λ"). Floats must be finite."""
+    if isinstance(default, tuple) and elem not in (int, float, str):
+        raise TypeError(f"option {help[:40]!r}: a tuple option declares its element type, elem=int, float or str")
     meta = dict(help=help, lo=lo, hi=hi, gt=gt, lt=lt, choices=choices, nonempty=nonempty, elem=elem, allow=tuple(allow), **meta)
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: default, metadata=meta)
@@ -60,7 +62,7 @@ def _kind(f):
 
 
 def _elem(f):
-    return f.metadata.get("elem") or (type(f.default[0]) if f.default else float)
+    return f.metadata["elem"]
 
 
 def _show(v):
@@ -107,6 +109,8 @@ def field_problem(f, value, cfg=None):
     for v in (value if isinstance(value, tuple) else (value,)):
         if v in m.get("allow", ()) or isinstance(v, bool) or not isinstance(v, (int, float, str)):
             continue
+        if m.get("elem") is int and not isinstance(v, int):
+            return f"{name} {_show(value)}: expected whole numbers ({m['help']})"
         if m.get("choices") is not None and v not in m["choices"]:
             return f"{name} {v!r}: expected one of {', '.join(map(str, m['choices']))}"
         lo, hi, gt, lt = (_bound(cfg, m.get(k)) if cfg is not None or not isinstance(m.get(k), str) else None

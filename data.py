@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from common import UserError, atomic_write_bytes, check, check_writable, field, parse_config, run_main
+from common import UserError, atomic_write_bytes, check, check_writable, option, parse_config, run_main
 from metrics import MetricsInputError, load_images
 
 # ----------------------------------------------------------------------------- procedural faces
@@ -262,11 +262,11 @@ def save_grid(images, path, nrow=8, pad=2):
 
 @dataclass
 class PreviewConfig:
-    data: str = field("faces", "dataset: faces, a folder of images, or an .npz file", nonempty=True)
-    size: int = field(32, "image side in pixels", lo=8)
-    n: int = field(64, "images to show", lo=1)
-    seed: int = field(0, "seed of the procedural faces", lo=0)
-    out: str = field("faces.png", "where the grid PNG goes", nonempty=True)
+    data: str = option("faces", "dataset: faces, a folder of images, or an .npz file", nonempty=True)
+    size: int = option(32, "image side in pixels", lo=8)
+    n: int = option(64, "images to show", lo=1)
+    seed: int = option(0, "seed of the procedural faces", lo=0)
+    out: str = option("faces.png", "where the grid PNG goes", nonempty=True)
 
 
 def main(argv=None):

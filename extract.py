@@ -47,7 +47,7 @@ import metrics
 import models
 import side
 from common import (Progress, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, check,
-                    check_fields, check_writable, field, load_checkpoint, parse_config, resolve_device, run_main, save_checkpoint)
+                    check_fields, check_writable, option, load_checkpoint, parse_config, resolve_device, run_main, save_checkpoint)
 from report import write_extraction
 from runtime import Ranks, autocast, check_shared_folder, fast_model, local_device, setup_distributed
 from sweeps import best_of, curves, sweep
@@ -57,45 +57,45 @@ METHODS = ("uncond", "cond", "side", "side_random", "uncond_budget")
 
 @dataclass
 class ExtractConfig:
-    ckpt: str = field("runs/model/ckpt.pt", "the model to audit: a train.py checkpoint, a diffusers UNet2DModel or "
+    ckpt: str = option("runs/model/ckpt.pt", "the model to audit: a train.py checkpoint, a diffusers UNet2DModel or "
                       "pipeline folder, or a TorchScript ε-model with a .json beside it (models.py)", nonempty=True)
-    out: str = field("", "run folder (default: next to the checkpoint, extract/)")
-    data: str = field("", "training data to evaluate against (default: a train.py checkpoint's own --data; "
+    out: str = option("", "run folder (default: next to the checkpoint, extract/)")
+    data: str = option("", "training data to evaluate against (default: a train.py checkpoint's own --data; "
                       "required for other models)")
-    methods: str = field("uncond,cond,side", "comma-separated subset of uncond,cond,side,side_random,uncond_budget", nonempty=True)
-    n_gen: int = field(512, "N_G, generations per method (the paper: 5,120-51,200 at CelebA scale)", lo=1)
-    n_syn: int = field(1024, "N_syn, unconditional samples that SIDE clusters (Alg. 1, step 1)", lo=2)
-    K: int = field(16, "K-means clusters (paper: 100 for 50k samples; scaled to N_syn)", lo=2)
-    tau: float = field(0.5, "cohesion threshold τ: keep clusters whose mean cosine to the centroid is >= τ (paper: 0.5)", lo=0.0, hi=1.0)
-    drop_rejected: bool = field(False, "drop images of rejected clusters instead of relabelling them to the nearest kept centroid")
-    features: str = field("ddpm", "clustering features: ddpm (own mid-block activations), pixels, or a TorchScript .pt file", nonempty=True)
-    lam: float = field(3.0, "SIDE guidance scale λ (the paper sweeps 0-50, rising then falling; choose it with --sweep-lambda)", lo=0.0)
-    cond_scale: float = field(-1.0, "guidance scale of Carlini Cond; -1 = the same as λ", lo=0.0, allow=(-1.0,))
-    clf_steps: int = field(600, "classifier training steps (time-dependent for SIDE, time-independent for Cond)", lo=1)
-    clf_lr: float = field(1e-3, "classifier AdamW lr; the paper's 1e-4 trains far too slowly in CPU-sized runs", gt=0.0)
-    clf_width: int = field(32, "classifier ResNet base width (the paper: ResNet34 at 128 px)", lo=1)
-    sampler: str = field("ddim", "sampler for every method", choices=["ddim", "ddpm"])
-    sample_steps: int = field(50, "denoising steps (the same for every method)", lo=1)
-    eta: float = field(1.0, "DDIM η; η=1 found about twice the copies of η=0 in calibration", lo=0.0, hi=1.0)
-    batch: int = field(128, "generations per batch (one cached unit; also the sharding unit)", lo=1)
-    seed: int = field(1, "generation seed of the reported run (tuning sweeps use --sweep-seed)", lo=0)
-    syn_seed: int = field(12345, "seed of SIDE's synthetic set, clustering and classifiers (never reused for generations)", lo=0)
-    sweep_seed: int = field(2, "generation seed of the sweeps, kept apart from --seed so nothing is tuned on the report", lo=0)
-    sweep_lambda: tuple = field((), "λ values to sweep for SIDE (empty: no sweep)", elem=float, lo=0.0)
-    sweep_k: tuple = field((), "K values to sweep for SIDE (empty: no sweep)", elem=int, lo=2)
-    sweep_cond_scale: tuple = field((), "guidance scales to sweep for Carlini Cond, like λ for SIDE (empty: no sweep)",
+    methods: str = option("uncond,cond,side", "comma-separated subset of uncond,cond,side,side_random,uncond_budget", nonempty=True)
+    n_gen: int = option(512, "N_G, generations per method (the paper: 5,120-51,200 at CelebA scale)", lo=1)
+    n_syn: int = option(1024, "N_syn, unconditional samples that SIDE clusters (Alg. 1, step 1)", lo=2)
+    K: int = option(16, "K-means clusters (paper: 100 for 50k samples; scaled to N_syn)", lo=2)
+    tau: float = option(0.5, "cohesion threshold τ: keep clusters whose mean cosine to the centroid is >= τ (paper: 0.5)", lo=0.0, hi=1.0)
+    drop_rejected: bool = option(False, "drop images of rejected clusters instead of relabelling them to the nearest kept centroid")
+    features: str = option("ddpm", "clustering features: ddpm (own mid-block activations), pixels, or a TorchScript .pt file", nonempty=True)
+    lam: float = option(3.0, "SIDE guidance scale λ (the paper sweeps 0-50, rising then falling; choose it with --sweep-lambda)", lo=0.0)
+    cond_scale: float = option(-1.0, "guidance scale of Carlini Cond; -1 = the same as λ", lo=0.0, allow=(-1.0,))
+    clf_steps: int = option(600, "classifier training steps (time-dependent for SIDE, time-independent for Cond)", lo=1)
+    clf_lr: float = option(1e-3, "classifier AdamW lr; the paper's 1e-4 trains far too slowly in CPU-sized runs", gt=0.0)
+    clf_width: int = option(32, "classifier ResNet base width (the paper: ResNet34 at 128 px)", lo=1)
+    sampler: str = option("ddim", "sampler for every method", choices=["ddim", "ddpm"])
+    sample_steps: int = option(50, "denoising steps (the same for every method)", lo=1)
+    eta: float = option(1.0, "DDIM η; η=1 found about twice the copies of η=0 in calibration", lo=0.0, hi=1.0)
+    batch: int = option(128, "generations per batch (one cached unit; also the sharding unit)", lo=1)
+    seed: int = option(1, "generation seed of the reported run (tuning sweeps use --sweep-seed)", lo=0)
+    syn_seed: int = option(12345, "seed of SIDE's synthetic set, clustering and classifiers (never reused for generations)", lo=0)
+    sweep_seed: int = option(2, "generation seed of the sweeps, kept apart from --seed so nothing is tuned on the report", lo=0)
+    sweep_lambda: tuple = option((), "λ values to sweep for SIDE (empty: no sweep)", elem=float, lo=0.0)
+    sweep_k: tuple = option((), "K values to sweep for SIDE (empty: no sweep)", elem=int, lo=2)
+    sweep_cond_scale: tuple = option((), "guidance scales to sweep for Carlini Cond, like λ for SIDE (empty: no sweep)",
                                     elem=float, lo=0.0)
-    sweep_n_gen: int = field(0, "N_G for sweep points (0 = n_gen)", lo=0)
-    curve_points: int = field(8, "points of the extraction-versus-budget curves over N_syn + N_G (0 = no curves)", lo=0)
-    similarity: str = field("l2", "l2 (normalized pixel L2), sscd (the paper's SSCD cosine, offline; needs the extras; "
+    sweep_n_gen: int = option(0, "N_G for sweep points (0 = n_gen)", lo=0)
+    curve_points: int = option(8, "points of the extraction-versus-budget curves over N_syn + N_G (0 = no curves)", lo=0)
+    similarity: str = option("l2", "l2 (normalized pixel L2), sscd (the paper's SSCD cosine, offline; needs the extras; "
                             "for real photographs) or a TorchScript embedding file for cosine similarity", nonempty=True)
-    grid_top: int = field(16, "extracted generations shown per method in the grids", lo=0)
-    device: str = field("auto", "auto, cpu or cuda[:N]", nonempty=True)
-    amp: str = field("off", "sample under bf16 autocast (a GPU speed-up; off is exact fp32)", choices=["off", "bf16"])
-    channels_last: bool = field(False, "channels-last UNet for sampling (faster convolutions on tensor-core GPUs)")
-    compile: str = field("off", "torch.compile the sampling UNet; cudagraphs also captures CUDA graphs (CUDA only)",
+    grid_top: int = option(16, "extracted generations shown per method in the grids", lo=0)
+    device: str = option("auto", "auto, cpu or cuda[:N]", nonempty=True)
+    amp: str = option("off", "sample under bf16 autocast (a GPU speed-up; off is exact fp32)", choices=["off", "bf16"])
+    channels_last: bool = option(False, "channels-last UNet for sampling (faster convolutions on tensor-core GPUs)")
+    compile: str = option("off", "torch.compile the sampling UNet; cudagraphs also captures CUDA graphs (CUDA only)",
                          choices=["off", "on", "cudagraphs"])
-    overwrite: bool = field(False, "replace the results in --out made with other settings (without it such a rerun is refused)")
+    overwrite: bool = option(False, "replace the results in --out made with other settings (without it such a rerun is refused)")
 
 
 def validate(cfg):

@@ -43,7 +43,7 @@ import metrics
 import train
 from conditional import conditional
 from sweeps import load_sweep
-from common import (UserError, atomic_write_json, atomic_write_text, check, check_writable, field, parse_config, resolve_device,
+from common import (UserError, atomic_write_json, atomic_write_text, check, check_writable, option, parse_config, resolve_device,
                     run_main)
 from report import calibration_report, curve_plot, reproduce_report
 
@@ -76,19 +76,19 @@ TABLE_METHODS = "uncond,cond,side,side_random,uncond_budget"
 
 @dataclass
 class ReproduceConfig:
-    profile: str = field("cpu", "sizes, budgets and repetitions: smoke (a test), cpu (the README's table), gpu", choices=list(PROFILES))
-    out: str = field("results", "output folder: REPORT.md, summary.json, PNGs, models/, extract/", nonempty=True)
-    data: str = field("faces", "faces (built-in) or an image folder / .npz (e.g. CelebA) used in its place", nonempty=True)
-    seed: int = field(0, "base seed: the data sample, every training seed and every attack seed derive from it", lo=0)
-    sizes: tuple = field((), "training-set sizes (override the profile; then --epochs too)", elem=int, lo=2)
-    epochs: tuple = field((), "training epochs per size (override the profile)", elem=float, gt=0.0)
-    seeds: int = field(0, "attack seeds per model (0 = profile; >= 2 for an interval)", lo=0)
-    n_gen: int = field(0, "N_G per method (0 = profile)", lo=0)
-    calibrate: bool = field(False, "instead of the reproduction: train each size for the profile's calib_epochs and "
+    profile: str = option("cpu", "sizes, budgets and repetitions: smoke (a test), cpu (the README's table), gpu", choices=list(PROFILES))
+    out: str = option("results", "output folder: REPORT.md, summary.json, PNGs, models/, extract/", nonempty=True)
+    data: str = option("faces", "faces (built-in) or an image folder / .npz (e.g. CelebA) used in its place", nonempty=True)
+    seed: int = option(0, "base seed: the data sample, every training seed and every attack seed derive from it", lo=0)
+    sizes: tuple = option((), "training-set sizes (override the profile; then --epochs too)", elem=int, lo=2)
+    epochs: tuple = option((), "training epochs per size (override the profile)", elem=float, gt=0.0)
+    seeds: int = option(0, "attack seeds per model (0 = profile; >= 2 for an interval)", lo=0)
+    n_gen: int = option(0, "N_G per method (0 = profile)", lo=0)
+    calibrate: bool = option(False, "instead of the reproduction: train each size for the profile's calib_epochs and "
                                    "print the share of its training images plain sampling reaches")
-    eps: float = field(0.05, "ε of Definition 1 on the [-1,1] pixel scale (small next to the 0.2 typical train-to-train NN distance)", gt=0.0)
-    device: str = field("auto", "auto, cpu or cuda", nonempty=True)
-    overwrite: bool = field(False, "replace a finished run in --out made with other settings (without it that is refused)")
+    eps: float = option(0.05, "ε of Definition 1 on the [-1,1] pixel scale (small next to the 0.2 typical train-to-train NN distance)", gt=0.0)
+    device: str = option("auto", "auto, cpu or cuda", nonempty=True)
+    overwrite: bool = option(False, "replace a finished run in --out made with other settings (without it that is refused)")
 
 
 class Stages:
@@ -204,10 +204,10 @@ def profile_of(cfg):
     if cfg.sizes:
         check(len(cfg.epochs) == len(cfg.sizes), f"--sizes {','.join(map(str, cfg.sizes))} needs --epochs with one "
               "value per size")
-        p["sizes"], p["cond_size"] = tuple(int(s) for s in cfg.sizes), int(min(cfg.sizes))
+        p["sizes"], p["cond_size"] = cfg.sizes, min(cfg.sizes)
     if cfg.epochs:
         check(len(cfg.epochs) == len(p["sizes"]), f"--epochs needs one value per size ({len(p['sizes'])})")
-        p["epochs"] = tuple(float(e) for e in cfg.epochs)
+        p["epochs"] = cfg.epochs
     p.update({k: v for k, v in dict(seeds=cfg.seeds, n_gen=cfg.n_gen).items() if v})
     check(min(p["sizes"]) >= 2 and min(p["epochs"]) > 0, "--sizes must be >= 2 and --epochs > 0")
     check(p["seeds"] >= 1 and p["n_gen"] >= 1, "--seeds and --n-gen must be >= 1")

@@ -31,48 +31,48 @@ import torch.distributed as dist
 import data
 import ddpm
 from runtime import autocast, local_device, setup_distributed  # shared with extract.py; train.autocast etc. still resolve
-from common import (Progress, UserError, atomic_write_json, check, check_fields, check_writable, field, load_checkpoint,
+from common import (Progress, UserError, atomic_write_json, check, check_fields, check_writable, option, load_checkpoint,
                     parse_config, resolve_device, run_main, save_checkpoint)
 
 
 @dataclass
 class TrainConfig:
-    out: str = field("runs/model", "output folder: ckpt.pt, config.json, samples.png", nonempty=True)
-    data: str = field("faces", "faces (built-in), an image folder, or an .npz with an `images` array", nonempty=True)
-    n_train: int = field(64, "training-set size (a folder/npz: a nested random sample drawn with --data-seed); small sets are what DDPMs memorize", lo=1)
-    image_size: int = field(16, "resolution; 16 px is what trains to memorization on a 2-core CPU in minutes", lo=8)
-    data_seed: int = field(0, "seed of the training set: the built-in faces, or the sample of a folder/npz", lo=0)
-    label_attr: str = field("", "built-in faces: attribute(s) forming the true label, e.g. hair_color,skin_tone; '' = data.py default")
-    labels: str = field("none", "class conditioning: none, true (informative labels) or random (same cardinality)",
+    out: str = option("runs/model", "output folder: ckpt.pt, config.json, samples.png", nonempty=True)
+    data: str = option("faces", "faces (built-in), an image folder, or an .npz with an `images` array", nonempty=True)
+    n_train: int = option(64, "training-set size (a folder/npz: a nested random sample drawn with --data-seed); small sets are what DDPMs memorize", lo=1)
+    image_size: int = option(16, "resolution; 16 px is what trains to memorization on a 2-core CPU in minutes", lo=8)
+    data_seed: int = option(0, "seed of the training set: the built-in faces, or the sample of a folder/npz", lo=0)
+    label_attr: str = option("", "built-in faces: attribute(s) forming the true label, e.g. hair_color,skin_tone; '' = data.py default")
+    labels: str = option("none", "class conditioning: none, true (informative labels) or random (same cardinality)",
                         choices=["none", "true", "random"])
-    base: int = field(32, "UNet base width; 32 keeps a 16-px model near 0.7M parameters", lo=8)
-    mults: tuple = field((1, 2), "width multiplier per resolution level (one downsampling between levels)", elem=int, lo=1, nonempty=True)
-    num_res_blocks: int = field(1, "residual blocks per level (Ho et al. use 2; 1 halves the cost)", lo=1)
-    attn_res: tuple = field((8,), "resolutions with self-attention (Ho et al.: 16 at 32 px)", elem=int, lo=1)
-    dropout: float = field(0.0, "dropout in residual blocks; 0 since memorization is what we study", lo=0.0, lt=1.0)
-    T: int = field(1000, "diffusion steps (Ho et al. 2020)", lo=2)
-    schedule: str = field("linear", "beta schedule", choices=["linear", "cosine"])
-    prediction: str = field("v", "network target: eps (Ho et al.) or v (Salimans & Ho 2022); reproduce.py uses eps with "
+    base: int = option(32, "UNet base width; 32 keeps a 16-px model near 0.7M parameters", lo=8)
+    mults: tuple = option((1, 2), "width multiplier per resolution level (one downsampling between levels)", elem=int, lo=1, nonempty=True)
+    num_res_blocks: int = option(1, "residual blocks per level (Ho et al. use 2; 1 halves the cost)", lo=1)
+    attn_res: tuple = option((8,), "resolutions with self-attention (Ho et al.: 16 at 32 px)", elem=int, lo=1)
+    dropout: float = option(0.0, "dropout in residual blocks; 0 since memorization is what we study", lo=0.0, lt=1.0)
+    T: int = option(1000, "diffusion steps (Ho et al. 2020)", lo=2)
+    schedule: str = option("linear", "beta schedule", choices=["linear", "cosine"])
+    prediction: str = option("v", "network target: eps (Ho et al.) or v (Salimans & Ho 2022); reproduce.py uses eps with "
                             "the cosine schedule, which memorized sooner in its CPU calibration", choices=["eps", "v"])
-    steps: int = field(1500, "optimiser steps; reproduce's cpu profile: 1,600 at batch 16 memorize 16 faces (8 px) fully, 32 partly", lo=1)
-    batch: int = field(32, "global batch (split across torchrun ranks)", lo=1)
-    lr: float = field(2e-3, "AdamW learning rate; 2e-3 trains a 0.7M-param model in 1-2k steps (2e-4 is typical at scale)", gt=0.0)
-    warmup: int = field(100, "linear learning-rate warm-up steps", lo=0)
-    weight_decay: float = field(0.0, "AdamW weight decay; 0 does not fight memorization", lo=0.0)
-    grad_clip: float = field(1.0, "gradient-norm clip (Ho et al. 2020)", gt=0.0)
-    ema_decay: float = field(0.995, "EMA decay per step; short runs need a short EMA horizon (~200 steps)", lo=0.0, lt=1.0)
-    seed: int = field(0, "seed of initialisation, batches, timesteps and noise", lo=0)
-    ckpt_every: int = field(250, "steps between checkpoints", lo=1)
-    sample_n: int = field(64, "EMA samples drawn into samples.png at the end (0 = none)", lo=0)
-    sample_steps: int = field(50, "DDIM steps for that grid", lo=1, hi="T")
-    device: str = field("auto", "auto, cpu or cuda[:N]", nonempty=True)
-    resume: bool = field(False, "continue from OUT/ckpt.pt (config must match, except steps and logging)")
-    overwrite: bool = field(False, "start afresh in an --out that holds a run, replacing its checkpoint and samples")
-    log_every: float = field(10.0, "seconds between progress lines", lo=0.0)
-    amp: str = field("off", "mixed precision: bf16 autocast with fp32 master weights (a GPU speed-up; off is exact fp32)",
+    steps: int = option(1500, "optimiser steps; reproduce's cpu profile: 1,600 at batch 16 memorize 16 faces (8 px) fully, 32 partly", lo=1)
+    batch: int = option(32, "global batch (split across torchrun ranks)", lo=1)
+    lr: float = option(2e-3, "AdamW learning rate; 2e-3 trains a 0.7M-param model in 1-2k steps (2e-4 is typical at scale)", gt=0.0)
+    warmup: int = option(100, "linear learning-rate warm-up steps", lo=0)
+    weight_decay: float = option(0.0, "AdamW weight decay; 0 does not fight memorization", lo=0.0)
+    grad_clip: float = option(1.0, "gradient-norm clip (Ho et al. 2020)", gt=0.0)
+    ema_decay: float = option(0.995, "EMA decay per step; short runs need a short EMA horizon (~200 steps)", lo=0.0, lt=1.0)
+    seed: int = option(0, "seed of initialisation, batches, timesteps and noise", lo=0)
+    ckpt_every: int = option(250, "steps between checkpoints", lo=1)
+    sample_n: int = option(64, "EMA samples drawn into samples.png at the end (0 = none)", lo=0)
+    sample_steps: int = option(50, "DDIM steps for that grid", lo=1, hi="T")
+    device: str = option("auto", "auto, cpu or cuda[:N]", nonempty=True)
+    resume: bool = option(False, "continue from OUT/ckpt.pt (config must match, except steps and logging)")
+    overwrite: bool = option(False, "start afresh in an --out that holds a run, replacing its checkpoint and samples")
+    log_every: float = option(10.0, "seconds between progress lines", lo=0.0)
+    amp: str = option("off", "mixed precision: bf16 autocast with fp32 master weights (a GPU speed-up; off is exact fp32)",
                      choices=["off", "bf16"])
-    channels_last: bool = field(False, "channels-last memory layout (faster convolutions on tensor-core GPUs)")
-    compile: bool = field(False, "torch.compile the UNet (a GPU speed-up after a minute of compiling; needs a C++ compiler)")
+    channels_last: bool = option(False, "channels-last memory layout (faster convolutions on tensor-core GPUs)")
+    compile: bool = option(False, "torch.compile the UNet (a GPU speed-up after a minute of compiling; needs a C++ compiler)")
 
 
 # Fields that may differ between a checkpoint and the run resuming it.

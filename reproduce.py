@@ -40,7 +40,6 @@ import data
 import evidence
 import extract
 import metrics
-import train
 from conditional import conditional
 from sweeps import load_sweep
 from common import (UserError, atomic_write_json, atomic_write_text, check, check_writable, option, parse_config, resolve_device,
@@ -137,6 +136,16 @@ def extract_job(p, cfg, ckpt, out, methods, name, **extra):
     return name, ["extract.py", *flags(args)]
 
 
+def check_train_flags(argv):
+    """train.py's own check of a train job's flags (`train.py --dry-run` in a subprocess, so that this
+    orchestrator does not import the trainer): its one error line as a UserError."""
+    r = subprocess.run([sys.executable, *argv, "--dry-run"], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["train.py failed"])[-1]
+        raise UserError(f"train.py {last.removeprefix('error: ')}")
+
+
 def run_jobs(jobs, parallel, st, log_dir):
     """Run (name, argv) script jobs, `parallel` at a time. With more than one at a time each gets one
     thread: two torch processes with all threads each on 2 cores collapse each other's throughput."""
@@ -218,9 +227,9 @@ def profile_of(cfg):
 def main(argv=None):
     cfg = parse_config(ReproduceConfig, argv, __doc__.split("\n\n")[0])
     p = profile_of(cfg)
-    for _, argv in ([train_job(p, cfg, n, e, "none", cfg.out, 0, 0) for n, e in zip(p["sizes"], p["epochs"])]
-                    + [extract_job(p, cfg, "ckpt.pt", cfg.out, "side", "check")]):
-        parse_config(train.TrainConfig if argv[0] == "train.py" else extract.ExtractConfig, argv[1:], "")  # before any training
+    check_train_flags(train_job(p, cfg, p["sizes"][0], p["epochs"][0], "none", cfg.out, 0, 0)[1])  # before any work;
+    parse_config(extract.ExtractConfig, extract_job(p, cfg, "ckpt.pt", cfg.out, "side", "check")[1][1:], "")  # (sizes
+    # differ only in --n-train and --steps, which profile_of and train_job keep >= 1)
     check_writable(cfg.out, "--out")
     done = os.path.join(cfg.out, "summary.json")  # a finished run there: the same settings resume, others are refused
     if os.path.exists(done) and not cfg.overwrite and not cfg.calibrate:

@@ -73,11 +73,12 @@ class TrainConfig:
                      choices=["off", "bf16"])
     channels_last: bool = option(False, "channels-last memory layout (faster convolutions on tensor-core GPUs)")
     compile: bool = option(False, "torch.compile the UNet (a GPU speed-up after a minute of compiling; needs a C++ compiler)")
+    dry_run: bool = option(False, "check every option against --out and exit (reproduce.py's check before any training)")
 
 
 # Fields that may differ between a checkpoint and the run resuming it.
 RESUMABLE = {"steps", "ckpt_every", "sample_n", "sample_steps", "device", "resume", "overwrite", "log_every", "out",
-             "channels_last", "compile"}
+             "channels_last", "compile", "dry_run"}
 # Fields that define the network's shape (checked when loading a checkpoint elsewhere).
 MODEL_FIELDS = ("image_size", "base", "mults", "num_res_blocks", "attn_res", "dropout")
 
@@ -249,6 +250,8 @@ def train(cfg):
 
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, __doc__.split("\n\n")[0])
+    if cfg.dry_run:
+        return validate(cfg)
     t0 = time.time()
     state = train(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -5,6 +5,7 @@ import os
 import pytest
 
 import reproduce
+from common import UserError
 
 ROW_FIELDS = {"n_train", "method", "n_gen", "ams", "ums", "p95", "carlini_extracted", "yoon_extracted"}
 
@@ -81,3 +82,12 @@ def test_a_rerun_reuses_every_stage(smoke):
     again = reproduce.main(["--profile", "smoke", "--out", str(smoke)])
     assert stamps() == before
     assert [r.get("ams", r["distinct_any"]) for r in again["rows"]] == [r.get("ams", r["distinct_any"]) for r in first["rows"]]
+
+
+def test_train_flags_are_checked_by_train_py_itself_before_any_work(tmp_path):
+    """reproduce.py does not import the trainer: train.py --dry-run checks a job's flags and writes nothing."""
+    out = tmp_path / "m"
+    with pytest.raises(UserError, match=r"^train\.py --base 12 must be a positive multiple of 8"):
+        reproduce.check_train_flags(["train.py", "--base", "12", "--out", str(out)])
+    reproduce.check_train_flags(["train.py", "--out", str(out)])  # a valid job passes
+    assert not out.exists()

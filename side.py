@@ -44,7 +44,7 @@ T_REF = 1000  # timesteps are rescaled to a 1000-step clock before embedding, so
 @torch.no_grad()
 def extract_features(x, kind="ddpm", model=None, diffusion=None, t_feat=None, batch=256, device=None,
                      embed_size=EMBED_SIZE, imagenet_norm=True):
-    """Z = F(x), (N, D) float32 on CPU.                                             # Alg. 1, step 2
+    """Z = F(x) of Alg. 1, step 2: (N, D) float32 on CPU.
 
     kind="ddpm":   the UNet's mid-block activations at timestep t_feat (default T//50: a little noise, as
                    the network saw in training, but the image still dominates) on x_t = q_sample(x, t_feat,
@@ -73,7 +73,7 @@ def extract_features(x, kind="ddpm", model=None, diffusion=None, t_feat=None, ba
         for i in range(0, len(x), batch):
             t = torch.full((len(x[i:i + batch]),), t_feat, dtype=torch.long, device=ddev)
             xt = diffusion.q_sample(x[i:i + batch].float().to(ddev), t, noise.to(ddev).expand(len(t), -1, -1, -1))
-            h = model(xt.to(device), t.to(device), return_mid=True)
+            h = model(xt.to(device), t.to(device), return_mid=True)  # Alg. 1, step 2: Z = F(x)
             out.append(torch.cat([h.mean((2, 3)), F.adaptive_avg_pool2d(h, FEATURE_POOL).flatten(1)], 1).float().cpu())
         model.train(was_training)
         return torch.cat(out)
@@ -138,7 +138,7 @@ def _lloyd(Z, C, iters):
 
 
 def kmeans(Z, K, n_init=4, iters=100, seed=0):
-    """K-means on the rows of Z (N, D), on Z's device.                                 # Alg. 1, step 3
+    """K-means (Alg. 1, step 3) on the rows of Z (N, D), on Z's device.
 
     n_init restarts from k-means++ seeds drawn from one CPU torch.Generator(seed); the lowest inertia
     (sum of squared distances to the assigned centroid) wins. Returns (centroids (K, D), assign (N,), inertia).
@@ -151,7 +151,7 @@ def kmeans(Z, K, n_init=4, iters=100, seed=0):
     gen = torch.Generator().manual_seed(int(seed))
     best = None
     for _ in range(n_init):
-        C, assign = _lloyd(Z, _kmeanspp(Z, K, gen), iters)
+        C, assign = _lloyd(Z, _kmeanspp(Z, K, gen), iters)  # Alg. 1, step 3
         inertia = float(((Z - C[assign]).double() ** 2).sum())
         if best is None or inertia < best[2]:
             best = (C, assign, inertia)
@@ -159,10 +159,10 @@ def kmeans(Z, K, n_init=4, iters=100, seed=0):
 
 
 def cluster_cohesion(Z, assign, centroids):
-    """(K,) mean cosine similarity of each cluster's members to its centroid; 0 for an empty cluster.
-                                                                                       # Alg. 1, step 4"""
+    """Cohesion (Alg. 1, step 4): (K,) mean cosine similarity of each cluster's members to its
+    centroid; 0 for an empty cluster."""
     K = len(centroids)
-    cos = F.cosine_similarity(Z.float(), centroids.float()[assign], dim=1)
+    cos = F.cosine_similarity(Z.float(), centroids.float()[assign], dim=1)  # Alg. 1, step 4
     total = torch.zeros(K, device=Z.device).index_add_(0, assign, cos)
     return total / torch.bincount(assign, minlength=K).clamp_min(1).float()
 
@@ -178,7 +178,7 @@ class SurrogateLabels:
 
 
 def surrogate_labels(Z, K, tau=0.5, drop_rejected=False, seed=0, n_init=4):
-    """The surrogate condition: cluster, filter by cohesion, label.                 # Alg. 1, steps 3-5
+    """The surrogate condition of Alg. 1, steps 3-5: cluster, filter by cohesion, label.
 
     Features are L2-normalised first (cosine geometry, as SSCD embeddings are). Every image is labelled
     with its nearest kept centroid in that normalised space (the paper's reading; a member of a kept
@@ -292,7 +292,7 @@ def _noised(diffusion, x, t, noise):
 
 def train_classifier(x, labels, diffusion=None, steps=500, batch=64, lr=1e-3, weight_decay=0.01, seed=0, device=None,
                      width=32, holdout=0.1, log=print):
-    """Fit p_φ(y | x_t, t) by cross-entropy.                                             # Alg. 1, step 6
+    """Fit p_φ(y | x_t, t) of Alg. 1, step 6 by cross-entropy.
 
     With `diffusion`, each example is x_t = q_sample(x, t, ε), t uniform over {0..T-1} (time-dependent,
     SIDE); without, clean x (time-independent, the "Carlini Cond" baseline). Labels -1 are excluded.

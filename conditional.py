@@ -3,7 +3,7 @@ DDPM trained unconditionally, with informative labels (Definition 2) and with ra
 by paired differences Δ = M(D_j; p_θ(.|j), ε) − M(D_j; p_θ, ε) per label subset (Theorem 1: Δ <= 0 for
 an informative label in its limit). The bound on log p_θ is ddpm.Diffusion.subchain_nll; the Monte
 Carlo estimator with common random numbers is metrics.divergence_difference (METRICS.md derives both).
-Depends on numpy, torch, data.py, metrics.py, models.py, common.py and report.label_effect.
+Depends on numpy, torch, data.py, evidence.py, metrics.py, models.py, common.py and report.label_effect.
 """
 import os
 
@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 import data
+import evidence
 import metrics
 import models
 from common import check
@@ -60,13 +61,41 @@ def divergence(cond, uncond, diffusion, x, subsets, eps, n_mc, n_t, device, seed
 
 
 def conditional(p, cfg, trained, device):
-    """Unconditional vs informative-label vs random-label DDPMs at cond_size: per labelling, the paired
-    difference Δ = M(D_j; p_θ(.|j)) − M(D_j; p_θ) of Definition 1 per label subset and averaged, with
-    95 % intervals (Theorem 1: Δ <= 0 for an informative label in its limit). Profile knobs: div_mc
-    samples of q_ε per subset, div_t timestep strata per sample (= UNet calls per sample and model)."""
-    nc = p["cond_size"]
+    """Unconditional vs informative-label vs random-label DDPMs at cond_size, in every unit (each its own
+    training sample and three models): per labelling, the paired difference Δ = M(D_j; p_θ(.|j)) −
+    M(D_j; p_θ) of Definition 1 averaged over label subsets, per unit with its Monte Carlo interval, and
+    over units with a Student-t 95 % interval (what a retrained model would show; Theorem 1: Δ <= 0 for
+    an informative label in its limit). Profile knobs: div_mc samples of q_ε per subset, div_t timestep
+    strata per sample (= UNet calls per sample and model)."""
     torch.set_num_threads(os.cpu_count() or 1)
-    paths = {"none": trained[(nc, 0)], "informative": trained[("informative", 0)], "random": trained[("random", 0)]}
+    units = [_unit(p, cfg, trained, device, i) for i in range(p["seeds"])]
+    rows = []
+    for name in ("none", "informative", "random"):
+        r = dict(labelling=name)
+        if name == "none":  # M of the unconditional model on the informative and on the random subsets
+            for key, part in (("divergence", "informative"), ("divergence_random_subsets", "random")):
+                r[key] = _over_units([u[part] for u in units], "M_uncond")
+        else:
+            per = [u[name] for u in units]
+            r["divergence"] = _over_units(per, "M_cond")
+            est, lo, hi = evidence.mean_ci([d["delta"] for d in per])
+            lo, hi = (lo, hi) if len(per) > 1 else per[0]["ci95"]  # one unit: its Monte Carlo interval
+            r["delta"] = dict(delta=est, ci95=[lo, hi], verdict=label_effect(lo, hi), units=per, n_units=len(per),
+                              **{k: per[0][k] for k in ("eps", "eps_k", "k", "unet_calls_per_sample", "n_mc", "unit")})
+        rows.append(r)
+    return rows
+
+
+def _over_units(per, key):
+    """M of one model kind, averaged over units (each an upper bound; nats)."""
+    return dict(estimate=float(np.mean([d[key] for d in per])), per_unit=[d[key] for d in per],
+                eps_k=per[0]["eps_k"], upper_bound=True)
+
+
+def _unit(p, cfg, trained, device, i):
+    """{labelling: divergence(...)} of unit i's three models on unit i's training sample."""
+    nc = p["cond_size"]
+    paths = {"none": trained[(nc, i)], "informative": trained[("informative", i)], "random": trained[("random", i)]}
     loaded = {k: models.load_model(f"{v}/ckpt.pt", device) for k, v in paths.items()}
     diffusion = loaded["none"][1]
     tcfg, rcfg = (loaded[k][2].checkpoint["config"] for k in ("none", "random"))
@@ -76,18 +105,5 @@ def conditional(p, cfg, trained, device):
     ds = data.load_data(cfg.data, tcfg["image_size"], n=nc, seed=tcfg["data_seed"])
     x = data.to_tensor(ds.images)  # the random model's labels, as train.py drew them from its seed
     parts = {"informative": ds.labels, "random": data.random_labels(nc, int(ds.labels.max()) + 1, rcfg["seed"])}
-    deltas = {name: divergence(loaded[name][0], loaded["none"][0], diffusion, x, parts[name], cfg.eps,
-                               p["div_mc"], p["div_t"], device) for name in ("informative", "random")}
-    rows = []
-    for name in ("none", "informative", "random"):
-        r = dict(labelling=name)
-        if name == "none":  # M of the unconditional model on the informative and on the random subsets
-            for key, part in (("divergence", "informative"), ("divergence_random_subsets", "random")):
-                d = deltas[part]
-                r[key] = dict(estimate=d["M_uncond"], stderr=d["M_uncond_stderr"], eps_k=d["eps_k"], upper_bound=True)
-        else:
-            d = deltas[name]
-            r["divergence"] = dict(estimate=d["M_cond"], stderr=d["M_cond_stderr"], eps_k=d["eps_k"], upper_bound=True)
-            r["delta"] = d
-        rows.append(r)
-    return rows
+    return {name: divergence(loaded[name][0], loaded["none"][0], diffusion, x, parts[name], cfg.eps,
+                             p["div_mc"], p["div_t"], device, seed=1000 * i) for name in ("informative", "random")}

@@ -256,13 +256,14 @@ def main(argv=None):
     rows, curves = collect(units, labelled, p)
     cond_rows = st("conditional memorization: divergence", lambda: conditional(p, cfg, trained, device)) if labelled else []
     thm = st("theorem 1 check", lambda: metrics.theorem1_check())
+    rand = st("random-label check", lambda: metrics.random_label_check())
     stats, verdict = evidence_of(rows, curves, sizes, p)
     grids = copy_pictures(out, units)
     for n in sizes:
         curve_plot(f"{out}/curve_n{n}.png", stats["curves"], n, p["n_syn"])
     summary = dict(total_seconds=time.time() - st.t0, device=str(device), profile=cfg.profile, data=cfg.data,
                    base_seed=cfg.seed, hardware=hardware(), chosen=chosen, rows=rows, stats=stats, curves=curves,
-                   verdict=verdict, conditional=cond_rows, theorem1=thm,
+                   verdict=verdict, conditional=cond_rows, theorem1=thm, random_label_check=rand,
                    sweeps={k: load_sweep(f"{out}/sweeps", k) for k in ("lambda", "cond_scale")},
                    commands={f"n={u['n']}": " ".join(["python"] + u["job"][1]) for u in units
                              if u["unit"] == 0 and u["train_seed"] == 0 and u["kind"] == "table"},

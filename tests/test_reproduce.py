@@ -2,8 +2,10 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
+import evidence
 import reproduce
 from common import UserError
 
@@ -55,6 +57,12 @@ def test_summary_has_every_required_field(smoke):
     assert all({"claim", "ratio", "lo", "hi"} <= set(v) for v in claims)
     labellings = [c["labelling"] for c in s["conditional"]]
     assert labellings == ["none", "informative", "random"]
+    for c in s["conditional"][1:]:  # Δ in every unit (its own data and models), then a t interval over units
+        d, per = c["delta"], [u["delta"] for u in c["delta"]["units"]]
+        assert d["n_units"] == len(per) == p["seeds"] and len(set(per)) == len(per)
+        assert d["delta"] == pytest.approx(np.mean(per))
+        h = evidence.t975(len(per) - 1) * np.std(per, ddof=1) / np.sqrt(len(per))  # Student-t, by hand
+        assert d["ci95"] == pytest.approx([np.mean(per) - h, np.mean(per) + h])
 
 
 def test_report_and_pictures_are_written(smoke):

@@ -153,3 +153,32 @@ def test_conditional_experiment_pairs_its_models_and_decides_from_the_interval()
     assert r["delta"] == 0.0 and r["stderr"] == 0.0 and r["M_cond_stderr"] > 0 and r["verdict"] == "undecided"
     assert report.label_effect(-2.0, -0.1).startswith("lowers") and report.label_effect(0.1, 2.0).startswith("raises")
     assert report.label_effect(-0.1, 0.1) == "undecided"
+
+
+def test_level_refuses_a_noise_level_at_the_top_of_the_chain():
+    """ε so large that its nearest step is the chain's last one (T - 1 on the linear schedule) leaves no
+    chain to bound: refused, not silently evaluated with zero terms."""
+    d = ddpm.Diffusion(50, "linear", "eps")
+    assert d.top() == 49
+    with pytest.raises(ValueError, match="no chain is left"):
+        d.level(1e6)
+    k, eps_k = d.level(0.1)
+    ab = float(d.f64["alphas_cumprod"][k])
+    assert eps_k == pytest.approx(math.sqrt((1 - ab) / ab)) and k < 49
+
+
+@pytest.mark.parametrize("n_t", [1, 2, 5])
+def test_bound_draw_strata_cover_every_term_once(n_t):
+    """The strata partition the terms t = k+1..top: weights sum to their number, every t lies in its
+    stratum, and with many draws every term is drawn (so the estimate of the sum is unbiased)."""
+    d = ddpm.Diffusion(30, "linear", "eps")
+    k, m = 3, d.top() - 3  # terms t = 4..29
+    t, w, noise = d.bound_draw(4000, k, n_t, (1, 2, 2), torch.Generator().manual_seed(0))
+    assert t.shape == w.shape == (4000, n_t) and noise.shape == (4000, n_t, 1, 2, 2)
+    assert torch.all(w.sum(1) == m)
+    assert int(t.min()) == k + 1 and int(t.max()) == d.top()
+    assert set(t.flatten().tolist()) == set(range(k + 1, d.top() + 1))
+    if n_t > 1:  # the decoder term alone in the first stratum, weight 1
+        assert torch.all(t[:, 0] == k + 1) and torch.all(w[:, 0] == 1) and int(t[:, 1:].min()) == k + 2
+    for j in range(n_t):  # stratum j: weight = its number of terms, so E[w f(t)] is the stratum's sum
+        assert w[0, j] == len(set(t[:, j].tolist()))

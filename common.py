@@ -276,15 +276,12 @@ def load_checkpoint(path, map_location="cpu"):
 # ----------------------------------------------------------------------------- runtime
 
 def resolve_device(name):
-    """'auto' -> cuda if available else cpu; anything else is validated."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but no CUDA device is visible; use --device cpu or auto")
+    """'auto' -> cuda if available else cpu; anything else is validated (metrics.resolve_device: one rule)."""
+    import metrics  # metrics.py imports nothing of ours, so this makes no cycle
     try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from None
+        return metrics.resolve_device(name, flag="--device")
+    except metrics.MetricsInputError as e:
+        raise UserError(str(e)) from None
 
 
 class Progress:

@@ -179,7 +179,7 @@ def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=N
     if similarity not in SIMILARITIES or carlini_center not in ("generation", "train"):
         raise MetricsInputError(f"similarity {similarity!r} / carlini_center {carlini_center!r}: expected "
                                 "l2|embed|features|sscd and generation|train")
-    dev, kind = _device(device), ("l2" if similarity == "l2" else "cos")
+    dev, kind = resolve_device(device), ("l2" if similarity == "l2" else "cos")
     G, T, scale = _compared(generated, train, similarity, embed, embed_size, dev)
     bands, n, shift = parse_bands(bands, kind), min(CARLINI_N, len(T)), (shift if kind == "l2" else 0)
     vals, idx, hits = knn(G, T, k=n, metric=kind, scale=scale, shift=shift, bands=bands,
@@ -573,14 +573,20 @@ def _search_exact(Q, keys, k, block_q, block_k, dev, marks, margin, progress):
     return out_v, out_i, retried
 
 
-def _device(device):
+def resolve_device(device, flag="device"):
+    """None or "cpu" -> cpu; "auto" -> cuda if one is visible, else cpu; anything else is checked:
+    MetricsInputError, naming `flag` (e.g. "--device"), for cuda without a visible CUDA device or a
+    name that is not a device."""
     if device in (None, "cpu"):
         return torch.device("cpu")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise MetricsInputError(f"device {device} asked for, but no CUDA device is visible; use cpu or auto")
-    return torch.device(device)
+        raise MetricsInputError(f"{flag} {device} asked for, but no CUDA device is visible; use {flag} cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise MetricsInputError(f"{flag} {device!r} is not a device; use auto, cpu or cuda[:N]") from None
 
 
 def knn(queries, keys, k=1, metric="l2", scale=None, shift=0, bands=None, block_q=BLOCK_Q, block_k=BLOCK_K,
@@ -620,7 +626,7 @@ def knn(queries, keys, k=1, metric="l2", scale=None, shift=0, bands=None, block_
         classify = lambda d2: torch.stack([in_band(value(d2), lo, hi, metric) for lo, hi in bands.values()])  # noqa: E731
         marks = _BandMarks(far=max(edges), edges=edges, classify=classify,
                            hits=torch.zeros(len(bands), len(K), dtype=torch.bool))
-    d2, idx, retried = _search(Q, keys_, k, block_q, block_k, _device(device), marks, margin, progress)
+    d2, idx, retried = _search(Q, keys_, k, block_q, block_k, resolve_device(device), marks, margin, progress)
     if stats is not None:
         stats["retried_rows"] = retried
     out = (value(d2).numpy(), idx.numpy())
@@ -880,7 +886,7 @@ def bench(n=20000, d=3072, block_q=BLOCK_Q, block_k=BLOCK_K, device=None, seed=0
     matmul peak of one block_q x d x block_k tile measured in the same run (before and after the
     search, best of both, so that a busy machine does not flatter the ratio)."""
     import resource
-    dev = _device(device)
+    dev = resolve_device(device)
     peak, peak_cpu = _matmul_peak(block_q, d, block_k, dev)
     g = torch.Generator().manual_seed(seed)
     X = torch.randint(0, 256, (n, d), generator=g, dtype=torch.uint8)
@@ -988,8 +994,9 @@ def main(argv=None):
     cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
     try:
         _check_config(cfg)
+        dev = resolve_device(cfg.device, "--device")
         if cfg.bench:
-            bench(cfg.bench_n, block_q=cfg.block_q, block_k=cfg.block_k, device=_device(cfg.device))
+            bench(cfg.bench_n, block_q=cfg.block_q, block_k=cfg.block_k, device=dev)
             return 0
         if not (args.generated and args.train):
             raise MetricsInputError("give GENERATED and TRAIN (folders or .npz files), or --bench")
@@ -1002,8 +1009,8 @@ def main(argv=None):
         if bands == "auto":
             if sim != "l2":
                 raise MetricsInputError("--bands auto calibrates pixel-L2 bands; give explicit bands for cosine")
-            bands = calibrate_l2_bands(T, shift=cfg.shift, device=_device(cfg.device))[0]
-        res = evaluate(G, T, sim, bands, embed=cfg.embed or None, device=_device(cfg.device), shift=cfg.shift,
+            bands = calibrate_l2_bands(T, shift=cfg.shift, device=dev)[0]
+        res = evaluate(G, T, sim, bands, embed=cfg.embed or None, device=dev, shift=cfg.shift,
                        carlini_center=cfg.carlini_center, block_q=cfg.block_q, block_k=cfg.block_k,
                        embed_size=cfg.embed_size, progress=True)
         s = summary(res)

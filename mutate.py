@@ -50,7 +50,7 @@ TARGETS = {
     "evidence": (["tests/test_evidence.py"], [
         ("t975", r"return"), ("mean_ci", None), ("count_ci", None), ("paired_ratio", None), ("unpaired_ratio", None),
         ("status", None), ("curve_summary", None), ("overtake", None)]),
-    "divergence": (["tests/test_divergence.py"], [  # Definition 1 for a DDPM (ddpm.py) and its estimators (metrics.py)
+    "divergence": (["tests/test_divergence.py", "tests/test_ddpm.py"], [  # Definition 1 for a DDPM (ddpm.py) and its estimators (metrics.py)
         ("Diffusion.level", None), ("Diffusion.bound_draw", None), ("Diffusion.subchain_nll", None),
         ("Diffusion.prior_kl", None), ("normal_kl", None)]),
 }

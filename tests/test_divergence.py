@@ -182,3 +182,35 @@ def test_bound_draw_strata_cover_every_term_once(n_t):
         assert torch.all(t[:, 0] == k + 1) and torch.all(w[:, 0] == 1) and int(t[:, 1:].min()) == k + 2
     for j in range(n_t):  # stratum j: weight = its number of terms, so E[w f(t)] is the stratum's sum
         assert w[0, j] == len(set(t[:, j].tolist()))
+
+
+class LabelledDenoiser(torch.nn.Module):
+    """The exact ε-prediction of x_0 ~ N(m_y, s² I), a mean per label y (GaussianDenoiser per row)."""
+
+    def __init__(self, means, s, d):
+        super().__init__()
+        self.nets = [GaussianDenoiser(m, s, d) for m in means]
+
+    def forward(self, x, t, y=None):
+        out = torch.stack([net(x, t) for net in self.nets])  # (labels, n, ...)
+        return out[y, torch.arange(len(x))]
+
+
+def test_subchain_nll_weights_terms_linearly_and_does_not_depend_on_batching():
+    """total = L_T + Σ_j w_j term_j − (d/2) log ᾱ_k: scaling every weight by c moves it linearly in c;
+    evaluating the rows in batches of 3 or all at once gives the same numbers, labels included."""
+    d, n, n_t = ddpm.Diffusion(100, "linear"), 6, 4
+    k, _ = d.level(0.1)
+    g = torch.Generator().manual_seed(3)
+    x = 0.5 * torch.randn((n,) + SHAPE, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    net = LabelledDenoiser([-0.3, 0.0, 0.4], 0.3, d)
+    t, w, noise = d.bound_draw(n, k, n_t, SHAPE, g)
+    tot = [d.subchain_nll(net, x, k, (t, c * w, noise), y=y) for c in (0.0, 1.0, 2.0)]
+    assert torch.allclose(tot[2] - tot[1], tot[1] - tot[0], rtol=1e-9, atol=1e-9)
+    base = d.prior_kl(math.sqrt(float(d.f64["alphas_cumprod"][k])) * x, k) \
+        - 0.5 * x[0].numel() * math.log(float(d.f64["alphas_cumprod"][k]))
+    assert torch.allclose(tot[0], base, rtol=1e-12)  # zero weights leave L_T and the Jacobian
+    assert torch.allclose(d.subchain_nll(net, x, k, (t, w, noise), y=y, batch=3), tot[1], rtol=1e-12, atol=1e-9)
+    other = d.subchain_nll(net, x, k, (t, w, noise), y=torch.tensor([2, 0, 1, 2, 0, 1]))
+    assert not torch.allclose(other, tot[1])  # the label reaches the model

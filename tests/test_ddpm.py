@@ -124,8 +124,19 @@ def test_prior_kl_closed_form():
     """L_T of the sub-chain from step k: q(z_{T-1} | z_k) = N(sqrt(ᾱ_{T-1}/ᾱ_k) z_k, 1 - ᾱ_{T-1}/ᾱ_k)."""
     d = ddpm.Diffusion(100)
     z = torch.full((1, 3, 2, 2), 0.7)
-    for k in (0, 10):
+    for k in (0, 10, 98):  # k = 98: a = 1 - β_99, far from 0, where log(1 - a) and log(1 + a) part
         a = float(d.f64["alphas_cumprod"][-1] / d.f64["alphas_cumprod"][k])
         m, v = math.sqrt(a) * 0.7, 1 - a
         kl = 0.5 * (v + m * m - 1 - math.log(v)) * 12  # KL(N(m,v)||N(0,1)) per dim, 12 dims
         assert d.prior_kl(z, k).item() == pytest.approx(kl, rel=1e-6)
+
+
+def test_normal_kl_against_torch_distributions():
+    """ddpm.normal_kl (means and log-variances) against torch.distributions' Gaussian KL, an independent
+    implementation, with both variances away from 1."""
+    g = torch.Generator().manual_seed(0)
+    m1, m2 = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
+    lv1, lv2 = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m1, (0.5 * lv1).exp()),
+                                            torch.distributions.Normal(m2, (0.5 * lv2).exp()))
+    assert torch.allclose(ddpm.normal_kl(m1, lv1, m2, lv2), ref, rtol=1e-10, atol=1e-12)

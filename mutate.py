@@ -149,7 +149,7 @@ def main(argv=None):
     p.add_argument("--only", default="", help="one qualified function name (e.g. Diffusion.sample)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run (a timeout kills it)")
     p.add_argument("--list", action="store_true", help="print the mutants without running the tests")
-    p.add_argument("--rerun", default="", help="a previous run's output: run only the mutants it lists as SURVIVED")
+    p.add_argument("--rerun", default="", help="a previous run's output: its KILLED mutants count as killed, every other mutant runs")
     args = p.parse_args(argv)
     scratch = tempfile.mkdtemp(prefix="mutate-")
     shutil.copytree(ROOT, scratch, dirs_exist_ok=True,
@@ -162,12 +162,13 @@ def main(argv=None):
             name = FILES.get(group, group)
             path = os.path.join(ROOT, f"{name}.py")
             original = open(path).read()
-            again = None
-            if args.rerun:  # mutants killed before stay killed: tests were only added
-                again = {ln.split(None, 1)[1].rsplit("  (", 1)[0] for ln in open(args.rerun) if ln.startswith("SURVIVED")}
+            before = {}
+            if args.rerun:  # mutants the earlier run killed stay killed (tests were only added); the rest run
+                before = {ln.split(None, 1)[1].rsplit("  (", 1)[0]: ln.startswith("KILLED") for ln in open(args.rerun)
+                          if ln.startswith(("KILLED", "SURVIVED"))}
             for line, what, src in mutants(path, targets, args.only or None):
                 total += 1
-                if again is not None and f"{name}.py:{line} {what}" not in again:
+                if before.get(f"{name}.py:{line} {what}"):
                     killed += 1
                     continue
                 if args.list:

@@ -1,69 +1,217 @@
-"""Evidence from several seeds: means with 95 % intervals, paired ratios with intervals, and claims
-labelled holds / does not hold / undecided. Used by reproduce.py; imports numpy only.
+"""Evidence from independent replicates: means with Student-t intervals, ratios with intervals on the
+log scale, and a family of claims decided together (Holm-Bonferroni), each labelled holds / does not
+hold / undecided. Used by reproduce.py and extract.py; imports numpy and the standard library only.
 
-A *unit* is one independent repetition of the whole attack (a training seed x an attack seed: the
-attacker redraws its synthetic set, clustering, classifiers and generations). Every figure of the
-reproduction is a mean over units with a Student-t 95 % interval, and every comparison is paired by
-unit: the two methods of one unit share the trained model (and UnCond and SIDE share the synthetic set).
+A *replicate* is one independent repetition of the whole experiment: its own training sample,
+initial weights, training stream, synthetic set, clustering, classifiers and generation noise, with
+no seed shared with any other replicate. Methods are compared *within* a replicate (they attack the
+same trained model), so every comparison is paired by replicate.
 
-Ratios of counts are geometric means of per-unit ratios of (count + 1), with the t-interval taken on
-the log scale and exponentiated: exp(mean_i log((a_i + 1) / (b_i + 1)) ± t s / sqrt(n)). The + 1 keeps
-a unit where a method found nothing finite (it pulls ratios towards 1, never away from it); for hit
-rates the counts are the numbers of generations in a band (AMS x N_G / 100). A claim "ratio > c"
-*holds* when the whole interval lies above c, *does not hold* when it lies below c, and is
-*undecided* when it contains c.
+Ratios of counts are geometric means of per-replicate ratios of (count + 1), with the interval taken
+on the log scale and exponentiated: exp(mean_i log((a_i + 1) / (b_i + 1)) ± t s / sqrt(n)). The + 1
+keeps a replicate where a method found nothing finite (it pulls ratios towards 1, never away from it).
+Replicates of different training-set sizes are independent but not identically distributed; a claim
+pooled over sizes is the equal-weight mean of the per-size means (a stratified estimate), with
+standard error sqrt(Σ_k s_k² / n_k) / S and Welch-Satterthwaite degrees of freedom.
+
+A claim "ratio > c" is a two-sided test of ratio = c. Over the m claims of one run, Holm's step-down
+procedure (Holm 1979) tests the claim with the j-th smallest p-value at level α / (m - j + 1) and stops
+at the first claim it cannot decide; its *corrected* interval is the two-sided interval at that level,
+so it excludes c exactly when Holm decides the claim: **holds** (above c), **does not hold** (below c),
+otherwise **undecided**. The family-wise probability of any wrong decision is at most α = 5 %. The
+uncorrected 95 % interval and status are kept beside the corrected ones.
 """
 import math
+from typing import NamedTuple
 
 import numpy as np
 
-# Two-sided 95 % Student-t quantiles t_{0.975, df}, df = 1..30 (any statistics table); 1.96 beyond.
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042)
+ALPHA = 0.05  # family-wise error rate of one run's claims (and the level of every uncorrected interval)
+BETA_CF_ITERS = 300  # continued-fraction terms of the incomplete beta function (converges in < 100 here)
+BETA_CF_EPS = 1e-15  # relative convergence of that continued fraction
+QUANTILE_ITERS = 200  # Newton/bisection steps of t_quantile (Newton converges in < 10)
+
+
+# ============================================================================ Student's t
+
+
+def _betacf(a, b, x):
+    """Continued fraction of the regularized incomplete beta function (modified Lentz's method)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, BETA_CF_ITERS + 1):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < BETA_CF_EPS:
+            break
+    return h
+
+
+def betainc(a, b, x):
+    """I_x(a, b), the regularized incomplete beta function, for a, b > 0 and 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(x, df):
+    """P(T <= x) for Student's t with df > 0 degrees of freedom: 1 - I_{df/(df+x²)}(df/2, 1/2) / 2 for x >= 0."""
+    if df <= 0:
+        raise ValueError(f"Student's t needs df > 0, got {df}")
+    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + x * x))
+    return 1.0 - tail if x >= 0 else tail
+
+
+def t_pdf(x, df):
+    """Student's t density with df > 0 degrees of freedom."""
+    c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return math.exp(c - (df + 1) / 2 * math.log1p(x * x / df))
+
+
+def t_quantile(p, df):
+    """The p-quantile of Student's t with df > 0 degrees of freedom, 0 < p < 1: Newton's method on
+    t_cdf, kept inside a bisection bracket (so it always converges)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"a quantile needs 0 < p < 1, got {p}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        lo, hi = hi, 2.0 * hi
+    x = 0.5 * (lo + hi)
+    for _ in range(QUANTILE_ITERS):
+        f = t_cdf(x, df) - p
+        lo, hi = (x, hi) if f < 0 else (lo, x)
+        step = f / t_pdf(x, df)
+        nxt = x - step if lo < x - step < hi else 0.5 * (lo + hi)
+        if abs(nxt - x) <= 1e-13 * max(1.0, x):
+            return nxt
+        x = nxt
+    return x
 
 
 def t975(df):
-    """The 97.5 % quantile of Student's t with df degrees of freedom (df >= 1)."""
-    if df < 1:
-        raise ValueError(f"t quantile needs df >= 1, got {df}")
-    return T975[df - 1] if df <= len(T975) else 1.96
+    """The 97.5 % quantile of Student's t with df degrees of freedom (df > 0): the 95 % interval's."""
+    if df <= 0:
+        raise ValueError(f"t quantile needs df > 0, got {df}")
+    return t_quantile(0.975, df)
 
 
-def mean_ci(values):
-    """(mean, lo, hi): the Student-t 95 % interval of the mean; one value gives lo = hi = None."""
+# ============================================================================ means and ratios
+
+
+def mean_ci(values, alpha=ALPHA):
+    """(mean, lo, hi): the Student-t (1 - alpha) interval of the mean; one value gives lo = hi = None."""
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
         return None, None, None
     m = float(v.mean())
     if v.size == 1:
         return m, None, None
-    h = t975(v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
+    h = t_quantile(1 - alpha / 2, v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
     return m, m - h, m + h
 
 
-def paired_ratio(a, b):
-    """(ratio, lo, hi): geometric mean of (a_i + 1) / (b_i + 1) over units i, with its 95 % interval."""
+def count_ci(values):
+    """mean_ci of a quantity that cannot be negative (a count, a percentage): the lower end clipped at 0."""
+    m, lo, hi = mean_ci(values)
+    return m, (None if lo is None else max(lo, 0.0)), hi
+
+
+class Estimate(NamedTuple):
+    """An estimate on the log scale: value, standard error (None: no interval), degrees of freedom, and
+    the number of independent replicates behind it."""
+    log: float
+    se: float | None
+    df: float | None
+    n: int
+
+    def interval(self, alpha=ALPHA):
+        """(lo, hi) of the ratio exp(log) at two-sided level 1 - alpha, or (None, None)."""
+        if self.se is None:
+            return None, None
+        h = 0.0 if self.se == 0 else t_quantile(1 - alpha / 2, self.df) * self.se
+        return math.exp(self.log - h), math.exp(self.log + h)
+
+    def p_value(self, threshold):
+        """Two-sided p of the test ratio = threshold (1 without an interval; 0 or 1 with zero spread)."""
+        d = self.log - math.log(threshold)
+        if self.se is None:
+            return 1.0
+        if self.se == 0:
+            return 0.0 if d != 0 else 1.0
+        return min(1.0, 2.0 * (1.0 - t_cdf(abs(d) / self.se, self.df)))
+
+
+def _stratified(groups):
+    """Estimate of the equal-weight mean of the groups' means (each a 1-d array of per-replicate
+    values): se = sqrt(Σ s_k²/n_k) / S, Welch-Satterthwaite df = (Σ v_k)² / Σ v_k²/(n_k - 1)."""
+    groups = [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
+    n = sum(len(g) for g in groups)
+    if not groups:
+        raise ValueError("an estimate needs at least one replicate")
+    est = float(np.mean([g.mean() for g in groups]))
+    if min(len(g) for g in groups) < 2:
+        return Estimate(est, None, None, n)
+    S = len(groups)
+    v = [g.var(ddof=1) / len(g) / S ** 2 for g in groups]
+    se = math.sqrt(sum(v))
+    if se == 0:
+        return Estimate(est, 0.0, float(n - S), n)
+    df = sum(v) ** 2 / sum(vk ** 2 / (len(g) - 1) for vk, g in zip(v, groups) if vk > 0)
+    return Estimate(est, se, df, n)
+
+
+def paired_log_ratio(a, b, strata=None):
+    """Estimate of the log of the geometric-mean ratio of (a_i + 1) / (b_i + 1) over paired replicates i;
+    strata (one key per replicate, e.g. the training-set size) makes it the stratified mean."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.size == 0:
-        raise ValueError(f"paired_ratio needs two equal-length, non-empty sequences, got {a.shape} and {b.shape}")
-    m, lo, hi = mean_ci(np.log(a + 1.0) - np.log(b + 1.0))
-    return math.exp(m), (None if lo is None else math.exp(lo)), (None if hi is None else math.exp(hi))
+    if a.shape != b.shape or a.size == 0 or a.ndim != 1:
+        raise ValueError(f"a paired ratio needs two equal-length, non-empty sequences, got {a.shape} and {b.shape}")
+    d = np.log(a + 1.0) - np.log(b + 1.0)
+    keys = np.zeros(len(d)) if strata is None else np.asarray(strata)
+    return _stratified([d[keys == k] for k in sorted(set(keys.tolist()))])
 
 
-def unpaired_ratio(a, b):
-    """(ratio, lo, hi) of mean(a + 1) / mean(b + 1) for independent samples: the delta-method standard
+def unpaired_log_ratio(a, b):
+    """Estimate of log(mean(a + 1) / mean(b + 1)) for independent samples: the delta-method standard
     error of the log of each mean, combined, with Welch-Satterthwaite degrees of freedom."""
     a, b = np.asarray(a, dtype=np.float64) + 1.0, np.asarray(b, dtype=np.float64) + 1.0
     if min(a.size, b.size) < 2:
-        raise ValueError("unpaired_ratio needs at least two values on each side")
+        raise ValueError("an unpaired ratio needs at least two values on each side")
     va, vb = a.var(ddof=1) / a.size / a.mean() ** 2, b.var(ddof=1) / b.size / b.mean() ** 2
     r = math.log(a.mean() / b.mean())
     if va + vb == 0:
-        return math.exp(r), math.exp(r), math.exp(r)
+        return Estimate(r, 0.0, float(a.size + b.size - 2), a.size + b.size)
     df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
-    h = t975(max(1, int(df))) * math.sqrt(va + vb)
-    return math.exp(r), math.exp(r - h), math.exp(r + h)
+    return Estimate(r, math.sqrt(va + vb), df, a.size + b.size)
+
+
+def paired_ratio(a, b):
+    """(ratio, lo, hi): geometric mean of (a_i + 1) / (b_i + 1) over replicates i, with its 95 % interval."""
+    e = paired_log_ratio(a, b)
+    return (math.exp(e.log), *e.interval())
+
+
+def unpaired_ratio(a, b):
+    """(ratio, lo, hi) of mean(a + 1) / mean(b + 1) for independent samples, with its 95 % interval."""
+    e = unpaired_log_ratio(a, b)
+    return (math.exp(e.log), *e.interval())
+
+
+# ============================================================================ claims, decided together
 
 
 def status(lo, hi, threshold):
@@ -77,19 +225,68 @@ def status(lo, hi, threshold):
     return "undecided"
 
 
-def claim(text, ratio, lo, hi, threshold, **extra):
-    """One verdict entry {claim, ratio, lo, hi, threshold, status}."""
-    return dict(claim=text, ratio=ratio, lo=lo, hi=hi, threshold=threshold, status=status(lo, hi, threshold), **extra)
+def claim(text, est, threshold, **extra):
+    """One claim "ratio > threshold" from an Estimate, with its uncorrected 95 % interval and status;
+    `holm` adds the corrected ones. The corrected fields start equal to the raw ones (a family of one)."""
+    lo, hi = est.interval()
+    raw = dict(lo=lo, hi=hi, status=status(lo, hi, threshold))
+    return dict(claim=text, ratio=math.exp(est.log), threshold=threshold, replicates=est.n, df=est.df,
+                se_log=est.se, p=est.p_value(threshold), raw=raw, corrected=dict(raw, level=1 - ALPHA, rank=1, m=1),
+                lo=lo, hi=hi, status=raw["status"], **extra)
 
 
-def count_ci(values):
-    """mean_ci of a quantity that cannot be negative (a count, a percentage): the lower end clipped at 0."""
-    m, lo, hi = mean_ci(values)
-    return m, (None if lo is None else max(lo, 0.0)), hi
+def holm(claims, alpha=ALPHA):
+    """Decide the family `claims` (from `claim`) together by Holm's step-down procedure: the claim with
+    the j-th smallest p-value (j = 1..m) is tested at alpha / (m - j + 1) while every earlier one was
+    decided; its corrected interval is the two-sided interval at that level (the last level reached,
+    for the claims after the first undecided one, whose intervals then contain the threshold). Sets
+    `corrected`, and `lo`, `hi`, `status` to the corrected values; returns the claims."""
+    decided = [c for c in claims if c.get("p") is not None]
+    m = len(decided)
+    order = sorted(range(m), key=lambda i: decided[i]["p"])
+    level_at, stopped = None, False
+    for j, i in enumerate(order):
+        c = decided[i]
+        if not stopped:
+            level_at = alpha / (m - j)
+            stopped = c["p"] > level_at
+        lo, hi = c["_est"].interval(level_at) if "_est" in c else (c["raw"]["lo"], c["raw"]["hi"])
+        st = "undecided" if stopped else status(lo, hi, c["threshold"])
+        c["corrected"] = dict(lo=lo, hi=hi, status=st, level=1 - level_at, rank=j + 1, m=m)
+        c.update(lo=lo, hi=hi, status=st)
+    return claims
+
+
+def decide(specs, alpha=ALPHA):
+    """A family of claims from (text, Estimate, threshold, extra dict) specs, decided together by `holm`;
+    plain dicts (JSON-ready) are returned."""
+    claims = [dict(claim(text, est, thr, **extra), _est=est) for text, est, thr, extra in specs]
+    holm(claims, alpha)
+    for c in claims:
+        del c["_est"]
+    return claims
+
+
+def replicates_needed(est, threshold, level=1 - ALPHA, cap=1000):
+    """The smallest number of replicates n at which an interval at `level` around the observed ratio,
+    with the observed per-replicate spread (se·sqrt(replicates)), would exclude the threshold; None if
+    the estimate sits on the threshold, has no spread estimate, or needs more than `cap`."""
+    if est.se is None or est.se == 0:
+        return None if est.se is None else est.n
+    d, sd = abs(est.log - math.log(threshold)), est.se * math.sqrt(est.n)
+    if d == 0:
+        return None
+    for n in range(2, cap + 1):
+        if t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n) < d:
+            return n
+    return None
+
+
+# ============================================================================ summaries of a table
 
 
 def summarize(rows, fields=("distinct_any", "ams_any")):
-    """{field: {mean, lo, hi, n}} over rows (one row per unit), plus per-band `distinct`, `ams`, `ums`."""
+    """{field: {mean, lo, hi, n}} over rows (one row per replicate), plus per-band `distinct`, `ams`, `ums`."""
     out = {}
     for f in fields:
         m, lo, hi = count_ci([r[f] for r in rows])
@@ -101,8 +298,8 @@ def summarize(rows, fields=("distinct_any", "ams_any")):
 
 
 def curve_summary(curves):
-    """Mean and 95 % interval per budget over units; curves: list (units) of [{budget, distinct_any,
-    distinct{band}}]. Budgets present in every unit only."""
+    """Mean and 95 % interval per budget over replicates; curves: list (replicates) of [{budget,
+    distinct_any, distinct{band}}]. Budgets present in every replicate only."""
     if not curves:
         return []
     budgets = sorted(set.intersection(*[{p["budget"] for p in c} for c in curves]))

@@ -374,7 +374,7 @@ def verdict_claims(table, cs, sizes):
                  cond_ddpm="a class-conditional DDPM on the true labels (Cond, other reading)",
                  side_random="SIDE with random surrogate labels (control)",
                  uncond_budget="UnCond with SIDE's whole budget N_syn + N_G (compute-matched)")
-    out = []
+    family = []
     specs = [("side", "uncond", "distinct_any", 1.0), ("side", "uncond", "distinct_any", 1.5),
              ("side", "uncond", "hits_any", 1.0), ("side", "cond", "distinct_any", 1.0),
              ("side", "cond_ddpm", "distinct_any", 1.0), ("side", "side_random", "distinct_any", 1.0),
@@ -385,23 +385,21 @@ def verdict_claims(table, cs, sizes):
         va, vb = _paired(table, a, b, f, sizes)
         if len(va) < 2:
             continue
-        r, lo, hi = evidence.paired_ratio(va, vb)
-        if max(va + vb) == 0:  # nothing extracted at all: a ratio of 1 says nothing
-            lo = hi = None
         verb = "at least 1.5x (the paper: over 50 % more)" if thr == 1.5 else "more"
         who = "SIDE counting its synthetic set too (N_syn + N_G samples)" if a == "side_union" else "SIDE"
-        out.append(evidence.claim(f"{who} {verb} than {names[b]}: {what[f]}", r, lo, hi, thr, units=len(va)))
+        family.append((f"{who} {verb} than {names[b]}: {what[f]}", evidence.paired_log_ratio(va, vb), thr, {}))
     for n in sizes:  # per size: SIDE vs plain sampling
         va, vb = _paired(table, "side", "uncond", "distinct_any", [n])
         if len(va) >= 2:
-            out.append(evidence.claim(f"n={n}: SIDE more than Carlini UnCond (distinct, any band)",
-                                      *evidence.paired_ratio(va, vb), 1.0, units=len(va)))
+            family.append((f"n={n}: SIDE more than Carlini UnCond (distinct, any band)",
+                           evidence.paired_log_ratio(va, vb), 1.0, {}))
     small, large = min(sizes), max(sizes)
     a = [r["hits_any"] for r in table if r["n_train"] == small and r["method"] == "uncond"]
     b = [r["hits_any"] for r in table if r["n_train"] == large and r["method"] == "uncond"]
     if min(len(a), len(b)) >= 2:
-        out.append(evidence.claim(f"smaller sets leak more: UnCond hit rate at n={small} above n={large} "
-                                  "(at each size's calibrated budget)", *evidence.unpaired_ratio(a, b), 1.0))
+        family.append((f"smaller sets leak more: UnCond hit rate at n={small} above n={large} "
+                       "(at each size's calibrated budget)", evidence.unpaired_log_ratio(a, b), 1.0, {}))
+    out = evidence.decide(family)
     for n in sizes:
         u, s = cs.get(f"{n}/uncond_budget"), cs.get(f"{n}/side_union")
         if u and s:

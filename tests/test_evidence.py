@@ -17,15 +17,45 @@ def t_cdf(x, df, n=200001):
     return 0.5 + float(np.sum((pdf[1:] + pdf[:-1]) / 2 * np.diff(u)))
 
 
-@pytest.mark.parametrize("df,tol", [(1, 2e-4), (2, 2e-4), (3, 2e-4), (5, 2e-4), (10, 2e-4), (20, 2e-4), (30, 2e-4),
-                                    (200, 1e-3)])  # beyond the table: the normal quantile, 7e-4 off at df 200
-def test_t_quantiles_are_the_975_points_of_student_t(df, tol):
-    assert t_cdf(evidence.t975(df), df) == pytest.approx(0.975, abs=tol)
+# Two-sided 95 % Student-t quantiles t_{0.975, df}, df = 1..30, as printed in statistics tables (3 decimals).
+T975_TABLE = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+              2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+              2.045, 2.042)
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 5, 10, 20, 30, 200, 2.5, 17.3])
+def test_t_quantiles_are_the_975_points_of_student_t(df):
+    assert t_cdf(evidence.t975(df), df) == pytest.approx(0.975, abs=2e-4)
+
+
+def test_t975_agrees_with_the_printed_table():
+    for df, v in enumerate(T975_TABLE, start=1):
+        assert evidence.t975(df) == pytest.approx(v, abs=5.1e-4)
+
+
+@pytest.mark.parametrize("p,df,value", [(0.975, 2, 4.302652730), (0.995, 10, 3.169272673), (0.9995, 5, 6.868826626),
+                                        (0.975, 1, 12.70620474), (0.99, 3, 4.540702858), (0.975, 1e7, 1.959964)])
+def test_t_quantiles_at_other_levels_match_published_values(p, df, value):
+    assert evidence.t_quantile(p, df) == pytest.approx(value, rel=1e-6)
+    assert evidence.t_quantile(1 - p, df) == pytest.approx(-value, rel=1e-6)
+
+
+@pytest.mark.parametrize("x,df", [(0.3, 1), (1.7, 2), (-2.2, 4), (3.1, 9.5), (0.05, 30)])
+def test_t_cdf_against_the_integrated_density(x, df):
+    assert evidence.t_cdf(x, df) == pytest.approx(t_cdf(x, df), abs=1e-6)
+
+
+@pytest.mark.parametrize("x", [0.0, 0.1, 0.37, 0.5, 0.93, 1.0])
+def test_incomplete_beta_closed_forms(x):
+    assert evidence.betainc(1, 1, x) == pytest.approx(x, abs=1e-12)
+    assert evidence.betainc(3.5, 1, x) == pytest.approx(x ** 3.5, abs=1e-12)
+    assert evidence.betainc(1, 2.5, x) == pytest.approx(1 - (1 - x) ** 2.5, abs=1e-12)
+    assert evidence.betainc(2.2, 0.7, x) == pytest.approx(1 - evidence.betainc(0.7, 2.2, 1 - x), abs=1e-12)
 
 
 def test_mean_interval_by_hand():
     m, lo, hi = evidence.mean_ci([1.0, 2.0, 3.0])  # sd 1, n 3: half-width t_{.975,2} / sqrt(3)
-    assert m == 2.0 and hi - m == pytest.approx(4.303 / math.sqrt(3)) and m - lo == pytest.approx(4.303 / math.sqrt(3))
+    assert m == 2.0 and hi - m == pytest.approx(4.302653 / math.sqrt(3)) and m - lo == pytest.approx(4.302653 / math.sqrt(3))
     assert evidence.mean_ci([5.0]) == (5.0, None, None)
 
 
@@ -48,7 +78,7 @@ def test_paired_ratio_of_an_exact_multiple_has_no_width():
 def test_paired_ratio_is_the_geometric_mean_with_a_log_scale_interval():
     a, b = np.array([9, 19, 4]), np.array([4, 4, 4])  # ratios of (x+1): 2, 4, 1
     logs = np.log([2.0, 4.0, 1.0])
-    h = 4.303 * logs.std(ddof=1) / math.sqrt(3)
+    h = 4.302653 * logs.std(ddof=1) / math.sqrt(3)
     r, lo, hi = evidence.paired_ratio(a, b)
     assert r == pytest.approx(2.0) and lo == pytest.approx(math.exp(logs.mean() - h))
     assert hi == pytest.approx(math.exp(logs.mean() + h))
@@ -73,7 +103,7 @@ def test_curve_summary_and_overtaking_by_hand():
     c1 = [dict(budget=b, distinct_any=v, distinct={"high": v}) for b, v in ((10, 1), (20, 2), (30, 3))]
     c2 = [dict(budget=b, distinct_any=v, distinct={"high": v}) for b, v in ((10, 3), (20, 4), (30, 5))]
     s = evidence.curve_summary([c1, c2])
-    assert [p["mean"] for p in s] == [2.0, 3.0, 4.0] and s[0]["hi"] - 2.0 == pytest.approx(12.706 * 1.0 / 1.0)
+    assert [p["mean"] for p in s] == [2.0, 3.0, 4.0] and s[0]["hi"] - 2.0 == pytest.approx(12.706205 * 1.0 / 1.0)
     assert s[0]["lo"] == 0.0  # 2 - 12.7 clipped: a count is never negative
     flat = [dict(budget=b, mean=m) for b, m in ((10, 2.5), (20, 2.5), (30, 2.5))]
     assert evidence.overtake(s, flat) == 20 and evidence.overtake(flat, s) is None
@@ -89,27 +119,32 @@ def test_verdict_claims_are_computed_from_the_numbers():
              + _rows(128, "uncond", [2, 3, 2]) + _rows(128, "side", [1, 2, 1]) + _rows(32, "side_random", [21, 23, 25]))
     v = {c["claim"].split(":")[0]: c for c in reproduce.verdict_claims(table, {}, [32, 128])}
     n32 = v["n=32"]
-    assert n32["status"] == "holds" and n32["ratio"] == pytest.approx(2.0)  # (2v+1+1)/(v+1) = 2
-    assert v["n=128"]["status"] == "does not hold"  # (1+1)/(2+1), (2+1)/(3+1), 2/3: all below 1
+    assert n32["raw"]["status"] == "holds" and n32["ratio"] == pytest.approx(2.0)  # (2v+1+1)/(v+1) = 2
+    assert v["n=128"]["raw"]["status"] == "does not hold"  # (1+1)/(2+1), (2+1)/(3+1), 2/3: all below 1
     control = next(c for c in v.values() if "random surrogate" in c["claim"])
     assert control["ratio"] == pytest.approx(1.0) and control["status"] == "undecided"
     leak = next(c for c in v.values() if c["claim"].startswith("smaller sets"))
-    assert leak["status"] == "holds" and leak["ratio"] == pytest.approx((22 + 1) / (14 / 3 + 1))
+    assert leak["raw"]["status"] == "holds" and leak["ratio"] == pytest.approx((22 + 1) / (14 / 3 + 1))
 
 
 def test_unpaired_ratio_by_hand():
     """a + 1 = [2, 4], b + 1 = [1, 3, 5]: means 3 and 3; delta-method variances of the log means
-    var/n/mean² = 2/2/9 and 4/3/9; Welch-Satterthwaite df = (va+vb)²/(va²/1 + vb²/2) = 2.88 -> 2."""
+    var/n/mean² = 2/2/9 and 4/3/9; Welch-Satterthwaite df = (va+vb)²/(va²/1 + vb²/2) = 2.88 (not rounded)."""
     va, vb = 2 / 2 / 9, 4 / 3 / 9
     df = (va + vb) ** 2 / (va ** 2 / 1 + vb ** 2 / 2)
-    assert int(df) == 2
-    h = 4.302653 * math.sqrt(va + vb)  # t_{0.975, 2}
+    assert df == pytest.approx(49 / 17)
+    lo_q, hi_q = 3.0, 5.0  # the 97.5 % point by bisection on the integrated density
+    for _ in range(30):
+        mid = (lo_q + hi_q) / 2
+        lo_q, hi_q = (mid, hi_q) if t_cdf(mid, df, 20001) < 0.975 else (lo_q, mid)
+    q = (lo_q + hi_q) / 2
+    h = q * math.sqrt(va + vb)
     r, lo, hi = evidence.unpaired_ratio([1, 3], [0, 2, 4])
-    assert (r, lo, hi) == pytest.approx((1.0, math.exp(-h), math.exp(h)), rel=5e-4)  # the t table has 3 decimals
+    assert (r, lo, hi) == pytest.approx((1.0, math.exp(-h), math.exp(h)), rel=1e-4)
     r, lo, hi = evidence.unpaired_ratio([5, 5], [1, 1, 1])  # no spread: a zero-width interval at 6/2
     assert r == lo == hi == pytest.approx(3.0)
     r, lo, hi = evidence.unpaired_ratio([0, 8], [4, 4, 4])  # all spread on one side: df = 1 exactly
-    assert (lo, hi) == pytest.approx((math.exp(-12.706 * 0.8), math.exp(12.706 * 0.8)), rel=5e-4)  # va = 32/2/25
+    assert (lo, hi) == pytest.approx((math.exp(-12.706205 * 0.8), math.exp(12.706205 * 0.8)), rel=1e-6)  # va = 32/2/25
     for a, b in (([0, 2], [0, 2]), ([4, 4], [0, 2, 4])):  # equal spreads; spread on the other side only
         r, lo, hi = evidence.unpaired_ratio(a, b)
         assert lo < r < hi
@@ -128,3 +163,67 @@ def test_a_tie_is_not_overtaking():
     b = [dict(budget=b, mean=m) for b, m in ((10, 2.0), (20, 2.0), (30, 2.0))]
     assert evidence.overtake(a, b) is None  # equal at the last budget: not above
     assert evidence.overtake(a, [dict(p, mean=1.5) if p["budget"] == 30 else p for p in b]) == 20
+
+
+# ---------------------------------------------------------------------------- pooled claims and Holm
+
+
+def test_stratified_estimate_by_hand():
+    """Two sizes: log-ratios [0, 2] (mean 1, var 2) and [1, 1, 4] (mean 2, var 3). Equal-weight mean 1.5;
+    v_k = var/n/S² = 2/2/4 and 3/3/4; se = sqrt(0.5); df = 0.5² / (0.25²/1 + 0.25²/2) = 2.667."""
+    e = evidence._stratified([np.array([0.0, 2.0]), np.array([1.0, 1.0, 4.0])])
+    assert e.log == pytest.approx(1.5) and e.se == pytest.approx(math.sqrt(0.5)) and e.n == 5
+    assert e.df == pytest.approx(0.25 / (0.0625 + 0.0625 / 2))
+    one = evidence.paired_log_ratio([1, 3, 7], [1, 1, 1])  # one stratum: the plain paired t
+    logs = np.log([1.0, 2.0, 4.0])
+    assert one.log == pytest.approx(logs.mean()) and one.se == pytest.approx(logs.std(ddof=1) / math.sqrt(3))
+    assert one.df == pytest.approx(2.0)
+
+
+def test_stratified_interval_covers_the_mean_of_unequal_strata():
+    rng = np.random.default_rng(2)
+    reps, hit = 3000, 0
+    for _ in range(reps):  # three sizes with different true log-ratios and spreads, 5 replicates each
+        groups = [rng.normal(mu, sd, 5) for mu, sd in ((0.2, 0.3), (0.5, 0.1), (-0.1, 0.6))]
+        lo, hi = evidence._stratified(groups).interval()
+        hit += lo <= math.exp(0.2) <= hi
+    assert abs(hit / reps - 0.95) < 0.015
+
+
+def _est_with_p(p, sign=1, df=10):
+    """An Estimate whose two-sided p against ratio 1 is exactly p."""
+    return evidence.Estimate(sign * evidence.t_quantile(1 - p / 2, df), 1.0, df, 11)
+
+
+def test_holm_steps_down_and_stops_at_the_first_undecided():
+    claims = evidence.decide([("a", _est_with_p(0.01), 1.0, {}), ("b", _est_with_p(0.02, -1), 1.0, {}),
+                              ("c", _est_with_p(0.04), 1.0, {})])
+    assert [c["status"] for c in claims] == ["holds", "does not hold", "holds"]  # 0.01<=.05/3, .02<=.05/2, .04<=.05
+    assert [c["corrected"]["level"] for c in claims] == pytest.approx([1 - 0.05 / 3, 1 - 0.05 / 2, 0.95])
+    claims = evidence.decide([("a", _est_with_p(0.01), 1.0, {}), ("b", _est_with_p(0.03), 1.0, {}),
+                              ("c", _est_with_p(0.04), 1.0, {})])
+    assert [c["status"] for c in claims] == ["holds", "undecided", "undecided"]  # .03 > .05/2: stop there
+    assert [c["raw"]["status"] for c in claims] == ["holds"] * 3  # each alone at 95 %: all hold
+    for c in claims:  # the corrected interval excludes the threshold exactly when Holm decided the claim
+        assert (c["lo"] > 1.0 or c["hi"] < 1.0) == (c["status"] != "undecided")
+        assert c["lo"] <= c["raw"]["lo"] and c["hi"] >= c["raw"]["hi"]
+
+
+def test_holm_keeps_the_family_wise_error_rate():
+    """m = 8 claims whose true ratio is exactly the threshold: Holm decides any of them in <= 5 % of runs,
+    while deciding each alone at 95 % errs in about 1 - 0.95^8 = 34 % of runs."""
+    rng = np.random.default_rng(3)
+    runs, any_corr, any_raw = 800, 0, 0
+    for _ in range(runs):
+        specs = [(str(i), evidence.paired_log_ratio(rng.poisson(20, 6), rng.poisson(20, 6)), 1.0, {}) for i in range(8)]
+        claims = evidence.decide(specs)
+        any_corr += any(c["status"] != "undecided" for c in claims)
+        any_raw += any(c["raw"]["status"] != "undecided" for c in claims)
+    assert any_corr / runs <= 0.05 + 0.02 and any_raw / runs > 0.2
+
+
+def test_replicates_needed_by_hand():
+    e = evidence.Estimate(math.log(2.0), 0.5 / math.sqrt(4), 3, 4)  # per-replicate sd 0.5, effect log 2 = 0.693
+    n = evidence.replicates_needed(e, 1.0)
+    assert evidence.t975(n - 1) * 0.5 / math.sqrt(n) < math.log(2.0) <= evidence.t975(n - 2) * 0.5 / math.sqrt(n - 1)
+    assert evidence.replicates_needed(evidence.Estimate(0.0, 0.1, 3, 4), 1.0) is None

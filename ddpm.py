@@ -32,8 +32,9 @@ import torch.nn.functional as F
 def timestep_embedding(t, dim, max_period=10000.0):
     """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017; Ho Sec. 4)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
+    dtype = torch.get_default_dtype()  # float32 unless a test runs the whole model in float64
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = t.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 

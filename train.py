@@ -152,27 +152,63 @@ def lr_at(cfg, step):
     return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))  # linear warm-up, then constant
 
 
-def train(cfg):
-    """The training loop; returns the final checkpoint dict. Pure of argv, prints progress to stderr."""
-    validate(cfg)
-    device = local_device(resolve_device(cfg.device))
-    rank, world = setup_distributed(device)
-    check(cfg.batch % world == 0, f"--batch {cfg.batch} must be divisible by the number of processes ({world})")
+# fused AdamW (one kernel for all parameters; supported on CPU and CUDA): 13 % faster steps at reproduce's
+# shapes on a 2-core CPU (bench.py), the same update up to float rounding
+FUSED = dict(fused=True)
+
+
+@dataclass
+class State:
+    """Everything a training run carries from step to step; `setup` makes it, the loop advances it."""
+    cfg: TrainConfig
+    ds: data.Dataset
+    x_all: torch.Tensor  # training images, float NCHW in [-1, 1], on the device
+    y_all: torch.Tensor | None  # their labels (None: unconditional)
+    num_classes: int
+    model: torch.nn.Module
+    ema: torch.nn.Module  # EMA of the weights, used for sampling
+    diffusion: ddpm.Diffusion
+    opt: torch.optim.Optimizer
+    gen: torch.Generator  # batches, timesteps, noise: the whole data stream
+    step: int = 0
+    torch_rng: torch.Tensor | None = None  # the global RNG state to record (None: the current one)
+
+    def draw(self):
+        """The next global batch (x_0, t, ε[, y]) from the run's generator: the same stream on every
+        rank, and the same whether the model trains alone (train.py) or in an ensemble (ensemble.py)."""
+        cfg = self.cfg
+        idx = torch.randint(len(self.x_all), (cfg.batch,), generator=self.gen)
+        t = torch.randint(cfg.T, (cfg.batch,), generator=self.gen)
+        noise = torch.randn((cfg.batch,) + tuple(self.x_all.shape[1:]), generator=self.gen)
+        idx = idx.to(self.x_all.device)
+        return self.x_all[idx], t, noise, (None if self.y_all is None else self.y_all[idx])
+
+    @property
+    def snapshot(self):
+        """The checkpoint: model, EMA, optimiser, step, RNG states and the whole config."""
+        return dict(model=self.model.state_dict(), ema=self.ema.state_dict(), opt=self.opt.state_dict(),
+                    step=self.step, rng=self.gen.get_state(),
+                    torch_rng=torch.get_rng_state() if self.torch_rng is None else self.torch_rng,
+                    config=dataclasses.asdict(self.cfg), num_classes=self.num_classes, n_train=len(self.ds.images),
+                    source=self.ds.source, model_args=model_args(self.cfg, self.num_classes))
+
+
+def setup(cfg, device):
+    """Data, model, EMA, optimiser and data stream of a run, initialised from cfg.seed, or restored from
+    OUT/ckpt.pt when one exists (validate() refused it without --resume); the config must match."""
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     ds = data.load_data(cfg.data, cfg.image_size, n=cfg.n_train, seed=cfg.data_seed, label_attr=cfg.label_attr or None)
     x_all = data.to_tensor(ds.images).to(device)
     y_all, num_classes = training_labels(cfg, ds)
     y_all = None if y_all is None else y_all.to(device)
-
     torch.manual_seed(cfg.seed)
     model, diffusion = build(cfg, num_classes, device)
-    ema = build(cfg, num_classes, device)[0]  # EMA of the weights, used for sampling
+    ema = build(cfg, num_classes, device)[0]
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)  # batches, timesteps, noise: the whole data stream
-    step = 0
-    if os.path.exists(ckpt_path) and not cfg.overwrite:  # validate() refused it without --resume
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **FUSED)
+    st = State(cfg, ds, x_all, y_all, num_classes, model, ema, diffusion, opt, torch.Generator().manual_seed(cfg.seed))
+    if os.path.exists(ckpt_path) and not cfg.overwrite:
         ckpt = load_checkpoint(ckpt_path)
         default = dataclasses.asdict(TrainConfig())  # a field newer than the checkpoint had its default
         diff = sorted(k for k, v in dataclasses.asdict(cfg).items()
@@ -184,12 +220,32 @@ def train(cfg):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
-        gen.set_state(ckpt["rng"])
+        st.gen.set_state(ckpt["rng"])
         torch.set_rng_state(ckpt["torch_rng"])
-        step = ckpt["step"]
+        st.step = ckpt["step"]
+    return st
+
+
+def prepare_out(cfg):
+    """OUT/config.json for this run; an --overwrite run also removes the old samples.png (never outlives its model)."""
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.overwrite and os.path.exists(os.path.join(cfg.out, "samples.png")):
+        os.unlink(os.path.join(cfg.out, "samples.png"))
+    atomic_write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
+
+
+def train(cfg):
+    """The training loop; returns the final checkpoint dict. Pure of argv, prints progress to stderr."""
+    validate(cfg)
+    device = local_device(resolve_device(cfg.device))
+    rank, world = setup_distributed(device)
+    check(cfg.batch % world == 0, f"--batch {cfg.batch} must be divisible by the number of processes ({world})")
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    st = setup(cfg, device)
+    model, ema, opt, diffusion = st.model, st.ema, st.opt, st.diffusion
     if world > 1:  # a node that cannot see OUT/ckpt.pt would start over while the others resume
         steps = [None] * world
-        dist.all_gather_object(steps, step)
+        dist.all_gather_object(steps, st.step)
         check(len(set(steps)) == 1, f"ranks would start from different steps {steps}: {ckpt_path} is not the same "
               "file on every node; put --out on a filesystem all nodes share")
     if cfg.channels_last:  # before DDP wraps it; the state dict keeps its values, so checkpoints are unchanged
@@ -198,29 +254,17 @@ def train(cfg):
         model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     fwd = torch.compile(ddp) if cfg.compile else ddp
     if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
-        if cfg.overwrite and os.path.exists(os.path.join(cfg.out, "samples.png")):  # never outlives its model
-            os.unlink(os.path.join(cfg.out, "samples.png"))
-        atomic_write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
-
-    def snapshot():
-        return dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                    rng=gen.get_state(), torch_rng=torch.get_rng_state(), config=dataclasses.asdict(cfg),
-                    num_classes=num_classes, n_train=len(ds.images), source=ds.source,
-                    model_args=model_args(cfg, num_classes))
-
+        prepare_out(cfg)
     n_local = cfg.batch // world
-    prog = Progress("train", cfg.steps - step, "step", every=cfg.log_every, enabled=rank == 0)
+    prog = Progress("train", cfg.steps - st.step, "step", every=cfg.log_every, enabled=rank == 0)
     t0, losses = time.time(), []
-    while step < cfg.steps:
-        idx = torch.randint(len(x_all), (cfg.batch,), generator=gen)  # the same global batch on every rank
-        t = torch.randint(cfg.T, (cfg.batch,), generator=gen)
-        noise = torch.randn((cfg.batch,) + tuple(x_all.shape[1:]), generator=gen)
+    while st.step < cfg.steps:
+        x0, t, noise, y = st.draw()  # the same global batch on every rank; this rank takes its slice
         sl = slice(rank * n_local, (rank + 1) * n_local)
-        x0, t, noise = x_all[idx[sl].to(device)], t[sl].to(device), noise[sl].to(device)
-        y = None if y_all is None else y_all[idx[sl].to(device)]
+        x0, t, noise = x0[sl].to(device), t[sl].to(device), noise[sl].to(device)
+        y = None if y is None else y[sl].to(device)
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
+            g["lr"] = lr_at(cfg, st.step)
         with autocast(cfg.amp, device):  # bf16 activations under --amp bf16; parameters and optimiser stay fp32
             loss = diffusion.loss(fwd, x0, t, noise, y).float().mean()  # Eq. (14)
         opt.zero_grad(set_to_none=True)
@@ -231,21 +275,30 @@ def train(cfg):
             dist.all_reduce(loss)
             loss /= world
         if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
-            raise UserError(f"training loss became {loss.item()} at step {step}; the last good checkpoint "
+            raise UserError(f"training loss became {loss.item()} at step {st.step}; the last good checkpoint "
                             f"{ckpt_path} is kept; lower --lr (now {cfg.lr}) or --grad-clip and --resume")
         opt.step()
-        step += 1
+        st.step += 1
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1.0 - cfg.ema_decay)
         losses.append(loss.item())
-        prog.update(1, f"step {step} loss {np.mean(losses[-50:]):.4f} lr {lr_at(cfg, step - 1):.2e} "
+        prog.update(1, f"step {st.step} loss {np.mean(losses[-50:]):.4f} lr {lr_at(cfg, st.step - 1):.2e} "
                        f"img/s {cfg.batch * len(losses) / (time.time() - t0):.0f}")
-        if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-            save_checkpoint(snapshot(), ckpt_path)
+        if rank == 0 and (st.step % cfg.ckpt_every == 0 or st.step == cfg.steps):
+            save_checkpoint(st.snapshot, ckpt_path)
     if world > 1:
         dist.barrier()
-    return snapshot()
+    return st.snapshot
+
+
+def write_samples(cfg):
+    """samples.png: cfg.sample_n EMA samples of the checkpoint in cfg.out (nothing when sample_n is 0)."""
+    if cfg.sample_n > 0:
+        model, diffusion, _, _ = load_trained(os.path.join(cfg.out, "ckpt.pt"), resolve_device(cfg.device))
+        x = diffusion.sample(model, cfg.sample_n, ddpm.sample_generators(cfg.seed, range(cfg.sample_n)),
+                             steps=cfg.sample_steps, eta=1.0)
+        data.save_grid(data.to_uint8(x), os.path.join(cfg.out, "samples.png"), nrow=int(math.sqrt(cfg.sample_n)))
 
 
 def main(argv=None):
@@ -255,12 +308,8 @@ def main(argv=None):
     t0 = time.time()
     state = train(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0 and cfg.sample_n > 0:
-        model, diffusion, _, _ = load_trained(os.path.join(cfg.out, "ckpt.pt"), resolve_device(cfg.device))
-        x = diffusion.sample(model, cfg.sample_n, ddpm.sample_generators(cfg.seed, range(cfg.sample_n)),
-                             steps=cfg.sample_steps, eta=1.0)
-        data.save_grid(data.to_uint8(x), os.path.join(cfg.out, "samples.png"), nrow=int(math.sqrt(cfg.sample_n)))
     if rank == 0:
+        write_samples(cfg)
         print(f"trained {state['step']} steps in {time.time() - t0:.0f}s -> {cfg.out}/ckpt.pt", file=sys.stderr)
     if dist.is_initialized():
         dist.destroy_process_group()

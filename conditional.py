@@ -104,6 +104,6 @@ def _unit(p, cfg, trained, device, i):
               f"{paths[name]} has another noise schedule than {paths['none']}; retrain the three models together")
     ds = data.load_data(cfg.data, tcfg["image_size"], n=nc, seed=tcfg["data_seed"])
     x = data.to_tensor(ds.images)  # the random model's labels, as train.py drew them from its seed
-    parts = {"informative": ds.labels, "random": data.random_labels(nc, int(ds.labels.max()) + 1, rcfg["seed"])}
+    parts = {"informative": ds.labels, "random": data.permuted_labels(ds.labels, rcfg["seed"])}
     return {name: divergence(loaded[name][0], loaded["none"][0], diffusion, x, parts[name], cfg.eps,
                              p["div_mc"], p["div_t"], device, seed=1000 * i) for name in ("informative", "random")}

@@ -8,7 +8,7 @@
   FILE.npz   an array file with `images` and optional `labels`.
 Folders and .npz files are read by metrics.load_images (centre-crop + resize to --size).
 
-Also: to_tensor / to_uint8 (uint8 NHWC <-> float NCHW in [-1, 1]), save_grid, random_labels.
+Also: to_tensor / to_uint8 (uint8 NHWC <-> float NCHW in [-1, 1]), save_grid, permuted_labels.
 Run `python data.py --data faces --size 32 --n 64 --out faces.png` for a preview grid.
 Depends on numpy, pillow, torch, common.py and metrics.py.
 """
@@ -221,11 +221,14 @@ def load_data(spec="faces", size=32, n=None, seed=0, label_attr=None):
                    f"{spec} (n={len(images)}, size={size})")
 
 
-def random_labels(n, num_classes, seed):
-    """A fixed random labelling with `num_classes` classes, as balanced as n allows (each class
-    gets floor or ceil of n/num_classes), for the random-label experiment."""
-    check(n >= 1 and num_classes >= 1, f"random_labels needs n >= 1 and num_classes >= 1, got {n}, {num_classes}")
-    return np.random.default_rng(seed).permutation(np.arange(n, dtype=np.int64) % num_classes)
+def permuted_labels(labels, seed):
+    """The random labelling of the random-label experiments: a seeded permutation of `labels`, so the
+    number and sizes of the classes stay those of the real labels and only which image carries which
+    label changes (one factor). Entries < 0 (no label) keep their places."""
+    labels = np.asarray(labels, np.int64)
+    out, keep = labels.copy(), np.flatnonzero(labels >= 0)
+    out[keep] = labels[keep][np.random.default_rng(seed).permutation(len(keep))]
+    return out
 
 
 # ----------------------------------------------------------------------------- tensors and grids

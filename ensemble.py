@@ -32,12 +32,13 @@ import torch.nn.functional as F
 
 import ddpm
 import train
-from common import Progress, UserError, check, option, parse_config, resolve_device, run_main, save_checkpoint
+from common import Progress, UserError, check, option, parse_config, resolve_device, run_main
 
 # Fields every member of one ensemble must share (everything that shapes the network, the schedule,
 # the optimiser or the loop); the rest (data sample, seed, labels' values, output folder) may differ.
 SHARED = ("image_size", "base", "mults", "num_res_blocks", "attn_res", "dropout", "T", "schedule", "prediction",
-          "steps", "batch", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "ckpt_every", "device", "amp")
+          "steps", "batch", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "ckpt_every", "keep", "device",
+          "amp")
 GN_EPS = 1e-5  # nn.GroupNorm's default eps, which ddpm.UNet's norm() uses
 
 
@@ -207,7 +208,7 @@ def train_ensemble(cfgs, log=True):
         losses.append(loss.detach().mean().item())
         prog.update(1, f"step {step} mean loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
                        f"img/s {K * cfg.batch * len(losses) / (time.time() - t0):.0f}")
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if step in cfg.keep or step % cfg.ckpt_every == 0 or step == cfg.steps:
             _save(members, P, E, opt, names, step)
     return [m.snapshot for m in members]
 
@@ -267,7 +268,7 @@ def _save(members, P, E, opt, names, step):
                "param_groups": sd["param_groups"]}
         m.opt.load_state_dict(own)
         m.step = step
-        save_checkpoint(m.snapshot, os.path.join(m.cfg.out, "ckpt.pt"))
+        train.save_due(m, os.path.join(m.cfg.out, "ckpt.pt"))
 
 
 def main(argv=None):

@@ -12,7 +12,8 @@ Methods, all at the same N_G, sampler, steps and generation seeds (the paper's T
                samples -> features -> K-means -> cohesion filter (τ) -> surrogate labels -> time-
                dependent classifier p_φ(y|x_t,t) -> guided sampling toward a kept cluster drawn
                uniformly per generation (the maths in side.py);
-  side_random  control: the same pipeline with random surrogate labels of the same K;
+  side_random  control: the same pipeline with the surrogate labels permuted at random over the synthetic
+               images (the same clusters and cluster sizes; only the label-image association changes);
   uncond_budget  beyond the paper: SIDE's whole sampling budget (its N_syn synthetic images plus
                N_G) spent on plain unconditional sampling, so N_syn + N_G generations.
 
@@ -291,14 +292,16 @@ def synthetic(target, stages):
 
 def side_extract(target, stages, n, seed, lam, K, random_labels=False):
     """SIDE, the paper's Algorithm 1: uint8 generations and how they were made. random_labels: the
-    control, the same pipeline with random surrogate labels of the same cardinality."""
+    control, the same pipeline with the surrogate labels randomly permuted over the synthetic images (the
+    same clusters' sizes; only which image carries which label changes)."""
     x_syn, s_syn = synthetic(target, stages)                                                   # Alg. 1, step 1
     s_z = stages.reads("features", syn=vars(s_syn))
     z = stages.stored("features", s_z, lambda: side.extract_features(
         data.to_tensor(x_syn), s_z.features, target.model, target.diffusion, device=target.device))  # Alg. 1, step 2
-    s_c = stages.reads("tau", "drop_rejected", *CLASSIFYING, K=K, random=random_labels, z=vars(s_z))
+    s_c = stages.reads("tau", "drop_rejected", *CLASSIFYING, K=K, random="permuted" if random_labels else False,
+                       z=vars(s_z))
     lab = side.surrogate_labels(z, s_c.K, tau=s_c.tau, drop_rejected=s_c.drop_rejected, seed=s_c.syn_seed)  # steps 3-5
-    y = torch.as_tensor(data.random_labels(len(lab.labels), lab.num_classes, s_c.syn_seed)) if random_labels else lab.labels
+    y = torch.as_tensor(data.permuted_labels(lab.labels, s_c.syn_seed)) if random_labels else lab.labels  # same sizes
     clf = classifier(target, stages, "clf-side", s_c, data.to_tensor(x_syn), y, lab.num_classes, True)  # Alg. 1, step 6
     c = uniform_targets(n, seed, lab.num_classes)                                  # Alg. 1, part 2: a kept cluster c
     s_g = stages.reads(*SAMPLING, n=n, seed=seed, lam=lam, clf=vars(s_c))

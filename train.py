@@ -43,8 +43,8 @@ class TrainConfig:
     image_size: int = option(16, "resolution; 16 px is what trains to memorization on a 2-core CPU in minutes", lo=8)
     data_seed: int = option(0, "seed of the training set: the built-in faces, or the sample of a folder/npz", lo=0)
     label_attr: str = option("", "built-in faces: attribute(s) forming the true label, e.g. hair_color,skin_tone; '' = data.py default")
-    labels: str = option("none", "class conditioning: none, true (informative labels) or random (same cardinality)",
-                        choices=["none", "true", "random"])
+    labels: str = option("none", "class conditioning: none, true (informative labels) or random (a seeded permutation "
+                        "of the true labels: the same classes and class sizes)", choices=["none", "true", "random"])
     base: int = option(32, "UNet base width; 32 keeps a 16-px model near 0.7M parameters", lo=8)
     mults: tuple = option((1, 2), "width multiplier per resolution level (one downsampling between levels)", elem=int, lo=1, nonempty=True)
     num_res_blocks: int = option(1, "residual blocks per level (Ho et al. use 2; 1 halves the cost)", lo=1)
@@ -73,11 +73,13 @@ class TrainConfig:
                      choices=["off", "bf16"])
     channels_last: bool = option(False, "channels-last memory layout (faster convolutions on tensor-core GPUs)")
     compile: bool = option(False, "torch.compile the UNet (a GPU speed-up after a minute of compiling; needs a C++ compiler)")
+    keep: tuple = option((), "also keep the checkpoint at these steps as ckpt-STEP.pt (a less-trained model of the "
+                         "same run, e.g. reproduce's weakly memorized arm)", elem=int, lo=1)
     dry_run: bool = option(False, "check every option against --out and exit (reproduce.py's check before any training)")
 
 
 # Fields that may differ between a checkpoint and the run resuming it.
-RESUMABLE = {"steps", "ckpt_every", "sample_n", "sample_steps", "device", "resume", "overwrite", "log_every", "out",
+RESUMABLE = {"keep", "steps", "ckpt_every", "sample_n", "sample_steps", "device", "resume", "overwrite", "log_every", "out",
              "channels_last", "compile", "dry_run"}
 # Fields that define the network's shape (checked when loading a checkpoint elsewhere).
 MODEL_FIELDS = ("image_size", "base", "mults", "num_res_blocks", "attn_res", "dropout")
@@ -124,8 +126,8 @@ def training_labels(cfg, ds):
     if ds.labels is None:
         raise UserError(f"--labels {cfg.labels} needs labels, but {cfg.data} has none; "
                         "use subfolders per class, an .npz with `labels`, or --labels none")
-    k = int(ds.labels.max()) + 1
-    y = ds.labels if cfg.labels == "true" else data.random_labels(len(ds.labels), k, cfg.seed)
+    k = max(len(ds.label_names), int(ds.labels.max()) + 1)  # the source's classes, present in this sample or not
+    y = ds.labels if cfg.labels == "true" else data.permuted_labels(ds.labels, cfg.seed)
     return torch.as_tensor(y, dtype=torch.long), k
 
 
@@ -285,11 +287,22 @@ def train(cfg):
         losses.append(loss.item())
         prog.update(1, f"step {st.step} loss {np.mean(losses[-50:]):.4f} lr {lr_at(cfg, st.step - 1):.2e} "
                        f"img/s {cfg.batch * len(losses) / (time.time() - t0):.0f}")
-        if rank == 0 and (st.step % cfg.ckpt_every == 0 or st.step == cfg.steps):
-            save_checkpoint(st.snapshot, ckpt_path)
+        if rank == 0:
+            save_due(st, ckpt_path)
     if world > 1:
         dist.barrier()
     return st.snapshot
+
+
+def save_due(st, ckpt_path):
+    """After a step: the checkpoint every ckpt_every steps and at the end, and a kept copy at --keep steps."""
+    cfg = st.cfg
+    if st.step in cfg.keep or st.step % cfg.ckpt_every == 0 or st.step == cfg.steps:
+        snap = st.snapshot
+        if st.step in cfg.keep:
+            save_checkpoint(snap, os.path.join(cfg.out, f"ckpt-{st.step}.pt"))
+        if st.step % cfg.ckpt_every == 0 or st.step == cfg.steps:
+            save_checkpoint(snap, ckpt_path)
 
 
 def write_samples(cfg):

@@ -225,10 +225,9 @@ def test_save_grid_layout(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
-def test_random_labels_balanced_and_fixed():
-    y = data.random_labels(50, 16, seed=0)
-    assert y.dtype == np.int64 and y.shape == (50,)
-    counts = np.bincount(y, minlength=16)
-    assert counts.min() == 3 and counts.max() == 4
-    assert np.array_equal(y, data.random_labels(50, 16, seed=0))
-    assert not np.array_equal(y, data.random_labels(50, 16, seed=1))
+def test_permuted_labels_keep_the_classes_and_their_sizes():
+    y = np.array([0, 0, 0, 1, 1, 2, 5, 5, -1, 5])
+    p = data.permuted_labels(y, seed=0)
+    assert np.array_equal(np.sort(p), np.sort(y)) and p[8] == -1  # the same multiset; no label stays no label
+    assert not np.array_equal(p, y) and np.array_equal(p, data.permuted_labels(y, seed=0))
+    assert not np.array_equal(p, data.permuted_labels(y, seed=1))

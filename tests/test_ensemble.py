@@ -70,7 +70,7 @@ def _assert_same_run(a, b, tol=1e-9):
         for k in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(s[k], b["opt"]["state"][i][k], rtol=tol, atol=tol)
         assert float(s["step"]) == float(b["opt"]["state"][i]["step"])
-    same = lambda c: {k: v for k, v in c.items() if k not in ("out", "resume")}  # noqa: E731
+    same = lambda c: {k: v for k, v in c.items() if k not in ("out", "resume", "steps", "keep")}  # noqa: E731
     assert same(a["config"]) == same(b["config"]) and a["model_args"] == b["model_args"]
 
 
@@ -115,3 +115,14 @@ def test_cli_one_error_line(tmp_path):
     bad.write_text(json.dumps({"not": "a list"}))
     r = subprocess.run([sys.executable, "ensemble.py", "--jobs", str(bad)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:")
+
+
+def test_kept_checkpoints_are_the_runs_at_those_steps(tmp_path, float64):
+    cfgs = [dataclasses.replace(c, keep=(2, 4)) for c in _cfgs(tmp_path, n=2)]
+    ensemble.train_ensemble(cfgs, log=False)
+    alone = train.train(dataclasses.replace(cfgs[1], out=cfgs[1].out + "-alone"))
+    for step in (2, 4):
+        short = train.train(dataclasses.replace(cfgs[1], out=cfgs[1].out + f"-{step}", steps=step))
+        _assert_same_run(load_checkpoint(os.path.join(cfgs[1].out, f"ckpt-{step}.pt")), short)
+        _assert_same_run(load_checkpoint(os.path.join(cfgs[1].out + "-alone", f"ckpt-{step}.pt")), short)
+    _assert_same_run(load_checkpoint(os.path.join(cfgs[1].out, "ckpt.pt")), alone)

@@ -88,6 +88,8 @@ class ExtractConfig:
                                     elem=float, lo=0.0)
     sweep_n_gen: int = option(0, "N_G for sweep points (0 = n_gen)", lo=0)
     curve_points: int = option(8, "points of the extraction-versus-budget curves over N_syn + N_G (0 = no curves)", lo=0)
+    bands: str = option("", "similarity bands as name=lo:hi pairs, e.g. low=0.08:0.095,mid=0.07:0.08,high=0:0.07 "
+                       "('' = metrics.py's; reproduce.py passes the pixel-L2 bands it calibrates on its data)")
     similarity: str = option("l2", "l2 (normalized pixel L2), sscd (the paper's SSCD cosine, offline; needs the extras; "
                             "for real photographs) or a TorchScript embedding file for cosine similarity", nonempty=True)
     grid_top: int = option(16, "extracted generations shown per method in the grids", lo=0)
@@ -106,6 +108,10 @@ def validate(cfg):
     check(cfg.n_syn >= cfg.K, f"--n-syn {cfg.n_syn} must be >= K = {cfg.K}")
     bad = [m for m in cfg.methods.split(",") if m not in METHODS]
     check(not bad, f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
+    try:
+        metrics.parse_bands(cfg.bands or None, "l2" if cfg.similarity == "l2" else "cos")
+    except metrics.MetricsInputError as e:
+        raise UserError(f"--bands: {e}") from None
     check(cfg.similarity in ("l2", "sscd") or os.path.isfile(cfg.similarity),
           f"--similarity {cfg.similarity!r} is neither l2, sscd nor an existing TorchScript embedding file")
     check(cfg.features in ("ddpm", "pixels") or os.path.isfile(cfg.features),
@@ -262,7 +268,7 @@ def generate(target, stages, stage, s, guide=None, targets=None):
     return np.concatenate([np.load(f) for f in files])
 
 
-def classifier(target, stages, stage, s, x, labels, num_classes, time_dependent):
+def classifier(target, stages, stage, s, x, labels, num_classes, time_dependent, holdout=0.1):
     """A classifier trained on (x, labels) with s's settings (CLASSIFYING), or loaded from the cache:
     p_φ(y | x_t, t) when time_dependent (SIDE), p(y | x) otherwise (Carlini Cond). Every rank trains
     it, then all guide with rank 0's weights, bit for bit, even where GPU kernels differ."""
@@ -270,6 +276,7 @@ def classifier(target, stages, stage, s, x, labels, num_classes, time_dependent)
         try:
             clf, rep = side.train_classifier(x, labels, target.diffusion if time_dependent else None, steps=s.clf_steps,
                                              lr=s.clf_lr, seed=s.syn_seed, device=target.device, width=s.clf_width,
+                                             holdout=holdout,
                                              log=stages.ranks.log if stages.ranks.rank == 0 else None)
         except UserError as e:
             raise UserError(f"stage {stages.name(stage, s)}: {e}") from None
@@ -312,14 +319,17 @@ def side_extract(target, stages, n, seed, lam, K, random_labels=False):
 
 def cond_extract(target, stages, n, seed, scale):
     """Carlini et al. 2023's "Cond": guidance by a time-independent classifier of the training set's
-    real labels, toward a label drawn uniformly among those some training image has."""
+    real labels, toward a label drawn uniformly among those some training image has. The classifier
+    trains on every training image (none held out: a target class it never saw would be guidance toward
+    nothing), so it reports its training accuracy only."""
     ds = target.ds
     check(ds.labels is not None, f"method cond needs the training data's real labels, and {ds.source} has none; "
           "use class subfolders, an .npz with labels, or drop cond from --methods")
     k, present = int(ds.labels.max()) + 1, np.unique(ds.labels)
     labels_id = hashlib.sha256(np.ascontiguousarray(ds.labels).tobytes()).hexdigest()[:12]
-    s_c = stages.reads(*CLASSIFYING, data=ds.source, labels=labels_id)
-    clf = classifier(target, stages, "clf-cond", s_c, data.to_tensor(ds.images), torch.as_tensor(ds.labels), k, False)
+    s_c = stages.reads(*CLASSIFYING, data=ds.source, labels=labels_id, holdout=0.0)
+    clf = classifier(target, stages, "clf-cond", s_c, data.to_tensor(ds.images), torch.as_tensor(ds.labels), k, False,
+                     holdout=s_c.holdout)
     c = present[uniform_targets(n, seed, len(present))]
     s_g = stages.reads(*SAMPLING, n=n, seed=seed, scale=scale, clf=vars(s_c))
     x = generate(target, stages, "gen-cond", s_g, lambda ct: side.guidance(clf, ct, scale), c)
@@ -352,12 +362,13 @@ def evaluate(target, stages, x, embed=None):
     """metrics.evaluate of x against the training set, plus `distinct`: training images reached per
     band (UMS · N_G / 100), and over all bands (`distinct_any`, `ams_any`). Under torchrun each rank
     searches its shard of x and rank 0 merges them; the other ranks get None. embed: an SSCD session."""
-    ranks, sim = stages.ranks, stages.cfg.similarity
+    ranks, cfg = stages.ranks, stages.cfg
+    sim = cfg.similarity
     shard = (ranks.rank, ranks.world) if 1 < ranks.world <= len(x) else None
     if shard is None and ranks.rank != 0:
         return None
     with stages.timed("metrics"):
-        ev = metrics.evaluate(x, target.ds.images, similarity=sim if sim in ("l2", "sscd") else "embed",
+        ev = metrics.evaluate(x, target.ds.images, similarity=sim if sim in ("l2", "sscd") else "embed", bands=cfg.bands or None,
                               embed=sim if sim not in ("l2", "sscd") else embed, device=target.device, shard=shard)
     if shard is not None:
         parts = ranks.gather(ev)

@@ -13,24 +13,45 @@ from common import atomic_write_json
 from report import line_plot
 
 
+SWEEP_EXTEND = 3  # at most this many extra values beyond each end of a grid whose best value sits at that end
+SWEEP_FACTOR = 3.0  # each extra value is the end value x3 (or /3): the grids are roughly geometric (1, 3, 10, 30)
+
+
 def sweep(run, name, values, cfg, method, point):
-    """The metrics of `method` at each swept value on the sweep seed (point(v) -> run.method kwargs);
-    writes sweep_<name>.{json,png}."""
+    """The metrics of `method` at each swept value on the sweep seed (point(v) -> run.method kwargs),
+    then, while the best value (best_of) sits at an end of the grid, one more value beyond that end
+    (x3 above, /3 below; 0 is a lower end that stays, e.g. unguided Cond), at most SWEEP_EXTEND per end;
+    writes sweep_<name>.{json,png}. Returns the rows in value order."""
     n = cfg.sweep_n_gen or cfg.n_gen
-    rows = []
-    for v in values:
-        x, info = run.method(method, n, cfg.sweep_seed, **point(v))
-        ev = run.evaluate(x)  # every rank searches a shard; rank 0 gets the result
-        if run.ranks.rank == 0:
-            rows.append(dict(value=v, ams=ev["ams"], ums=ev["ums"], distinct=ev["distinct"], p95=ev["p95"],
-                             distinct_any=ev["distinct_any"], kept=info.get("kept")))
-            run.ranks.log(f"[sweep {name}] {v}: AMS {ev['ams']} UMS {ev['ums']}")
+    rows, todo, added = [], sorted(set(values)), {"up": 0, "down": 0}
+    while todo:
+        for v in todo:
+            x, info = run.method(method, n, cfg.sweep_seed, **point(v))
+            ev = run.evaluate(x)  # every rank searches a shard; rank 0 gets the result
+            if run.ranks.rank == 0:
+                rows.append(dict(value=v, ams=ev["ams"], ums=ev["ums"], distinct=ev["distinct"], p95=ev["p95"],
+                                 distinct_any=ev["distinct_any"], kept=info.get("kept"), added=v not in values))
+                run.ranks.log(f"[sweep {name}] {v}: AMS {ev['ams']} UMS {ev['ums']}")
+        todo = run.ranks.agree(beyond(rows, added) if run.ranks.rank == 0 else None)
     if run.ranks.rank == 0:
+        rows.sort(key=lambda r: r["value"])
         atomic_write_json(os.path.join(run.out, f"sweep_{name}.json"), rows)
         line_plot(os.path.join(run.out, f"sweep_{name}.png"), [r["value"] for r in rows],
                   {b: [r["distinct"][b] for r in rows] for b in rows[0]["distinct"]}, xlabel=name,
                   ylabel="distinct training images extracted")
     return rows
+
+
+def beyond(rows, added):
+    """[the next value past the end of the grid where the best value sits], or [] (counts in `added`)."""
+    vals, best = sorted(r["value"] for r in rows), best_of(rows)
+    if best == vals[-1] and added["up"] < SWEEP_EXTEND:
+        added["up"] += 1
+        return [vals[-1] * SWEEP_FACTOR if vals[-1] > 0 else 1.0]
+    if best == vals[0] and vals[0] > 0 and added["down"] < SWEEP_EXTEND and len(vals) > 1:
+        added["down"] += 1
+        return [vals[0] / SWEEP_FACTOR]
+    return []
 
 
 def curve(run, x, budgets, offset=0):

@@ -131,23 +131,30 @@ def count_ci(values):
 
 
 class Estimate(NamedTuple):
-    """An estimate on the log scale: value, standard error (None: no interval), degrees of freedom, and
+    """An estimate with a Student-t interval: the value on its test scale (the log of a ratio, or a
+    difference when log_scale is False), standard error (None: no interval), degrees of freedom, and
     the number of independent replicates behind it."""
     log: float
     se: float | None
     df: float | None
     n: int
+    log_scale: bool = True
+
+    def value(self, v=None):
+        """The estimate (or v, on the test scale) on the reporting scale: a ratio exp(log), or a difference."""
+        v = self.log if v is None else v
+        return math.exp(v) if self.log_scale else v
 
     def interval(self, alpha=ALPHA):
-        """(lo, hi) of the ratio exp(log) at two-sided level 1 - alpha, or (None, None)."""
+        """(lo, hi) at two-sided level 1 - alpha on the reporting scale, or (None, None)."""
         if self.se is None:
             return None, None
         h = 0.0 if self.se == 0 else t_quantile(1 - alpha / 2, self.df) * self.se
-        return math.exp(self.log - h), math.exp(self.log + h)
+        return self.value(self.log - h), self.value(self.log + h)
 
     def p_value(self, threshold):
-        """Two-sided p of the test ratio = threshold (1 without an interval; 0 or 1 with zero spread)."""
-        d = self.log - math.log(threshold)
+        """Two-sided p of the test value = threshold (1 without an interval; 0 or 1 with zero spread)."""
+        d = self.log - (math.log(threshold) if self.log_scale else threshold)
         if self.se is None:
             return 1.0
         if self.se == 0:
@@ -199,6 +206,15 @@ def unpaired_log_ratio(a, b):
     return Estimate(r, math.sqrt(va + vb), df, a.size + b.size)
 
 
+def mean_estimate(values):
+    """Estimate (difference scale) of the mean of independent replicate values, Student-t."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("an estimate needs at least one replicate")
+    se = float(v.std(ddof=1)) / math.sqrt(v.size) if v.size > 1 else None
+    return Estimate(float(v.mean()), se, float(v.size - 1) if v.size > 1 else None, int(v.size), log_scale=False)
+
+
 def paired_ratio(a, b):
     """(ratio, lo, hi): geometric mean of (a_i + 1) / (b_i + 1) over replicates i, with its 95 % interval."""
     e = paired_log_ratio(a, b)
@@ -214,24 +230,26 @@ def unpaired_ratio(a, b):
 # ============================================================================ claims, decided together
 
 
-def status(lo, hi, threshold):
-    """holds (interval above threshold), does not hold (below), undecided (contains it or no interval)."""
+def status(lo, hi, threshold, direction=">"):
+    """For the claim "value > threshold" (direction ">"; "<" for "value < threshold"): holds when the
+    interval lies wholly on the claimed side, does not hold when wholly on the other, else undecided."""
     if lo is None or hi is None:
         return "undecided"
-    if lo > threshold:
+    above, below = lo > threshold, hi < threshold
+    if (above and direction == ">") or (below and direction == "<"):
         return "holds"
-    if hi < threshold:
-        return "does not hold"
-    return "undecided"
+    return "does not hold" if above or below else "undecided"
 
 
-def claim(text, est, threshold, **extra):
-    """One claim "ratio > threshold" from an Estimate, with its uncorrected 95 % interval and status;
-    `holm` adds the corrected ones. The corrected fields start equal to the raw ones (a family of one)."""
+def claim(text, est, threshold, direction=">", **extra):
+    """One claim "value > threshold" (or "<") from an Estimate, with its uncorrected 95 % interval and
+    status; `holm` adds the corrected ones (they start equal to the raw ones: a family of one). `ratio`
+    is the estimate on its reporting scale (a ratio, or a difference for log_scale=False estimates)."""
     lo, hi = est.interval()
-    raw = dict(lo=lo, hi=hi, status=status(lo, hi, threshold))
-    return dict(claim=text, ratio=math.exp(est.log), threshold=threshold, replicates=est.n, df=est.df,
-                se_log=est.se, p=est.p_value(threshold), raw=raw, corrected=dict(raw, level=1 - ALPHA, rank=1, m=1),
+    raw = dict(lo=lo, hi=hi, status=status(lo, hi, threshold, direction))
+    return dict(claim=text, ratio=est.value(), threshold=threshold, direction=direction,
+                scale="ratio" if est.log_scale else "difference", replicates=est.n, df=est.df, se=est.se,
+                p=est.p_value(threshold), raw=raw, corrected=dict(raw, level=1 - ALPHA, rank=1, m=1),
                 lo=lo, hi=hi, status=raw["status"], **extra)
 
 
@@ -251,19 +269,20 @@ def holm(claims, alpha=ALPHA):
             level_at = alpha / (m - j)
             stopped = c["p"] > level_at
         lo, hi = c["_est"].interval(level_at) if "_est" in c else (c["raw"]["lo"], c["raw"]["hi"])
-        st = "undecided" if stopped else status(lo, hi, c["threshold"])
+        st = "undecided" if stopped else status(lo, hi, c["threshold"], c.get("direction", ">"))
         c["corrected"] = dict(lo=lo, hi=hi, status=st, level=1 - level_at, rank=j + 1, m=m)
         c.update(lo=lo, hi=hi, status=st)
     return claims
 
 
 def decide(specs, alpha=ALPHA):
-    """A family of claims from (text, Estimate, threshold, extra dict) specs, decided together by `holm`;
-    plain dicts (JSON-ready) are returned."""
+    """A family of claims from (text, Estimate, threshold, extra dict) specs (extra may hold `direction`),
+    decided together by `holm`; each gets `needed`, the replicates at which its corrected interval would
+    exclude the threshold at the observed effect and spread. Plain dicts (JSON-ready) are returned."""
     claims = [dict(claim(text, est, thr, **extra), _est=est) for text, est, thr, extra in specs]
     holm(claims, alpha)
     for c in claims:
-        del c["_est"]
+        c["needed"] = replicates_needed(c.pop("_est"), c["threshold"], c["corrected"]["level"])
     return claims
 
 
@@ -273,7 +292,8 @@ def replicates_needed(est, threshold, level=1 - ALPHA, cap=1000):
     the estimate sits on the threshold, has no spread estimate, or needs more than `cap`."""
     if est.se is None or est.se == 0:
         return None if est.se is None else est.n
-    d, sd = abs(est.log - math.log(threshold)), est.se * math.sqrt(est.n)
+    d = abs(est.log - (math.log(threshold) if est.log_scale else threshold))
+    sd = est.se * math.sqrt(est.n)
     if d == 0:
         return None
     for n in range(2, cap + 1):

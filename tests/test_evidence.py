@@ -227,3 +227,19 @@ def test_replicates_needed_by_hand():
     n = evidence.replicates_needed(e, 1.0)
     assert evidence.t975(n - 1) * 0.5 / math.sqrt(n) < math.log(2.0) <= evidence.t975(n - 2) * 0.5 / math.sqrt(n - 1)
     assert evidence.replicates_needed(evidence.Estimate(0.0, 0.1, 3, 4), 1.0) is None
+
+
+@pytest.mark.parametrize("lo,hi,direction,expect", [(-3.0, -1.0, "<", "holds"), (1.0, 2.0, "<", "does not hold"),
+                                                    (-1.0, 1.0, "<", "undecided"), (1.0, 2.0, ">", "holds")])
+def test_status_of_a_claim_below_a_threshold(lo, hi, direction, expect):
+    assert evidence.status(lo, hi, 0.0, direction) == expect
+
+
+def test_a_difference_claim_by_hand():
+    """Δ = [-3, -5, -4] nats: mean -4, s.e. 1/sqrt(3), df 2; "Δ < 0" holds; the interval is not exponentiated."""
+    e = evidence.mean_estimate([-3.0, -5.0, -4.0])
+    assert (e.log, e.se, e.df, e.n, e.log_scale) == pytest.approx((-4.0, 1 / math.sqrt(3), 2.0, 3, False))
+    c = evidence.decide([("lowers M", e, 0.0, dict(direction="<"))])[0]
+    h = 4.302653 / math.sqrt(3)
+    assert c["ratio"] == -4.0 and (c["lo"], c["hi"]) == pytest.approx((-4.0 - h, -4.0 + h), rel=1e-6)
+    assert c["status"] == "holds" and c["scale"] == "difference"

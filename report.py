@@ -173,7 +173,8 @@ def curve_plot(path, curves, n, n_syn):
 
 
 def size_table(stats, n, units_of):
-    head = ["method", "units", "distinct any", "AMS any %"] + [f"AMS {b} %" for b in BANDS] + [f"UMS {b} %" for b in BANDS]
+    head = (["method", "replicates", "distinct any", "AMS any %"] + [f"AMS {b} %" for b in BANDS]
+            + [f"UMS {b} %" for b in BANDS])
     L = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in ("uncond", "cond", "cond_ddpm", "side", "side_random", "uncond_budget"):
         st = stats.get(f"{n}/{m}")
@@ -185,59 +186,123 @@ def size_table(stats, n, units_of):
     return "\n".join(L)
 
 
-def verdict_lines(verdict):
+def _iv(lo, hi, nd=2):
+    return "no interval" if lo is None else f"[{lo:.{nd}f}, {hi:.{nd}f}]"
+
+
+def verdict_table(verdict):
+    """The decided family: estimate, uncorrected 95 % interval and status, the Holm-corrected interval
+    (at the level Holm tests the claim) and the verdict, replicates, and replicates the claim would need."""
+    fam = verdict["family"]
+    L = [f"{fam['size']} claims decided together ({fam['method']}, family-wise error <= {100 * fam['alpha']:.0f} %). "
+         "Ratios are geometric means over replicates of (a + 1) / (b + 1), paired within a replicate and pooled "
+         "over sizes as the mean of the per-size means; Δ in nats. *needed*: replicates at which the corrected "
+         "interval would exclude the threshold at the observed effect and spread.", "",
+         "| claim | threshold | estimate | 95 % interval | uncorrected | corrected interval (level) | **verdict** "
+         "| replicates | needed |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in verdict["claims"]:
+        unit = "x" if c["scale"] == "ratio" else ""
+        cor = c["corrected"]
+        L.append(f"| {c['claim']} | {c['direction']} {c['threshold']:g} | {c['ratio']:.2f}{unit} | "
+                 f"{_iv(c['raw']['lo'], c['raw']['hi'])} | {c['raw']['status']} | {_iv(cor['lo'], cor['hi'])} "
+                 f"({100 * cor['level']:.2f} %) | **{c['status']}** | {c['replicates']} | {fmt(c.get('needed'))} |")
+    return "\n".join(L)
+
+
+def descriptive_lines(verdict):
     out = []
-    for v in verdict:
-        if "status" in v:
-            iv = "no interval" if v["lo"] is None else f"[{v['lo']:.2f}, {v['hi']:.2f}]"
-            out.append(f"- **{v['status']}**: {v['claim']}: ratio {v['ratio']:.2f}x, 95 % interval {iv} "
-                       f"(threshold {v['threshold']:g}, {v.get('units', '–')} units)")
+    for d in verdict["descriptive"]:
+        if d["kind"] == "per size":
+            out.append(f"- {d['text']}: {d['ratio']:.2f}x, 95 % interval {_iv(d['lo'], d['hi'])} "
+                       f"({d['replicates']} replicates; descriptive, not decided)")
+        elif d["kind"] == "ceiling":
+            out.append(f"- {d['text']}")
         else:
-            out.append(f"- {v['claim']}: {v['budget'] if v['budget'] is not None else 'never, within the budget'}")
+            out.append(f"- {d['text']}: {d['budget'] if d['budget'] is not None else 'never, within the budget'}")
     return "\n".join(out)
+
+
+def bands_section(b):
+    """How the pixel-L2 bands were calibrated at the working resolution, and the check that no two
+    distinct training images of any replicate fall inside a band."""
+    low_edge = max(hi for lo, hi in b["bands"].values())
+    closest = {k: v for k, v in b["closest_training_pairs"].items() if v is not None}
+    worst = min(closest.items(), key=lambda kv: kv[1]) if closest else None
+    L = [f"Bands of normalized pixel L2 (on [-1, 1]) calibrated on {b['n']} images of the data at "
+         f"{'x'.join(map(str, b['shape'][:2]))} px (metrics.calibrate_l2_bands): "
+         + ", ".join(f"{k} ({lo:.4f}, {hi:.4f}]" for k, (lo, hi) in b["bands"].items())
+         + f". The closest two distinct images of that reference are {b['distinct_nn_min']:.4f} apart (1st percentile "
+         f"of nearest-neighbour distances {b['distinct_nn_percentiles']['1']:.4f}); planted near-copies reach at most "
+         + ", ".join(f"{k} {v['max']:.4f}" for k, v in b["planted"].items()) + " (one-pixel shifts lie beyond every band "
+         "under plain L2, as for the paper's metric)."]
+    if worst:
+        inside = [k for k, v in closest.items() if v <= low_edge]
+        L.append(f"Closest two distinct training images of any replicate: {worst[1]:.4f} ({worst[0]}); "
+                 + (f"**inside a band in {len(inside)} replicates** ({', '.join(inside)})" if inside
+                    else f"outside every band in all {len(closest)} training sets") + ".")
+    return " ".join(L)
 
 
 def reproduce_report(s, grids, paper):
     """REPORT.md for reproduce.py's summary dict."""
-    hw, p, ch = s["hardware"], s["profile_settings"], s["chosen"]
-    sizes = sorted({r["n_train"] for r in s["rows"] if "labelling" not in r})
+    hw, p, ch, v = s["hardware"], s["profile_settings"], s["chosen"], s["verdict"]
+    sizes = list(p["sizes"])
+    table_reps = [r for r in s["replicates"] if r["role"] == "table"]
+    weak = next((r for r in table_reps if r["weak"]), None)
     L = [f"# SIDE reproduction ({s['profile']} profile, base seed {s['base_seed']})", "",
          f"Data: {s['data']}, {p['image_size']} px. Device: {s['device']} ({hw['processor']}, {hw['cpus']} CPUs, torch "
-         f"{hw['torch']}{', ' + hw['cuda'] if hw['cuda'] else ''}). Wall time of this invocation: {s['total_seconds'] / 60:.1f} min (a rerun reuses every finished stage, so only a first run measures the protocol).",
-         f"Training budget per size (epochs): {', '.join(f'n={n}: {e:g}' for n, e in zip(p['sizes'], p['epochs']))}. "
-         f"Units per size: {p['seeds']}, each with its own training sample (nested across sizes), its own trained model "
-         f"and its own attack (synthetic set, clustering, classifiers, generations). N_G = {p['n_gen']}, N_syn = "
-         f"{p['n_syn']}, K = {p['K']}, {p['sample_steps']} DDIM steps. λ = {ch['lam']} (SIDE) and guidance scale "
-         f"{ch['cond_scale']} (Carlini Cond) chosen by sweeps on n={ch['size']} with a seed no unit uses.",
-         "Similarity: normalized pixel L2 on [-1,1], bands high/mid/low (metrics.py). Every figure: mean over units "
-         "[95 % Student-t interval]; every ratio: paired over units (evidence.py).", "",
-         "## Verdict", "", verdict_lines(s["verdict"]), conditional_verdict(s["conditional"]), "",
-         "## Table 1 in miniature", ""]
+         f"{hw['torch']}{', ' + hw['cuda'] if hw['cuda'] else ''}). Wall time of this invocation: "
+         f"{s['total_seconds'] / 60:.1f} min (a rerun reuses every finished stage, so only a first run measures the protocol).",
+         "", "## Methods", "",
+         f"**Replicates.** {p['replicates']} per training-set size ({len(table_reps)} in all). A replicate is one "
+         "(size, r): its own training sample, initial weights and training stream, its own synthetic set, "
+         "clustering and classifiers, and its own generation noise, each from a seed no other replicate uses "
+         "(summary.json lists them). Methods are compared within a replicate (they attack the same model); claims "
+         "pool all replicates of all sizes. "
+         f"Training: {', '.join(f'n={n}: {e:g} epochs' for n, e in zip(p['sizes'], p['epochs']))} at batch min({p['batch']}, n), "
+         f"models of one size trained together (ensemble.py, each as if alone). N_G = {p['n_gen']}, N_syn = {p['n_syn']}, "
+         f"K = {p['K']}, {p['sample_steps']} DDIM steps (η = 1) for every method.",
+         f"**Tuning.** λ = {ch['lam']:g} (SIDE) and guidance scale {ch['cond_scale']:g} (Carlini Cond) are the best of "
+         f"sweeps on a tuning replicate ({ch['replicate']}) with seeds of its own; no reported model is tuned on.",
+         (f"**Weakly memorized arm.** Each replicate of n = {weak['n']} also keeps its model at {p['weak_epochs']:g} "
+          "epochs, where plain sampling reaches almost nothing (calibration), attacked with the same seeds."
+          if weak else ""),
+         "**Similarity.** " + bands_section(s["bands"]), "",
+         "## Verdict", "", verdict_table(v), "", "Descriptive (no verdict):", "", descriptive_lines(v), "",
+         "## Table 1 in miniature", "",
+         "Mean over replicates [95 % Student-t interval]. distinct = training images reached (UMS x N_G / 100).", ""]
     for n in sizes:
-        ng = {r["method"]: r["n_gen"] for r in s["rows"] if r["n_train"] == n}
+        ng = {r["method"]: r["n_gen"] for r in s["rows"] if r["n_train"] == n and r["arm"] == "table"}
         L += [f"### {n} training images", "", size_table(s["stats"]["table"], n, lambda m: ng.get(m)), ""]
-        L += [f"Command of one unit: `{s['commands'].get(f'n={n}', '')}`", ""]
+        L += [f"Command of replicate 0: `{s['commands'].get(f'n{n}-r0', '')}`", ""]
+    if weak:
+        ng = {r["method"]: r["n_gen"] for r in s["rows"] if r["arm"] == "weak"}
+        L += [f"### Weakly memorized: {weak['n']} training images at {p['weak_epochs']:g} epochs", "",
+              size_table(s["stats"]["weak"], weak["n"], lambda m: ng.get(m)), ""]
     L += ["### The paper's Table 1 (CelebA 128 px, SSCD cosine similarity, low band) for orientation", "",
           "Different data, resolution, similarity and scale: compare directions, not values.", "",
-          "| dataset | AMS UnCond | AMS Cond | AMS SIDE | UMS UnCond | UMS Cond | UMS SIDE |", "|---|---|---|---|---|---|---|"]
+          "| dataset | AMS UnCond | AMS Cond | AMS SIDE | UMS UnCond | UMS Cond | UMS SIDE |",
+          "|---|---|---|---|---|---|---|"]
     for name, ams, ums in paper:
         u = ums or {}
-        L.append(f"| {name} | {ams['uncond']} | {ams['cond']} | {ams['side']} | {u.get('uncond', '–')} | {u.get('cond', '–')} | {u.get('side', '–')} |")
+        L.append(f"| {name} | {ams['uncond']} | {ams['cond']} | {ams['side']} | {u.get('uncond', '–')} | "
+                 f"{u.get('cond', '–')} | {u.get('side', '–')} |")
     L += ["", "## Extraction versus budget", "",
-          "Distinct training images (any band) against the number of samples drawn, mean and 95 % band over units. "
+          "Distinct training images (any band) against the number of samples drawn, mean and 95 % band over replicates. "
           "SIDE's guided curve starts at N_syn, its synthetic set being spent budget; UnCond's first N_syn samples are "
           "SIDE's synthetic set, so the two diverge only after it.", ""]
     L += [f"![budget n={n}](curve_n{n}.png)" for n in sizes] + [""]
-    L += ["## Sweeps (separate generation seed)", "", "![λ sweep](sweep_lambda.png) ![Cond scale sweep](sweep_cond_scale.png)", ""]
+    L += ["## Sweeps (the tuning replicate)", "", "![λ sweep](sweep_lambda.png) ![Cond scale sweep](sweep_cond_scale.png)", ""]
     for key, sw in s["sweeps"].items():
         if sw:
-            L.append(f"- {key}: " + "; ".join(f"{r['value']}: distinct {r['distinct']}" for r in sw))
+            L.append(f"- {key}: " + "; ".join(f"{r['value']:g}{' (extended)' if r.get('added') else ''}: distinct "
+                                              f"{r['distinct']}" for r in sw))
     L += [""] + conditional_section(s) + ["## Grids (each extracted generation beside its nearest training images)", ""]
     L += [f"![{g}]({g})" for g in grids]
     L += ["", "## Stage times", "", "| stage | seconds |", "|---|---|"]
-    L += [f"| {k} | {v:.1f} |" for k, v in s["stage_seconds"].items()]
+    L += [f"| {k} | {t:.1f} |" for k, t in s["stage_seconds"].items()]
     L += [f"| total | {s['total_seconds']:.1f} |", ""]
-    return "\n".join(L)
+    return "\n".join(x for x in L if x is not None)
 
 
 def conditional_verdict(cond):
@@ -247,8 +312,8 @@ def conditional_verdict(cond):
         d = r.get("delta")
         if d:
             lo, hi = d["ci95"]
-            over = (f"mean over {d['n_units']} units (each its own training sample and models), Student-t interval"
-                    if d["n_units"] > 1 else "one unit, Monte Carlo interval")
+            over = (f"mean over {d['n_units']} replicates (each its own training sample and models), Student-t interval"
+                    if d["n_units"] > 1 else "one replicate, Monte Carlo interval")
             out.append(f"- {r['labelling']} labels: {d['verdict']}; Δ = M(conditional) − M(unconditional) = {d['delta']:.2f} nats, "
                        f"95 % interval [{lo:.2f}, {hi:.2f}], {over} (ε_k = {d['eps_k']:.4f}; "
                        "Theorem 1's limit: Δ <= 0 for informative labels, Δ -> 0 for random ones).")
@@ -260,24 +325,29 @@ def conditional_section(s):
     (means over units), M per model kind, the paired differences Δ per unit (Monte Carlo intervals) and
     over units (Student-t intervals), the verdict per labelling, and the exact Theorem 1 check."""
     L = ["## Conditional memorization (the paper's Definition 1 and Theorem 1)", "",
-         "In every unit the same DDPM on the same images, trained unconditionally, with informative labels (the faces' "
-         "attributes) and with random labels of the same cardinality; plain sampling with a uniformly drawn label per "
-         "generation. M = memorization divergence of Definition 1 at ε_k (nats, smaller = more memorization), averaged "
-         "over label subsets, log p bounded by the variational bound of the chain from the step whose noise level is ε_k "
-         "(ddpm.subchain_nll), so each M is an upper bound. Δ = M(D_j; conditional model given j) − M(D_j; unconditional "
-         "model): paired, the same ε-samples, timesteps and forward noise for both models; per unit, then over units.", ""]
+         "In every replicate of the smallest size the same DDPM on the same images (the same seeds), trained "
+         "unconditionally, with informative labels (the data's true labels) and with a seeded permutation of them (the "
+         "same classes and class sizes: only which image carries which label changes); plain sampling with a "
+         "uniformly drawn label per generation. What is estimated: M_k = KL(q_εk ‖ p_θ,k), Definition 1's divergence "
+         "with p_θ,k the model's distribution of its own reverse chain stopped at the step k whose noise level is ε_k "
+         "(rescaled by 1/sqrt(ᾱ_k)), i.e. without its last denoising steps (nats, smaller = more memorization). The "
+         "printed M is an upper bound on M_k (log p_θ,k is bounded by that chain's variational bound, ddpm.subchain_nll), "
+         "averaged over label subsets. Δ = M(D_j; conditional model given j) − M(D_j; unconditional model): paired, "
+         "the same ε-samples, timesteps and forward noise for both models (the two bounds' gaps need not cancel "
+         "exactly); per replicate, then over replicates (Student-t).", ""]
     cond = s["conditional"]
     if not cond:
         return L + ["Skipped: the data has no labels (no class subfolders).", ""]
-    nc = s["profile_settings"]["cond_size"]
-    L += ["| labelling | units | distinct any | AMS any % | M, mean over units |", "|---|---|---|---|---|"]
+    nc = min(s["profile_settings"]["sizes"])
+    L += ["| labelling | replicates | distinct any | AMS any % | M (upper bound on M_k), mean over replicates |",
+          "|---|---|---|---|---|"]
     for c in cond:
         lab = c["labelling"]
         rows = [r for r in s["rows"] if r["n_train"] == nc and r["method"] == "uncond"
-                and r.get("labelling", "none") == lab]
+                and r.get("labelling", "none") == lab and r["arm"] in ("table", "labelled")]
         st = {f: dict(zip(("mean", "lo", "hi"), mean_ci([r[f] for r in rows]))) for f in ("distinct_any", "ams_any")}
         L.append(f"| {lab} | {len(rows)} | {ci(st['distinct_any'])} | {ci(st['ams_any'])} | {c['divergence']['estimate']:.1f} |")
-    L += ["", "| labelling | unit | label subsets | Δ (nats) | ± s.e. (Monte Carlo) | 95 % interval | verdict |",
+    L += ["", "| labelling | replicate | label subsets | Δ (nats) | ± s.e. (Monte Carlo) | 95 % interval | verdict |",
           "|---|---|---|---|---|---|---|"]
     for r in cond:
         d = r.get("delta")
@@ -286,8 +356,16 @@ def conditional_section(s):
         for i, u in enumerate(d["units"]):
             L.append(f"| {r['labelling']} | {i} | {len(u['subsets'])} | {u['delta']:.2f} | {u['stderr']:.2f} | "
                      f"[{u['ci95'][0]:.2f}, {u['ci95'][1]:.2f}] | {u['verdict']} |")
-        L.append(f"| **{r['labelling']}** | **over units** | | **{d['delta']:.2f}** | | "
-                 f"**[{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]** | **{d['verdict']}** |")
+        L.append(f"| **{r['labelling']}** | **over replicates** | | **{d['delta']:.2f}** | | "
+                 f"**[{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]** | **{d['verdict']}** (uncorrected; the corrected "
+                 "verdict is in the family above) |")
+    L += ["", "Δ by label-subset size |D_j| (over the replicates that have subsets of that size; Theorem 1: the "
+          "smaller and purer D_j, the larger the gain for an informative label):", "",
+          "| labelling | \\|D_j\\| | replicates | subsets | Δ (nats) [95 %] |", "|---|---|---|---|---|"]
+    for r in cond:
+        for b in (r.get("delta") or {}).get("by_size", []):
+            L.append(f"| {r['labelling']} | {b['size']} | {b['replicates']} | {b['subsets']} | "
+                     f"{b['delta']:.2f} {_iv(*b['ci95'])} |")
     d = next((r["delta"] for r in cond if r.get("delta")), None)
     if d:
         L += ["", f"Cost: {d['n_mc']} samples of q_ε per label subset, {d['unet_calls_per_sample']} UNet calls per sample "

@@ -151,7 +151,8 @@ def probe(fn, info, flag, path):
         z = fn(x)
         ok = torch.is_tensor(z) and z.ndim == 2 and len(z) == 2 or isinstance(z, np.ndarray) and z.shape[0] == 2
     except (UserError, metrics.MetricsInputError) as e:
-        raise UserError(f"{flag} {path}: {e}") from None
+        text = str(e).removeprefix("features: ")
+        raise UserError(f"{flag} {text}" if text.startswith(path) else f"{flag} {path}: {text}") from None
     except Exception as e:  # noqa: BLE001 -- the user's TorchScript code can fail in any way
         raise UserError(f"{flag} {path}: calling it on 2 images of {info.image_size} px failed "
                         f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
@@ -207,7 +208,8 @@ def previous(out):
     if os.path.exists(samples):  # the earlier methods' images are kept beside the new ones: readable, without pickles
         try:
             with np.load(samples, allow_pickle=False) as z:
-                ok = {"images", "method", "cluster", "index"} <= set(z.files) and z["method"].dtype.kind == "U"
+                ok = ({"images", "method", "cluster", "index"} <= set(z.files) and z["method"].dtype.kind == "U"
+                      and z["images"].dtype == np.uint8)
         except (OSError, ValueError, EOFError):
             ok = False
         check(ok, f"{samples} is not the samples.npz extract.py writes (or holds pickled objects); remove it or pass "

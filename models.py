@@ -194,6 +194,9 @@ def diffusion_from_config(cfg, where, device="cpu"):
                               clip_sample_range=c["clip_sample_range"], betas=c["trained_betas"],
                               variance=VARIANCES[cfg.get("variance_type")])
     except (ValueError, TypeError) as e:
+        if c["trained_betas"] is not None and str(e).startswith("betas"):  # name the JSON field, not ddpm's argument
+            raise UserError(f"{where}: trained_betas must be num_train_timesteps = {c['num_train_timesteps']} numbers "
+                            f"in (0, 1), got {len(c['trained_betas'])}; fix the field") from None
         raise UserError(f"{where}: {e}") from None
 
 
@@ -373,7 +376,7 @@ def load_torchscript(path, device="cpu"):
     try:  # TorchScript is code: loaded only because the user named this file as --ckpt (AUDIT.md)
         script = torch.jit.load(path, map_location=device)
     except (RuntimeError, ValueError) as e:
-        raise UserError(f"{path} is not a TorchScript file ({str(e).splitlines()[0]}); export one with "
+        raise UserError(f"{path} is not a TorchScript file ({str(e).splitlines()[0].split('. ')[0]}); export one with "
                         "torch.jit.script(model).save(path) or torch.jit.trace") from None
     model = ScriptEps(script, size, ch, k).to(device)
     probe_torchscript(model, path, meta_path, diffusion.T, device)

@@ -238,13 +238,11 @@ def main(argv=None):
         diff = [k for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "overwrite") and json.dumps(old.get(k)) != json.dumps(v)]
         check(not diff, f"{cfg.out} holds a finished run with other settings ({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); "
               "choose another --out or pass --overwrite to replace it")
-    for name in ("models", "extract", "sweeps", "grids", "logs", "REPORT.md", "summary.json") if cfg.overwrite else ():
-        path = os.path.join(cfg.out, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.unlink(path)
     device = resolve_device(cfg.device)
     parallel = p["jobs"] if device.type == "cpu" else 1
     st, out, sizes = Stages(), cfg.out, list(p["sizes"])
     labelled = check_data(cfg, p, sizes)
+    clear_previous(cfg)  # --overwrite: only now, after every check above (flags, paths, device, data)
     os.makedirs(out, exist_ok=True)
     if cfg.calibrate:
         return calibrate(cfg, p, st, parallel)
@@ -272,6 +270,14 @@ def main(argv=None):
     atomic_write_text(f"{out}/REPORT.md", reproduce_report(summary, grids, PAPER_TABLE1))
     print(f"wrote {out}/REPORT.md and {out}/summary.json in {summary['total_seconds']:.0f}s", file=sys.stderr)
     return summary
+
+
+def clear_previous(cfg):
+    """--overwrite: remove the earlier run's outputs from --out. Called only after every check that does
+    not need the work itself (flags, --out, --device, the data), so a refused rerun deletes nothing."""
+    for name in ("models", "extract", "sweeps", "grids", "logs", "REPORT.md", "summary.json") if cfg.overwrite else ():
+        path = os.path.join(cfg.out, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.unlink(path)
 
 
 def plan_models(cfg, p, sizes, labelled):

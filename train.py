@@ -219,9 +219,9 @@ def prepare(cfg):
     rank, world = setup_distributed(device)
     check(cfg.batch % world == 0, f"--batch {cfg.batch} must be divisible by the number of processes ({world})")
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    check_memory(memory_floor(cfg, cfg.n_train), device, f"training {cfg.n_train} images at {cfg.image_size} px "
+                 f"in batches of {cfg.batch}", "lower --n-train, --batch, --image-size or --base")
     ds = data.load_data(cfg.data, cfg.image_size, n=cfg.n_train, seed=cfg.data_seed, label_attr=cfg.label_attr or None)
-    check_memory(memory_floor(cfg, len(ds.images)), device, f"training {len(ds.images)} images at {cfg.image_size} px "
-                 f"in batches of {cfg.batch}", "lower --batch, --image-size or --base")
     y_all, num_classes = training_labels(cfg, ds)
     data_id = array_digest(ds.images, None if y_all is None else ds.labels)  # what --resume must find unchanged
     seen, ckpt = ckpt_seen(ckpt_path), resume_state(cfg, ckpt_path, data_id)

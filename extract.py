@@ -18,11 +18,13 @@ Methods, all at the same N_G, sampler, steps and generation seeds (the paper's T
 
 The methods are functions of (Target: model, diffusion, training data; Stages: config and cache) that
 return arrays. Every stage is cached in OUT/cache under a name that hashes exactly the settings it
-reads (Stages.reads), so a rerun, a sweep or an interrupted run reuses what is done; generations are
-cached batch by batch. Distributed plumbing lives in runtime.py, the output files in report.py. Outputs
+reads (Stages.reads) and the model's weights (Carlini Cond's also the training images), so a rerun, a
+sweep or an interrupted run reuses what is done and a model retrained in place is recomputed;
+generations are cached batch by batch. Cache files are data only (nothing in them runs when read). Distributed plumbing lives in runtime.py, the output files in report.py. Outputs
 (written atomically): samples.npz, metrics.json, REPORT.md, grids/*.png, and sweep_*.{json,png}.
 A rerun into a folder with results adds its methods beside the earlier ones when every setting that
-changes results matches; otherwise it is refused before any work unless --overwrite is given.
+changes results (and the model's weights and training images) matches; otherwise it is refused before
+any work unless --overwrite is given. A run holds a lock on --out while it writes.
 Generation i of every method uses the noise of sample_generators(seed, [i]): each image can be
 regenerated alone from its recorded seed and index.
 """

@@ -21,7 +21,12 @@ Every model is called as model(x_t, t, y=None) and has .image_size, .channels, .
 `return_mid=True` call (SIDE's `--features ddpm`, Alg. 1 step 2) gives the mid-block activations of
 our UNet and of a diffusers UNet2DModel; a TorchScript model has none (use --features pixels).
 Settings our sampler cannot reproduce (a learned variance, an unknown schedule, thresholding, ...)
-are refused with one line naming the field. A scheduler's sampling conventions (timestep_spacing,
+are refused with one line naming the field, and so is a field of the wrong JSON type ("false" is not
+false) or beyond the bounds of common.MAX_*. A TorchScript model is called once on a probe batch before
+any work and must return one tensor of its input's shape. Nothing but TorchScript runs code when loaded:
+train.py checkpoints and pickled diffusers .bin weights are read with torch.load(weights_only=True); a
+TorchScript file is code by nature and is loaded only as a --ckpt the user names, with its JSON beside
+it (AUDIT.md). A scheduler's sampling conventions (timestep_spacing,
 steps_offset, set_alpha_to_one) are not read: our sampler has its own (ddpm.Diffusion.sample). Depends on torch, ddpm.py and common.py.
 """
 import hashlib

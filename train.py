@@ -9,8 +9,11 @@ The model is the ε- (or v-) prediction DDPM of Ho et al. 2020 (loss Eq. 14); `-
 unconditionally, with the data's true labels (the paper's Definition 2, "informative label") or
 with random labels of the same cardinality. AdamW with linear warm-up, gradient clipping, an EMA of
 the weights (used for sampling). A checkpoint (`OUT/ckpt.pt`, written atomically with a checksum)
-holds model, EMA, optimiser, step, RNG state and the whole config, so `load_trained` rebuilds the
-model from it alone and `--resume` continues bit-for-bit where a run stopped. Under torchrun the
+holds model, EMA, optimiser, step, RNG state, the whole config and a hash of the training images, so
+`load_trained` rebuilds the model from it alone and `--resume` continues bit-for-bit where a run stopped
+(and refuses images that changed). Every check runs before anything is written; the run then holds a
+lock on --out (a second run into it is refused), and `--overwrite` replaces the earlier run's files only
+once its first checkpoint exists, so an interrupted overwrite leaves the old run whole. Under torchrun the
 global batch is split across ranks; every rank draws the same global batch from the same RNG and
 takes its slice, so N processes follow the 1-process run up to float reduction order (with --dropout 0,
 the default; dropout masks are drawn per rank). `--amp bf16`, `--channels-last` and `--compile` are the

@@ -162,21 +162,26 @@ def probe(fn, info, flag, path):
 
 
 def check_sizes(cfg, info):
-    """Lower bounds of the memory and disk space the generations need, before any work: every method's
-    N_G (N_syn + N_G for SIDE and uncond_budget) and every sweep point, as uint8 images."""
+    """Lower bounds of the memory and disk space the generations need, checked before any work: memory
+    holds every method's N_G images at once (and the synthetic set for uncond_budget) as uint8, plus one
+    sampling batch; the cache on disk also every sweep point and the synthetic set, less what is cached."""
     methods = cfg.methods.split(",")
-    n = (cfg.n_syn if uses_side(cfg) or "uncond_budget" in methods else 0) + len(methods) * cfg.n_gen
-    n += (len(cfg.sweep_lambda) + len(cfg.sweep_k) + len(cfg.sweep_cond_scale)) * (cfg.sweep_n_gen or cfg.n_gen)
     image = info.channels * info.image_size ** 2
+    held = len(methods) * cfg.n_gen + (cfg.n_syn if "uncond_budget" in methods else 0)
     sampling = 3 * min(cfg.batch, max(cfg.n_gen, cfg.n_syn)) * image * 4  # x_t, noise and ε of one batch, float32
-    check_memory(n * image + sampling, torch.device("cpu"), f"{n} generations of {info.image_size} px (and a batch of {cfg.batch})",
-                 "lower --n-gen, --n-syn, --batch or the sweeps")
-    free = shutil.disk_usage(check_writable_root(out_dir(cfg))).free
-    check(n * image <= free, f"the cached generations need at least {n * image / GIB:.1f} GiB in --out "
-          f"{out_dir(cfg)}, but {free / GIB:.1f} GiB are free; lower --n-gen / --n-syn or choose another --out")
+    check_memory(held * image + sampling, torch.device("cpu"), f"{held} generations of {info.image_size} px (and a "
+                 f"batch of {cfg.batch})", "lower --n-gen, --n-syn or --batch")
+    n = len(methods) * cfg.n_gen + (cfg.n_syn if uses_side(cfg) or "uncond_budget" in methods else 0)
+    n += (len(cfg.sweep_lambda) + len(cfg.sweep_k) + len(cfg.sweep_cond_scale)) * (cfg.sweep_n_gen or cfg.n_gen)
+    cache = os.path.join(out_dir(cfg), "cache")
+    cached = sum(e.stat().st_size for d in (os.scandir(cache) if os.path.isdir(cache) else ()) if d.is_dir()
+                 for e in os.scandir(d.path))  # a rerun reuses these batches
+    need, free = n * image - cached, shutil.disk_usage(existing_folder(out_dir(cfg))).free
+    check(need <= free, f"the cached generations need at least {need / GIB:.1f} GiB more in --out {out_dir(cfg)}, but "
+          f"{free / GIB:.1f} GiB are free; lower --n-gen / --n-syn or the sweeps, or choose another --out")
 
 
-def check_writable_root(path):
+def existing_folder(path):
     """The nearest existing folder at or above `path` (where the disk space is measured)."""
     path = os.path.abspath(path)
     while not os.path.isdir(path):
@@ -301,7 +306,7 @@ class Stages:
         yield
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.time() - t0
 
-    def stored(self, stage, s, make, ok):
+    def stored(self, stage, s, make, ok=lambda result: True):
         """The stage's result from OUT/cache/<name>.pt, or make() it and store it (rank 0 writes). A cache
         file is data only (common.load_checkpoint: nothing in it runs) and must pass ok(result), else it is
         refused in one line naming it."""

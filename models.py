@@ -30,7 +30,6 @@ it (AUDIT.md). A scheduler's sampling conventions (timestep_spacing,
 steps_offset, set_alpha_to_one) are not read: our sampler has its own (ddpm.Diffusion.sample). Depends on torch, ddpm.py and common.py.
 """
 import hashlib
-import io
 import json
 import math
 import os

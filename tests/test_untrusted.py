@@ -21,8 +21,6 @@ import io
 import json
 import os
 import pickle
-import shutil
-import sys
 
 import numpy as np
 import pytest

@@ -1,13 +1,17 @@
 """Small shared plumbing for the scripts: user errors, dataclass -> CLI flags, atomic and
-checksummed writes, device choice, progress lines.
+checksummed writes, checkpoints that hold data only, a lock per output folder, memory checks, device
+choice, progress lines.
 
 No model or paper maths lives here (see ddpm.py, side.py, metrics.py). Imports only metrics.py
 (for resolve_device, whose rule lives there).
-Every script's `main()` is wrapped by `run_main`, so a `UserError` becomes one line on stderr
-and exit code 2, never a traceback.
+Every script's `main()` is wrapped by `run_main`, so a `UserError` (and running out of memory or disk,
+or another OSError) becomes one line on stderr and exit code 2, never a traceback; Ctrl-C one line
+and exit code 130.
 """
 import argparse
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -16,25 +20,58 @@ import os
 import sys
 import tempfile
 import time
+import warnings
+from collections import OrderedDict
 
 import torch
 
 import metrics  # resolve_device's rule; metrics.py imports nothing of ours, so no cycle
 
 CKPT_MAGIC = b"SIDECKPT1\n"  # first bytes of every checkpoint we write; then sha256 hex + "\n"
+# Upper bounds of sizes a user can type or a model file can declare (each far above any real use;
+# they turn an absurd value into one error line instead of a memory error deep inside the work).
+MAX_IMAGE_SIZE = 1024  # pixel-space DDPMs stop at 256-1024 px (the paper: 128 px)
+MAX_T = 100_000  # diffusion steps: DDPMs use 1,000-4,000; the schedule tables are O(T)
+MAX_CLASSES = 100_000  # class labels are indices 0..K-1; ImageNet-21k has 21,841 classes
+LOCK_NAME = ".lock"  # the file in an output folder that a running train.py / extract.py holds locked
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
+GIB = 2 ** 30
 
 
 class UserError(Exception):
     """A mistake in the user's input or environment; the message names the problem and the fix."""
 
 
-def run_main(main, argv=None):
-    """Run `main(argv)`; a UserError prints `error: ...` on stderr and exits with code 2."""
+def run_main(main, argv=None, interrupted="rerun the same command to continue: finished stages are kept"):
+    """Run `main(argv)`; a UserError prints `error: ...` on stderr and exits with code 2, and so do
+    running out of memory and an OSError (disk full, permissions, a symlink loop: the file and the
+    reason). Ctrl-C prints one line (what to do next: `interrupted`) and exits with code 130."""
     try:
         return main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        message = str(e)
+    except KeyboardInterrupt:
+        print(f"error: interrupted (Ctrl-C); every file written so far is whole; {interrupted}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError and the CPU allocator's are RuntimeErrors
+        if not isinstance(e, MemoryError) and not _out_of_memory(e):
+            raise
+        message = ("out of memory; lower --batch, --image-size or the number of images, or use a machine with "
+                   "more memory")
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        fix = {errno.ENOSPC: "free disk space and rerun (finished stages are kept)",
+               errno.EDQUOT: "free disk space and rerun (finished stages are kept)",
+               errno.ELOOP: "a symbolic link points back into itself; fix or remove it"}.get(
+                   e.errno, "check the path and its permissions")
+        message = f"{e.strerror or e}{where}; {fix}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _out_of_memory(e):
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
 
 
 # ----------------------------------------------------------------------------- config -> flags
@@ -256,28 +293,145 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+PLAIN = (bool, int, float, str, type(None))  # besides tensors, what a checkpoint may hold
+
+
+def _not_plain(obj, where="the top level"):
+    """Where `obj` holds something other than tensors, numbers, strings, bools, None and lists,
+    tuples and dicts (str or int keys) of them: a description of the first such place, or None."""
+    if type(obj) in (torch.Tensor, torch.nn.Parameter) or type(obj) in PLAIN:
+        return None
+    if type(obj) in (list, tuple):
+        return next((w for i, v in enumerate(obj) if (w := _not_plain(v, f"{where}[{i}]"))), None)
+    if type(obj) in (dict, OrderedDict):
+        for k, v in obj.items():
+            if type(k) not in (str, int):
+                return f"a {type(k).__name__} key at {where}"
+            if (w := _not_plain(v, f"{where}[{k!r}]")):
+                return w
+        return None
+    return f"a {type(obj).__module__}.{type(obj).__qualname__} at {where}"
+
+
 def save_checkpoint(obj, path):
-    """torch.save `obj` with a magic header and a sha256 of the payload, atomically."""
+    """torch.save `obj` with a magic header and a sha256 of the payload, atomically. `obj` may hold only
+    tensors, numbers, strings, bools, None and lists / tuples / dicts of them (what load_checkpoint
+    accepts); anything else is a bug of the caller (TypeError), never written. The sha256 detects a
+    truncated or corrupted file; it proves nothing about who wrote it (anyone can compute it)."""
+    where = _not_plain(obj)
+    if where:
+        raise TypeError(f"save_checkpoint({os.fspath(path)}): {where} is not a tensor, number, string or container of them")
     buf = io.BytesIO()
     torch.save(obj, buf)
     payload = buf.getvalue()
     atomic_write_bytes(path, CKPT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint written by save_checkpoint; a truncated or corrupted file is refused."""
+def load_checkpoint(path, map_location="cpu", fix="retrain it with train.py (--overwrite)"):
+    """Load a checkpoint written by save_checkpoint without running any code it could hold: torch.load
+    with weights_only=True (its restricted unpickler builds tensors, numbers, strings and containers and
+    refuses any other object), then the same check as save_checkpoint's. A file that is not ours, is
+    truncated or corrupted (the sha256 catches accidents, not forgeries), or holds anything else is
+    refused in one line naming it; `fix` says what to do (a cache file: delete it)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; train one with `python train.py --out DIR`")
     with open(path, "rb") as fh:
         raw = fh.read()
     if not raw.startswith(CKPT_MAGIC):
-        raise UserError(f"{path} is not a checkpoint written by train.py (bad header); retrain or pass the right file")
+        raise UserError(f"{path} is not a checkpoint written by train.py (bad header); pass the right file or {fix}")
     digest, _, payload = raw[len(CKPT_MAGIC):].partition(b"\n")
     if hashlib.sha256(payload).hexdigest().encode() != digest:
-        raise UserError(f"checkpoint {path} is truncated or corrupted (checksum mismatch); "
-                        "delete it and resume from an older copy or retrain")
-    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+        raise UserError(f"{path} is truncated or corrupted (checksum mismatch); {fix}")
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise for the user
+            warnings.simplefilter("ignore")
+            obj = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- untrusted bytes: whatever the unpickler objects to, refuse the file
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        if lines and lines[0].startswith("Weights only load failed"):  # torch's advice to drop weights_only: unsafe
+            why = next((ln for ln in lines[1:] if not ln.startswith(("Check the documentation", "Please file"))), "")
+            raise UserError(f"{path} holds objects other than tensors, numbers and strings ({why[:160]}); loading it "
+                            f"could run code, so it was not loaded; {fix}") from None
+        raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {(lines or [''])[0][:120]}); "
+                        f"{fix}") from None
+    where = _not_plain(obj)
+    if where:
+        raise UserError(f"{path} holds {where}, not only tensors, numbers and strings, so it is refused; {fix}")
+    return obj
+
+
+def tensor_digest(state):
+    """sha256 (16 hex digits) of a dict of tensors: names, dtypes, shapes and values (the model weights
+    in cache keys: the same weights give the same digest wherever they are stored)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def array_digest(*arrays):
+    """sha256 (16 hex digits) of numpy arrays (None allowed): dtype, shape and bytes (the training data
+    in cache keys and in checkpoints, so that changed images are noticed)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is None:
+            h.update(b"none|")
+            continue
+        a = a if a.flags.c_contiguous else a.copy()
+        h.update(f"{a.dtype}|{a.shape}|".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def folder_lock(folder, flag, script):
+    """Hold an exclusive lock on `folder` (flock on its .lock file) while the block runs: a second run
+    into the same folder is refused in one line instead of interleaving its files with this one's. The
+    kernel drops the lock when the process ends, however it ends, so a killed run leaves none behind.
+    Take it after every check, just before the first write (it creates the folder and its .lock)."""
+    import fcntl
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"{flag} {folder} is in use by another {script} run (pid {pid}); wait for it to end or "
+                            f"choose another {flag}") from None
+        except OSError as e:  # a filesystem without flock (some network mounts): go on unlocked, but say so
+            print(f"note: {flag} {folder}: cannot lock ({e.strerror}); do not start a second run into it", file=sys.stderr)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def memory_limit(device):
+    """Bytes of memory a run on `device` can use at most: the GPU's total, or the machine's RAM (or the
+    container's limit, when one is set and lower)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            text = fh.read().strip()
+        return min(total, int(text)) if text.isdigit() else total
+    except OSError:
+        return total
+
+
+def check_memory(need, device, what, fix):
+    """Refuse before any work when a lower bound `need` (bytes) of what the run will allocate exceeds
+    the memory of `device`; `what` says what needs it, `fix` which option to lower."""
+    have = memory_limit(device)
+    check(need <= have, f"{what} needs at least {need / GIB:.1f} GiB, more than the {have / GIB:.1f} GiB of "
+          f"{'this machine' if device.type == 'cpu' else device}; {fix}")
 
 
 # ----------------------------------------------------------------------------- runtime

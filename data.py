@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from common import UserError, atomic_write_bytes, check, check_writable, option, parse_config, run_main
+from common import (MAX_CLASSES, MAX_IMAGE_SIZE, UserError, atomic_write_bytes, check, check_writable, option, parse_config,
+                    run_main)
 from metrics import MetricsInputError, load_images
 
 # ----------------------------------------------------------------------------- procedural faces
@@ -211,6 +212,8 @@ def load_data(spec="faces", size=32, n=None, seed=0, label_attr=None):
         label_names = sorted({os.path.relpath(f, spec).split(os.sep)[0] for f in files})
     else:
         check(labels.min() >= 0, f"{spec}: `labels` must be class indices >= 0, got {labels.min()}")
+        check(labels.max() < MAX_CLASSES, f"{spec}: `labels` must be class indices 0..K-1 with K <= {MAX_CLASSES}, "
+              f"got {labels.max()}; renumber them")
         label_names = [str(k) for k in range(int(labels.max()) + 1)]
     if n is not None:  # a nested seeded sample: the first n of one permutation of the files
         check(n <= len(images), f"{n} images asked for (--n-train / --n), but {spec} holds only {len(images)}")
@@ -263,11 +266,14 @@ def save_grid(images, path, nrow=8, pad=2):
 
 # ----------------------------------------------------------------------------- preview script
 
+PREVIEW_MAX_N = 4096  # a preview grid of 64 x 64 faces; more would not be looked at
+
+
 @dataclass
 class PreviewConfig:
     data: str = option("faces", "dataset: faces, a folder of images, or an .npz file", nonempty=True)
-    size: int = option(32, "image side in pixels", lo=8)
-    n: int = option(64, "images to show", lo=1)
+    size: int = option(32, "image side in pixels", lo=8, hi=MAX_IMAGE_SIZE)
+    n: int = option(64, "images to show", lo=1, hi=PREVIEW_MAX_N)
     seed: int = option(0, "seed of the procedural faces", lo=0)
     out: str = option("faces.png", "where the grid PNG goes", nonempty=True)
 

@@ -18,6 +18,7 @@ Requirements for grouping (checked, one error line otherwise): the same architec
 batch, step count and optimiser settings, dropout 0 (masks would be drawn differently), one device.
 Depends on numpy, torch, ddpm.py, data.py, train.py and common.py.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 import ddpm
 import train
-from common import Progress, UserError, check, option, parse_config, resolve_device, run_main
+from common import Progress, UserError, check, folder_lock, option, parse_config, resolve_device, run_main
 
 # Fields every member of one ensemble must share (everything that shapes the network, the schedule,
 # the optimiser or the loop); the rest (data sample, seed, labels' values, output folder) may differ.
@@ -160,22 +161,32 @@ def check_members(cfgs):
 
 def train_ensemble(cfgs, log=True):
     """Train every config of cfgs (train.TrainConfig) to its steps as one grouped network; writes each
-    model's ckpt.pt and config.json as train.py does. Members behind the others (an interrupted run)
-    first catch up alone with train.py. Returns the members' final snapshots."""
+    model's ckpt.pt, config.json and samples.png as train.py does, holding every --out's lock. Members
+    behind the others (an interrupted run) first catch up alone with train.py. Returns the final snapshots."""
     check_members(cfgs)
     for c in cfgs:
         train.validate(c)
     device = resolve_device(cfgs[0].device)
-    members = [_setup(c, device) for c in cfgs]  # exactly train.py's initialisation, resume included
-    lead = max(m.step for m in members)
-    if min(m.step for m in members) < lead:  # an interrupted run wrote some checkpoints and not others:
-        for m in members:                    # the ones behind catch up alone first, then all go on together
+    members = _setup(cfgs, device)  # exactly train.py's checks and initialisation, resume included
+    lead = max(m.step for m, _ in members)
+    if min(m.step for m, _ in members) < lead:  # an interrupted run wrote some checkpoints and not others:
+        for m, _ in members:                    # the ones behind catch up alone first, then all go on together
             if m.step < lead:
                 train.train(dataclasses.replace(m.cfg, steps=lead, resume=True, overwrite=False))
-        members = [_setup(dataclasses.replace(c, resume=True, overwrite=False), device) for c in cfgs]
-    for m in members:
-        train.prepare_out(m.cfg)
-    cfg, K = cfgs[0], len(members)
+        members = _setup([dataclasses.replace(c, resume=True, overwrite=False) for c in cfgs], device)
+    with contextlib.ExitStack() as locks:
+        for m, run in members:
+            locks.enter_context(folder_lock(m.cfg.out, "--out", "ensemble.py"))
+            train.begin(m.cfg, run)
+        _train([m for m, _ in members], device, log)
+        for m, _ in members:
+            train.write_samples(m.cfg)
+    return [m.snapshot for m, _ in members]
+
+
+def _train(members, device, log):
+    """The loop of train.train, for the K models at once."""
+    cfg, K = members[0].cfg, len(members)
     unet, diffusion = members[0].model, members[0].diffusion
     names = [n for n, _ in unet.named_parameters()]
     P = {n: p.requires_grad_(True) for n, p in stack([m.model.state_dict() for m in members], names).items()}
@@ -210,15 +221,19 @@ def train_ensemble(cfgs, log=True):
                        f"img/s {K * cfg.batch * len(losses) / (time.time() - t0):.0f}")
         if step in cfg.keep or step % cfg.ckpt_every == 0 or step == cfg.steps:
             _save(members, P, E, opt, names, step)
-    return [m.snapshot for m in members]
 
 
-def _setup(cfg, device):
-    """train.setup, keeping the global RNG state this model would carry alone (the next member's
-    initialisation moves it), so its checkpoint records what a lone run records."""
-    st = train.setup(cfg, device)
-    st.torch_rng = torch.get_rng_state()
-    return st
+def _setup(cfgs, device):
+    """[(train.State, train.prepare's run)] of every config: train.py's checks and initialisation, each
+    keeping the global RNG state its model would carry alone (the next one's initialisation moves it),
+    so its checkpoint records what a lone run records."""
+    out = []
+    for c in cfgs:
+        run = train.prepare(c, device)
+        st = train.setup(c, device, run)
+        st.torch_rng = torch.get_rng_state()
+        out.append((st, run))
+    return out
 
 
 def _losses(P, unet, diffusion, x0, t, noise, y):
@@ -285,8 +300,6 @@ def main(argv=None):
     cfgs = [parse_config(train.TrainConfig, [str(a) for a in j], "") for j in jobs]
     t0 = time.time()
     train_ensemble(cfgs)
-    for c in cfgs:
-        train.write_samples(c)
     print(f"trained {len(cfgs)} models x {cfgs[0].steps} steps in {time.time() - t0:.0f}s", file=sys.stderr)
 
 

@@ -296,10 +296,14 @@ def replicates_needed(est, threshold, level=1 - ALPHA, cap=1000):
     sd = est.se * math.sqrt(est.n)
     if d == 0:
         return None
-    for n in range(2, cap + 1):
-        if t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n) < d:
-            return n
-    return None
+    half = lambda n: t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)  # noqa: E731  (decreasing in n)
+    if half(cap) >= d:
+        return None
+    lo, hi = 1, cap  # half(lo) >= d (or lo = 1) and half(hi) < d: bisect
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if half(mid) >= d else (lo, mid)
+    return hi
 
 
 # ============================================================================ summaries of a table

@@ -19,11 +19,13 @@ Methods, all at the same N_G, sampler, steps and generation seeds (the paper's T
 
 The methods are functions of (Target: model, diffusion, training data; Stages: config and cache) that
 return arrays. Every stage is cached in OUT/cache under a name that hashes exactly the settings it
-reads (Stages.reads), so a rerun, a sweep or an interrupted run reuses what is done; generations are
-cached batch by batch. Distributed plumbing lives in runtime.py, the output files in report.py. Outputs
+reads (Stages.reads) and the model's weights (Carlini Cond's also the training images), so a rerun, a
+sweep or an interrupted run reuses what is done and a model retrained in place is recomputed;
+generations are cached batch by batch. Cache files are data only (nothing in them runs when read). Distributed plumbing lives in runtime.py, the output files in report.py. Outputs
 (written atomically): samples.npz, metrics.json, REPORT.md, grids/*.png, and sweep_*.{json,png}.
 A rerun into a folder with results adds its methods beside the earlier ones when every setting that
-changes results matches; otherwise it is refused before any work unless --overwrite is given.
+changes results (and the model's weights and training images) matches; otherwise it is refused before
+any work unless --overwrite is given. A run holds a lock on --out while it writes.
 Generation i of every method uses the noise of sample_generators(seed, [i]): each image can be
 regenerated alone from its recorded seed and index.
 """
@@ -33,6 +35,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -47,8 +50,9 @@ import ddpm
 import metrics
 import models
 import side
-from common import (Progress, UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, check,
-                    check_fields, check_writable, option, load_checkpoint, parse_config, resolve_device, run_main, save_checkpoint)
+from common import (GIB, MAX_CLASSES, Progress, UserError, array_digest, atomic_write_bytes, check, check_fields,
+                    check_memory, check_writable, folder_lock, option, load_checkpoint, parse_config, resolve_device,
+                    run_main, save_checkpoint)
 from report import write_extraction
 from runtime import Ranks, autocast, check_shared_folder, fast_model, local_device, setup_distributed
 from sweeps import best_of, curves, sweep
@@ -58,8 +62,9 @@ METHODS = ("uncond", "cond", "side", "side_random", "uncond_budget")
 
 @dataclass
 class ExtractConfig:
-    ckpt: str = option("runs/model/ckpt.pt", "the model to audit: a train.py checkpoint, a diffusers UNet2DModel or "
-                      "pipeline folder, or a TorchScript ε-model with a .json beside it (models.py)", nonempty=True)
+    ckpt: str = option("runs/model/ckpt.pt", "the model to audit: a train.py checkpoint or a diffusers UNet2DModel or "
+                      "pipeline folder (read as data, no code runs), or a TorchScript ε-model with a .json beside it "
+                      "(TorchScript is code: it runs when loaded; name only files you trust)", nonempty=True)
     out: str = option("", "run folder (default: next to the checkpoint, extract/)")
     data: str = option("", "training data to evaluate against (default: a train.py checkpoint's own --data; "
                       "required for other models)")
@@ -69,12 +74,13 @@ class ExtractConfig:
     K: int = option(16, "K-means clusters (paper: 100 for 50k samples; scaled to N_syn)", lo=2)
     tau: float = option(0.5, "cohesion threshold τ: keep clusters whose mean cosine to the centroid is >= τ (paper: 0.5)", lo=0.0, hi=1.0)
     drop_rejected: bool = option(False, "drop images of rejected clusters instead of relabelling them to the nearest kept centroid")
-    features: str = option("ddpm", "clustering features: ddpm (own mid-block activations), pixels, or a TorchScript .pt file", nonempty=True)
+    features: str = option("ddpm", "clustering features: ddpm (own mid-block activations), pixels, or a TorchScript .pt file "
+                          "(code: it runs; name only files you trust)", nonempty=True)
     lam: float = option(3.0, "SIDE guidance scale λ (the paper sweeps 0-50, rising then falling; choose it with --sweep-lambda)", lo=0.0)
     cond_scale: float = option(-1.0, "guidance scale of Carlini Cond; -1 = the same as λ", lo=0.0, allow=(-1.0,))
     clf_steps: int = option(600, "classifier training steps (time-dependent for SIDE, time-independent for Cond)", lo=1)
     clf_lr: float = option(1e-3, "classifier AdamW lr; the paper's 1e-4 trains far too slowly in CPU-sized runs", gt=0.0)
-    clf_width: int = option(32, "classifier ResNet base width (the paper: ResNet34 at 128 px)", lo=1)
+    clf_width: int = option(32, "classifier ResNet base width (the paper: ResNet34 at 128 px, widths 64-512)", lo=1, hi=1024)
     sampler: str = option("ddim", "sampler for every method", choices=["ddim", "ddpm"])
     sample_steps: int = option(50, "denoising steps (the same for every method)", lo=1)
     eta: float = option(1.0, "DDIM η; η=1 found about twice the copies of η=0 in calibration", lo=0.0, hi=1.0)
@@ -91,7 +97,8 @@ class ExtractConfig:
     bands: str = option("", "similarity bands as name=lo:hi pairs, e.g. low=0.08:0.095,mid=0.07:0.08,high=0:0.07 "
                        "('' = metrics.py's; reproduce.py passes the pixel-L2 bands it calibrates on its data)")
     similarity: str = option("l2", "l2 (normalized pixel L2), sscd (the paper's SSCD cosine, offline; needs the extras; "
-                            "for real photographs) or a TorchScript embedding file for cosine similarity", nonempty=True)
+                            "for real photographs) or a TorchScript embedding file for cosine similarity (code: it runs; "
+                            "name only files you trust)", nonempty=True)
     grid_top: int = option(16, "extracted generations shown per method in the grids", lo=0)
     device: str = option("auto", "auto, cpu or cuda[:N]", nonempty=True)
     amp: str = option("off", "sample under bf16 autocast (a GPU speed-up; off is exact fp32)", choices=["off", "bf16"])
@@ -103,9 +110,14 @@ class ExtractConfig:
 
 def validate(cfg):
     """Every option before any work (nothing sampled or written): declared ranges, then what links them
-    to each other, to the checkpoint and to the results already in --out."""
+    to each other, to the model (loaded and, for TorchScript files, probed), to the sizes memory and disk
+    allow, and to the results already in --out."""
     check_fields(cfg)
     check(cfg.n_syn >= cfg.K, f"--n-syn {cfg.n_syn} must be >= K = {cfg.K}")
+    check(not cfg.sweep_k or max(cfg.sweep_k) <= cfg.n_syn, f"--sweep-k {','.join(map(str, cfg.sweep_k))}: every K must "
+          f"be <= --n-syn {cfg.n_syn} (K-means needs at least K synthetic images)")
+    check(cfg.curve_points <= cfg.n_syn + cfg.n_gen, f"--curve-points {cfg.curve_points} must be <= N_syn + N_G = "
+          f"{cfg.n_syn + cfg.n_gen} (one point per extra sample at most)")
     bad = [m for m in cfg.methods.split(",") if m not in METHODS]
     check(not bad, f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
     try:
@@ -118,10 +130,70 @@ def validate(cfg):
           f"--features {cfg.features!r} is neither ddpm, pixels nor an existing TorchScript file")
     check(cfg.data in ("", "faces") or os.path.exists(cfg.data),
           f"--data {cfg.data!r} is neither faces nor an existing image folder or .npz file")
-    T = models.load_model(cfg.ckpt)[1].T  # a missing, foreign or corrupt checkpoint is refused here
-    check(cfg.sample_steps <= T, f"--sample-steps {cfg.sample_steps} must be <= the model's T = {T} ({cfg.ckpt})")
+    _, diffusion, info = models.load_model(cfg.ckpt)  # a missing, foreign or corrupt checkpoint is refused here
+    check(cfg.sample_steps <= diffusion.T, f"--sample-steps {cfg.sample_steps} must be <= the model's T = {diffusion.T} ({cfg.ckpt})")
+    if uses_side(cfg):
+        check(cfg.features != "ddpm" or info.kind != "torchscript", f"--features ddpm (the default) clusters the UNet's "
+              f"mid-block activations, which the TorchScript model {cfg.ckpt} does not expose; pass --features pixels "
+              "or a TorchScript feature file")
+        if cfg.features not in ("ddpm", "pixels"):
+            probe(lambda x: side.extract_features(x, cfg.features), info, "--features", cfg.features)
+    if cfg.similarity not in ("l2", "sscd"):
+        probe(lambda x: metrics.embed_images(metrics.load_embedder(cfg.similarity), data.to_uint8(x)), info,
+              "--similarity", cfg.similarity)
     check_writable(out_dir(cfg), "--out")
+    check_sizes(cfg, info)
     check_previous(cfg)
+
+
+def uses_side(cfg):
+    """Whether SIDE's pipeline (features, clusters, classifier) runs: a SIDE method or a λ / K sweep."""
+    return bool({"side", "side_random"} & set(cfg.methods.split(",")) or cfg.sweep_lambda or cfg.sweep_k)
+
+
+def probe(fn, info, flag, path):
+    """Run a TorchScript file the user named (features or embeddings) on two blank images of the model's
+    size before any work: a file that is no TorchScript or returns no (N, D) tensor is one line here, not
+    after the generations."""
+    x = torch.zeros(2, info.channels, info.image_size, info.image_size)
+    try:
+        z = fn(x)
+        ok = torch.is_tensor(z) and z.ndim == 2 and len(z) == 2 or isinstance(z, np.ndarray) and z.shape[0] == 2
+    except (UserError, metrics.MetricsInputError) as e:
+        text = str(e).removeprefix("features: ")
+        raise UserError(f"{flag} {text}" if text.startswith(path) else f"{flag} {path}: {text}") from None
+    except Exception as e:  # noqa: BLE001 -- the user's TorchScript code can fail in any way
+        raise UserError(f"{flag} {path}: calling it on 2 images of {info.image_size} px failed "
+                        f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
+    check(ok, f"{flag} {path}: it must return one (N, D) tensor for N images")
+
+
+def check_sizes(cfg, info):
+    """Lower bounds of the memory and disk space the generations need, checked before any work: memory
+    holds every method's N_G images at once (and the synthetic set for uncond_budget) as uint8, plus one
+    sampling batch; the cache on disk also every sweep point and the synthetic set, less what is cached."""
+    methods = cfg.methods.split(",")
+    image = info.channels * info.image_size ** 2
+    held = len(methods) * cfg.n_gen + (cfg.n_syn if "uncond_budget" in methods else 0)
+    sampling = 3 * min(cfg.batch, max(cfg.n_gen, cfg.n_syn)) * image * 4  # x_t, noise and ε of one batch, float32
+    check_memory(held * image + sampling, torch.device("cpu"), f"{held} generations of {info.image_size} px (and a "
+                 f"batch of {cfg.batch})", "lower --n-gen, --n-syn or --batch")
+    n = len(methods) * cfg.n_gen + (cfg.n_syn if uses_side(cfg) or "uncond_budget" in methods else 0)
+    n += (len(cfg.sweep_lambda) + len(cfg.sweep_k) + len(cfg.sweep_cond_scale)) * (cfg.sweep_n_gen or cfg.n_gen)
+    cache = os.path.join(out_dir(cfg), "cache")
+    cached = sum(e.stat().st_size for d in (os.scandir(cache) if os.path.isdir(cache) else ()) if d.is_dir()
+                 for e in os.scandir(d.path))  # a rerun reuses these batches
+    need, free = n * image - cached, shutil.disk_usage(existing_folder(out_dir(cfg))).free
+    check(need <= free, f"the cached generations need at least {need / GIB:.1f} GiB more in --out {out_dir(cfg)}, but "
+          f"{free / GIB:.1f} GiB are free; lower --n-gen / --n-syn or the sweeps, or choose another --out")
+
+
+def existing_folder(path):
+    """The nearest existing folder at or above `path` (where the disk space is measured)."""
+    path = os.path.abspath(path)
+    while not os.path.isdir(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def out_dir(cfg):
@@ -141,17 +213,36 @@ def previous(out):
         return None
     try:
         with open(path) as fh:
-            return json.load(fh)
+            old = json.load(fh)
     except (OSError, ValueError) as e:
         raise UserError(f"{path} cannot be read ({e}); remove it or pass --overwrite") from None
+    check(isinstance(old, dict) and all(isinstance(old.get(k), dict) for k in ("config", "chosen", "methods")),
+          f"{path} is not the metrics.json extract.py writes (no config / chosen / methods objects); remove it or pass --overwrite")
+    samples = os.path.join(out, "samples.npz")
+    if os.path.exists(samples):  # the earlier methods' images are kept beside the new ones: readable, without pickles
+        try:
+            with np.load(samples, allow_pickle=False) as z:
+                ok = ({"images", "method", "cluster", "index"} <= set(z.files) and z["method"].dtype.kind == "U"
+                      and z["images"].dtype == np.uint8)
+        except (OSError, ValueError, EOFError):
+            ok = False
+        check(ok, f"{samples} is not the samples.npz extract.py writes (or holds pickled objects); remove it or pass "
+              "--overwrite")
+    return old
 
 
-def check_previous(cfg, chosen=None):
+def check_previous(cfg, chosen=None, target=None):
     """Refuse (unless --overwrite) to mix results made with other settings into one --out. Before
-    the sweeps λ and K are compared only when no sweep will choose them; after, `chosen` is."""
+    the sweeps λ and K are compared only when no sweep will choose them; after, `chosen` is. `target`
+    (target_record: hashes of the weights and the training images), when given, must match the one the
+    earlier results recorded (a model retrained in place, or changed images, are other settings too)."""
     old = None if cfg.overwrite else previous(out_dir(cfg))
     if old is None:
         return
+    if target is not None and isinstance(old.get("target"), dict):  # (results of an older extract.py record none)
+        what = [w for k, w in (("model", "model weights"), ("data", "training images")) if old["target"].get(k) != target[k]]
+        check(not what, f"{out_dir(cfg)} holds results of other {' and '.join(what)} than {cfg.ckpt} and its data give "
+              "now (retrained or changed in place?); pass --overwrite to recompute them, or choose another --out")
     new = dataclasses.asdict(cfg)
     diff = [k for k in new if k not in PRESENTATION and json.dumps(old["config"].get(k)) != json.dumps(new[k])]
     if chosen is None:
@@ -184,9 +275,16 @@ class Target:
     ident: str = "model"  # names these weights and this schedule in every cache key
     net: torch.nn.Module = None  # the UNet as the sampler calls it (runtime.fast_model); None = model
     num_classes: int = 0  # > 0: a class-conditional model, sampled with a uniform label per generation
+    data_ident: str = ""  # names the training images and labels (stages that read them); "" = hash them
 
     def __post_init__(self):
         self.net = self.model if self.net is None else self.net
+        self.data_ident = self.data_ident or array_digest(self.ds.images, self.ds.labels)
+
+
+def target_record(target):
+    """What the results in --out were computed from (metrics.json's `target`): the model's and the data's hashes."""
+    return dict(model=target.ident, data=target.data_ident)
 
 
 class Stages:
@@ -215,16 +313,36 @@ class Stages:
         yield
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.time() - t0
 
-    def stored(self, stage, s, make):
-        """The stage's result from OUT/cache/<name>.pt, or make() it and store it (rank 0 writes)."""
+    def stored(self, stage, s, make, ok=lambda result: True):
+        """The stage's result from OUT/cache/<name>.pt, or make() it and store it (rank 0 writes). A cache
+        file is data only (common.load_checkpoint: nothing in it runs) and must pass ok(result), else it is
+        refused in one line naming it."""
         path = os.path.join(self.folder, self.name(stage, s) + ".pt")
         if os.path.exists(path):
-            return load_checkpoint(path)
+            out = load_checkpoint(path, fix=CACHE_FIX)
+            check(ok(out), f"cache file {path} does not hold what stage {stage} makes; {CACHE_FIX}")
+            return out
         with self.timed(stage):
             out = make()
         if self.ranks.rank == 0:
             save_checkpoint(out, path)
         return out
+
+
+CACHE_FIX = "delete it and rerun (the stage is recomputed)"
+
+
+def load_batch(path, n, size):
+    """A cached batch of generations: an .npy of uint8 (n, size, size, 3), read without pickles."""
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"cache file {path} cannot be read as an array of images ({str(e).splitlines()[0][:120]}); "
+                        f"{CACHE_FIX}") from None
+    check(isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.shape == (n, size, size, 3), f"cache file {path} "
+          f"holds {getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}, not {n} uint8 images of "
+          f"{size} px; {CACHE_FIX}")
+    return x
 
 
 def uniform_targets(n, seed, k):
@@ -265,7 +383,8 @@ def generate(target, stages, stage, s, guide=None, targets=None):
         atomic_write_bytes(files[b], buf.getvalue())
         prog.update(len(idx))
     ranks.barrier()  # every rank's batches are on disk (a shared folder across nodes)
-    return np.concatenate([np.load(f) for f in files])
+    size = target.ds.images.shape[1]
+    return np.concatenate([load_batch(f, len(batches[b]), size) for b, f in enumerate(files)])
 
 
 def classifier(target, stages, stage, s, x, labels, num_classes, time_dependent, holdout=0.1):
@@ -281,11 +400,16 @@ def classifier(target, stages, stage, s, x, labels, num_classes, time_dependent,
         except UserError as e:
             raise UserError(f"stage {stages.name(stage, s)}: {e}") from None
         return dict(state=stages.ranks.agree({k: v.cpu() for k, v in clf.state_dict().items()}), report=rep)
-    ck = stages.stored(stage, s, train)
+    ck = stages.stored(stage, s, train, lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                       and isinstance(v.get("report"), dict))
     stages.reports[stages.name(stage, s)] = ck["report"]
     clf = side.TimeResNet(num_classes, target.ds.images.shape[1], width=s.clf_width, time_dependent=time_dependent,
                           T=target.diffusion.T)
-    clf.load_state_dict(ck["state"])
+    try:
+        clf.load_state_dict(ck["state"])
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"cache file of stage {stages.name(stage, s)} does not fit its classifier "
+                        f"({str(e).splitlines()[0][:120]}); {CACHE_FIX}") from None
     return clf.to(target.device).eval().requires_grad_(False)
 
 
@@ -304,7 +428,8 @@ def side_extract(target, stages, n, seed, lam, K, random_labels=False):
     x_syn, s_syn = synthetic(target, stages)                                                   # Alg. 1, step 1
     s_z = stages.reads("features", syn=vars(s_syn))
     z = stages.stored("features", s_z, lambda: side.extract_features(
-        data.to_tensor(x_syn), s_z.features, target.model, target.diffusion, device=target.device))  # Alg. 1, step 2
+        data.to_tensor(x_syn), s_z.features, target.model, target.diffusion, device=target.device),  # Alg. 1, step 2
+        lambda v: torch.is_tensor(v) and v.ndim == 2 and len(v) == len(x_syn))
     s_c = stages.reads("tau", "drop_rejected", *CLASSIFYING, K=K, random="permuted" if random_labels else False,
                        z=vars(s_z))
     lab = side.surrogate_labels(z, s_c.K, tau=s_c.tau, drop_rejected=s_c.drop_rejected, seed=s_c.syn_seed)  # steps 3-5
@@ -327,7 +452,7 @@ def cond_extract(target, stages, n, seed, scale):
           "use class subfolders, an .npz with labels, or drop cond from --methods")
     k, present = int(ds.labels.max()) + 1, np.unique(ds.labels)
     labels_id = hashlib.sha256(np.ascontiguousarray(ds.labels).tobytes()).hexdigest()[:12]
-    s_c = stages.reads(*CLASSIFYING, data=ds.source, labels=labels_id, holdout=0.0)
+    s_c = stages.reads(*CLASSIFYING, data=ds.source, labels=labels_id, images=target.data_ident, holdout=0.0)
     clf = classifier(target, stages, "clf-cond", s_c, data.to_tensor(ds.images), torch.as_tensor(ds.labels), k, False,
                      holdout=s_c.holdout)
     c = present[uniform_targets(n, seed, len(present))]
@@ -368,8 +493,12 @@ def evaluate(target, stages, x, embed=None):
     if shard is None and ranks.rank != 0:
         return None
     with stages.timed("metrics"):
-        ev = metrics.evaluate(x, target.ds.images, similarity=sim if sim in ("l2", "sscd") else "embed", bands=cfg.bands or None,
-                              embed=sim if sim not in ("l2", "sscd") else embed, device=target.device, shard=shard)
+        try:
+            ev = metrics.evaluate(x, target.ds.images, similarity=sim if sim in ("l2", "sscd") else "embed",
+                                  bands=cfg.bands or None, embed=sim if sim not in ("l2", "sscd") else embed,
+                                  device=target.device, shard=shard)
+        except metrics.MetricsInputError as e:  # e.g. an embedding file that returns the wrong shape
+            raise UserError(f"--similarity {sim}: {e}") from None
     if shard is not None:
         parts = ranks.gather(ev)
         if parts is None:
@@ -417,6 +546,9 @@ def load_target(cfg):
     check(info.channels == 3, f"{cfg.ckpt} makes {info.channels}-channel images; only RGB (3) models are supported")
     own = info.data or dict(spec=cfg.data, n=None, seed=0, label_attr=None)  # an external model: all of --data
     spec = cfg.data or own["spec"]
+    check(spec == "faces" or os.path.exists(spec), f"{cfg.ckpt} names its training data {spec} "
+          f"({'the --data it was trained with' if info.kind == 'train' else 'data in its JSON'}), which does not exist "
+          "here; pass --data with those training images")
     ds = data.load_data(spec, info.image_size, n=own["n"], seed=own["seed"], label_attr=own["label_attr"])
     hw = ds.images.shape[1:3]
     if cfg.data and cfg.data != "faces" and (info.data is None or
@@ -428,6 +560,21 @@ def load_target(cfg):
     check(hw == (info.image_size,) * 2, f"data {spec} is {hw[0]}x{hw[1]} px but {cfg.ckpt} was trained at {info.image_size} px")
     return ranks, Target(model, diffusion, ds, device, ident=key(**info.ident),
                          net=fast_model(model, cfg.channels_last, cfg.compile), num_classes=info.num_classes)
+
+
+def check_target(cfg, target):
+    """What needs the loaded data, before any work: Carlini Cond's real labels (at least two classes, class
+    indices under common.MAX_CLASSES)."""
+    if "cond" not in cfg.methods.split(",") and not cfg.sweep_cond_scale:
+        return
+    ds, flag = target.ds, "--methods cond" if "cond" in cfg.methods.split(",") else "--sweep-cond-scale"
+    check(ds.labels is not None, f"{flag} needs the training data's real labels, and {ds.source} has none; use class "
+          "subfolders, an .npz with labels, or drop cond from --methods (and --sweep-cond-scale)")
+    present = np.unique(ds.labels)
+    check(len(present) >= 2, f"{flag}: every training image of {ds.source} has the same label ({present[0]}), so a "
+          "classifier has nothing to tell apart; Carlini Cond needs >= 2 classes: drop cond from --methods")
+    check(present[-1] < MAX_CLASSES, f"{flag}: the largest label of {ds.source} is {present[-1]} (at most "
+          f"{MAX_CLASSES - 1}); labels are class indices 0..K-1: renumber them")
 
 
 def run(cfg, target, ranks=Ranks()):
@@ -462,7 +609,7 @@ def run(cfg, target, ranks=Ranks()):
     if ranks.rank == 0:
         write_extraction(audit.out, cfg, None if cfg.overwrite else previous(audit.out), chosen, results, samples,
                          sweeps, budget, target.ds, audit.stages.reports, dict(audit.stages.seconds, total=time.time() - t0),
-                         target.device)
+                         target.device, target=target_record(target))
     return results
 
 
@@ -470,12 +617,16 @@ def main(argv=None):
     cfg = parse_config(ExtractConfig, argv, __doc__.split("\n\n")[0])
     validate(cfg)  # every option, before any work
     ranks, target = load_target(cfg)
+    check_target(cfg, target)
+    check_previous(cfg, target=target_record(target))  # results of other weights or images are not mixed in
     try:
-        return run(cfg, target, ranks)
+        with folder_lock(out_dir(cfg), "--out", "extract.py") if ranks.rank == 0 else contextlib.nullcontext():
+            check_previous(cfg, target=target_record(target))  # again under the lock: another run may have just ended
+            return run(cfg, target, ranks)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="rerun the same command to continue: finished batches and stages are reused")

@@ -771,7 +771,7 @@ def load_embedder(path, device="cpu"):
     try:
         return torch.jit.load(os.fspath(path), map_location=device).eval()
     except (RuntimeError, ValueError) as e:
-        raise MetricsInputError(f"{path} is not a TorchScript file ({str(e).splitlines()[0]}); "
+        raise MetricsInputError(f"{path} is not a TorchScript file ({str(e).splitlines()[0].split('. ')[0]}); "
                                 "save one with torch.jit.script(model).save(path)") from None
 
 
@@ -925,10 +925,18 @@ def bench(n=20000, d=3072, block_q=BLOCK_Q, block_k=BLOCK_K, device=None, seed=0
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-def _opt(default, help, lo=None, choices=None):
+def _opt(default, help, lo=None, choices=None, hi=None):
     """A config field with its reason and valid values (metrics.py imports nothing of ours, so this is
-    a small copy of common.option: `lo` an inclusive lower bound, `choices` the allowed values)."""
-    return dataclasses.field(default=default, metadata={"help": help, "lo": lo, "choices": choices})
+    a small copy of common.option: `lo` / `hi` inclusive bounds, `choices` the allowed values)."""
+    return dataclasses.field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices})
+
+
+# Upper bounds of the CLI's sizes: each far above real use, so an absurd value is one error line, not the
+# machine running out of memory (the kernel kills the process before Python can report it).
+MAX_SIZE = 1024  # --size / --embed-size: no DDPM generates more than 1,024 px; SSCD evaluates at 288
+MAX_BLOCK = 16384  # --block-q / --block-k: a 16384 x 16384 float32 tile is 1 GiB; larger tiles are not faster
+MAX_SHIFT = 16  # --shift: (2 shift + 1)^2 translated copies are searched
+MAX_BENCH_N = 200_000  # --bench-n: 200,000 x 3,072 bytes per side (CelebA-sized)
 
 
 @dataclasses.dataclass
@@ -936,19 +944,20 @@ class EvalConfig:
     similarity: str = _opt("l2", "l2: normalized pixel L2; embed: cosine of --embed; features: cosine of (N, D) arrays; "
                            "sscd: cosine of SSCD embeddings (needs the extras; for real photographs)",
                            choices=SIMILARITIES)
-    embed: str = _opt("", "TorchScript image-embedding file (e.g. sscd_disc_mixup.torchscript.pt); implies embed")
+    embed: str = _opt("", "TorchScript image-embedding file (e.g. sscd_disc_mixup.torchscript.pt); implies embed. "
+                      "TorchScript is code: it runs when loaded; name only files you trust")
     bands: str = _opt("", "name=lo:hi,... ; empty: defaults; 'auto': calibrate_l2_bands on TRAIN")
-    shift: int = _opt(0, "pixel L2: tolerate translations of up to this many pixels (0 = the paper's L2)", lo=0)
-    size: int = _opt(0, "centre-crop and resize both image sets to size x size (0 = keep)", lo=0)
+    shift: int = _opt(0, "pixel L2: tolerate translations of up to this many pixels (0 = the paper's L2)", lo=0, hi=MAX_SHIFT)
+    size: int = _opt(0, "centre-crop and resize both image sets to size x size (0 = keep)", lo=0, hi=MAX_SIZE)
     carlini_center: str = _opt("generation", "Carlini's 50 neighbours around the generation or the matched image",
                                choices=("generation", "train"))
     json: str = _opt("", "write the summary JSON here")
     device: str = _opt("auto", "auto, cpu or cuda[:N]")
-    block_q: int = _opt(BLOCK_Q, "generated items per tile (memory ~ block_q x block_k x 4 bytes)", lo=1)
-    block_k: int = _opt(BLOCK_K, "training items per tile", lo=1)
-    embed_size: int = _opt(EMBED_SIZE, "embedding input resolution", lo=1)
+    block_q: int = _opt(BLOCK_Q, "generated items per tile (memory ~ block_q x block_k x 4 bytes)", lo=1, hi=MAX_BLOCK)
+    block_k: int = _opt(BLOCK_K, "training items per tile", lo=1, hi=MAX_BLOCK)
+    embed_size: int = _opt(EMBED_SIZE, "embedding input resolution", lo=1, hi=MAX_SIZE)
     bench: bool = _opt(False, "run the nearest-neighbour benchmark instead")
-    bench_n: int = _opt(20000, "items per side in the benchmark", lo=1)
+    bench_n: int = _opt(20000, "items per side in the benchmark", lo=1, hi=MAX_BENCH_N)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -963,6 +972,8 @@ def _check_config(cfg):
         v, m, flag = getattr(cfg, f.name), f.metadata, "--" + f.name.replace("_", "-")
         if m["lo"] is not None and v < m["lo"]:
             raise MetricsInputError(f"{flag} {v} must be >= {m['lo']} ({m['help']})")
+        if m["hi"] is not None and v > m["hi"]:
+            raise MetricsInputError(f"{flag} {v} must be <= {m['hi']} ({m['help']})")
         if m["choices"] is not None and v not in m["choices"]:
             raise MetricsInputError(f"{flag} {v!r} is not one of {', '.join(m['choices'])}")
     if cfg.json:
@@ -996,7 +1007,8 @@ def main(argv=None):
         if f.type in (bool, "bool"):
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            rng = (f" [>= {f.metadata['lo']}]" if f.metadata["lo"] is not None else
+            rng = (f" [>= {f.metadata['lo']}" + (f" and <= {f.metadata['hi']}]" if f.metadata["hi"] is not None else "]")
+                   if f.metadata["lo"] is not None else
                    f" [one of {', '.join(f.metadata['choices'])}]" if f.metadata["choices"] else "")
             p.add_argument(flag, type=type(f.default), default=f.default, metavar=type(f.default).__name__.upper(),
                            help=f"{f.metadata['help']}{rng} (default: {f.default!r})".replace("%", "%%"))
@@ -1034,6 +1046,14 @@ def main(argv=None):
     except MetricsInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeErrors
+        if not isinstance(e, MemoryError) and "allocate memory" not in str(e) and "out of memory" not in str(e):
+            raise
+        print("error: out of memory; lower --size, --block-q / --block-k or the number of images", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        return 130  # the shell's code for Ctrl-C (128 + SIGINT)
     return 0
 
 

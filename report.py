@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 import metrics
-from common import atomic_write_bytes, atomic_write_json, atomic_write_text
+from common import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text
 from evidence import mean_ci
 
 BANDS = ("low", "mid", "high")
@@ -413,11 +413,12 @@ def calibration_report(rows):
     return "\n".join(L) + "\n"
 
 
-def write_extraction(out, cfg, old, chosen, results, samples, sweeps, budget, ds, reports, seconds, device):
+def write_extraction(out, cfg, old, chosen, results, samples, sweeps, budget, ds, reports, seconds, device, target=None):
     """extract.py's samples.npz, metrics.json, REPORT.md and grids/ in `out`: the methods of an earlier run
     there (`old`, its metrics.json; extract.check_previous made sure its settings match) are kept beside
     the new ones; with --overwrite (old None) whatever was there (grids and sweeps of methods not rerun
-    included) goes. seconds: per stage, with the total."""
+    included) goes. seconds: per stage, with the total. target: hashes of the model and the training data
+    (recorded, so that a rerun after retraining in place is refused instead of mixed in)."""
     ms = list(samples)
     kept = [m for m in (old or {}).get("methods", {}) if m not in ms]
     kept = kept if os.path.exists(os.path.join(out, "samples.npz")) else []  # their images are gone
@@ -425,10 +426,14 @@ def write_extraction(out, cfg, old, chosen, results, samples, sweeps, budget, ds
                 cluster=[samples[m][1].get("cluster", np.full(len(samples[m][0]), -1)) for m in ms],
                 index=[np.arange(len(samples[m][0])) for m in ms])
     if kept:
-        with np.load(os.path.join(out, "samples.npz")) as z:
-            rows = np.isin(z["method"], kept)
-            for k in cols:
-                cols[k].append(z[k][rows])
+        try:
+            with np.load(os.path.join(out, "samples.npz"), allow_pickle=False) as z:  # no pickles: nothing in it runs
+                rows = np.isin(z["method"], kept)
+                for k in cols:
+                    cols[k].append(z[k][rows])
+        except (OSError, ValueError, KeyError, EOFError) as e:
+            raise UserError(f"{os.path.join(out, 'samples.npz')} cannot be read ({str(e).splitlines()[0][:120]}); "
+                            "pass --overwrite to recompute every method") from None
     cols = {k: np.concatenate(v) for k, v in cols.items()}
     buf = io.BytesIO()
     np.savez(buf, **cols, seed=np.full(len(cols["images"]), cfg.seed))
@@ -437,7 +442,7 @@ def write_extraction(out, cfg, old, chosen, results, samples, sweeps, budget, ds
               for m, r in results.items()}
     public = dict({m: old["methods"][m] for m in kept}, **json.loads(json.dumps(public, default=_plain)))
     atomic_write_json(os.path.join(out, "metrics.json"), dict(
-        config=dict(dataclasses.asdict(cfg), methods=",".join(public)), chosen=chosen, methods=public,
+        config=dict(dataclasses.asdict(cfg), methods=",".join(public)), chosen=chosen, methods=public, target=target,
         classifiers=dict((old or {}).get("classifiers", {}), **reports),
         curves=dict((old or {}).get("curves", {}), **(budget or {})),
         seconds=seconds, device=str(device)))

@@ -375,8 +375,9 @@ def check_previous(cfg):
 
 
 def clear_previous(cfg):
-    """--overwrite: remove the earlier run's outputs; called only after every check has passed."""
-    for name in ("models", "extract", "sweeps", "grids", "logs", "REPORT.md", "summary.json"):
+    """--overwrite: remove the earlier run's outputs from --out. Called only after every check that does
+    not need the work itself (flags, --out, --device, the data), so a refused rerun deletes nothing."""
+    for name in ("models", "extract", "sweeps", "grids", "logs", "REPORT.md", "summary.json") if cfg.overwrite else ():
         path = os.path.join(cfg.out, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.unlink(path)
 
@@ -395,8 +396,7 @@ def main(argv=None):
     reps = reps if labelled else plan(cfg, p, labelled=False)
     check_train_flags(train_args(cfg, p, reps[0]))  # the flags of every train job differ only in validated numbers
     parse_config(extract.ExtractConfig, extract_args(cfg, p, "ckpt.pt", cfg.out, "side", "")[1:], "")
-    if cfg.overwrite:
-        clear_previous(cfg)  # every check above passed
+    clear_previous(cfg)  # --overwrite: only now, after every check above
     parallel = p["jobs"] if device.type == "cpu" else 1
     timer, out, sizes = Timer(), cfg.out, list(p["sizes"])
     os.makedirs(f"{out}/logs", exist_ok=True)

@@ -86,7 +86,7 @@ def extract_features(x, kind="ddpm", model=None, diffusion=None, t_feat=None, ba
             warnings.simplefilter("ignore", DeprecationWarning)
             net = torch.jit.load(str(kind), map_location=device).eval()
     except (RuntimeError, ValueError) as e:
-        raise UserError(f"features: {kind} is not a TorchScript file ({str(e).splitlines()[0]})") from None
+        raise UserError(f"features: {kind} is not a TorchScript file ({str(e).splitlines()[0].split('. ')[0]})") from None
     out = []
     for i in range(0, len(x), batch):
         xb = (x[i:i + batch].float().to(device) + 1) / 2  # [-1, 1] -> [0, 1]

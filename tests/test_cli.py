@@ -112,7 +112,8 @@ def test_every_flag_refuses_bad_values_with_one_line(mod, f, value, tmp_path, mo
 
 METRICS_CASES = [(f, v) for f in dataclasses.fields(metrics.EvalConfig) for v in  # (its bools are bare switches)
                  (["bogus"] if f.metadata["choices"] else
-                  ["abc", "1.5", "", str(f.metadata["lo"] - 1)] if f.metadata["lo"] is not None else [])]
+                  ["abc", "1.5", "", str(f.metadata["lo"] - 1)] if f.metadata["lo"] is not None else [])
+                 + ([str(f.metadata["hi"] + 1)] if f.metadata["hi"] is not None else [])]
 
 
 @pytest.mark.parametrize("f,value", METRICS_CASES, ids=[f"--{f.name}={v}" for f, v in METRICS_CASES])
@@ -260,6 +261,87 @@ def test_extract_refuses_a_cache_file_and_an_unknown_schedule(ckpt, tmp_path, ca
         argv = ["--ckpt", str(path), "--out", str(tmp_path / "x"), "--sample-steps", "5"]
         code, err = run(extract.main, argv, capsys, tmp_path)
         assert_one_error(code, err, argv, needle)
+
+
+class WrongShape(torch.nn.Module):  # TorchScript ε-models that are wrong in the ways issue 23 found
+    def forward(self, x, t):
+        return x[:, :1]
+
+
+class ReturnsTuple(torch.nn.Module):
+    def forward(self, x, t):
+        return x, x
+
+
+class NeedsLabels(torch.nn.Module):
+    def forward(self, x, t, y):
+        return x + y[:, None, None, None].float()
+
+
+class Identity(torch.nn.Module):
+    def forward(self, x, t):
+        return x
+
+
+SCHEDULE = dict(image_size=8, num_train_timesteps=10, beta_schedule="linear", beta_start=0.01, beta_end=0.2)
+
+
+@pytest.fixture(scope="module")
+def files(ckpt, tmp_path_factory):
+    """Input files of the cases below: TorchScript models with their JSON, .npz variants, a text file."""
+    d = tmp_path_factory.mktemp("inputs")
+    for name, mod in (("wrong", WrongShape()), ("tuple", ReturnsTuple()), ("needsy", NeedsLabels()), ("eps", Identity())):
+        torch.jit.script(mod).save(str(d / f"{name}.pt"))
+        (d / f"{name}.json").write_text(json.dumps(SCHEDULE))
+    for name, change in (("cs", dict(clip_sample="false")), ("ist", dict(image_size=True)), ("bigT", dict(num_train_timesteps=10 ** 10)),
+                         ("tb", dict(trained_betas=[0.1, 0.2])), ("nc5", dict(num_classes=5)), ("dm", dict(data="missing.npz"))):
+        (d / f"{name}.pt").write_bytes((d / "eps.pt").read_bytes())
+        (d / f"{name}.json").write_text(json.dumps(dict(SCHEDULE, **change)))
+    images = data.load_data("faces", 8, n=12).images
+    np.savez(d / "nolabels.npz", images=images)
+    np.savez(d / "onelabel.npz", images=images, labels=np.full(12, 3))
+    np.savez(d / "labelled.npz", images=images, labels=np.arange(12) % 2)
+    np.savez(d / "biglabel.npz", images=images, labels=np.array([0] * 11 + [10 ** 12]))
+    (d / "notes.txt").write_text("not a model")
+    ck = common.load_checkpoint(ckpt)
+    common.save_checkpoint(dict(ck, model_args=dict(ck["model_args"], image_size=10 ** 6)), d / "huge.pt")
+    return d
+
+
+TS = ["--data", "{d}/labelled.npz", "--features", "pixels"]
+ISSUE23 = [  # (script, argv with {d} = files, {c} = ckpt, the words the one error line must hold)
+    ("train", ["--image-size", "65536"], "--image-size"), ("train", ["--T", "10000000000"], "--T"),
+    ("train", ["--batch", "10000000"], "lower --n-train, --batch"), ("train", ["--attn-res", "5"], "--attn-res 5"),
+    ("train", ["--data", "{d}/biglabel.npz", "--labels", "true"], "renumber"),
+    ("train", ["--data", "{d}/nolabels.npz", "--labels", "true"], "--labels true needs labels"),
+    ("extract", ["--sweep-k", "2,100"], "--sweep-k"), ("extract", ["--features", "{d}/notes.txt"], "--features"),
+    ("extract", ["--similarity", "{d}/notes.txt"], "--similarity"), ("extract", ["--similarity", "{d}/eps.pt"], "--similarity"),
+    ("extract", ["--data", "{d}/nolabels.npz", "--methods", "uncond,cond"], "--methods cond needs"),
+    ("extract", ["--data", "{d}/onelabel.npz", "--methods", "uncond,cond"], "same label"),
+    ("extract", ["--n-gen", "1000000000000"], "lower --n-gen"), ("extract", ["--curve-points", "1000000000"], "--curve-points"),
+    ("extract", ["--ckpt", "{d}/huge.pt"], "declares sizes"),
+    ("extract", ["--ckpt", "{d}/eps.pt", "--data", "{d}/labelled.npz"], "--features ddpm"),
+    ("extract", ["--ckpt", "{d}/wrong.pt"] + TS, "returned shape (2, 1, 8, 8)"),
+    ("extract", ["--ckpt", "{d}/tuple.pt"] + TS, "returned a tuple"),
+    ("extract", ["--ckpt", "{d}/needsy.pt"] + TS, "num_classes = 0"), ("extract", ["--ckpt", "{d}/nc5.pt"] + TS, "num_classes = 5"),
+    ("extract", ["--ckpt", "{d}/cs.pt"] + TS, 'clip_sample = "false" must be true or false'),
+    ("extract", ["--ckpt", "{d}/ist.pt"] + TS, "image_size = true must be an integer"),
+    ("extract", ["--ckpt", "{d}/bigT.pt"] + TS, "num_train_timesteps = 10000000000"),
+    ("extract", ["--ckpt", "{d}/tb.pt"] + TS, "trained_betas must be"),
+    ("extract", ["--ckpt", "{d}/dm.pt", "--features", "pixels"], "pass --data"),
+]
+
+
+@pytest.mark.parametrize("script,argv,needle", ISSUE23, ids=[f"{s}:{' '.join(a)[:40]}" for s, a, _ in ISSUE23])
+def test_cases_of_issue_23(script, argv, needle, files, ckpt, tmp_path, capsys):
+    """Each refused before any work in one line (nothing written), TorchScript models probed on load."""
+    argv = [a.format(d=files, c=ckpt) for a in argv]
+    if script == "train":
+        full = ["--out", str(tmp_path / "o")] + TINY_TRAIN + argv
+    else:
+        full = ["--ckpt", ckpt, "--out", str(tmp_path / "x")] + EXTRACT_TINY + argv
+    code, err = run(train.main if script == "train" else extract.main, full, capsys, tmp_path)
+    assert_one_error(code, err, argv, needle)
 
 
 def test_reproduce_checks_extraction_settings_before_training(tmp_path, capsys):

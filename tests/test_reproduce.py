@@ -1,15 +1,70 @@
-"""`make smoke`'s pipeline end to end (reproduce.py --profile smoke): the report's structure."""
+"""reproduce.py: independent replicates (no shared seed, sample or initial weights), and `make smoke`'s
+pipeline end to end (reproduce.py --profile smoke): the summary's structure and the report."""
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
+import torch
 
+import claims
+import data
+import ddpm
 import evidence
 import reproduce
 from common import UserError
 
-ROW_FIELDS = {"n_train", "method", "n_gen", "ams", "ums", "p95", "carlini_extracted", "yoon_extracted"}
+ROW_FIELDS = {"n_train", "method", "arm", "replicate", "n_gen", "ams", "ums", "hits", "hits_any", "distinct",
+              "distinct_any", "p95", "carlini_extracted", "yoon_extracted"}
+
+
+def _cfg(**kw):
+    return reproduce.ReproduceConfig(**kw)
+
+
+def test_replicates_share_no_seed_sample_or_initial_weights():
+    cfg, p = _cfg(out="unused"), reproduce.PROFILES["cpu"]
+    reps = reproduce.plan(cfg, p, labelled=True)
+    assert len([r for r in reps if r["role"] == "table"]) == len(p["sizes"]) * p["replicates"]
+    assert claims.check_independent(reps) == 4 * len(reps)  # every seed of every replicate is its own
+    other = reproduce.plan(_cfg(out="unused", seed=1), p, labelled=True)  # another base seed: other seeds again
+    assert not {s for r in reps for s in r["seeds"].values()} & {s for r in other for s in r["seeds"].values()}
+    small = [r for r in reps if r["n"] == 16 and r["role"] == "table"]
+    faces = [data.load_data("faces", 8, n=16, seed=r["seeds"]["data"]).images for r in small]
+    flat = np.concatenate(faces).reshape(len(faces) * 16, -1)
+    assert len(np.unique(flat, axis=0)) == len(flat)  # no training image in two replicates
+    first = []
+    for r in small:  # initial weights: train.py seeds the UNet with the replicate's training seed
+        torch.manual_seed(r["seeds"]["train"])
+        first.append(ddpm.UNet(image_size=8, base=32, mults=(1, 2), attn_res=(4,)).inp.weight.detach().clone())
+    assert all(not torch.equal(a, b) for i, a in enumerate(first) for b in first[i + 1:])
+
+
+def test_labelled_models_pair_with_their_replicate_and_the_weak_arm_is_a_kept_checkpoint():
+    cfg, p = _cfg(out="o"), reproduce.PROFILES["cpu"]
+    reps = reproduce.plan(cfg, p, labelled=True)
+    small, mid = min(p["sizes"]), sorted(p["sizes"])[1]
+    for r in reps:
+        assert bool(r["labelled"]) == (r["role"] == "table" and r["n"] == small)
+        assert (r["weak"] is not None) == (r["role"] == "table" and r["n"] == mid)
+    rep = next(r for r in reps if r["weak"])
+    assert rep["weak"] == reproduce.steps_of(p, mid, p["weak_epochs"]) < reproduce.steps_of(p, mid, rep["epochs"])
+    args = reproduce.train_args(cfg, p, rep)
+    assert f"--keep={rep['weak']}" in args and f"--seed={rep['seeds']['train']}" in args
+    tune = next(r for r in reps if r["role"] == "tune")
+    assert not set(tune["seeds"].values()) & {s for r in reps if r["role"] == "table" for s in r["seeds"].values()}
+
+
+def test_train_jobs_group_models_of_one_shape(tmp_path):
+    cfg, p = _cfg(out=str(tmp_path)), reproduce.PROFILES["smoke"]
+    reps = reproduce.plan(cfg, p, labelled=True)
+    jobs = reproduce.train_jobs(cfg, p, reps)
+    members = {name: json.load(open(argv[1].split("=", 1)[1])) for name, argv in jobs}
+    assert sum(len(m) for m in members.values()) == len(reps) + 2 * p["replicates"]  # + informative, permuted
+    for m in members.values():
+        shapes = {tuple(a for a in argv if a.split("=")[0] in ("--n-train", "--batch", "--steps")) for argv in m}
+        assert len(shapes) == 1
 
 
 @pytest.fixture(scope="module")
@@ -22,53 +77,48 @@ def smoke(tmp_path_factory):
 def test_summary_has_every_required_field(smoke):
     s, p = json.load(open(smoke / "summary.json")), reproduce.PROFILES["smoke"]
     assert s["total_seconds"] > 0 and s["device"] in ("cpu", "cuda")
-    table = [r for r in s["rows"] if "labelling" not in r]
+    table = [r for r in s["rows"] if r["arm"] == "table"]
     sizes = sorted({r["n_train"] for r in table})
     assert sizes == sorted(p["sizes"])
-    bands = None
     for r in s["rows"]:
         if r["method"] == "side_union":  # distinct images of SIDE's synthetic set + guided generations
-            side_ = next(q for q in s["rows"] if q["method"] == "side" and "labelling" not in q
-                         and (q["n_train"], q["train_seed"], q["unit"]) == (r["n_train"], r["train_seed"], r["unit"]))
+            side_ = next(q for q in table if q["method"] == "side"
+                         and (q["n_train"], q["replicate"]) == (r["n_train"], r["replicate"]))
             assert r["n_gen"] == p["n_syn"] + p["n_gen"] and r["distinct_any"] >= side_["distinct_any"]  # a superset
             continue
         assert ROW_FIELDS <= set(r), r.keys()
-        assert set(r["ams"]) == set(r["ums"])
-        bands = bands or set(r["ams"])
-        assert set(r["ams"]) == bands  # the same band names in every row
-        assert all(0.0 <= v <= 100.0 for v in r["ams"].values())
-        assert sum(r["ams"].values()) <= 100.0 + 1e-9  # bands are disjoint
-    tune = sizes[len(sizes) // 2]
-    for n in sizes:  # every method at every size, at the same N_G, once per unit
+        assert r["hits_any"] == sum(r["hits"].values()) and sum(r["ams"].values()) <= 100.0 + 1e-9
+    for n in sizes:  # every method at every size, at the same N_G, once per replicate
         for m in ("uncond", "cond", "side", "side_random", "uncond_budget", "side_union"):
-            units = [(r["train_seed"], r["unit"]) for r in table if r["n_train"] == n and r["method"] == m]
-            assert len(set(units)) == len(units) == p["seeds"], (n, m)
-            assert m == "side_union" or s["stats"]["table"][f"{n}/{m}"]["distinct_any"]["n"] == len(units)
+            reps = [r["replicate"] for r in table if r["n_train"] == n and r["method"] == m]
+            assert sorted(reps) == list(range(p["replicates"])), (n, m)
         got = {r["method"]: r["n_gen"] for r in table if r["n_train"] == n}
         assert got["uncond"] == got["cond"] == got["side"] == p["n_gen"]
         assert got["uncond_budget"] == got["side"] + p["n_syn"]
-        for m in ("uncond_budget", "cond", "side", "side_union"):  # curves with intervals at shared budgets
-            c = s["stats"]["curves"][f"{n}/{m}"]
-            assert c and all(q["lo"] <= q["mean"] <= q["hi"] for q in c)
-            assert min(q["budget"] for q in c) >= (p["n_syn"] if m == "side" else 1)
-    assert len([r for r in s["rows"] if r["method"] == "cond_ddpm"]) == p["seeds"]
-    claims = [v for v in s["verdict"] if "status" in v]
-    assert claims and all(v["status"] in ("holds", "does not hold", "undecided") for v in claims)
-    assert all({"claim", "ratio", "lo", "hi"} <= set(v) for v in claims)
-    labellings = [c["labelling"] for c in s["conditional"]]
-    assert labellings == ["none", "informative", "random"]
-    for c in s["conditional"][1:]:  # Δ in every unit (its own data and models), then a t interval over units
-        d, per = c["delta"], [u["delta"] for u in c["delta"]["units"]]
-        assert d["n_units"] == len(per) == p["seeds"] and len(set(per)) == len(per)
-        assert d["delta"] == pytest.approx(np.mean(per))
+    weak = [r for r in s["rows"] if r["arm"] == "weak"]
+    assert {r["method"] for r in weak} == {"uncond", "cond", "side"} and len(weak) == 3 * p["replicates"]
+    v = s["verdict"]
+    assert v["family"]["size"] == len(v["claims"]) and v["family"]["method"] == "Holm-Bonferroni"
+    for c in v["claims"]:
+        assert c["status"] in ("holds", "does not hold", "undecided") and c["status"] == c["corrected"]["status"]
+        assert {"lo", "hi", "status"} <= set(c["raw"]) and c["replicates"] >= 2
+    assert [c["labelling"] for c in s["conditional"]] == ["none", "informative", "permuted"]
+    for c in s["conditional"][1:]:  # Δ in every replicate (its own data and models), then a t interval
+        d, per = c["delta"], c["delta"]["per_replicate"]
+        assert d["n_units"] == len(per) == p["replicates"] and len(set(per)) == len(per)
         h = evidence.t975(len(per) - 1) * np.std(per, ddof=1) / np.sqrt(len(per))  # Student-t, by hand
         assert d["ci95"] == pytest.approx([np.mean(per) - h, np.mean(per) + h])
+        assert sum(b["subsets"] for b in d["by_size"]) == sum(len(u["subsets"]) for u in d["units"])
+    b = s["bands"]
+    assert b["n"] == reproduce.BAND_REFERENCE and set(b["bands"]) == {"low", "mid", "high"}
+    assert max(hi for _, hi in b["bands"].values()) <= b["distinct_nn_min"]  # every band closer than two distinct images
+    assert len(b["closest_training_pairs"]) == len(sizes) * p["replicates"]
 
 
 def test_report_and_pictures_are_written(smoke):
     text = open(smoke / "REPORT.md").read()
-    for heading in ("## Verdict", "## Table 1 in miniature", "## Extraction versus budget", "## Conditional memorization",
-                    "Theorem 1", "## Stage times"):
+    for heading in ("## Methods", "## Verdict", "## Table 1 in miniature", "Weakly memorized", "## Extraction versus budget",
+                    "## Conditional memorization", "Theorem 1", "## Stage times", "corrected interval"):
         assert heading in text
     for png in ["sweep_lambda.png", "sweep_cond_scale.png"] + [f"curve_n{n}.png" for n in reproduce.PROFILES["smoke"]["sizes"]]:
         assert os.path.getsize(smoke / png) > 0
@@ -82,11 +132,14 @@ def test_a_rerun_reuses_every_stage(smoke):
         for root, _, files in os.walk(smoke):
             for f in files:
                 p = os.path.join(root, f)
-                if f == "ckpt.pt" or f"{os.sep}cache{os.sep}" in p:
+                if f.startswith("ckpt") or f"{os.sep}cache{os.sep}" in p:
                     out[p] = os.stat(p).st_mtime_ns
         return out
+    p = reproduce.PROFILES["smoke"]
     before, first = stamps(), json.load(open(smoke / "summary.json"))
-    assert sum("ckpt.pt" in p for p in before) == 4 * reproduce.PROFILES["smoke"]["seeds"] and sum(p.endswith(".npy") for p in before) > 10
+    models = len(p["sizes"]) * p["replicates"] + 1 + 2 * p["replicates"]  # table, tuning, informative + permuted
+    assert sum(os.path.basename(q) == "ckpt.pt" for q in before) == models
+    assert sum(q.endswith(".npy") for q in before) > 10
     again = reproduce.main(["--profile", "smoke", "--out", str(smoke)])
     assert stamps() == before
     assert [r.get("ams", r["distinct_any"]) for r in again["rows"]] == [r.get("ams", r["distinct_any"]) for r in first["rows"]]
@@ -96,6 +149,11 @@ def test_train_flags_are_checked_by_train_py_itself_before_any_work(tmp_path):
     """reproduce.py does not import the trainer: train.py --dry-run checks a job's flags and writes nothing."""
     out = tmp_path / "m"
     with pytest.raises(UserError, match=r"^train\.py --base 12 must be a positive multiple of 8"):
-        reproduce.check_train_flags(["train.py", "--base", "12", "--out", str(out)])
-    reproduce.check_train_flags(["train.py", "--out", str(out)])  # a valid job passes
+        reproduce.check_train_flags(["--base", "12", "--out", str(out)])
+    reproduce.check_train_flags(["--out", str(out)])  # a valid job passes
     assert not out.exists()
+
+
+def test_a_profile_needs_replicates_and_matching_epochs():
+    with pytest.raises(UserError, match="one value per size"):
+        reproduce.profile_of(dataclasses.replace(_cfg(), sizes=(8, 16), epochs=(10.0,)))

@@ -1,0 +1,79 @@
+"""claims.py against hand-computed verdicts: every paper claim on both metrics (hits = AMS x N_G / 100,
+distinct = UMS x N_G / 100), any and high band, > 1 and > 1.5; pooled over sizes as the mean of the
+per-size paired log-ratios; the controls, the weak arm, the sizes and Definition 1 in the same Holm family."""
+import math
+
+import numpy as np
+import pytest
+
+import claims
+
+
+def _row(n, method, r, hits, distinct, arm="table", high=None):
+    high = high if high is not None else (hits // 2, distinct // 2)
+    return dict(n_train=n, method=method, arm=arm, replicate=r, hits_any=hits, distinct_any=distinct,
+                hits={"low": hits - high[0], "high": high[0]}, distinct={"low": distinct - high[1], "high": high[1]})
+
+
+def _table():
+    rows = []
+    for n, base in ((32, [10, 11, 12]), (128, [2, 3, 2])):
+        for r, b in enumerate(base):
+            rows += [_row(n, "uncond", r, b, b), _row(n, "side", r, 2 * b + 1, 2 * b + 1),
+                     _row(n, "cond", r, b, b), _row(n, "side_random", r, b, b), _row(n, "uncond_budget", r, b, b + 1)]
+    return rows
+
+
+def test_every_paper_claim_is_made_on_both_metrics_and_both_thresholds():
+    specs = claims.family(_table(), [], [32, 128])
+    paper = [s for s in specs if s[3]["group"] == "paper"]
+    keys = {(s[3]["baseline"], s[3]["metric"], s[3]["band"], s[2]) for s in paper}
+    assert keys == {(b, m, band, t) for b in ("uncond", "cond") for m in ("hits", "distinct")
+                    for band in ("any", "high") for t in (1.0, 1.5)}
+
+
+def test_a_pooled_ratio_is_the_mean_of_the_per_size_means():
+    specs = {s[0]: s for s in claims.family(_table(), [], [32, 128])}
+    est = specs["SIDE more than Carlini UnCond: hit rate (AMS), any band"][1]
+    n32 = np.log([2.0, 2.0, 2.0])  # (2b + 1 + 1) / (b + 1) = 2 at every replicate of both sizes
+    assert est.log == pytest.approx(math.log(2.0)) and est.se == pytest.approx(0, abs=1e-12) and est.n == 6
+    assert n32.mean() == pytest.approx(est.log)
+    high = specs["SIDE more than Carlini UnCond: hit rate (AMS), high band"][1]
+    by_size = [np.log([(2 * b + 1) // 2 + 1 for b in base]) - np.log([b // 2 + 1 for b in base])
+               for base in ([10, 11, 12], [2, 3, 2])]
+    assert high.log == pytest.approx(np.mean([g.mean() for g in by_size]))
+    se = math.sqrt(sum(g.var(ddof=1) / len(g) for g in by_size)) / 2
+    assert high.se == pytest.approx(se)
+
+
+def test_the_family_is_decided_together_and_keeps_both_intervals():
+    rows = _table() + [_row(32, "side", r, 9, 9, arm="weak") for r in range(3)] \
+        + [_row(32, m, r, 1, 1, arm="weak") for m in ("uncond", "cond") for r in range(3)]
+    cond = [dict(labelling="informative", delta=dict(per_replicate=[-15.0, -12.0, -18.0]))]
+    v = claims.verdict(rows, {}, cond, [32, 128], weak_size=32)
+    cs = v["claims"]
+    assert v["family"]["size"] == len(cs) and len({c["corrected"]["m"] for c in cs}) == 1
+    ranks = sorted(c["corrected"]["rank"] for c in cs)
+    assert ranks == list(range(1, len(cs) + 1))
+    weak = [c for c in cs if c["group"] == "weak"]
+    assert len(weak) == 4 and all(c["ratio"] == pytest.approx(5.0) for c in weak)  # (9 + 1) / (1 + 1)
+    d = next(c for c in cs if c["group"] == "conditional")
+    assert d["direction"] == "<" and d["ratio"] == pytest.approx(-15.0) and d["scale"] == "difference"
+    for c in cs:
+        assert c["corrected"]["lo"] is None or c["corrected"]["lo"] <= c["raw"]["lo"] + 1e-12
+    sizes = next(c for c in cs if c["claim"].startswith("smaller sets leak more: UnCond's hit rate"))
+    assert sizes["ratio"] == pytest.approx((11 + 1) / (7 / 3 + 1))  # unpaired: mean(a + 1) / mean(b + 1)
+
+
+def test_descriptive_lines_carry_intervals_and_the_ums_ceiling():
+    d = claims.descriptive(_table(), {}, [32, 128])
+    ceiling = next(x for x in d if x["kind"] == "ceiling" and x["n"] == 32)
+    assert ceiling["mean"] == pytest.approx(11.0) and "cannot exceed 2.75" in ceiling["text"]  # (32 + 1) / (11 + 1)
+    per = [x for x in d if x["kind"] == "per size"]
+    assert len(per) == 4 and all("status" not in x for x in per)
+
+
+def test_shared_seeds_are_refused():
+    plan = [dict(name="a", seeds=dict(data=1, train=2)), dict(name="b", seeds=dict(data=3, train=2))]
+    with pytest.raises(ValueError, match="shared by a and b"):
+        claims.check_independent(plan)

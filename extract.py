@@ -109,8 +109,8 @@ def validate(cfg):
           f"--similarity {cfg.similarity!r} is neither l2, sscd nor an existing TorchScript embedding file")
     check(cfg.features in ("ddpm", "pixels") or os.path.isfile(cfg.features),
           f"--features {cfg.features!r} is neither ddpm, pixels nor an existing TorchScript file")
-    check(cfg.data in ("", "faces") or os.path.exists(cfg.data),
-          f"--data {cfg.data!r} is neither faces nor an existing image folder or .npz file")
+    check(cfg.data in ("", "faces", *data.DATASETS) or os.path.exists(cfg.data),
+          f"--data {cfg.data!r} is neither faces, {', '.join(data.DATASETS)} nor an existing folder (images or IDX files) or .npz file")
     T = models.load_model(cfg.ckpt)[1].T  # a missing, foreign or corrupt checkpoint is refused here
     check(cfg.sample_steps <= T, f"--sample-steps {cfg.sample_steps} must be <= the model's T = {T} ({cfg.ckpt})")
     check_writable(out_dir(cfg), "--out")
@@ -275,8 +275,8 @@ def classifier(target, stages, stage, s, x, labels, num_classes, time_dependent)
         return dict(state=stages.ranks.agree({k: v.cpu() for k, v in clf.state_dict().items()}), report=rep)
     ck = stages.stored(stage, s, train)
     stages.reports[stages.name(stage, s)] = ck["report"]
-    clf = side.TimeResNet(num_classes, target.ds.images.shape[1], width=s.clf_width, time_dependent=time_dependent,
-                          T=target.diffusion.T)
+    clf = side.TimeResNet(num_classes, target.ds.images.shape[1], target.ds.channels, width=s.clf_width,
+                          time_dependent=time_dependent, T=target.diffusion.T)
     clf.load_state_dict(ck["state"])
     return clf.to(target.device).eval().requires_grad_(False)
 
@@ -400,17 +400,16 @@ def load_target(cfg):
     model, diffusion, info = models.load_model(cfg.ckpt, device)
     check(cfg.data or info.data, f"{cfg.ckpt} holds no training-data spec (a {info.kind} model): pass --data, "
           "the training images to audit against (a folder of images or an .npz)")
-    check(info.channels == 3, f"{cfg.ckpt} makes {info.channels}-channel images; only RGB (3) models are supported")
     own = info.data or dict(spec=cfg.data, n=None, seed=0, label_attr=None)  # an external model: all of --data
     spec = cfg.data or own["spec"]
     ds = data.load_data(spec, info.image_size, n=own["n"], seed=own["seed"], label_attr=own["label_attr"])
+    kinds = {1: "grey-scale", 3: "RGB"}
+    check(info.channels == ds.channels, f"{cfg.ckpt} makes {info.channels}-channel ({kinds.get(info.channels, 'neither grey nor RGB')}) "
+          f"images but data {spec} is {ds.channels}-channel ({kinds[ds.channels]}); audit a model against the images it was trained on")
     hw = ds.images.shape[1:3]
     if cfg.data and cfg.data != "faces" and (info.data is None or
                                              os.path.realpath(cfg.data) != os.path.realpath(own["spec"])):
-        try:  # other images than the training run's are compared as stored: load_data resized them
-            hw = metrics.load_images(cfg.data)[0].shape[1:3]
-        except metrics.MetricsInputError:
-            pass  # a folder of mixed sizes: only the resized copy has one size
+        hw = data.stored_size(cfg.data) or hw  # other images than the training run's are compared as stored
     check(hw == (info.image_size,) * 2, f"data {spec} is {hw[0]}x{hw[1]} px but {cfg.ckpt} was trained at {info.image_size} px")
     return ranks, Target(model, diffusion, ds, device, ident=key(**info.ident),
                          net=fast_model(model, cfg.channels_last, cfg.compile), num_classes=info.num_classes)

@@ -1,4 +1,4 @@
-"""Train the target model: a DDPM (ddpm.py) on the built-in faces, an image folder or an .npz.
+"""Train the target model: a DDPM (ddpm.py) on the built-in faces, IDX files (fashion-mnist), an image folder or an .npz.
 
     python train.py --out runs/n64 --n-train 64 --steps 2000            # unconditional
     python train.py --out runs/n64-lab --labels true                    # informative labels
@@ -38,7 +38,8 @@ from common import (Progress, UserError, atomic_write_json, check, check_fields,
 @dataclass
 class TrainConfig:
     out: str = option("runs/model", "output folder: ckpt.pt, config.json, samples.png", nonempty=True)
-    data: str = option("faces", "faces (built-in), an image folder, or an .npz with an `images` array", nonempty=True)
+    data: str = option("faces", "faces (built-in), fashion-mnist, mnist, a folder of images or IDX files, or an .npz "
+                      "with an `images` array; the model's channels are the data's (grey 1, colour 3)", nonempty=True)
     n_train: int = option(64, "training-set size (a folder/npz: a nested random sample drawn with --data-seed); small sets are what DDPMs memorize", lo=1)
     image_size: int = option(16, "resolution; 16 px is what trains to memorization on a 2-core CPU in minutes", lo=8)
     data_seed: int = option(0, "seed of the training set: the built-in faces, or the sample of a folder/npz", lo=0)
@@ -103,17 +104,18 @@ def validate(cfg):
         print(f"note: --resume: {ckpt_path} does not exist yet; starting a new run", file=sys.stderr)
 
 
-def model_args(cfg, num_classes):
-    """The ddpm.UNet constructor kwargs a config describes; stored in checkpoints as `model_args`, so
+def model_args(cfg, num_classes, channels=3):
+    """The ddpm.UNet constructor kwargs a config describes, with the data's channels (1 grey, 3 RGB: a
+    property of the data, not of the config); stored in checkpoints as `model_args`, so
     `ddpm.UNet(**ck["model_args"])` rebuilds the network without this file."""
-    return dict(image_size=cfg.image_size, channels=3, base=cfg.base, mults=tuple(cfg.mults),
+    return dict(image_size=cfg.image_size, channels=channels, base=cfg.base, mults=tuple(cfg.mults),
                 num_res_blocks=cfg.num_res_blocks, attn_res=tuple(cfg.attn_res), num_classes=num_classes,
                 dropout=cfg.dropout)
 
 
-def build(cfg, num_classes, device):
-    """The UNet and Diffusion a config describes."""
-    model = ddpm.UNet(**model_args(cfg, num_classes)).to(device)
+def build(cfg, num_classes, device, channels=3):
+    """The UNet (for images of `channels` channels) and Diffusion a config describes."""
+    model = ddpm.UNet(**model_args(cfg, num_classes, channels)).to(device)
     return model, ddpm.Diffusion(cfg.T, cfg.schedule, cfg.prediction, device=device)
 
 
@@ -138,7 +140,7 @@ def load_trained(path, device="cpu", expect_size=None):
     try:
         cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
         check_fields(cfg)  # e.g. a schedule name this code does not know
-        model, diffusion = build(cfg, ckpt["num_classes"], device)
+        model, diffusion = build(cfg, ckpt["num_classes"], device, ckpt.get("model_args", {}).get("channels", 3))
         model.load_state_dict(ckpt["ema"])
     except (KeyError, RuntimeError, TypeError, ValueError, UserError) as e:
         raise UserError(f"{path} does not match this code's model ({str(e).splitlines()[0]}); retrain it with train.py") from None
@@ -165,8 +167,8 @@ def train(cfg):
     y_all = None if y_all is None else y_all.to(device)
 
     torch.manual_seed(cfg.seed)
-    model, diffusion = build(cfg, num_classes, device)
-    ema = build(cfg, num_classes, device)[0]  # EMA of the weights, used for sampling
+    model, diffusion = build(cfg, num_classes, device, ds.channels)  # channels: the data's (1 grey, 3 RGB)
+    ema = build(cfg, num_classes, device, ds.channels)[0]  # EMA of the weights, used for sampling
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -207,7 +209,7 @@ def train(cfg):
         return dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
                     rng=gen.get_state(), torch_rng=torch.get_rng_state(), config=dataclasses.asdict(cfg),
                     num_classes=num_classes, n_train=len(ds.images), source=ds.source,
-                    model_args=model_args(cfg, num_classes))
+                    model_args=model_args(cfg, num_classes, ds.channels))
 
     n_local = cfg.batch // world
     prog = Progress("train", cfg.steps - step, "step", every=cfg.log_every, enabled=rank == 0)

@@ -30,7 +30,7 @@ def test_16_bit_grayscale_is_scaled_to_8_bits(tmp_path):
     im.save(tmp_path / "a.png")
     with Image.open(tmp_path / "a.png") as check:
         assert check.mode in ("I;16", "I")  # stored with 16 bits
-    assert np.array_equal(load_one(tmp_path / "a.png"), np.repeat(g8[..., None], 3, -1))
+    assert np.array_equal(load_one(tmp_path / "a.png"), g8[..., None])  # grey stays one channel
 
 
 def test_palette_and_grayscale_are_expanded(tmp_path):
@@ -40,7 +40,7 @@ def test_palette_and_grayscale_are_expanded(tmp_path):
     assert np.array_equal(load_one(tmp_path / "p.png"), img)
     (tmp_path / "g").mkdir()
     Image.fromarray(RGB[..., 1]).save(tmp_path / "g" / "g.png")
-    assert np.array_equal(load_one(tmp_path / "g" / "g.png"), np.repeat(RGB[..., 1:2].astype(int), 3, -1))
+    assert np.array_equal(load_one(tmp_path / "g" / "g.png"), RGB[..., 1:2])  # grey stays one channel
 
 
 def test_alpha_is_composited_on_the_stated_background(tmp_path):

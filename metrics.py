@@ -746,6 +746,8 @@ def _float_range(images, declared, path):
         return FLOAT_RANGES[1]  # to_uint8_nhwc refuses these with its own message
     if float(images.min()) < 0:
         return FLOAT_RANGES[1]
+    if float(images.max()) > 1 + FLOAT_TOL:
+        return FLOAT_RANGES[0]  # in neither range: to_uint8_nhwc refuses it
     print(f"note: {path}: float images with no value below 0, read as [0, 1] (0 black, 1 white); if they are on "
           "the [-1, 1] scale, save value_range=[-1, 1] beside them", file=sys.stderr)
     return FLOAT_RANGES[0]

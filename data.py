@@ -1,20 +1,35 @@
-"""Datasets for the SIDE reference implementation, chosen by one `--data` string (built-in procedural faces, since no dataset may be downloaded).
+"""Datasets for the SIDE reference implementation, chosen by one `--data` string (nothing is downloaded).
 
   faces      (default) procedural cartoon faces drawn with pillow: discrete attributes (skin tone,
              hair colour, hair style, eyes, mouth, background) are the "true labels" of Carlini Cond
              and of the informative-label experiment; continuous jitter (position, shape, spacing,
              colour) makes every face distinct. Face i depends only on (seed, i), never on n.
-  DIR        a folder of images (labels from immediate subfolder names), e.g. a CelebA folder.
-  FILE.npz   an array file with `images` and optional `labels`.
-Folders and .npz files are read by metrics.load_images (centre-crop + resize to --size).
+  fashion-mnist, mnist
+             shorthands for /usr/share/datasets/fashion-mnist/ (Debian: `make fashion-mnist`, i.e.
+             `apt-get install dataset-fashion-mnist`) and /usr/share/datasets/mnist/ (no package: put the
+             IDX files there yourself): an IDX folder, below.
+  DIR        a folder holding MNIST-family IDX files (train-images-idx3-ubyte and
+             train-labels-idx1-ubyte, each gzipped or not): the training split, grey-scale, its labels
+             the true labels (Fashion-MNIST: 60,000 images of 28 x 28, 10 classes of 6,000).
+  DIR        otherwise a folder of images (labels from immediate subfolder names), e.g. a CelebA folder.
+  FILE.npz   an array file with `images` and optional `labels` (and `value_range` for float images).
+Folders and .npz files are read by metrics.load_images. Channels are the data's own: grey-scale data
+(IDX files, a folder of grey images, a one-channel .npz) stays one channel everywhere (training,
+sampling, metrics, grids written as grey PNGs); colour is RGB; the faces are RGB.
+Resizing to the working resolution (--size / --image-size), the same for every source: centre-crop to
+a square, then PIL's LANCZOS filter (antialiased; e.g. Fashion-MNIST's 28 x 28 -> 8 x 8 or 16 x 16).
 
-Also: to_tensor / to_uint8 (uint8 NHWC <-> float NCHW in [-1, 1]), save_grid, permuted_labels.
+Also: to_tensor / to_uint8 (uint8 NHWC <-> float NCHW in [-1, 1], C = 1 or 3), save_grid, permuted_labels.
 Run `python data.py --data faces --size 32 --n 64 --out faces.png` for a preview grid.
-Depends on numpy, pillow, torch, common.py and metrics.py.
+Depends on numpy, pillow, torch, common.py and metrics.py (gzip and struct from the standard library).
 """
 import dataclasses
+import gzip
 import io
+import math
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +38,7 @@ from PIL import Image, ImageDraw
 
 from common import (MAX_CLASSES, MAX_IMAGE_SIZE, UserError, atomic_write_bytes, check, check_writable, option, parse_config,
                     run_main)
-from metrics import MetricsInputError, load_images
+from metrics import MetricsInputError, load_images, resize_images
 
 # ----------------------------------------------------------------------------- procedural faces
 
@@ -171,24 +186,128 @@ def combine_attrs(attrs, label_attr=DEFAULT_LABEL_ATTR):
     return labels, label_names
 
 
+# ----------------------------------------------------------------------------- MNIST-family IDX files
+
+IDX_IMAGES, IDX_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"  # the training split's two files
+IDX_UBYTE = 0x08  # IDX type code of unsigned bytes, the type of every MNIST-family file
+IDX_MAX_BYTES = 1 << 32  # a header promising more than 4 GiB is refused before reading (corrupt or hostile)
+GZIP_MAGIC = b"\x1f\x8b"  # a gzipped file starts so; anything else is read as a plain IDX file
+DATASETS_ROOT = "/usr/share/datasets"  # where Debian's dataset-* packages install
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]  # Fashion-MNIST's label names (Xiao et al. 2017), in label order
+DATASETS = {  # --data shorthand -> (class names, how to install it)
+    "fashion-mnist": (FASHION_CLASSES, "install it with `make fashion-mnist` (apt-get install dataset-fashion-mnist)"),
+    "mnist": ([str(k) for k in range(10)], "there is no Debian package: download the MNIST files yourself"),
+}
+
+
+def idx_files(folder):
+    """(images path, labels path) of the IDX training split in `folder` (plain preferred over .gz), or
+    None when it holds no train-images file."""
+    def find(name):
+        return next((os.path.join(folder, name + ext) for ext in ("", ".gz")
+                     if os.path.isfile(os.path.join(folder, name + ext))), None)
+    images = find(IDX_IMAGES)
+    if images is None:
+        return None
+    labels = find(IDX_LABELS)
+    check(labels is not None, f"{folder} holds {os.path.basename(images)} but no {IDX_LABELS}[.gz] beside it; "
+          "put the training split's labels file there too")
+    return images, labels
+
+
+def read_idx(path, ndim, header_only=False):
+    """One IDX file (gzipped or not, told by its first bytes) -> uint8 array of `ndim` dimensions, or
+    with header_only its shape alone. The format: bytes 0 0, type code (0x08: unsigned byte), ndim;
+    ndim big-endian uint32 sizes; the values, nothing after. Anything else (another type, a wrong
+    ndim, a truncated file or stream, trailing bytes, a corrupt gzip) is one UserError naming the file."""
+    with open(path, "rb") as fh:
+        gz = fh.read(len(GZIP_MAGIC)) == GZIP_MAGIC
+    bad = f"{path} is not a valid IDX file"
+    try:
+        with (gzip.open if gz else open)(path, "rb") as fh:
+            head = fh.read(4 + 4 * ndim)
+            check(len(head) == 4 + 4 * ndim, f"{bad}: truncated header ({len(head)} bytes)")
+            check(head[:2] == b"\0\0" and head[2] == IDX_UBYTE and head[3] == ndim,
+                  f"{bad}: header {head[:4].hex()} is not 0000{IDX_UBYTE:02x}{ndim:02x} (unsigned bytes, {ndim} dimensions)")
+            shape = struct.unpack(f">{ndim}I", head[4:])
+            size = math.prod(shape)
+            check(0 < size <= IDX_MAX_BYTES, f"{bad}: sizes {shape} hold {size} values (expected 1..{IDX_MAX_BYTES})")
+            if header_only:
+                return shape
+            body = fh.read(size + 1)  # one byte more, to see trailing data
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a cut stream is EOFError
+        raise UserError(f"{bad}: {'corrupt or truncated gzip' if gz else 'unreadable'} ({e}); "
+                        "replace it with an intact copy") from None
+    check(len(body) == size, f"{bad}: {'truncated' if len(body) < size else 'trailing bytes'}: "
+          f"{len(body) if len(body) <= size else 'more than ' + str(size)} value bytes for sizes {shape} ({size})")
+    return np.frombuffer(body, np.uint8).reshape(shape)
+
+
+def dataset_folder(spec):
+    """The folder a --data shorthand (DATASETS) names, refused in one line saying how to install it when
+    it holds no IDX training files; any other spec unchanged."""
+    if spec not in DATASETS:
+        return spec
+    folder = os.path.join(DATASETS_ROOT, spec)
+    if not (os.path.isdir(folder) and idx_files(folder)):
+        raise UserError(f"--data {spec}: {folder}/ holds no {IDX_IMAGES}[.gz]; {DATASETS[spec][1]}, or put the four "
+                        f"IDX files ({IDX_IMAGES}.gz, {IDX_LABELS}.gz, t10k-...) in a folder and pass --data FOLDER")
+    return folder
+
+
+def load_idx(folder, size, n=None, seed=0):
+    """(images uint8 (N, size, size, 1), labels int64 (N,), label names) of the IDX training split in
+    `folder`; n: the nested seeded sample of load_data, drawn before resizing (only those are resized)."""
+    images_path, labels_path = idx_files(folder)
+    x, y = read_idx(images_path, 3), read_idx(labels_path, 1)
+    check(len(x) == len(y), f"{images_path} holds {len(x)} images but {labels_path} {len(y)} labels; "
+          "they must be the same split")
+    if n is not None:
+        check(n <= len(x), f"{n} images asked for (--n-train / --n), but {folder} holds only {len(x)}")
+        pick = np.random.default_rng(seed).permutation(len(x))[:n]
+        x, y = x[pick], y[pick]
+    names = DATASETS.get(os.path.basename(os.path.realpath(folder)), ([],))[0]
+    k = int(y.max()) + 1
+    return resize_images(x[..., None], size), y.astype(np.int64), names if len(names) >= k else [str(c) for c in range(k)]
+
+
+def stored_size(spec):
+    """(H, W) of a data source's images as stored, before any resizing; None for the faces (drawn at any
+    size) and for a folder of images of mixed sizes."""
+    if spec == "faces":
+        return None
+    folder = dataset_folder(spec)
+    if os.path.isdir(folder) and idx_files(folder):
+        return tuple(read_idx(idx_files(folder)[0], 3, header_only=True)[1:])
+    try:
+        return tuple(load_images(folder)[0].shape[1:3])
+    except MetricsInputError:
+        return None
+
+
 # ----------------------------------------------------------------------------- datasets
 
 @dataclass
 class Dataset:
-    images: np.ndarray          # uint8 (N, H, W, 3)
+    images: np.ndarray          # uint8 (N, H, W, C), C = 1 (grey-scale) or 3 (RGB)
     labels: np.ndarray | None   # int64 (N,) class per image, or None when the source has none
     label_names: list           # name of each class index
     attrs: np.ndarray | None    # int64 (N, A) all attributes (faces only)
     attr_names: list
     source: str                 # what was loaded, for logs and saved configs
 
+    @property
+    def channels(self):
+        return self.images.shape[-1]
+
 
 def load_data(spec="faces", size=32, n=None, seed=0, label_attr=None):
-    """The dataset named by `spec`: "faces", a folder of images, or an .npz file (see header).
-    label_attr (faces only; None = DEFAULT_LABEL_ATTR) picks the attributes whose combination is
-    the label. For a folder / .npz, n takes a random sample of n images drawn with `seed`, nested
-    (the sample of n is the first n of one seeded permutation, so a smaller set is part of a larger
-    one) and mixing every class subfolder, unlike the first n in file order."""
+    """The dataset named by `spec`: "faces", a shorthand (DATASETS), an IDX folder, a folder of images or
+    an .npz file (see header). label_attr (faces only; None = DEFAULT_LABEL_ATTR) picks the attributes
+    whose combination is the label. For the other sources, n takes a random sample of n images drawn
+    with `seed`, nested (the sample of n is the first n of one seeded permutation, so a smaller set is
+    part of a larger one) and mixing every class, unlike the first n in file order."""
     check(isinstance(size, (int, np.integer)) and size >= 8, f"--size must be an integer >= 8, got {size!r}")
     check(n is None or n >= 1, f"--n must be >= 1, got {n}")
     if spec == "faces":
@@ -197,15 +316,20 @@ def load_data(spec="faces", size=32, n=None, seed=0, label_attr=None):
         source = f"faces(n={len(images)}, size={size}, seed={seed}, labels={label_attr or DEFAULT_LABEL_ATTR})"
         return Dataset(images, labels, label_names, attrs, attr_names, source)
     check(not label_attr, f"--label-attr {label_attr!r} only applies to --data faces; a folder takes its "
-                          "labels from subfolder names and an .npz from its `labels` array")
-    if not (os.path.isdir(spec) or (os.path.isfile(spec) and spec.endswith(".npz"))):
-        raise UserError(f"--data {spec!r} is neither 'faces' nor an existing folder of images or .npz file; "
-                        "pass --data faces, --data path/to/folder, or --data path/to/file.npz")
+                          "labels from subfolder names, IDX files from their labels file and an .npz from its `labels` array")
+    folder = dataset_folder(spec)
+    if os.path.isdir(folder) and idx_files(folder):
+        images, labels, label_names = load_idx(folder, size, n, seed)
+        return Dataset(images, labels, label_names, None, [], f"{spec} (IDX, n={len(images)}, size={size})")
+    if not (os.path.isdir(spec) or (os.path.exists(spec) and spec.endswith(".npz"))):
+        raise UserError(f"--data {spec!r} is neither 'faces', {' nor '.join(repr(d) for d in DATASETS)} nor an existing "
+                        "folder (of images or IDX files) or .npz file; pass --data faces, --data path/to/folder, "
+                        "or --data path/to/file.npz")
     try:
         images, labels, files = load_images(spec, size=size)
     except MetricsInputError as e:
         raise UserError(str(e)) from None
-    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3, images.shape
+    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] in (1, 3), images.shape
     if labels is None:
         label_names = []
     elif os.path.isdir(spec):  # metrics.load_images numbers the sorted top-level subfolders
@@ -237,30 +361,31 @@ def permuted_labels(labels, seed):
 # ----------------------------------------------------------------------------- tensors and grids
 
 def to_tensor(images):
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1]."""
-    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3, (images.dtype, images.shape)
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1], C = 1 (grey) or 3 (RGB)."""
+    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] in (1, 3), (images.dtype, images.shape)
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def to_uint8(x):
-    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounding to the nearest level."""
-    assert x.ndim == 4 and x.shape[1] == 3, tuple(x.shape)
+    """float (N, C, H, W) in [-1, 1], C = 1 or 3 -> uint8 (N, H, W, C), rounding to the nearest level."""
+    assert x.ndim == 4 and x.shape[1] in (1, 3), tuple(x.shape)
     x = ((x.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255)
     return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def save_grid(images, path, nrow=8, pad=2):
-    """Write images (uint8 NHWC array or float NCHW tensor in [-1, 1]) as one PNG, `nrow` per row."""
+    """Write images (uint8 NHWC array or float NCHW tensor in [-1, 1]) as one PNG, `nrow` per row: a grey
+    PNG (mode L) for one channel, RGB for three."""
     if isinstance(images, torch.Tensor):
         images = to_uint8(images) if images.is_floating_point() else images.cpu().numpy()
-    n, h, w, _ = images.shape
+    n, h, w, c = images.shape
     cols, rows = min(nrow, n), -(-n // nrow)
-    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.uint8)
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
     for k in range(n):
-        r, c = divmod(k, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = images[k]
+        r, col = divmod(k, nrow)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = images[k]
     buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -271,7 +396,7 @@ PREVIEW_MAX_N = 4096  # a preview grid of 64 x 64 faces; more would not be looke
 
 @dataclass
 class PreviewConfig:
-    data: str = option("faces", "dataset: faces, a folder of images, or an .npz file", nonempty=True)
+    data: str = option("faces", "dataset: faces, fashion-mnist, mnist, a folder (images or IDX files) or an .npz", nonempty=True)
     size: int = option(32, "image side in pixels", lo=8, hi=MAX_IMAGE_SIZE)
     n: int = option(64, "images to show", lo=1, hi=PREVIEW_MAX_N)
     seed: int = option(0, "seed of the procedural faces", lo=0)

@@ -128,8 +128,9 @@ def validate(cfg):
           f"--similarity {cfg.similarity!r} is neither l2, sscd nor an existing TorchScript embedding file")
     check(cfg.features in ("ddpm", "pixels") or os.path.isfile(cfg.features),
           f"--features {cfg.features!r} is neither ddpm, pixels nor an existing TorchScript file")
-    check(cfg.data in ("", "faces") or os.path.exists(cfg.data),
-          f"--data {cfg.data!r} is neither faces nor an existing image folder or .npz file")
+    check(cfg.data in ("", "faces", *data.DATASETS) or os.path.exists(cfg.data),
+          f"--data {cfg.data!r} is neither faces, {', '.join(data.DATASETS)} nor an existing folder (images or IDX files) "
+          "or .npz file")
     _, diffusion, info = models.load_model(cfg.ckpt)  # a missing, foreign or corrupt checkpoint is refused here
     check(cfg.sample_steps <= diffusion.T, f"--sample-steps {cfg.sample_steps} must be <= the model's T = {diffusion.T} ({cfg.ckpt})")
     if uses_side(cfg):
@@ -332,16 +333,16 @@ class Stages:
 CACHE_FIX = "delete it and rerun (the stage is recomputed)"
 
 
-def load_batch(path, n, size):
-    """A cached batch of generations: an .npy of uint8 (n, size, size, 3), read without pickles."""
+def load_batch(path, n, size, channels=3):
+    """A cached batch of generations: an .npy of uint8 (n, size, size, channels), read without pickles."""
     try:
         x = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise UserError(f"cache file {path} cannot be read as an array of images ({str(e).splitlines()[0][:120]}); "
                         f"{CACHE_FIX}") from None
-    check(isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.shape == (n, size, size, 3), f"cache file {path} "
-          f"holds {getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}, not {n} uint8 images of "
-          f"{size} px; {CACHE_FIX}")
+    check(isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.shape == (n, size, size, channels),
+          f"cache file {path} holds {getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}, not {n} uint8 "
+          f"images of {size} px and {channels} channels; {CACHE_FIX}")
     return x
 
 
@@ -384,7 +385,7 @@ def generate(target, stages, stage, s, guide=None, targets=None):
         prog.update(len(idx))
     ranks.barrier()  # every rank's batches are on disk (a shared folder across nodes)
     size = target.ds.images.shape[1]
-    return np.concatenate([load_batch(f, len(batches[b]), size) for b, f in enumerate(files)])
+    return np.concatenate([load_batch(f, len(batches[b]), size, target.ds.channels) for b, f in enumerate(files)])
 
 
 def classifier(target, stages, stage, s, x, labels, num_classes, time_dependent, holdout=0.1):
@@ -403,8 +404,8 @@ def classifier(target, stages, stage, s, x, labels, num_classes, time_dependent,
     ck = stages.stored(stage, s, train, lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
                        and isinstance(v.get("report"), dict))
     stages.reports[stages.name(stage, s)] = ck["report"]
-    clf = side.TimeResNet(num_classes, target.ds.images.shape[1], width=s.clf_width, time_dependent=time_dependent,
-                          T=target.diffusion.T)
+    clf = side.TimeResNet(num_classes, target.ds.images.shape[1], target.ds.channels, width=s.clf_width,
+                          time_dependent=time_dependent, T=target.diffusion.T)
     try:
         clf.load_state_dict(ck["state"])
     except (RuntimeError, TypeError) as e:
@@ -543,20 +544,19 @@ def load_target(cfg):
     model, diffusion, info = models.load_model(cfg.ckpt, device)
     check(cfg.data or info.data, f"{cfg.ckpt} holds no training-data spec (a {info.kind} model): pass --data, "
           "the training images to audit against (a folder of images or an .npz)")
-    check(info.channels == 3, f"{cfg.ckpt} makes {info.channels}-channel images; only RGB (3) models are supported")
     own = info.data or dict(spec=cfg.data, n=None, seed=0, label_attr=None)  # an external model: all of --data
     spec = cfg.data or own["spec"]
     check(spec == "faces" or os.path.exists(spec), f"{cfg.ckpt} names its training data {spec} "
           f"({'the --data it was trained with' if info.kind == 'train' else 'data in its JSON'}), which does not exist "
           "here; pass --data with those training images")
     ds = data.load_data(spec, info.image_size, n=own["n"], seed=own["seed"], label_attr=own["label_attr"])
+    kinds = {1: "grey-scale", 3: "RGB"}
+    check(info.channels == ds.channels, f"{cfg.ckpt} makes {info.channels}-channel ({kinds.get(info.channels, 'neither grey nor RGB')}) "
+          f"images but data {spec} is {ds.channels}-channel ({kinds[ds.channels]}); audit a model against the images it was trained on")
     hw = ds.images.shape[1:3]
     if cfg.data and cfg.data != "faces" and (info.data is None or
                                              os.path.realpath(cfg.data) != os.path.realpath(own["spec"])):
-        try:  # other images than the training run's are compared as stored: load_data resized them
-            hw = metrics.load_images(cfg.data)[0].shape[1:3]
-        except metrics.MetricsInputError:
-            pass  # a folder of mixed sizes: only the resized copy has one size
+        hw = data.stored_size(cfg.data) or hw  # other images than the training run's are compared as stored
     check(hw == (info.image_size,) * 2, f"data {spec} is {hw[0]}x{hw[1]} px but {cfg.ckpt} was trained at {info.image_size} px")
     return ranks, Target(model, diffusion, ds, device, ident=key(**info.ident),
                          net=fast_model(model, cfg.channels_last, cfg.compile), num_classes=info.num_classes)

@@ -32,9 +32,13 @@ import dataclasses
 import json
 import math
 import os
+import stat
 import sys
 import time
 import typing
+import warnings
+import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -59,6 +63,11 @@ CHUNK_BYTES = 64 << 20  # float64 scratch (reused) per chunk of exact re-scoring
 # images and embeddings
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as image viewers show them
+BACKGROUND_L = round(0.299 * BACKGROUND[0] + 0.587 * BACKGROUND[1] + 0.114 * BACKGROUND[2])  # as grey (PIL's "L" weights)
+IMAGE_MAX_PIXELS = 1 << 26  # 67 M pixels (8192 x 8192): larger files are refused before decoding (decompression bombs)
+FLOAT_RANGES = ((0.0, 1.0), (-1.0, 1.0))  # the value ranges float images in an .npz may have (detected or declared)
+FLOAT_TOL = 1e-3  # float images may overshoot their range by this much (rounding noise at the ends), then clipped
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # first bytes of a zip archive (an .npz), with members / empty
 EMBED_SIZE = 288  # SSCD's README evaluates at 288 px ("small_288" transform)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SSCD/torchvision normalization
 SSCD_BATCH = 16  # images per ONNX Runtime call (288 px: ~16 MB of uint8 input a batch)
@@ -638,86 +647,182 @@ def knn(queries, keys, k=1, metric="l2", scale=None, shift=0, bands=None, block_
 
 def load_images(path, size=None):
     """A folder (recursive, sorted; labels = index of the sorted top-level subfolder names when every
-    image sits in one, else None) or an .npz with `images` (and optional `labels`) ->
-    (uint8 (N, H, W, 3), labels int64 (N,) or None, file names). `size`: centre-crop + resize."""
+    image sits in one, else None) or an .npz with `images` (and optional `labels`, `value_range`) ->
+    (uint8 (N, H, W, C), labels int64 (N,) or None, file names). C is 1 for grey-scale data (every file
+    grey, or an .npz with one channel) and 3 for colour (a folder mixing both is read as colour, its
+    grey images replicated to RGB); alpha is composited on BACKGROUND (composite) in every source.
+    `size`: centre-crop + resize (LANCZOS). Non-regular files named like images, images over
+    IMAGE_MAX_PIXELS and unreadable files are refused with one line naming the file."""
     path = os.fspath(path)
     if os.path.isdir(path):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
         if not files:
             raise MetricsInputError(f"{path}: no images ({'/'.join(IMAGE_EXTS)}) found; point to a folder of images")
-        from PIL import Image
         arrays = []
         for f in files:
-            try:
-                with Image.open(f) as im:
-                    arrays.append(_rgb(im, size))
-            except (OSError, ValueError) as e:
-                raise MetricsInputError(f"{f}: cannot be read as an image ({e}); remove or replace it") from None
-            if arrays[-1].shape != arrays[0].shape:
+            arrays.append(_read_image(f, size))
+            if arrays[-1].shape[:2] != arrays[0].shape[:2]:
                 raise MetricsInputError(f"{f} is {arrays[-1].shape[:2]} but {files[0]} is {arrays[0].shape[:2]}; "
                                         "pass a size (--size) to centre-crop and resize every image")
+        if len({a.shape[-1] for a in arrays}) > 1:  # grey and colour files mixed: a colour set
+            arrays = [np.repeat(a, 3, -1) if a.shape[-1] == 1 else a for a in arrays]
         parts = [os.path.relpath(f, path).split(os.sep) for f in files]
         labels = None
         if all(len(p) > 1 for p in parts):
             classes = {c: i for i, c in enumerate(sorted({p[0] for p in parts}))}
             labels = np.array([classes[p[0]] for p in parts], np.int64)
         return np.stack(arrays), labels, files
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise MetricsInputError(f"{path} does not exist; pass a folder of images or an .npz file with `images`")
     if not path.endswith(".npz"):
         raise MetricsInputError(f"{path}: expected a folder of images or an .npz file with an `images` array")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise MetricsInputError(f"{path}: cannot be read as .npz ({e}); write it with np.savez(path, images=...)") from None
+    arrays = _read_npz(path)
     if "images" not in arrays:
         raise MetricsInputError(f"{path} has no `images` array (keys: {sorted(arrays)}); "
                                 "save with np.savez(path, images=..., labels=...)")
-    images = to_uint8_nhwc(arrays["images"], path)
+    images = arrays["images"]
+    if images.ndim == 3:  # (N, H, W): one grey channel, as MNIST-style arrays come
+        images = images[..., None] if images.dtype == np.uint8 else images[:, None]
+    images = to_uint8_nhwc(images, path, value_range=_float_range(images, arrays.get("value_range"), path))
     labels = arrays.get("labels")
     if labels is not None:
         if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
             raise MetricsInputError(f"{path}: `labels` must be {len(images)} integers to match `images`, "
                                     f"got shape {labels.shape} dtype {labels.dtype}")
         labels = labels.astype(np.int64)
-    if size and images.shape[1:3] != (size, size):
-        from PIL import Image
-        images = np.stack([_rgb(Image.fromarray(im), size) for im in images])
-    return images, labels, [f"{path}#{i}" for i in range(len(images))]
+    return resize_images(images, size), labels, [f"{path}#{i}" for i in range(len(images))]
 
 
-def to_uint8_nhwc(x, name="images"):
-    """uint8 (N, H, W, C) or float (N, C, H, W) in [-1, 1], numpy or torch -> uint8 (N, H, W, 3)."""
+def resize_images(images, size):
+    """uint8 (N, H, W, C), C = 1 or 3 -> (N, size, size, C): centre-crop to a square and resize with
+    LANCZOS (antialiased), as every image file is (_pixels); unchanged when already size x size or size
+    is None / 0."""
+    if not size or images.shape[1:3] == (size, size):
+        return images
+    from PIL import Image
+    return np.stack([_pixels(Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im), size) for im in images])
+
+
+def _regular(path):
+    """Refuse (one line) a path that is not a regular file: a FIFO named like an image would block a
+    read forever, a device would never end."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise MetricsInputError(f"{path}: cannot be read ({e.strerror}); remove or replace it") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise MetricsInputError(f"{path} is not a regular file (a FIFO, socket or device named like an image "
+                                "file); remove it or point to a folder without it")
+
+
+def _read_npz(path):
+    """{name: array} of an .npz file; anything that is not a zip archive of plain arrays (empty, corrupt,
+    truncated, a lone .npy or text named .npz, pickled objects) is refused in one line naming the file."""
+    _regular(path)
+    how = "write it with np.savez(path, images=...)"
+    with open(path, "rb") as fh:
+        if fh.read(len(ZIP_MAGIC[0])) not in ZIP_MAGIC:
+            raise MetricsInputError(f"{path} is not an .npz archive (empty, or not a zip file); {how}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        reason = "it holds pickled objects" if "pickle" in str(e) else f"{type(e).__name__}: {str(e)[:80]}"
+        raise MetricsInputError(f"{path}: cannot be read as .npz ({reason}); {how}") from None
+
+
+def _float_range(images, declared, path):
+    """The value range of float images in an .npz, never assumed: `value_range` when the file declares it
+    ([0, 1] or [-1, 1]); otherwise detected: values below 0 mean [-1, 1] ([0, 1] images have none), else
+    [0, 1], said on stderr (a [-1, 1] set with no pixel below mid-grey reads the same). None for uint8."""
+    if images.dtype == np.uint8:
+        return None
+    if declared is not None:
+        r = tuple(np.asarray(declared, np.float64).reshape(-1).tolist())
+        if r not in FLOAT_RANGES:
+            raise MetricsInputError(f"{path}: `value_range` {list(r)} is neither [0, 1] nor [-1, 1]")
+        return r
+    if not np.issubdtype(images.dtype, np.floating) or images.size == 0 or not np.isfinite(images).all():
+        return FLOAT_RANGES[1]  # to_uint8_nhwc refuses these with its own message
+    if float(images.min()) < 0:
+        return FLOAT_RANGES[1]
+    if float(images.max()) > 1 + FLOAT_TOL:
+        return FLOAT_RANGES[0]  # in neither range: to_uint8_nhwc refuses it
+    print(f"note: {path}: float images with no value below 0, read as [0, 1] (0 black, 1 white); if they are on "
+          "the [-1, 1] scale, save value_range=[-1, 1] beside them", file=sys.stderr)
+    return FLOAT_RANGES[0]
+
+
+def to_uint8_nhwc(x, name="images", value_range=(-1.0, 1.0)):
+    """uint8 (N, H, W, C) or float (N, C, H, W) in `value_range` ([-1, 1], the DDPM's scale, or [0, 1]),
+    numpy or torch, C in 1..4 -> uint8 (N, H, W, C') with C' = 1 (grey) or 3 (RGB): alpha (C = 2 or 4)
+    composited on BACKGROUND (composite)."""
     x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
     if x.ndim != 4 or x.shape[0] == 0:
         raise MetricsInputError(f"{name}: expected a non-empty (N,H,W,C) uint8 or (N,C,H,W) float array, "
                                 f"got shape {x.shape}")
     if x.dtype == np.uint8:
-        if x.shape[-1] not in (1, 3, 4):
-            raise MetricsInputError(f"{name}: uint8 images must be (N,H,W,C) with C in 1/3/4, got {x.shape}")
+        if not 1 <= x.shape[-1] <= 4:
+            raise MetricsInputError(f"{name}: uint8 images must be (N,H,W,C) with C in 1..4 (grey, grey+alpha, "
+                                    f"RGB, RGBA), got {x.shape}")
     elif np.issubdtype(x.dtype, np.floating):
-        if x.shape[1] not in (1, 3, 4):
-            raise MetricsInputError(f"{name}: float images must be (N,C,H,W) with C in 1/3/4, got {x.shape}")
+        if not 1 <= x.shape[1] <= 4:
+            raise MetricsInputError(f"{name}: float images must be (N,C,H,W) with C in 1..4, got {x.shape}")
         if not np.isfinite(x).all():
             raise MetricsInputError(f"{name}: contains NaN or inf; fix the sampler or drop those images")
-        if x.min() < -1.001 or x.max() > 1.001:  # 0.001: tolerate float noise at the ends only
-            raise MetricsInputError(f"{name}: float images must lie in [-1, 1], got [{x.min():.3g}, {x.max():.3g}]; "
-                                    "clamp them or pass uint8")
-        x = np.clip(np.round((x.transpose(0, 2, 3, 1) + 1) * PIXEL_SCALE), 0, 255).astype(np.uint8)
+        lo, hi = value_range
+        if x.min() < lo - FLOAT_TOL or x.max() > hi + FLOAT_TOL:
+            raise MetricsInputError(f"{name}: float images must lie in [0, 1] or [-1, 1] (read as [{lo:g}, {hi:g}]), "
+                                    f"got [{x.min():.3g}, {x.max():.3g}]; rescale them or save uint8")
+        x = np.clip(np.round((x.transpose(0, 2, 3, 1) - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
     else:
         raise MetricsInputError(f"{name}: expected uint8 or float images, got dtype {x.dtype}")
-    if x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
-    return np.ascontiguousarray(x[..., :3])
+    return np.ascontiguousarray(composite(x) if x.shape[-1] in (2, 4) else x)
 
 
-def _rgb(img, size):
-    """PIL image -> uint8 (H, W, 3) as a viewer shows it: EXIF orientation applied; 16/32-bit integer
-    grayscale (I;16*, I) scaled to 8 bits (v / 257, so 65535 -> 255); alpha (RGBA, LA, PA, palette
-    transparency) composited on BACKGROUND; palette, grayscale, bilevel, CMYK and YCbCr converted to
-    RGB. Other modes (float "F", LAB, HSV, ...) raise ValueError. With `size`, centre-crop to a
-    square and resize (LANCZOS)."""
+def composite(x):
+    """uint8 (..., C) with alpha last (C = 2: grey + alpha; C = 4: RGBA) -> (..., C - 1) over an opaque
+    BACKGROUND (its grey level BACKGROUND_L for grey): round((v a + b (255 - a)) / 255), exact in integers.
+    The one compositing rule of every source (PNG, palette transparency, .npz arrays)."""
+    v, a = x[..., :-1].astype(np.int64), x[..., -1:].astype(np.int64)
+    b = np.array(BACKGROUND if x.shape[-1] == 4 else (BACKGROUND_L,), np.int64)
+    return ((2 * (v * a + b * (255 - a)) + 255) // 510).astype(np.uint8)  # round half up of (.) / 255
+
+
+def as_rgb(images):
+    """uint8 (N, H, W, 1 or 3) -> (N, H, W, 3): a grey image replicated to three channels, for embeddings
+    that take RGB input (SSCD and other TorchScript image models); other code keeps one channel."""
+    return np.repeat(images, 3, -1) if images.shape[-1] == 1 else images
+
+
+def _read_image(f, size):
+    """One image file -> uint8 (H, W, 1 or 3) (_pixels), refused in one line when it is not a regular
+    file, larger than IMAGE_MAX_PIXELS (before decoding: a decompression bomb) or unreadable."""
+    from PIL import Image
+    _regular(f)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused below, not warned
+            with Image.open(f) as im:
+                if im.width * im.height > IMAGE_MAX_PIXELS:
+                    raise MetricsInputError(f"{f} is {im.width} x {im.height} pixels, over the limit of "
+                                            f"{IMAGE_MAX_PIXELS} (a decompression bomb?); shrink or remove it")
+                return _pixels(im, size)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MetricsInputError(f"{f}: refused as a decompression bomb ({e}); shrink or remove it") from None
+    except (OSError, ValueError, EOFError, zlib.error) as e:
+        raise MetricsInputError(f"{f}: cannot be read as an image ({e}); remove or replace it") from None
+
+
+GREY_MODES = ("L", "1", "I", "LA", "La")  # 8-bit, bilevel and 32-bit grey, with or without alpha (and I;16*)
+
+
+def _pixels(img, size):
+    """PIL image -> uint8 (H, W, C) as a viewer shows it, C = 1 for grey-scale modes (L, 1, LA, I;16*, I)
+    and 3 for colour: EXIF orientation applied; 16/32-bit integer grayscale scaled to 8 bits (v / 257, so
+    65535 -> 255); alpha (RGBA, LA, PA, palette transparency) composited on BACKGROUND (composite);
+    palette, CMYK and YCbCr converted to RGB. Other modes (float "F", LAB, HSV, ...) raise ValueError.
+    With `size`, centre-crop to a square and resize (LANCZOS, antialiased)."""
     from PIL import Image, ImageOps
     img = ImageOps.exif_transpose(img)  # a phone photo stored sideways is used upright
     mode = img.mode
@@ -726,19 +831,21 @@ def _rgb(img, size):
         if a.min() < 0 or a.max() > 65535:
             raise ValueError(f"{mode} values outside 0..65535 cannot be scaled to 8 bits")
         img = Image.fromarray(np.round(a / 257.0).astype(np.uint8), "L")  # 16 -> 8 bits: 257 = 65535 / 255
-    elif mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba)
-    elif mode not in ("RGB", "L", "P", "1", "CMYK", "YCbCr"):
+    elif mode not in ("RGB", "RGBA", "RGBa", "PA", "P", "CMYK", "YCbCr") + GREY_MODES:
         raise ValueError(f"image mode {mode} is not supported; save it as 8- or 16-bit RGB or grayscale")
-    img = img.convert("RGB")
+    grey = img.mode in GREY_MODES
+    alpha = img.mode in ("RGBA", "RGBa", "PA", "LA", "La") or (img.mode == "P" and "transparency" in img.info)
+    img = img.convert(("LA" if alpha else "L") if grey else ("RGBA" if alpha else "RGB"))
+    if alpha:  # composited first, then resized: the order of the .npz path
+        c = composite(np.asarray(img, np.uint8).reshape(img.height, img.width, -1))
+        img = Image.fromarray(c[..., 0] if grey else c)
     if size:
         w, h = img.size
         s = min(w, h)
         img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
         if s != size:
             img = img.resize((size, size), Image.LANCZOS)
-    return np.asarray(img, np.uint8)
+    return np.asarray(img, np.uint8).reshape(img.height, img.width, len(img.mode))
 
 
 def load_features(path):
@@ -778,7 +885,10 @@ def load_embedder(path, device="cpu"):
 def sscd_preprocess(x01, size=EMBED_SIZE, normalize=True):
     """SSCD's input transform of float (N, 3, H, W) images in [0, 1]: resized to size x size (bilinear,
     antialiased; left as is when already that size), then, with `normalize`, standardized by the
-    ImageNet mean / std. Used by embed_images and by side.extract_features."""
+    ImageNet mean / std. Grey (N, 1, H, W) images are replicated to three channels here, at the RGB
+    embedding's input, and nowhere else. Used by embed_images and by side.extract_features."""
+    if x01.shape[1] == 1:
+        x01 = x01.expand(-1, 3, -1, -1)
     if x01.shape[-2:] != (size, size):
         x01 = F.interpolate(x01, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     if not normalize:
@@ -790,8 +900,8 @@ def sscd_preprocess(x01, size=EMBED_SIZE, normalize=True):
 
 @torch.no_grad()
 def embed_images(model, images, size=EMBED_SIZE, batch=64, device="cpu"):
-    """uint8 (N, H, W, 3) -> float64 (N, D): the model on SSCD's preprocessing (sscd_preprocess) of
-    the RGB values mapped to [0, 1]."""
+    """uint8 (N, H, W, 3 or 1) -> float64 (N, D): the model on SSCD's preprocessing (sscd_preprocess) of
+    the pixel values mapped to [0, 1] (grey images become RGB there, at the model's input)."""
     out = []
     for s in range(0, len(images), batch):
         x = torch.from_numpy(images[s:s + batch]).to(device).permute(0, 3, 1, 2).float() / 255.0
@@ -818,10 +928,11 @@ def load_sscd():
 
 
 def sscd_embed(session, images, size=EMBED_SIZE, batch=SSCD_BATCH):
-    """uint8 (N, H, W, 3) -> float64 (N, 512) SSCD embeddings. SSCD's preprocessing ("small_288"): the
+    """uint8 (N, H, W, 3 or 1) -> float64 (N, 512) SSCD embeddings. SSCD's preprocessing ("small_288"): the
     shorter side resized to `size` (bilinear, antialiased, aspect kept), then the model's own
-    [0, 1] scaling and ImageNet normalization."""
-    images = to_uint8_nhwc(images, "images")
+    [0, 1] scaling and ImageNet normalization. SSCD takes RGB: grey images are replicated to three
+    channels at its input (as_rgb), and only there."""
+    images = as_rgb(to_uint8_nhwc(images, "images"))
     h, w = images.shape[1:3]
     hw = (size, max(1, round(w * size / h))) if h <= w else (max(1, round(h * size / w)), size)
     out = []

@@ -12,7 +12,7 @@
     here; the folder is read locally (local_files_only), nothing is downloaded;
   * a TorchScript ε-model `out = model(x_t, t)` (t: int64 indices 0..T-1, x_t: float NCHW in [-1, 1];
     `model(x_t, t, y)` when num_classes > 0) with a JSON of the same name beside it (model.pt ->
-    model.json) holding image_size, and optionally channels (3), num_classes (0), data (a folder or
+    model.json) holding image_size, and optionally channels (3; 1 for grey-scale), num_classes (0), data (a folder or
     .npz, relative to the JSON) and the schedule under diffusers' scheduler names: num_train_timesteps
     (1000), beta_schedule (linear), beta_start (0.0001), beta_end (0.02), prediction_type (epsilon),
     clip_sample (true), clip_sample_range (1.0), trained_betas, variance_type (fixed_small).

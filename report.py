@@ -46,7 +46,7 @@ def extraction_table(rows, first="method"):
 
 def grid_of_matches(path, gen, train, result, top=16, k=3, scale=4, similarity="l2"):
     """PNG: one row per extracted generation (best match first): the generation, then its k nearest
-    training images, each labelled with its normalized L2 distance."""
+    training images, each labelled with its normalized L2 distance; a grey PNG (mode L) for grey images."""
     order = np.argsort(np.asarray(result["nn_value"]))  # smallest distance first
     order = order[:top]
     if len(order) == 0:
@@ -55,15 +55,17 @@ def grid_of_matches(path, gen, train, result, top=16, k=3, scale=4, similarity="
     d, idx = np.asarray(d), np.asarray(idx)
     h, w = gen.shape[1] * scale, gen.shape[2] * scale
     pad, label = 4, 12
-    canvas = Image.new("RGB", ((w + pad) * (k + 1) + pad * 3, (h + label + pad) * len(order) + pad), "white")
+    grey = gen.shape[-1] == 1
+    tile = (lambda im: Image.fromarray(im[..., 0] if grey else im).resize((w, h), Image.NEAREST))  # noqa: E731
+    canvas = Image.new("L" if grey else "RGB", ((w + pad) * (k + 1) + pad * 3, (h + label + pad) * len(order) + pad), "white")
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
     for r, g in enumerate(order):
         y = pad + r * (h + label + pad)
-        canvas.paste(Image.fromarray(gen[g]).resize((w, h), Image.NEAREST), (pad, y))
+        canvas.paste(tile(gen[g]), (pad, y))
         draw.text((pad, y + h), f"gen {g}", fill="black", font=font)
         for j in range(idx.shape[1]):
             x = pad * 4 + (j + 1) * (w + pad)
-            canvas.paste(Image.fromarray(train[idx[r, j]]).resize((w, h), Image.NEAREST), (x, y))
+            canvas.paste(tile(train[idx[r, j]]), (x, y))
             draw.text((x, y + h), f"{d[r, j]:.3f}", fill="black", font=font)
     _png(canvas, path)
 

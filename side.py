@@ -54,7 +54,8 @@ def extract_features(x, kind="ddpm", model=None, diffusion=None, t_feat=None, ba
     kind="pixels": the flattened pixels.
     otherwise:     a path to a TorchScript embedding (e.g. SSCD's sscd_disc_mixup.torchscript.pt); images are
                    mapped to [0, 1], resized (bilinear, antialiased) to embed_size × embed_size and, with
-                   imagenet_norm, normalised by the ImageNet mean/std, as SSCD expects (metrics.sscd_preprocess).
+                   imagenet_norm, normalised by the ImageNet mean/std, as SSCD expects (metrics.sscd_preprocess);
+                   grey-scale images are replicated to three channels there, at the embedding's input only.
     """
     check(x.ndim == 4, f"features: expected images (N, C, H, W), got shape {tuple(x.shape)}")
     check(batch >= 1, f"features: batch must be >= 1, got {batch}")

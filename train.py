@@ -1,4 +1,4 @@
-"""Train the target model: a DDPM (ddpm.py) on the built-in faces, an image folder or an .npz.
+"""Train the target model: a DDPM (ddpm.py) on the built-in faces, IDX files (fashion-mnist), an image folder or an .npz.
 
     python train.py --out runs/n64 --n-train 64 --steps 2000            # unconditional
     python train.py --out runs/n64-lab --labels true                    # informative labels
@@ -51,7 +51,8 @@ ACT_TENSORS = 4  # a ResBlock keeps at least 4 activations of its output's size 
 @dataclass
 class TrainConfig:
     out: str = option("runs/model", "output folder: ckpt.pt, config.json, samples.png", nonempty=True)
-    data: str = option("faces", "faces (built-in), an image folder, or an .npz with an `images` array", nonempty=True)
+    data: str = option("faces", "faces (built-in), fashion-mnist, mnist, a folder of images or IDX files, or an .npz "
+                      "with an `images` array; the model's channels are the data's (grey 1, colour 3)", nonempty=True)
     n_train: int = option(64, "training-set size (a folder/npz: a nested random sample drawn with --data-seed); small sets are what DDPMs memorize", lo=1)
     image_size: int = option(16, "resolution; 16 px is what trains to memorization on a 2-core CPU in minutes", lo=8,
                              hi=MAX_IMAGE_SIZE)
@@ -124,17 +125,18 @@ def validate(cfg):
         print(f"note: --resume: {ckpt_path} does not exist yet; starting a new run", file=sys.stderr)
 
 
-def model_args(cfg, num_classes):
-    """The ddpm.UNet constructor kwargs a config describes; stored in checkpoints as `model_args`, so
+def model_args(cfg, num_classes, channels=3):
+    """The ddpm.UNet constructor kwargs a config describes, with the data's channels (1 grey, 3 RGB: a
+    property of the data, not of the config); stored in checkpoints as `model_args`, so
     `ddpm.UNet(**ck["model_args"])` rebuilds the network without this file."""
-    return dict(image_size=cfg.image_size, channels=3, base=cfg.base, mults=tuple(cfg.mults),
+    return dict(image_size=cfg.image_size, channels=channels, base=cfg.base, mults=tuple(cfg.mults),
                 num_res_blocks=cfg.num_res_blocks, attn_res=tuple(cfg.attn_res), num_classes=num_classes,
                 dropout=cfg.dropout)
 
 
-def build(cfg, num_classes, device):
-    """The UNet and Diffusion a config describes."""
-    model = ddpm.UNet(**model_args(cfg, num_classes)).to(device)
+def build(cfg, num_classes, device, channels=3):
+    """The UNet (for images of `channels` channels) and Diffusion a config describes."""
+    model = ddpm.UNet(**model_args(cfg, num_classes, channels)).to(device)
     return model, ddpm.Diffusion(cfg.T, cfg.schedule, cfg.prediction, device=device)
 
 
@@ -161,7 +163,7 @@ def load_trained(path, device="cpu", expect_size=None):
     try:
         cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
         check_fields(cfg)  # e.g. a schedule name this code does not know
-        model, diffusion = build(cfg, ckpt["num_classes"], device)
+        model, diffusion = build(cfg, ckpt["num_classes"], device, ckpt.get("model_args", {}).get("channels", 3))
         model.load_state_dict(ckpt["ema"])
     except (KeyError, RuntimeError, TypeError, ValueError, UserError) as e:
         raise UserError(f"{path} does not match this code's model ({str(e).splitlines()[0]}); retrain it with train.py") from None
@@ -270,7 +272,8 @@ class State:
                     step=self.step, rng=self.gen.get_state(),
                     torch_rng=torch.get_rng_state() if self.torch_rng is None else self.torch_rng,
                     config=dataclasses.asdict(self.cfg), num_classes=self.num_classes, n_train=len(self.ds.images),
-                    source=self.ds.source, data_sha256=self.data_id, model_args=model_args(self.cfg, self.num_classes))
+                    source=self.ds.source, data_sha256=self.data_id,
+                    model_args=model_args(self.cfg, self.num_classes, self.ds.channels))
 
 
 def setup(cfg, device, run):
@@ -279,8 +282,8 @@ def setup(cfg, device, run):
     x_all = data.to_tensor(run.ds.images).to(device)
     y_all = None if run.y_all is None else run.y_all.to(device)
     torch.manual_seed(cfg.seed)
-    model, diffusion = build(cfg, run.num_classes, device)
-    ema = build(cfg, run.num_classes, device)[0]
+    model, diffusion = build(cfg, run.num_classes, device, run.ds.channels)  # channels: the data's (1 grey, 3 RGB)
+    ema = build(cfg, run.num_classes, device, run.ds.channels)[0]
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **FUSED)

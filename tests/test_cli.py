@@ -397,6 +397,65 @@ def test_extract_rerun_adds_methods_and_refuses_other_settings(ckpt, tmp_path, c
     assert set(np.load(out / "samples.npz")["method"]) == {"uncond"}
 
 
+# ----------------------------------------------------------------------------- data that cannot be read
+
+def bad_data(root):
+    """name -> path of a data source each script must refuse in one line naming it (FIFOs: tests/test_images.py,
+    in a subprocess with a timeout, as a regression would block)."""
+    import gzip
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    (root / "bomb").mkdir()  # a PNG header declaring 20,000 x 20,000 pixels (a decompression bomb), nothing decoded
+    (root / "bomb" / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+                                            + chunk(b"IEND", b""))
+    (root / "empty.npz").write_bytes(b"")
+    np.savez(root / "whole.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+    (root / "cut.npz").write_bytes((root / "whole.npz").read_bytes()[:100])
+    np.savez(root / "pickled.npz", images=np.array([{"a": 1}], dtype=object))
+    np.savez(root / "f255.npz", images=np.full((2, 3, 8, 8), 200.0, np.float32))
+    (root / "idx").mkdir()
+    x = bytes([0, 0, 8, 3]) + struct.pack(">3I", 4, 8, 8) + bytes(200)  # 4 x 8 x 8 promised, 200 values given
+    (root / "idx" / (data.IDX_IMAGES + ".gz")).write_bytes(gzip.compress(x))
+    (root / "idx" / (data.IDX_LABELS + ".gz")).write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 4, 0, 1, 0, 1])))
+    return {"bomb": (root / "bomb", "decompression bomb"), "empty.npz": (root / "empty.npz", "not an .npz archive"),
+            "cut.npz": (root / "cut.npz", "cannot be read as .npz"), "pickled.npz": (root / "pickled.npz", "pickled objects"),
+            "f255.npz": (root / "f255.npz", "[0, 1] or [-1, 1]"), "idx": (root / "idx", "truncated")}
+
+
+@pytest.mark.parametrize("name", ["bomb", "empty.npz", "cut.npz", "pickled.npz", "f255.npz", "idx"])
+def test_unreadable_data_is_one_line_in_every_script(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path, needle = bad_data(tmp_path)[name]
+    for main, argv in ((train.main, ["--out", str(tmp_path / "m"), "--data", str(path)] + TINY_TRAIN),
+                       (data.main, ["--data", str(path), "--size", "8", "--out", str(tmp_path / "g.png")]),
+                       (lambda a: _exit(metrics.main(a)), [str(path), str(path)])):
+        if main is not data.main and main is not train.main and name == "idx":
+            continue  # metrics.py reads image folders and .npz files, not IDX
+        code, err = run(main, argv, capsys, tmp_path)
+        assert_one_error(code, err, argv, needle)
+        assert os.path.basename(str(path)) in err[0] or name == "idx" and data.IDX_IMAGES in err[0], err
+
+
+def test_a_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "DATASETS_ROOT", str(tmp_path / "none"))
+    for main, argv in ((train.main, ["--out", str(tmp_path / "m"), "--data", "fashion-mnist"] + TINY_TRAIN),
+                       (data.main, ["--data", "fashion-mnist", "--size", "8"])):
+        code, err = run(main, argv, capsys, tmp_path)
+        assert_one_error(code, err, argv, "apt-get install dataset-fashion-mnist")
+
+
+def test_extract_refuses_grey_data_for_an_rgb_model(ckpt, tmp_path, capsys):
+    np.savez(tmp_path / "grey.npz", images=np.zeros((10, 8, 8), np.uint8))  # (N, H, W): grey
+    argv = ["--ckpt", ckpt, "--data", str(tmp_path / "grey.npz"), "--out", str(tmp_path / "x"), "--sample-steps", "5"]
+    code, err = run(extract.main, argv, capsys, tmp_path)
+    assert_one_error(code, err, argv, "3-channel (RGB) images but data")
+    assert "1-channel (grey-scale)" in err[0]
+
+
 # ----------------------------------------------------------------------------- permissions
 
 @pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])

@@ -1,7 +1,11 @@
 """Tests for data.py: procedural faces (determinism, shapes, attributes that really change the
-pixels, no near-duplicates), dataset loading from faces / folders / .npz, every bad input as a
-UserError, and the uint8 <-> tensor <-> PNG plumbing. Tiny sizes only: runs in seconds on CPU."""
+pixels, no near-duplicates), dataset loading from faces / folders / .npz / IDX files (written here
+from the format's definition, gzipped or not; every malformed or truncated file refused naming it;
+the fashion-mnist shorthand saying how to install it), every bad input as a UserError, and the
+uint8 <-> tensor <-> PNG plumbing at 3 and 1 channels. Tiny sizes only: runs in seconds on CPU."""
+import gzip
 import os
+import struct
 import sys
 
 import numpy as np
@@ -231,3 +235,92 @@ def test_permuted_labels_keep_the_classes_and_their_sizes():
     assert np.array_equal(np.sort(p), np.sort(y)) and p[8] == -1  # the same multiset; no label stays no label
     assert not np.array_equal(p, y) and np.array_equal(p, data.permuted_labels(y, seed=0))
     assert not np.array_equal(p, data.permuted_labels(y, seed=1))
+
+
+# ----------------------------------------------------------------------------- IDX files (the MNIST family)
+
+def idx_bytes(a, type_code=0x08):
+    """The IDX format written here from its definition: 0 0, type, ndim, big-endian uint32 sizes, values."""
+    return bytes([0, 0, type_code, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape) + a.astype(np.uint8).tobytes()
+
+
+def write_idx(folder, images, labels, gz=True, image_bytes=None, label_bytes=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, blob in ((data.IDX_IMAGES, image_bytes or idx_bytes(images)), (data.IDX_LABELS, label_bytes or idx_bytes(labels))):
+        if gz:
+            (folder / (name + ".gz")).write_bytes(gzip.compress(blob))
+        else:
+            (folder / name).write_bytes(blob)
+
+
+IDX_X = np.random.default_rng(5).integers(0, 256, (12, 10, 10), dtype=np.uint8)
+IDX_Y = np.arange(12) % 3
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_an_idx_folder_reads_its_images_and_labels(tmp_path, gz):
+    write_idx(tmp_path / "idx", IDX_X, IDX_Y, gz=gz)
+    ds = data.load_data(str(tmp_path / "idx"), 10)
+    assert ds.images.shape == (12, 10, 10, 1) and ds.channels == 1
+    assert np.array_equal(ds.images[..., 0], IDX_X) and ds.labels.tolist() == IDX_Y.tolist()
+    assert ds.label_names == ["0", "1", "2"] and ds.labels.dtype == np.int64
+    small = data.load_data(str(tmp_path / "idx"), 8, n=5, seed=2)
+    pick = np.random.default_rng(2).permutation(12)[:5]  # the nested seeded sample of every other source
+    ref = np.stack([np.asarray(Image.fromarray(IDX_X[i]).resize((8, 8), Image.LANCZOS)) for i in pick])  # as documented
+    assert np.array_equal(small.images[..., 0], ref) and small.labels.tolist() == IDX_Y[pick].tolist()
+
+
+def test_the_fashion_mnist_shorthand_says_how_to_install_when_absent(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DATASETS_ROOT", str(tmp_path))
+    with pytest.raises(UserError, match=r"--data fashion-mnist: .*apt-get install dataset-fashion-mnist.*--data FOLDER"):
+        data.load_data("fashion-mnist", 8)
+    with pytest.raises(UserError, match=r"--data mnist: .*no Debian package"):
+        data.load_data("mnist", 8)
+    write_idx(tmp_path / "fashion-mnist", IDX_X, np.arange(12) % 10)
+    ds = data.load_data("fashion-mnist", 8, n=4)
+    assert ds.label_names == data.FASHION_CLASSES and ds.images.shape == (4, 8, 8, 1)
+    assert data.stored_size("fashion-mnist") == (10, 10)
+
+
+def test_malformed_idx_files_are_refused_naming_the_file(tmp_path):
+    good_x, good_y = idx_bytes(IDX_X), idx_bytes(IDX_Y)
+    cases = {  # name -> (image bytes, label bytes, gz, words the one line must hold)
+        "magic": (b"\x01" + good_x[1:], good_y, False, [data.IDX_IMAGES, "header"]),
+        "type": (idx_bytes(IDX_X, 0x0D), good_y, False, [data.IDX_IMAGES, "unsigned bytes"]),
+        "ndim": (idx_bytes(IDX_X[0]), good_y, False, [data.IDX_IMAGES, "3 dimensions"]),
+        "short": (good_x[:-7], good_y, False, [data.IDX_IMAGES, "truncated"]),
+        "header": (good_x[:9], good_y, False, [data.IDX_IMAGES, "truncated header"]),
+        "trailing": (good_x + b"\0", good_y, False, [data.IDX_IMAGES, "trailing"]),
+        "labels": (good_x, idx_bytes(IDX_Y[:-1]), False, [data.IDX_LABELS, "12 images", "11 labels"]),
+        "huge": (good_x[:4] + struct.pack(">3I", 2 ** 16, 2 ** 16, 2), good_y, False, ["8589934592 values"]),  # > 4 GiB
+    }
+    for name, (xb, yb, gz, words) in cases.items():
+        write_idx(tmp_path / name, None, None, gz=gz, image_bytes=xb, label_bytes=yb)
+        with pytest.raises(UserError) as e:
+            data.load_data(str(tmp_path / name), 8)
+        assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), (name, str(e.value))
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / (data.IDX_IMAGES + ".gz")).write_bytes(gzip.compress(good_x)[:-20])  # a cut gzip stream
+    (tmp_path / "gz" / (data.IDX_LABELS + ".gz")).write_bytes(gzip.compress(good_y))
+    with pytest.raises(UserError, match=rf"{data.IDX_IMAGES}\.gz .*corrupt or truncated gzip"):
+        data.load_data(str(tmp_path / "gz"), 8)
+    (tmp_path / "nolabels").mkdir()
+    (tmp_path / "nolabels" / data.IDX_IMAGES).write_bytes(good_x)
+    with pytest.raises(UserError, match=rf"no {data.IDX_LABELS}"):
+        data.load_data(str(tmp_path / "nolabels"), 8)
+
+
+# ----------------------------------------------------------------------------- grey-scale tensors and grids
+
+def test_grey_tensor_round_trip_and_grey_png_grid(tmp_path):
+    g = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    x = data.to_tensor(g)
+    assert x.shape == (1, 1, 16, 16) and x.min() == -1.0 and x.max() == 1.0
+    assert np.array_equal(data.to_uint8(x), g)
+    images = np.concatenate([g, 255 - g, g // 2])
+    data.save_grid(images, tmp_path / "g.png", nrow=2, pad=2)
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.mode == "L" and im.size == (2 * 18 + 2, 2 * 18 + 2)
+        grid = np.asarray(im)
+    assert np.array_equal(grid[20:36, 2:18], images[2, ..., 0]) and np.array_equal(grid[2:18, 20:36], images[1, ..., 0])
+    assert np.all(grid[20:36, 20:36] == 0)  # the empty fourth cell

@@ -65,11 +65,12 @@ class OptimalDenoiser(torch.nn.Module):
         return eps if self.d.prediction == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * self.target
 
 
+@pytest.mark.parametrize("channels", [3, 1])
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("sampler,eta,steps", [("ddpm", 1.0, 100), ("ddpm", 1.0, 10), ("ddim", 0.0, 10), ("ddim", 1.0, 20)])
-def test_optimal_denoiser_returns_the_training_image(prediction, sampler, eta, steps):
+def test_optimal_denoiser_returns_the_training_image(prediction, sampler, eta, steps, channels):
     d = ddpm.Diffusion(100, "linear", prediction)
-    target = torch.rand((3, 8, 8), generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
+    target = torch.rand((channels, 8, 8), generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
     x = d.sample(OptimalDenoiser(target, d), 4, ddpm.sample_generators(0, range(4)), steps=steps, eta=eta, sampler=sampler)
     assert torch.allclose(x, target.expand_as(x), atol=1e-4)
 

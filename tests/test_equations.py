@@ -6,7 +6,7 @@ They were added until every mutant of `python mutate.py` in these functions was 
     and DDPM step linear in x_t plus fresh noise, so the samples are exactly Gaussian with a mean and
     variance propagated here, step by step, from Song et al. Eq. 12/16 and Ho et al. Eq. 7 in float64;
     the sampler's empirical moments must match at several η, step counts and both network targets,
-    with and without a constant guidance gradient (Dhariwal & Nichol's ε̂);
+    with and without a constant guidance gradient (Dhariwal & Nichol's ε̂), at 3 and 1 channels;
   - clipping: data outside [-1, 1] makes every step use the clamped x̂_0 and the ε it implies; the
     ancestral noise is the image's own generator's, step by step (hand-computed trajectories);
   - the training loss against its definition; the respaced timesteps; the schedules' length and clip;
@@ -83,6 +83,23 @@ def test_samples_of_gaussian_data_have_the_exact_moments(prediction, sampler, et
     assert d.timesteps(steps).tolist() == our_timesteps(T, steps)
     m, v = exact_moments([float(ab[t]) for t in our_timesteps(T, steps)], sampler, eta, g)
     assert abs(x.mean().item() - m) < 5 * math.sqrt(v / x.numel())  # pixels are i.i.d. given the model
+    assert x.var().item() == pytest.approx(v, rel=5 * math.sqrt(2 / x.numel()))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("sampler,eta,steps,g", [("ddim", 0.5, 6, 0.3), ("ddpm", 1.0, 8, 0.0), ("ddim", 1.0, 3, 0.0)])
+def test_one_channel_samples_have_the_exact_moments(prediction, sampler, eta, steps, g):
+    """The same closed form for grey-scale images (1 x 4 x 4): the sampler's shapes follow the model's
+    channels, and the moments are those of every step's exact recursion."""
+    T, n = 100, 6000  # 3x the images of the 3-channel test: the same number of i.i.d. pixels
+    d = ddpm.Diffusion(T, "linear", prediction)
+    cond = None if g == 0 else (lambda x, t: torch.full_like(x, g))
+    x = d.sample(GaussianDenoiser(d, shape=(1, 4, 4)), n, ddpm.sample_generators(0, range(n)), steps=steps, eta=eta,
+                 sampler=sampler, cond_fn=cond, clip_x0=cond is None).double()
+    assert x.shape == (n, 1, 4, 4)
+    ab = d.f64["alphas_cumprod"].numpy()
+    m, v = exact_moments([float(ab[t]) for t in our_timesteps(T, steps)], sampler, eta, g)
+    assert abs(x.mean().item() - m) < 5 * math.sqrt(v / x.numel())
     assert x.var().item() == pytest.approx(v, rel=5 * math.sqrt(2 / x.numel()))
 
 

@@ -7,9 +7,11 @@ Skipped with a reason where they are not installed; `make test-extras` (and so C
   - a UNet2DModel saved with save_pretrained (plain, and as a pipeline folder with a scheduler) is
     loaded as diffusers computes it, and audited end to end by extract.py (uncond + SIDE with the
     UNet's own mid-block features); the pipeline's uncond generations equal diffusers' own
-    DDPMScheduler loop;
+    DDPMScheduler loop; the same for a grey-scale (in_channels = 1) pipeline on grey data, its
+    generations and grids staying one channel;
   - SSCD: an image's self-similarity is 1, a 2-px shifted photo-like image stays in the paper's high
-    band and is matched to its original, distinct images are not.
+    band and is matched to its original, distinct images are not; a grey image is embedded as its
+    replication to RGB (at SSCD's input only).
 """
 import json
 import os
@@ -54,9 +56,9 @@ def test_the_extras_are_installed_where_required():
     assert diffusers is not None and has_sscd, "make test-extras installed the extras, yet they do not import"
 
 
-def tiny_unet(seed=0, **kw):
+def tiny_unet(seed=0, channels=3, **kw):
     torch.manual_seed(seed)
-    return diffusers.UNet2DModel(sample_size=SIZE, in_channels=3, out_channels=3, layers_per_block=1,
+    return diffusers.UNet2DModel(sample_size=SIZE, in_channels=channels, out_channels=channels, layers_per_block=1,
                                  block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
                                  attention_head_dim=8, **kw).eval()
@@ -65,7 +67,7 @@ def tiny_unet(seed=0, **kw):
 def diffusers_loop(unet, sched, n, seed, steps, **step_kw):
     """diffusers' own pipeline loop, with our per-image generators (randn_tensor draws image i from generators[i])."""
     gens = ddpm.sample_generators(seed, range(n))
-    x = torch.stack([torch.randn((3, SIZE, SIZE), generator=g) for g in gens])
+    x = torch.stack([torch.randn((unet.config.in_channels, SIZE, SIZE), generator=g) for g in gens])
     sched.set_timesteps(steps)
     with torch.no_grad():
         for t in sched.timesteps:
@@ -232,3 +234,35 @@ def test_sscd_self_similarity_and_a_shifted_copy():
     np.testing.assert_allclose(np.sum(again * e[:2], 1), 1.0, atol=1e-5)  # self-similarity 1
     res = metrics.evaluate(shifted[:2], imgs, similarity="sscd", embed=metrics.load_sscd())
     assert res["nn_index"].tolist() == [0, 1] and res["ams"]["high"] == 100.0
+
+
+@needs_diffusers
+def test_extract_audits_a_grey_pipeline_end_to_end(tmp_path):
+    """in_channels = 1: loaded as one channel, audited against grey data without lifting to RGB, and its
+    uncond generations equal diffusers' own DDPMScheduler loop at one channel."""
+    unet = tiny_unet(seed=1, channels=1)
+    sched = diffusers.DDPMScheduler(num_train_timesteps=100, prediction_type="epsilon", timestep_spacing="linspace")
+    diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp_path / "pipe")
+    model, _, info = models.load_model(str(tmp_path / "pipe"))
+    assert (info.channels, model.channels) == (1, 1)
+    np.savez(tmp_path / "grey.npz", images=data.load_data("faces", SIZE, n=12).images[..., :1])
+    out = str(tmp_path / "out")
+    r = run_extract("--ckpt", str(tmp_path / "pipe"), "--data", str(tmp_path / "grey.npz"), "--out", out,
+                    *TINY, "--sampler", "ddpm")
+    assert r.returncode == 0, r.stderr[-2000:]
+    with np.load(os.path.join(out, "samples.npz")) as z:
+        assert z["images"].shape == (12, SIZE, SIZE, 1) and (z["method"] == "side").sum() == 6
+        got = z["images"][z["method"] == "uncond"]
+    ref, _ = diffusers_loop(unet, sched, 6, 1, 5)  # extract's --seed 1
+    assert np.abs(got.astype(int) - data.to_uint8(ref).astype(int)).max() <= 1
+    with Image.open(os.path.join(out, "grids", "side.png")) as im:
+        assert im.mode == "L"
+
+
+@needs_sscd
+def test_sscd_embeds_a_grey_image_as_its_rgb_replication():
+    grey = np.stack([scene(64, i) for i in range(2)])[..., :1]
+    session = metrics.load_sscd()
+    e_grey, e_rgb = metrics.sscd_embed(session, grey), metrics.sscd_embed(session, np.repeat(grey, 3, -1))
+    np.testing.assert_allclose(e_grey, e_rgb, atol=1e-6)
+    assert metrics.evaluate(grey, grey, similarity="sscd", embed=session)["nn_index"].tolist() == [0, 1]

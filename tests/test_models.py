@@ -8,7 +8,9 @@
   - unsupported settings are refused with one line naming the field; a diffusers folder without
     diffusers installed says how to install the extras;
   - a TorchScript export of a UNet with a JSON beside it is audited end to end by extract.py (uncond
-    + SIDE): its uncond generations equal sampling the original nn.Module directly.
+    + SIDE): its uncond generations equal sampling the original nn.Module directly; the same for a
+    1-channel (grey-scale) UNet whose JSON says "channels": 1, with grey data, grey samples and grids;
+    a model audited against data of other channels is refused in one line naming both.
 """
 import json
 import os
@@ -18,6 +20,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import common
 import data
@@ -192,3 +195,48 @@ def test_extract_audits_a_torchscript_model_end_to_end(scripted, tmp_path):
     ref = d.sample(unet, 6, ddpm.sample_generators(1, range(6)), steps=4, eta=1.0)  # extract's defaults: seed 1, ddim
     got = images[method == "uncond"].astype(int)
     assert np.abs(got - data.to_uint8(ref).astype(int)).max() <= 1  # a trace may round the last bit differently
+
+
+@pytest.fixture(scope="module")
+def grey_scripted(tmp_path_factory):
+    """A 1-channel UNet exported as TorchScript with "channels": 1 in its JSON, and grey training data."""
+    folder = tmp_path_factory.mktemp("ts-grey")
+    torch.manual_seed(0)
+    unet = ddpm.UNet(image_size=8, channels=1, base=16, mults=(1, 2), attn_res=(4,)).eval()
+    path = str(folder / "grey.pt")
+    torch.jit.trace(EpsOnly(unet), (torch.randn(2, 1, 8, 8), torch.tensor([3, 70]))).save(path)
+    json.dump(dict(image_size=8, channels=1, num_train_timesteps=100), open(folder / "grey.json", "w"))
+    faces = data.load_data("faces", 8, n=12).images
+    np.savez(folder / "grey.npz", images=faces[..., 1])  # (N, H, W): grey
+    np.savez(folder / "rgb.npz", images=faces)
+    return path, unet, str(folder)
+
+
+def test_extract_audits_a_grey_torchscript_model_end_to_end(grey_scripted, tmp_path):
+    path, unet, folder = grey_scripted
+    model, _, info = models.load_model(path)
+    assert info.channels == 1 and model.channels == 1
+    out = str(tmp_path / "out")
+    r = run_cli("extract.py", "--ckpt", path, "--data", os.path.join(folder, "grey.npz"), "--out", out,
+                "--methods", "uncond,side", "--features", "pixels", "--n-gen", "6", "--batch", "4", "--n-syn", "8",
+                "--K", "2", "--tau", "0", "--clf-steps", "3", "--clf-width", "8", "--sample-steps", "4", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    with np.load(os.path.join(out, "samples.npz")) as z:
+        images, method = z["images"], z["method"]
+    assert images.shape == (12, 8, 8, 1) and (method == "side").sum() == 6
+    d = ddpm.Diffusion(100, "linear", "eps", beta_start=1e-4, beta_end=0.02)  # the JSON: DDPMScheduler defaults
+    ref = d.sample(unet, 6, ddpm.sample_generators(1, range(6)), steps=4, eta=1.0)
+    assert np.abs(images[method == "uncond"].astype(int) - data.to_uint8(ref).astype(int)).max() <= 1
+    with Image.open(os.path.join(out, "grids", "uncond.png")) as im:
+        assert im.mode == "L"  # grey grids, not lifted to RGB
+
+
+def test_a_model_and_data_of_other_channels_are_refused_naming_both(grey_scripted, scripted, tmp_path):
+    (grey, _, folder), (rgb, _, rgb_folder) = grey_scripted, scripted
+    for ckpt, npz, words in ((grey, os.path.join(folder, "rgb.npz"), ("1-channel (grey-scale)", "3-channel (RGB)")),
+                             (rgb, os.path.join(folder, "grey.npz"), ("3-channel (RGB)", "1-channel (grey-scale)"))):
+        r = run_cli("extract.py", "--ckpt", ckpt, "--data", npz, "--out", str(tmp_path / "x"), "--methods", "uncond",
+                    "--device", "cpu")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
+        assert ckpt in r.stderr and npz in r.stderr and all(w in r.stderr for w in words), r.stderr
+        assert not os.path.exists(tmp_path / "x" / "cache")

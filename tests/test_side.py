@@ -1,7 +1,8 @@
 """side.py against independent references: bit-identity of λ=0 with unguided sampling, the guided
 trajectory's classifier log-probability, per-sample gradients vs one-at-a-time and finite differences,
 planted k-means partitions, cohesion computed by hand, the time module's place (forward hooks), a
-classifier learning planted colours, and every user mistake as a UserError. Tiny sizes: seconds on CPU."""
+classifier learning planted colours (and grey levels, at one channel), a TorchScript embedding of grey
+images as their RGB replication, and every user mistake as a UserError. Tiny sizes: seconds on CPU."""
 import math
 import os
 import sys
@@ -286,6 +287,22 @@ def test_time_independent_baseline_trains_on_clean_images():
     assert report["heldout_acc_by_t"][0] > 0.9
 
 
+def test_a_grey_classifier_learns_brightness_and_guides_one_channel():
+    """One channel: p_φ(y | x_t, t) on grey images of 3 brightness levels learns them, and its guidance
+    gradient is a (N, 1, H, W) tensor that raises the target's log-probability (first-order check)."""
+    y = torch.arange(120) % 3
+    noise = torch.randn(120, 1, PX, PX, generator=torch.Generator().manual_seed(3))
+    x = torch.tensor([-0.7, 0.0, 0.7])[y][:, None, None, None] + 0.15 * noise  # three grey levels
+    d = ddpm.Diffusion(T)
+    model, report = side.train_classifier(x, y, diffusion=d, steps=80, batch=32, width=8, holdout=0.25, log=None)
+    assert model.channels == 1 and report["heldout_acc_by_t"][0] > 0.9
+    xt, t = torch.randn(4, 1, PX, PX, generator=torch.Generator().manual_seed(4)), torch.full((4,), 20)
+    g = side.guidance(model, 2, 1.0)(xt, t)
+    assert g.shape == (4, 1, PX, PX)
+    logp = lambda z: F.log_softmax(model(z, t), 1)[:, 2].sum()  # noqa: E731
+    assert logp(xt + 1e-2 * g) > logp(xt)
+
+
 def test_nan_loss_is_a_user_error():
     x, y = colours(16)
     x[:, 0, 0, 0] = float("nan")
@@ -322,6 +339,8 @@ def test_torchscript_embedding_preprocessing(tmp_path):
     Z = side.extract_features(x, path, embed_size=12)
     assert torch.allclose(Z, ((rgb + 1) / 2 - mean) / std, atol=1e-5)
     assert torch.allclose(side.extract_features(x, path, embed_size=12, imagenet_norm=False), (rgb + 1) / 2, atol=1e-5)
+    grey = rgb[:, :1, None, None].expand(2, 1, PX, PX)  # one channel: replicated to RGB at the embedding's input
+    assert torch.allclose(side.extract_features(grey, path, embed_size=12), ((rgb[:, :1] + 1) / 2 - mean) / std, atol=1e-5)
 
 
 def test_feature_user_errors(tmp_path):

@@ -131,3 +131,24 @@ def test_cli_trains_and_writes_samples(tmp_path):
             "--attn-res", "4", "--T", "50", "--sample-n", "4", "--sample-steps", "5", "--batch", "4")
     assert r.returncode == 0, r.stderr
     assert os.path.exists(tmp_path / "m" / "samples.png") and os.path.exists(tmp_path / "m" / "config.json")
+
+
+def test_grey_data_trains_a_one_channel_model(tmp_path):
+    """Channels come from the data: a grey .npz (N, H, W) trains a 1-channel UNet that learns (its loss
+    on the training images falls), stored in model_args, rebuilt by load_trained, sampled as grey."""
+    import data
+    rgb = data.load_data("faces", 8, n=8).images.astype(np.float64)
+    grey = np.round(rgb @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)  # (N, H, W), no channel axis
+    np.savez(tmp_path / "grey.npz", images=grey)
+    c = cfg(tmp_path, data=str(tmp_path / "grey.npz"), steps=150, lr=3e-3, warmup=10)
+    state = train.train(c)
+    assert state["model_args"]["channels"] == 1 and state["model"]["inp.weight"].shape[1] == 1
+    x0 = data.to_tensor(grey[..., None])
+    torch.manual_seed(c.seed)
+    fresh, diffusion = train.build(c, 0, "cpu", channels=1)
+    before, after = fixed_loss(fresh, diffusion, x0), fixed_loss(train.load_trained(os.path.join(c.out, "ckpt.pt"))[0],
+                                                                diffusion, x0)
+    assert after < 0.7 * before, (before, after)
+    model, diffusion, _, _ = train.load_trained(os.path.join(c.out, "ckpt.pt"))
+    x = diffusion.sample(model, 2, ddpm.sample_generators(0, range(2)), steps=3)
+    assert model.channels == 1 and x.shape == (2, 1, 8, 8)

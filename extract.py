@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import audit
 import data
 import ddpm
 import metrics
@@ -96,6 +97,8 @@ class ExtractConfig:
     compile: str = option("off", "torch.compile the sampling UNet; cudagraphs also captures CUDA graphs (CUDA only)",
                          choices=["off", "on", "cudagraphs"])
     overwrite: bool = option(False, "replace the results in --out made with other settings (without it such a rerun is refused)")
+    repeats: int = option(1, "independent attacks on this one model, each on its own seeds in OUT/repeat-r; >= 2 adds the audit "
+                         "(audit.py: intervals over repeats, leaked.csv, extrapolation, AUDIT_REPORT.md)", lo=1)
 
 
 def validate(cfg):
@@ -115,6 +118,9 @@ def validate(cfg):
     check(cfg.sample_steps <= T, f"--sample-steps {cfg.sample_steps} must be <= the model's T = {T} ({cfg.ckpt})")
     check_writable(out_dir(cfg), "--out")
     check_previous(cfg)
+    for c in audit.repeat_configs(cfg, out_dir(cfg))[1:]:  # each repeat's folder, before any work
+        check_writable(out_dir(c), "--out")
+        check_previous(c)
 
 
 def out_dir(cfg):
@@ -124,7 +130,7 @@ def out_dir(cfg):
 # Options that do not change any method's results: a rerun differing only in them adds its methods.
 PRESENTATION = {"methods", "out", "device", "amp", "channels_last", "compile", "batch", "grid_top", "overwrite",
                 "sweep_lambda", "sweep_k", "sweep_cond_scale", "sweep_n_gen", "sweep_seed", "lam", "K",
-                "cond_scale", "curve_points"}
+                "cond_scale", "curve_points", "repeats"}
 
 
 def previous(out):
@@ -457,7 +463,8 @@ def main(argv=None):
     validate(cfg)  # every option, before any work
     ranks, target = load_target(cfg)
     try:
-        return run(cfg, target, ranks)
+        results = run(cfg, target, ranks)
+        return audit.run_repeats(cfg, out_dir(cfg), target, ranks, run, check_previous) or results
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

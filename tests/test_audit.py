@@ -181,3 +181,226 @@ def test_the_grid_takes_grey_images_too(tmp_path):
     img = np.asarray(Image.open(tmp_path / "g.png"))
     s = audit.GRID_SCALE
     np.testing.assert_array_equal(img[6:6 + 8 * s:s, 6:6 + 8 * s:s, 0], grey[1, ..., 0])  # the training image, left
+
+
+# ============================================================================ end to end: the planted memorizer
+
+PLANTED = ["--methods", "uncond,side", "--n-gen", "32", "--batch", "32", "--n-syn", "64", "--K", "8", "--clf-steps", "150",
+           "--clf-width", "8", "--sample-steps", "10", "--lam", "10", "--device", "cpu", "--repeats", "3"]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """extract.run and audit.run_repeats on test_extract's planted memorizer (32 faces, Zipf prior): 3 repeats."""
+    ds = data.load_data("faces", 16, n=32, seed=0)
+    tcfg = train.TrainConfig(n_train=32, image_size=16)
+    diffusion = ddpm.Diffusion(tcfg.T, tcfg.schedule, tcfg.prediction)
+    model = Memorizer(ds.images, diffusion, -2.0 * np.log(np.arange(1, 33))).eval()
+    out = str(tmp_path_factory.mktemp("planted") / "audit")
+    cfg = common.parse_config(extract.ExtractConfig, ["--ckpt", "memorizer", "--out", out] + PLANTED, "")
+    target = extract.Target(model, diffusion, ds, torch.device("cpu"), ident="memorizer")
+    with pytest.MonkeyPatch.context() as mp:  # no checkpoint to read the names of the training images from
+        mp.setattr(audit, "training_names", lambda cfg, n: [f"face{i}.png" for i in range(n)])
+        extract.run(cfg, target)
+        a = audit.run_repeats(cfg, out, target, extract.Ranks(), extract.run, extract.check_previous)
+    return out, a, ds, cfg
+
+
+def folders_of(out, R=3):
+    return [out] + [os.path.join(out, f"repeat-{r}") for r in range(1, R)]
+
+
+def test_leaked_images_are_what_a_brute_force_search_of_every_repeat_finds(planted):
+    out, a, ds, _ = planted
+    edge = max(hi for _, hi in a["bands"].values())  # the L2 bands tile [0, edge]
+    flat = lambda x: torch.from_numpy(x.reshape(len(x), -1).astype(np.float64) / 127.5)  # noqa: E731
+    found, best, hits = {}, np.full(32, np.inf), np.zeros(32, int)
+    for r, folder in enumerate(folders_of(out)):
+        with np.load(os.path.join(folder, "samples.npz")) as z:
+            for m in ("uncond", "side"):
+                diff = flat(z["images"][z["method"] == m])[:, None] - flat(ds.images)[None]
+                d = (diff.pow(2).sum(-1).sqrt() / math.sqrt(16 * 16 * 3)).numpy()  # exact, even at a copy
+                within = d <= edge
+                for j in np.flatnonzero(within.any(0)):
+                    found.setdefault(int(j), set()).add((r, m))
+                hits += within.sum(0)
+                best = np.minimum(best, d.min(0))
+    rows = a["leaked"]
+    assert 0 < len(rows) < 32 and {r["index"] for r in rows} == set(found)
+    for r in rows:
+        j = r["index"]
+        assert r["repeats"] == len({rep for rep, _ in found[j]}) and r["attacks"] == len(found[j]) and r["hits"] == hits[j]
+        assert r["best_value"] == pytest.approx(best[j], abs=1e-9) and r["image"] == f"face{j}.png"
+    keys = [(-r["repeats"], -r["attacks"], -r["hits"]) for r in rows]
+    assert keys == sorted(keys) and [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    with open(os.path.join(out, "leaked.csv")) as fh:
+        table = list(csv.DictReader(fh))
+    assert [int(t["index"]) for t in table] == [r["index"] for r in rows]
+    assert [float(t["best_value"]) for t in table] == pytest.approx([r["best_value"] for r in rows])
+    assert json.load(open(os.path.join(out, "metrics.json")))["audit"]["leaked"] == rows
+    with Image.open(os.path.join(out, "leaked.png")) as im:
+        assert im.format == "PNG"
+
+
+def test_the_figures_are_each_repeats_own_with_intervals_over_repeats(planted):
+    out, a, _, cfg = planted
+    recs = [json.load(open(os.path.join(f, "metrics.json"))) for f in folders_of(out)]
+    seeds = [(r["config"]["seed"], r["config"]["syn_seed"]) for r in recs]
+    assert seeds == audit.repeat_seeds(cfg.seed, cfg.syn_seed, 3, avoid=(cfg.sweep_seed,)) == [
+        (r["seed"], r["syn_seed"]) for r in a["repeats"]]
+    for m in ("uncond", "side"):
+        per = dict(distinct_any=[r["methods"][m]["distinct_any"] for r in recs],
+                   hit_rate_high=[r["methods"][m]["ams"]["high"] for r in recs])
+        for f, values in per.items():
+            s = a["stats"][m][f]
+            assert s["values"] == values and (s["mean"], s["lo"], s["hi"]) == pytest.approx(evidence.count_ci(values))
+        at_ng = [e["estimate"][0] for e in a["extrapolation"]["per_repeat"][m]["any"]]
+        assert at_ng == per["distinct_any"]  # every generation's hits, united, are UMS's distinct images
+    side_d, unc_d = ([r["methods"][m]["distinct_any"] for r in recs] for m in ("side", "uncond"))
+    claim = next(v for v in a["verdict"] if "UnCond" in v["claim"] and "distinct" in v["claim"])
+    assert claim["ratio"] == pytest.approx(math.exp(np.mean(np.log((np.array(side_d) + 1) / (np.array(unc_d) + 1)))))
+    assert claim["corrected"]["m"] == 2 and claim["replicates"] == 3  # one family: distinct and hits
+    with np.load(os.path.join(out, "samples.npz")) as z0, np.load(os.path.join(out, "repeat-1", "samples.npz")) as z1:
+        assert not np.array_equal(z0["images"], z1["images"])  # another synthetic set, classifier and noise
+
+
+def test_the_built_in_check_counts_what_the_larger_run_reached(planted):
+    out, a, ds, _ = planted
+    edge = max(hi for _, hi in a["bands"].values())
+    for m, checks in a["extrapolation"]["check"].items():
+        assert [c["repeat"] for c in checks] == [0, 1, 2]
+        for c, folder in zip(checks, folders_of(out)):
+            with np.load(os.path.join(folder, "samples.npz")) as z:
+                x = z["images"][z["method"] == m]
+            assert (c["n_small"], c["n_large"]) == (32 // audit.CHECK, 32)
+            assert c["reached"] == brute_force_distinct(x[:c["n_large"]], ds.images, edge)[0]
+            assert c["lo"] <= c["estimate"] <= c["hi"]
+    text = open(os.path.join(out, "AUDIT_REPORT.md")).read()
+    for needle in ("## Verdict", "measure the attack's own randomness on this model, not model-to-model variation",
+                   "## Leaked training images", "leaked.png", "## How many a larger budget would reach", "**Check on this model:**",
+                   "## Reproduce", "--repeats=3"):
+        assert needle in text, needle
+
+
+
+# ============================================================================ end to end: a train.py checkpoint
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A real (barely trained) 8-px checkpoint written by the train.py CLI."""
+    out = tmp_path_factory.mktemp("model")
+    r = run_cli("train.py", "--out", str(out), "--steps", "2", "--n-train", "8", "--image-size", "8", "--base", "16",
+                "--attn-res", "4", "--T", "50", "--sample-n", "0", "--batch", "8")
+    assert r.returncode == 0, r.stderr
+    return str(out / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(ckpt, tmp_path_factory):
+    """The same tiny attack as a single run and with --repeats 3; returns (single, repeated, flags)."""
+    root = tmp_path_factory.mktemp("runs")
+    flags = lambda o, *extra: ["--ckpt", ckpt, "--out", str(o)] + TINY + list(extra)  # noqa: E731
+    extract.main(flags(root / "single"))
+    extract.main(flags(root / "three", "--repeats", "3"))
+    return root / "single", root / "three", flags
+
+
+def outputs(out):
+    """Every repeat's samples and figures, and the audit, of a --repeats 3 folder."""
+    res = {}
+    for f in folders_of(str(out)):
+        name = os.path.relpath(f, out)
+        with np.load(os.path.join(f, "samples.npz")) as z:
+            res[name + ":samples"] = {k: z[k] for k in z.files}
+        res[name + ":methods"] = json.load(open(os.path.join(f, "metrics.json")))["methods"]
+    rec = json.load(open(os.path.join(out, "metrics.json")))["audit"]
+    res["audit"] = {k: v for k, v in rec.items() if k not in ("repeats", "command")}  # they name the folder
+    res["csv"] = open(os.path.join(out, "leaked.csv")).read()
+    return res
+
+
+def same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith(":samples"):
+            assert all(np.array_equal(a[k][c], b[k][c]) for c in a[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def test_repeat_0_is_the_single_run_and_a_single_run_writes_no_audit(runs):
+    single, three, _ = runs
+    with np.load(single / "samples.npz") as a, np.load(three / "samples.npz") as b:
+        assert all(np.array_equal(a[k], b[k]) for k in a.files)
+    assert json.load(open(single / "metrics.json"))["methods"] == json.load(open(three / "metrics.json"))["methods"]
+    assert not any(os.path.exists(single / f) for f in audit.OUTPUTS + ("repeat-1",))
+    assert all(os.path.exists(three / f) for f in ("AUDIT_REPORT.md", "leaked.csv", "repeat-1/samples.npz", "repeat-2/REPORT.md"))
+    assert not os.path.exists(three / "repeat-3")
+    rec = json.load(open(three / "metrics.json"))["audit"]
+    assert [r["folder"] for r in rec["repeats"]] == folders_of(str(three)) and len(rec["verdict"]) == 4  # vs UnCond and Cond
+
+
+def test_an_interrupted_audit_resumes_to_the_same_result_and_a_rerun_recomputes_nothing(runs, tmp_path, monkeypatch):
+    _, three, flags = runs
+    out = tmp_path / "run"
+    counting_sampler(monkeypatch, interrupt_at=18)  # repeat 0 (8 sampling calls), repeat 1 (8), then killed in repeat 2
+    with pytest.raises(KeyboardInterrupt):
+        extract.main(flags(out, "--repeats", "3"))
+    assert os.path.exists(out / "repeat-1" / "samples.npz") and not os.path.exists(out / "AUDIT_REPORT.md")
+    monkeypatch.undo()
+    calls = counting_sampler(monkeypatch)
+    extract.main(flags(out, "--repeats", "3"))
+    assert len(calls) == 7  # only what repeat 2 had left: its first batch was done
+    same(outputs(out), outputs(three))
+    before = mtimes(out / "cache") | mtimes(out / "repeat-1" / "cache") | mtimes(out / "repeat-2" / "cache")
+    for name in ("sample", "train_classifier", "extract_features"):
+        monkeypatch.setattr(ddpm.Diffusion if name == "sample" else side, name, fail_if_called)
+    extract.main(flags(out, "--repeats", "3"))
+    assert (mtimes(out / "cache") | mtimes(out / "repeat-1" / "cache") | mtimes(out / "repeat-2" / "cache")) == before
+    same(outputs(out), outputs(three))
+
+
+def test_a_repeat_folder_from_other_settings_is_refused_before_any_work(runs, tmp_path):
+    single, _, flags = runs
+    out = tmp_path / "run"
+    shutil.copytree(single, out)  # repeat 0 is done; repeat-1 holds a run with another N_syn
+    extract.main(flags(out / "repeat-1", "--n-syn", "8"))
+    before = mtimes(out)
+    r = run_cli("extract.py", *flags(out, "--repeats", "2"))
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "repeat-1" in lines[0] and "n_syn=8" in lines[0] and "--overwrite" in lines[0]
+    assert mtimes(out) == before  # nothing written
+    extract.main(flags(out, "--repeats", "2", "--overwrite"))
+    assert json.load(open(out / "repeat-1" / "metrics.json"))["config"]["n_syn"] == 16
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_a_bad_repeats_value_gives_one_error_line_and_exit_2(ckpt, tmp_path, value):
+    r = run_cli("extract.py", "--ckpt", ckpt, "--out", str(tmp_path / "x"), "--repeats", value)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "--repeats" in lines[0], r.stderr
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_training_images_are_named_by_their_files(tmp_path):
+    """A train.py model of a seeded sample of 6 of 10 files: every name opens to the image audited under it."""
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "imgs" / "a")
+    os.makedirs(tmp_path / "imgs" / "b")
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "ab"[i % 2] / f"{i}.png")
+    np.savez(tmp_path / "train.npz", images=rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8))
+    for spec in (str(tmp_path / "imgs"), str(tmp_path / "train.npz")):
+        tcfg = train.TrainConfig(out=str(tmp_path / "m"), data=spec, n_train=6, data_seed=3, image_size=8, base=16,
+                                 attn_res=(4,), T=50, steps=1, batch=6, sample_n=0, log_every=1e9)
+        train.train(tcfg)
+        ds = data.load_data(spec, 8, n=6, seed=3)
+        names = audit.training_names(extract.ExtractConfig(ckpt=str(tmp_path / "m" / "ckpt.pt")), 6)
+        for j, name in enumerate(names):
+            if spec.endswith(".npz"):
+                file, k = name.split("#")
+                assert file == "train.npz" and np.array_equal(np.load(spec)["images"][int(k)], ds.images[j])
+            else:
+                assert np.array_equal(np.asarray(Image.open(os.path.join(spec, name))), ds.images[j]), name
+        shutil.rmtree(tmp_path / "m")

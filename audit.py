@@ -147,6 +147,7 @@ def collect(cfg, folders, ds, device):
             images, method, index = z["images"], z["method"], z["index"]
         for m in cfg.methods.split(","):
             rows = np.flatnonzero(method == m)
+            rows = rows[np.argsort(index[rows], kind="stable")]  # generation order: the first T0 are a run of T0
             bands = {b: tuple(e) for b, e in rec["methods"][m]["bands"].items()}
             g, j, v = incidence(embed(images[rows]), train, bands, kind, device)
             T, high = len(rows), metrics.in_band(v, *bands.get("high", (math.nan,) * 2), kind)
@@ -426,6 +427,11 @@ def audit_report(cfg, a):
         L.append(f"- **{v['status']}**: {v['claim']}: {v['ratio']:.2f}x, Holm-corrected {iv}{riv} (paired over {v['replicates']} repeats)")
     if not a["verdict"]:
         L.append("- no paired verdict: it needs SIDE and Carlini UnCond (or Cond) in --methods")
+    for m, s in a["extrapolation"]["mean"].items():
+        if m in ("uncond", "side"):
+            x, tot = s["any"][f"{MULTIPLES[0]}x"], s["any"]["total"]
+            L.append(f"- {_name(m)} with {MULTIPLES[0]}x the generations would reach about {ci(x)} training images (any band); "
+                     f"reachable by it in total: {ci(tot)} (estimates, see below)")
     L += ["", f"## Per method (mean over {R} repeats [95 % interval])", "",
           "| method | N_G | " + " | ".join(STATS.values()) + " |", "|---|---|" + "---|" * len(STATS)]
     L += [f"| {_name(m)} | {a['n_gen'][m]} | " + " | ".join(ci(s[f]) for f in STATS) + " |" for m, s in st.items()]

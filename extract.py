@@ -3,6 +3,7 @@
     python extract.py --ckpt runs/n64/ckpt.pt --out runs/n64/extract            # all three methods
     python extract.py --ckpt ... --sweep-lambda 0,1,3,10,30 --sweep-k 4,8,16      # pick λ and K first
     torchrun --nproc_per_node=4 extract.py --ckpt ... --out ...                 # generations sharded
+    python extract.py --ckpt ... --data TRAIN --repeats 3                       # audit: AUDIT_REPORT.md (audit.py)
 
 Methods, all at the same N_G, sampler, steps and generation seeds (the paper's Table 1 protocol):
   uncond       Carlini et al. 2023 "UnCond": plain unconditional sampling;
@@ -459,6 +460,7 @@ def run(cfg, target, ranks=Ranks()):
 
 
 def main(argv=None):
+    """extract.run's results; with --repeats >= 2, the audit of every repeat (audit.py) on rank 0."""
     cfg = parse_config(ExtractConfig, argv, __doc__.split("\n\n")[0])
     validate(cfg)  # every option, before any work
     ranks, target = load_target(cfg)

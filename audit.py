@@ -43,6 +43,8 @@ MULTIPLES = (10, 100)  # budgets extrapolated to, as multiples of N_G (and the t
 CHECK = 8  # the built-in check: estimate from the first N_G / 8 generations, compare with all 8x as many
 BOOTSTRAP = 200  # bootstrap replicates per interval: a standard error good to about 1 / sqrt(2 B) = 5 %
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile (Chao et al. 2014: estimate ± 1.96 s.e.)
+Z_TAIL = 0.025  # one tail of a two-sided 95 % interval: spread_bound's confidence in the unseen hit mass
+BISECT = 100  # bisection steps of poisson_upper: the bracket shrinks by 2^-100, far below float resolution
 FIRST_K = 8  # nearest training images searched per generation at first; x4 while the last is in a band
 TABLE_ROWS = 20  # leaked images listed in AUDIT_REPORT.md (leaked.csv has all)
 GRID_SCALE, GRID_COLS = 4, 4  # leaked.png: screen px per image px; image pairs per row
@@ -211,10 +213,38 @@ def assemblage(Y, T, n):
     return np.concatenate([shrunk, np.full(math.ceil(q0), a / math.ceil(q0))])
 
 
+def poisson_upper(k, level=1 - Z_TAIL):
+    """The `level` upper confidence limit of a Poisson mean after observing k (Garwood 1936): the λ with
+    P(X <= k | λ) = 1 - level, by bisection on the cumulative sum of the Poisson terms."""
+    log_fact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, k + 1)))])
+    cdf = lambda lam: float(np.exp(-lam + np.arange(k + 1) * math.log(lam) - log_fact).sum())  # noqa: E731
+    lo, hi = 0.0, k + 10.0 * math.sqrt(k + 1) + 10.0  # P(X <= k) is far below 1 - level at hi
+    for _ in range(BISECT):
+        lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) > 1 - level else (lo, (lo + hi) / 2)
+    return hi
+
+
+def spread_bound(Y, T, n, budgets):
+    """The most distinct images m generations can be expected to reach, whatever the unseen p_i: the unseen
+    images (at most n - S_obs) share a total hit probability M0 = Σ_unseen p_i, and by Jensen's inequality
+    Σ_unseen 1 - (1 - p_i)^(m - T) <= (n - S_obs) [1 - (1 - M0 / (n - S_obs))^(m - T)] (mass spread evenly
+    over every image not yet reached). M0 at its upper confidence limit: Good-Turing's Q1 / T (for incidence
+    data E[Q1] / T = Σ p_i (1 - p_i)^(T-1) >= E[M0]) with Q1 at poisson_upper (a sum of independent
+    indicators is less dispersed than a Poisson count). Infinite m: n, as no finite run rules out p_i > 0."""
+    Y = np.asarray(Y)
+    s, u = int((Y > 0).sum()), n - int((Y > 0).sum())
+    if u == 0:
+        return np.full(len(budgets), float(s))
+    m0 = min(poisson_upper(int((Y == 1).sum())) / T, 1.0)
+    return np.array([float(n) if math.isinf(m) else s + u * -math.expm1((m - T) * math.log1p(-min(m0 / u, 1.0))) for m in budgets])
+
+
 def extrapolate_interval(Y, T, n, budgets, rng, B=BOOTSTRAP):
-    """(estimate, lo, hi) per budget: `extrapolate` and a 95 % prediction interval for the count a run to m
-    generations reaches, estimate ± 1.96 s.e. with the s.e. of (reached - estimated) over B bootstrap
-    runs: the first T generations drawn anew from `assemblage`, then the m - T more. Clipped to [S_obs, n]."""
+    """(estimate, lo, hi) per budget: `extrapolate` and a 95 % interval for the count a run to m generations
+    reaches. Lower end: estimate - 1.96 s.e., the s.e. of (reached - estimated) over B bootstrap runs (the
+    first T generations drawn anew from `assemblage`, then the m - T more; Chao et al. 2014). Upper end: the
+    larger of estimate + 1.96 s.e. and `spread_bound`, which holds where Chao's estimate is low (hit
+    probabilities that vary, or too few hits to tell). Both clipped to [S_obs, n]."""
     est, pi = extrapolate(Y, T, n, budgets), assemblage(Y, T, n)
     err = np.empty((B, len(budgets)))
     for b in range(B):
@@ -224,10 +254,11 @@ def extrapolate_interval(Y, T, n, budgets, rng, B=BOOTSTRAP):
                    for m in budgets]
         err[b] = np.array(reached) - extrapolate(Yb, T, n, budgets)
     se, s = err.std(0, ddof=1), int((np.asarray(Y) > 0).sum())
-    return est, np.clip(est - Z95 * se, s, n), np.clip(est + Z95 * se, s, n)
+    hi = np.maximum(est + Z95 * se, spread_bound(Y, T, n, budgets))
+    return est, np.clip(est - Z95 * se, s, n), np.clip(hi, s, n)
 
 
-def extrapolation(runs, methods, n):
+def extrapolation(runs, n):
     """Per method and band: every repeat's estimates (with bootstrap intervals) at N_G, MULTIPLES x N_G and
     in total, and their means over repeats; plus the check (from the first N_G / CHECK, for CHECK x as many)."""
     out, check = {}, {}
@@ -241,11 +272,18 @@ def extrapolation(runs, methods, n):
         if ru["T0"] >= 2:
             est, lo, hi = extrapolate_interval(ru["first"], ru["T0"], n, [CHECK * ru["T0"]], rng)
             check.setdefault(ru["method"], []).append(dict(repeat=ru["repeat"], n_small=ru["T0"], n_large=CHECK * ru["T0"],
-                                                           estimate=est[0], lo=lo[0], hi=hi[0], reached=ru["at_check"]))
+                                                           estimate=est[0], lo=lo[0], hi=hi[0], reached=ru["at_check"],
+                                                           small=int((ru["first"] > 0).sum())))
     labels = ["N_G"] + [f"{f}x" for f in MULTIPLES] + ["total"]
-    summary = {m: {band: {lab: _ci([r["estimate"][i] for r in reps]) for i, lab in enumerate(labels)}
+    summary = {m: {band: {lab: dict(_ci([r["estimate"][i] for r in reps]), lowest=min(r["lo"][i] for r in reps),
+                                    highest=max(r["hi"][i] for r in reps)) for i, lab in enumerate(labels)}
                    for band, reps in bands.items()} for m, bands in out.items()}
     return dict(budgets=labels, per_repeat=out, mean=summary, check=check)
+
+
+def span(s, nd=1):
+    """'mean [lowest, highest]': the mean estimate over repeats and the span of the repeats' 95 % intervals."""
+    return f"{s['mean']:.{nd}f} [{s['lowest']:.{nd}f}, {s['highest']:.{nd}f}]"
 
 
 def _ci(values):
@@ -389,7 +427,7 @@ def write_audit(cfg, base, cfgs, target):
     a = dict(command=command(cfg), n_train=n, data=target.ds.source, similarity=runs[0]["metrics"]["value"], bands=bands,
              repeats=[dict(repeat=r, seed=c.seed, syn_seed=c.syn_seed, folder=folders[r]) for r, c in enumerate(cfgs)],
              n_gen={m: next(ru["T"] for ru in runs if ru["method"] == m) for m in methods},
-             stats=method_stats(runs, methods), verdict=verdict(runs), leaked=rows, extrapolation=extrapolation(runs, methods, n))
+             stats=method_stats(runs, methods), verdict=verdict(runs), leaked=rows, extrapolation=extrapolation(runs, n))
     a = json.loads(json.dumps(a, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
     write_csv(os.path.join(base, "leaked.csv"), rows)
     leaked_grid(os.path.join(base, "leaked.png"), rows, target.ds.images, best, max(cfg.grid_top, 1))
@@ -430,8 +468,8 @@ def audit_report(cfg, a):
     for m, s in a["extrapolation"]["mean"].items():
         if m in ("uncond", "side"):
             x, tot = s["any"][f"{MULTIPLES[0]}x"], s["any"]["total"]
-            L.append(f"- {_name(m)} with {MULTIPLES[0]}x the generations would reach about {ci(x)} training images (any band); "
-                     f"reachable by it in total: {ci(tot)} (estimates, see below)")
+            L.append(f"- {_name(m)} with {MULTIPLES[0]}x the generations would reach {span(x)} training images (any band); "
+                     f"reachable by it in total: {span(tot)} (estimate [95 % interval], see below)")
     L += ["", f"## Per method (mean over {R} repeats [95 % interval])", "",
           "| method | N_G | " + " | ".join(STATS.values()) + " |", "|---|---|" + "---|" * len(STATS)]
     L += [f"| {_name(m)} | {a['n_gen'][m]} | " + " | ".join(ci(s[f]) for f in STATS) + " |" for m, s in st.items()]
@@ -451,20 +489,23 @@ def budget_section(cfg, a):
     ex, R = a["extrapolation"], cfg.repeats
     L = ["## How many a larger budget would reach", "",
          f"Distinct training images reached after N_G, {' and '.join(f'{f}x' for f in MULTIPLES)} as many generations (these "
-         f"included) and in total, of {a['n_train']}: mean over {R} repeats of each repeat's estimate [95 % interval over "
-         "repeats]. Estimator: Chao et al. 2014's incidence extrapolation with Chao's unseen-image count (audit.extrapolate); "
-         "per-repeat bootstrap intervals are in metrics.json. Where hit probabilities vary, it tends to be low for far "
-         "budgets: read the 100x and total columns as at least.", "",
+         f"included) and in total, of {a['n_train']}: the mean over {R} repeats of Chao et al. 2014's estimate (audit.extrapolate) "
+         "[lowest lower end, highest upper end of the repeats' 95 % intervals] (per repeat: metrics.json). The estimate is "
+         "low where hit probabilities vary or hits are few; the upper end holds anyway: it is the most images the hit "
+         "probability not yet spent on reached images could reach, spread evenly (audit.spread_bound). No finite run bounds "
+         "the total from above: images reached once in a million generations leave no trace in these.", "",
          "| method | band | " + " | ".join(ex["budgets"]) + " |", "|---|---|" + "---|" * len(ex["budgets"])]
     for m, bands in ex["mean"].items():
-        L += [f"| {_name(m)} | {band} | " + " | ".join(ci(s[b]) for b in ex["budgets"]) + " |" for band, s in bands.items()]
+        L += [f"| {_name(m)} | {band} | " + " | ".join(span(s[b]) for b in ex["budgets"]) + " |" for band, s in bands.items()]
     L += ["", f"**Check on this model:** each repeat's estimate from its first N_G/{CHECK} generations of the count "
           f"{CHECK}x as many reach (the first generations of a run are exactly a run with that smaller N_G), against what they reached:", "",
-          "| method | generations: small -> large | estimated (mean) | reached (mean) | repeats inside the 95 % interval |", "|---|---|---|---|---|"]
+          "| method | generations: small -> large | reached by the small run | estimated [interval] | reached by the large run | "
+          "repeats inside their interval |", "|---|---|---|---|---|---|"]
     for m, c in ex["check"].items():
         inside = sum(r["lo"] <= r["reached"] <= r["hi"] for r in c)
-        L.append(f"| {_name(m)} | {c[0]['n_small']} -> {c[0]['n_large']} | {np.mean([r['estimate'] for r in c]):.1f} | "
+        est = dict(mean=np.mean([r["estimate"] for r in c]), lowest=min(r["lo"] for r in c), highest=max(r["hi"] for r in c))
+        L.append(f"| {_name(m)} | {c[0]['n_small']} -> {c[0]['n_large']} | {np.mean([r['small'] for r in c]):.1f} | {span(est)} | "
                  f"{np.mean([r['reached'] for r in c]):.1f} | {inside}/{len(c)} |")
     if not ex["check"]:
-        L.append(f"| (needs N_G >= {2 * CHECK}) | | | | |")
+        L.append(f"| (needs N_G >= {2 * CHECK}) | | | | | |")
     return L + [""]

@@ -47,7 +47,7 @@ Z_TAIL = 0.025  # one tail of a two-sided 95 % interval: spread_bound's confiden
 BISECT = 100  # bisection steps of poisson_upper: the bracket shrinks by 2^-100, far below float resolution
 FIRST_K = 8  # nearest training images searched per generation at first; x4 while the last is in a band
 TABLE_ROWS = 20  # leaked images listed in AUDIT_REPORT.md (leaked.csv has all)
-GRID_SCALE, GRID_COLS = 4, 4  # leaked.png: screen px per image px; image pairs per row
+GRID_PX, GRID_COLS = 64, 4  # leaked.png: images enlarged to about 64 px (small ones readable); pairs per row
 OUTPUTS = ("AUDIT_REPORT.md", "leaked.csv", "leaked.png")
 
 
@@ -388,22 +388,25 @@ def _tile(a, scale):
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
-def leaked_grid(path, rows, train, best, top, scale=GRID_SCALE, cols=GRID_COLS):
+def leaked_grid(path, rows, train, best, top, R, cols=GRID_COLS):
     """PNG: the `top` most reliably leaked training images, each beside its closest generation, labelled
-    with its index, best value and the repeats that found it."""
+    with its index, best value and the repeats that found it (none leaked: no file)."""
     rows = rows[:top]
     if not rows:
+        if os.path.exists(path):
+            os.unlink(path)
         return
+    scale = max(1, round(GRID_PX / train.shape[2]))
     w, h = _tile(train[0], scale).size
-    pad, label = 6, 12
-    cw, ch = max(2 * w + pad, 96), h + label + pad
+    pad, label = 10, 14
+    cw, ch = max(2 * w + 2, 100), h + label + pad
     canvas = Image.new("RGB", (pad + cols * (cw + pad), pad + math.ceil(len(rows) / cols) * ch), "white")
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
     for k, r in enumerate(rows):
         x, y = pad + (k % cols) * (cw + pad), pad + (k // cols) * ch
         canvas.paste(_tile(train[r["index"]], scale), (x, y))
         canvas.paste(_tile(best["image"][r["index"]], scale), (x + w + 2, y))
-        draw.text((x, y + h), f"#{r['index']} {r['best_value']:.3f} {r['repeats']}r", fill="black", font=font)
+        draw.text((x, y + h + 1), f"#{r['index']} {r['best_value']:.3f} {r['repeats']}/{R}", fill="black", font=font)
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
@@ -430,7 +433,7 @@ def write_audit(cfg, base, cfgs, target):
              stats=method_stats(runs, methods), verdict=verdict(runs), leaked=rows, extrapolation=extrapolation(runs, n))
     a = json.loads(json.dumps(a, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
     write_csv(os.path.join(base, "leaked.csv"), rows)
-    leaked_grid(os.path.join(base, "leaked.png"), rows, target.ds.images, best, max(cfg.grid_top, 1))
+    leaked_grid(os.path.join(base, "leaked.png"), rows, target.ds.images, best, max(cfg.grid_top, 1), cfg.repeats)
     text = audit_report(cfg, a)
     atomic_write_text(os.path.join(base, "AUDIT_REPORT.md"), text)
     rec = _json(os.path.join(base, "metrics.json"))

@@ -204,10 +204,15 @@ def test_incidence_is_a_brute_force_search_with_images_near_several_training_ima
 def test_the_grid_takes_grey_images_too(tmp_path):
     grey = np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8, 1)
     rows = [dict(index=1, best_value=0.05, repeats=2)]
-    audit.leaked_grid(str(tmp_path / "g.png"), rows, grey, dict(image={1: grey[0]}), top=4)
+    audit.leaked_grid(str(tmp_path / "g.png"), rows, grey, dict(image={1: grey[0]}), top=4, R=3)
     img = np.asarray(Image.open(tmp_path / "g.png"))
-    s = audit.GRID_SCALE
-    np.testing.assert_array_equal(img[6:6 + 8 * s:s, 6:6 + 8 * s:s, 0], grey[1, ..., 0])  # the training image, left
+    s = audit.GRID_PX // 8
+    ys, xs = np.nonzero((img[..., 0] != 255))
+    y0, x0 = ys.min(), xs.min()  # the first tile's corner
+    np.testing.assert_array_equal(img[y0:y0 + 8 * s:s, x0:x0 + 8 * s:s, 0], grey[1, ..., 0])  # the training image, left
+    np.testing.assert_array_equal(img[y0:y0 + 8 * s:s, x0 + 8 * s + 2:x0 + 16 * s + 2:s, 0], grey[0, ..., 0])  # its match
+    audit.leaked_grid(str(tmp_path / "g.png"), [], grey, {}, top=4, R=3)
+    assert not os.path.exists(tmp_path / "g.png")  # nothing leaked: no stale picture
 
 
 # ============================================================================ end to end: the planted memorizer

@@ -17,7 +17,8 @@ variation between models trained on other samples (reproduce.py's units measure 
     method in any repeat, sorted by how reliably it leaks, and leaked.png (each beside its closest
     generation);
   - how many more a larger budget reaches: `extrapolate` (Chao et al. 2014; see there), at 10x and
-    100x N_G and in total, checked on the model itself (from the first N_G/8 generations to all N_G).
+    100x N_G and in total, with an interval whose upper end also holds where that estimate is low
+    (`spread_bound`), checked on the model itself (from the first N_G/8 generations to all N_G).
 Depends on numpy, pillow, metrics.py, models.py, evidence.py, report.py and common.py. It never imports
 extract.py: extract.main hands it its run and check functions.
 """

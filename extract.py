@@ -3,6 +3,7 @@
     python extract.py --ckpt runs/n64/ckpt.pt --out runs/n64/extract            # all three methods
     python extract.py --ckpt ... --sweep-lambda 0,1,3,10,30 --sweep-k 4,8,16      # pick λ and K first
     torchrun --nproc_per_node=4 extract.py --ckpt ... --out ...                 # generations sharded
+    python extract.py --ckpt ... --data TRAIN --repeats 3                       # audit: AUDIT_REPORT.md (audit.py)
 
 Methods, all at the same N_G, sampler, steps and generation seeds (the paper's Table 1 protocol):
   uncond       Carlini et al. 2023 "UnCond": plain unconditional sampling;
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import audit
 import data
 import ddpm
 import metrics
@@ -106,6 +108,8 @@ class ExtractConfig:
     compile: str = option("off", "torch.compile the sampling UNet; cudagraphs also captures CUDA graphs (CUDA only)",
                          choices=["off", "on", "cudagraphs"])
     overwrite: bool = option(False, "replace the results in --out made with other settings (without it such a rerun is refused)")
+    repeats: int = option(1, "independent attacks on this one model, each on its own seeds in OUT/repeat-r; >= 2 adds the audit "
+                         "(audit.py: intervals over repeats, leaked.csv, extrapolation, AUDIT_REPORT.md)", lo=1)
 
 
 def validate(cfg):
@@ -145,6 +149,9 @@ def validate(cfg):
     check_writable(out_dir(cfg), "--out")
     check_sizes(cfg, info)
     check_previous(cfg)
+    for c in audit.repeat_configs(cfg, out_dir(cfg))[1:]:  # each repeat's folder, before any work
+        check_writable(out_dir(c), "--out")
+        check_previous(c)
 
 
 def uses_side(cfg):
@@ -204,7 +211,7 @@ def out_dir(cfg):
 # Options that do not change any method's results: a rerun differing only in them adds its methods.
 PRESENTATION = {"methods", "out", "device", "amp", "channels_last", "compile", "batch", "grid_top", "overwrite",
                 "sweep_lambda", "sweep_k", "sweep_cond_scale", "sweep_n_gen", "sweep_seed", "lam", "K",
-                "cond_scale", "curve_points"}
+                "cond_scale", "curve_points", "repeats"}
 
 
 def previous(out):
@@ -614,6 +621,7 @@ def run(cfg, target, ranks=Ranks()):
 
 
 def main(argv=None):
+    """extract.run's results; with --repeats >= 2, the audit of every repeat (audit.py) on rank 0."""
     cfg = parse_config(ExtractConfig, argv, __doc__.split("\n\n")[0])
     validate(cfg)  # every option, before any work
     ranks, target = load_target(cfg)
@@ -622,7 +630,8 @@ def main(argv=None):
     try:
         with folder_lock(out_dir(cfg), "--out", "extract.py") if ranks.rank == 0 else contextlib.nullcontext():
             check_previous(cfg, target=target_record(target))  # again under the lock: another run may have just ended
-            return run(cfg, target, ranks)
+            results = run(cfg, target, ranks)
+            return audit.run_repeats(cfg, out_dir(cfg), target, ranks, run, check_previous) or results
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

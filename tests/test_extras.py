@@ -195,6 +195,19 @@ def test_extract_audits_a_plain_unet_folder_and_a_pipeline(unet, folders):
     assert json.load(open(os.path.join(out, "metrics.json")))["methods"]["uncond"]["similarity"] == "sscd"
 
 
+@needs_diffusers
+def test_extract_audits_a_diffusers_folder_with_repeats(folders):
+    root, _ = folders
+    out = root / "out-repeats"
+    r = run_extract("--ckpt", str(root / "pipe"), "--data", str(root / "train.npz"), "--out", str(out), *TINY, "--repeats", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.load(open(out / "metrics.json"))["audit"]
+    assert len(rec["repeats"]) == 3 and len({(x["seed"], x["syn_seed"]) for x in rec["repeats"]}) == 3
+    for x, est in zip(rec["repeats"], rec["extrapolation"]["per_repeat"]["uncond"]["any"]):
+        assert est["estimate"][0] == json.load(open(os.path.join(x["folder"], "metrics.json")))["methods"]["uncond"]["distinct_any"]
+    assert os.path.exists(out / "AUDIT_REPORT.md") and os.path.exists(out / "leaked.csv")
+
+
 # ============================================================================ SSCD
 
 def scene(size, seed):

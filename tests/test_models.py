@@ -240,3 +240,18 @@ def test_a_model_and_data_of_other_channels_are_refused_naming_both(grey_scripte
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
         assert ckpt in r.stderr and npz in r.stderr and all(w in r.stderr for w in words), r.stderr
         assert not os.path.exists(tmp_path / "x" / "cache")
+
+
+def test_extract_audits_a_torchscript_model_with_repeats(scripted, tmp_path):
+    path, _, folder = scripted
+    out = tmp_path / "out"
+    r = run_cli("extract.py", "--ckpt", path, "--data", os.path.join(folder, "train.npz"), "--out", str(out),
+                "--methods", "uncond,side", "--features", "pixels", "--n-gen", "6", "--batch", "4", "--n-syn", "8",
+                "--K", "2", "--tau", "0", "--clf-steps", "3", "--clf-width", "8", "--sample-steps", "4", "--device", "cpu",
+                "--repeats", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.load(open(out / "metrics.json"))["audit"]
+    assert [x["folder"] for x in rec["repeats"]] == [str(out), str(out / "repeat-1"), str(out / "repeat-2")]
+    for x, est in zip(rec["repeats"], rec["extrapolation"]["per_repeat"]["side"]["any"]):
+        assert est["estimate"][0] == json.load(open(os.path.join(x["folder"], "metrics.json")))["methods"]["side"]["distinct_any"]
+    assert os.path.exists(out / "AUDIT_REPORT.md") and os.path.exists(out / "leaked.csv")

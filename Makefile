@@ -46,7 +46,7 @@ calibrate: install  ## how reproduce's training budgets were chosen: share of ea
 
 gpu-check: install  ## on a CUDA machine: bench at the gpu profile's shapes, GPU tests, the gpu profile -> $(OUT)/gpu/GPU_CHECK.txt
 	mkdir -p $(OUT)/gpu
-	{ nvidia-smi -L; $(PY) bench.py --device cuda --reproduce gpu --compile --sample-batch 256 --batch 128 --n-nn 50000; \
+	{ nvidia-smi -L; $(PY) bench.py --device cuda --reproduce gpu --reproduce-threads 0 --sample-batch 256 --batch 128 --n-nn 50000; \
 	  $(PY) -m pytest -q tests/test_gpu.py; \
 	  $(PY) reproduce.py --profile gpu --seed $(SEED) --out $(OUT)/gpu && grep -A40 '^## Verdict' $(OUT)/gpu/REPORT.md; \
 	} 2>&1 | tee $(OUT)/gpu/GPU_CHECK.txt

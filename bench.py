@@ -17,12 +17,16 @@ throughput does not depend on the pixels. Figures:
   knn        metrics.bench: n x n random uint8 items of 32x32x3, pairs/s and GFLOP/s next to the float32
              matmul peak measured in the same run.
 Every figure is one fixed-format line on stdout (`params`, `train`, `sample ddim`, `sample ddpm`, `knn`).
-  reproduce  training and DDIM sampling (unguided and SIDE-guided) at the shapes of reproduce.py's profile
-             (--reproduce cpu: 8 px, batch 128 / 256), as images/s and as a fraction of the float32 matmul
-             peak of a 2048^3 product measured in the same run, FLOPs counted by torch's FLOP counter;
-             --compile adds torch.compile'd training (measured on this CPU: see the README).
-Depends on torch, ddpm.py, side.py, train.py, extract.py, reproduce.py (profile shapes), metrics.py, common.py.
+  reproduce  training per size of reproduce.py's profile (--reproduce cpu: 8 px, batch 16 / 32 / 64), one model
+             alone (train.py) against the profile's replicates as one ensemble (ensemble.py), and DDIM
+             sampling (unguided and SIDE-guided) at extract.py's batch, with the threads each of reproduce's
+             parallel jobs gets, as images/s and as a fraction of the float32 matmul peak of a 2048^3 product
+             measured in the same run and thread count, FLOPs counted by torch's FLOP counter.
+Depends on torch, ddpm.py, side.py, train.py, ensemble.py, extract.py, reproduce.py (profile shapes), metrics.py,
+common.py.
 """
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -30,6 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ddpm
+import ensemble
 import extract
 import metrics
 import reproduce
@@ -63,7 +68,9 @@ class BenchConfig:
     seed: int = option(0, "seed of the weights, inputs and sampling noise", lo=0)
     reproduce: str = option("cpu", "also measure the model and batch shapes of this reproduce.py profile ('' = skip)",
                            choices=["", *reproduce.PROFILES])
-    compile: bool = option(False, "also time torch.compile'd training at the reproduce shapes (a minute of compiling)")
+    reproduce_threads: int = option(1, "torch threads for the reproduce shapes: 1 = what each of reproduce.py's two "
+                                    "parallel jobs gets on a CPU (0 = as --threads)", lo=0)
+    reproduce_steps: int = option(40, "optimiser steps of the timed training runs at the reproduce shapes", lo=4)
 
 
 def validate(cfg):
@@ -176,62 +183,57 @@ def rate_of(fn, device, n):
     return clock(device) - t0
 
 
+def _timed_runs(fn, steps):
+    """Seconds per optimiser step of fn(steps) (a whole training run in a fresh folder), from the
+    difference of a run of `steps` and one of steps // 2: setup, data and checkpoints cancel out."""
+    t0 = time.perf_counter()
+    fn(steps // 2)
+    t1 = time.perf_counter()
+    fn(steps)
+    return ((time.perf_counter() - t1) - (t1 - t0)) / (steps - steps // 2)
+
+
 def bench_reproduce(cfg, device, where):
-    """Training and sampling at reproduce.py's own shapes (profile cfg.reproduce), each as images/s and
-    as a fraction of the float32 matmul peak measured in the same run (FLOPs from torch's counter)."""
+    """Training and sampling at reproduce.py's own shapes (profile cfg.reproduce) with the thread count
+    each of its parallel jobs gets (`--reproduce-threads`): per training-set size n, train.py alone at
+    batch min(batch, n) against ensemble.py's K = replicates models at once (the real code paths, timed as
+    whole runs); then DDIM sampling unguided and SIDE-guided at extract.py's batch. Each as images/s and as
+    a fraction of the float32 matmul peak of a 2048^3 product measured in the same run and thread count."""
     p = reproduce.PROFILES[cfg.reproduce]
-    tcfg = TC(image_size=p["image_size"], base=p["base"], mults=p["mults"], attn_res=p["attn_res"], T=p["T"],
-              batch=p["batch"], **reproduce.TRAIN_FIXED)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.reproduce_threads or threads)
+    where = f"{device}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
     peak = metrics._matmul_peak(2048, 2048, 2048, device)[0] * 1e9
+    tag = f"reproduce-{cfg.reproduce} {p['image_size']}px base {p['base']}"
+    tmp = tempfile.mkdtemp(prefix="bench-")
+    try:
+        for n in p["sizes"]:
+            b = min(p["batch"], n)
+            tcfg = lambda k, steps: TC(out=f"{tmp}/n{n}-{k}-{steps}", n_train=n, data_seed=k, seed=k,  # noqa: E731
+                                       image_size=p["image_size"], base=p["base"], mults=p["mults"],
+                                       attn_res=p["attn_res"], T=p["T"], batch=b, steps=steps, sample_n=0,
+                                       ckpt_every=10 ** 6, log_every=1e9, device=str(device), **reproduce.TRAIN_FIXED)
+            f_img = flops_of(lambda: _loss_of(tcfg(0, 1), device).backward()) / b
+            solo = b / _timed_runs(lambda s: train.train(tcfg(0, s)), cfg.reproduce_steps)
+            K = p["replicates"]
+            ens = K * b / _timed_runs(lambda s: ensemble.train_ensemble([tcfg(k, s) for k in range(K)], log=False),
+                                      cfg.reproduce_steps)
+            for name, ips in ((f"alone (train.py), batch {b}", solo), (f"ensemble of {K} (ensemble.py), batch {K}x{b}", ens)):
+                print(f"{tag} n={n} train {name}: {ips:.0f} img/s = {100 * ips * f_img / peak:.0f}% of the float32 "
+                      f"matmul peak {peak / 1e9:.0f} GFLOP/s measured in this run ({f_img / 1e6:.1f} MFLOP/img; {where})",
+                      flush=True)
+            print(f"{tag} n={n} train ensemble / alone: {ens / solo:.2f}x", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(cfg.seed)
-    model, diffusion = train.build(tcfg, 0, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
-    g = torch.Generator().manual_seed(cfg.seed)
-    shape = (tcfg.batch, 3, tcfg.image_size, tcfg.image_size)
-    x0 = (torch.rand(shape, generator=g) * 2 - 1).to(device)
-
-    def step(fwd=model):
-        t = torch.randint(tcfg.T, (tcfg.batch,), generator=g).to(device)
-        loss = diffusion.loss(fwd, x0, t, torch.randn(shape, generator=g).to(device)).mean()  # Eq. (14)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def rate(fn, n_img, warm=2):
-        for _ in range(warm):
-            fn()
-        best = float("inf")
-        for _ in range(cfg.repeats):
-            t0 = clock(device)
-            for _ in range(cfg.train_steps):
-                fn()
-            best = min(best, clock(device) - t0)
-        return n_img * cfg.train_steps / best
-
-    tag = f"reproduce-{cfg.reproduce} {tcfg.image_size}px base {tcfg.base}"
-    f_img = flops_of(step) / tcfg.batch
-    variants = [("eager", model)] + ([("compiled", torch.compile(model))] if cfg.compile else [])
-    for name, fwd in variants:
-        ips = rate(lambda: step(fwd), tcfg.batch)
-        print(f"{tag} train {name}: {ips:.0f} img/s at batch {tcfg.batch} = {100 * ips * f_img / peak:.0f}% of the "
-              f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s measured in this run ({f_img / 1e6:.1f} MFLOP/img; {where})",
-              flush=True)
-    if device.type == "cuda":  # the fast path: bf16 autocast against the bf16 peak (never run here: no GPU lent yet)
-        a, b = (torch.randn(4096, 4096, device=device, dtype=torch.bfloat16) for _ in range(2))
-        peak16 = 2 * 4096 ** 3 * 10 / rate_of(lambda: a @ b, device, 10)
-
-        def step16():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                step(model)
-        ips = rate(step16, tcfg.batch)
-        print(f"{tag} train bf16: {ips:.0f} img/s at batch {tcfg.batch} = {100 * ips * f_img / peak16:.0f}% of the "
-              f"bf16 matmul peak {peak16 / 1e9:.0f} GFLOP/s measured in this run ({where})", flush=True)
+    model, diffusion = train.build(TC(image_size=p["image_size"], base=p["base"], mults=p["mults"], attn_res=p["attn_res"],
+                                      T=p["T"], **reproduce.TRAIN_FIXED), 0, device)
     model.eval().requires_grad_(False)
     nb = min(256, p["n_gen"])
-    clf = side.TimeResNet(p["K"], tcfg.image_size, T=tcfg.T).to(device).eval().requires_grad_(False)
+    clf = side.TimeResNet(p["K"], p["image_size"], T=p["T"]).to(device).eval().requires_grad_(False)
     target = torch.zeros(nb, dtype=torch.long, device=device)
-    x = torch.randn(nb, 3, tcfg.image_size, tcfg.image_size, device=device)
-    t = torch.full((nb,), tcfg.T // 2, dtype=torch.long, device=device)
+    x = torch.randn(nb, 3, p["image_size"], p["image_size"], device=device)
+    t = torch.full((nb,), p["T"] // 2, dtype=torch.long, device=device)
 
     def clf_grad():  # what the guidance adds per step: a classifier forward and backward to the input
         xt = x.clone().requires_grad_(True)
@@ -241,10 +243,19 @@ def bench_reproduce(cfg, device, where):
     for name, cond_fn, f_step in (("unguided", None, f_unet), ("guided", side.guidance(clf, target, 3.0), f_unet + f_clf)):
         one = lambda: diffusion.sample(model, nb, ddpm.sample_generators(cfg.seed, range(nb)), steps=1,  # noqa: E731
                                        eta=1.0, cond_fn=cond_fn)
-        sps = rate(one, 1)  # denoising steps of the whole batch per second
+        sps = cfg.train_steps / rate_of(one, device, cfg.train_steps)  # denoising steps of the whole batch per second
         ips = sps * nb / p["sample_steps"]
         print(f"{tag} sample ddim {name}: {ips:.0f} img/s at {p['sample_steps']} steps, batch {nb} = "
               f"{100 * sps * f_step / peak:.0f}% of the float32 matmul peak ({where})", flush=True)
+    torch.set_num_threads(threads)
+
+
+def _loss_of(tcfg, device):
+    """One training loss of the model a config describes, on random images (for the FLOP count)."""
+    model, diffusion = train.build(tcfg, 0, device)
+    x0 = torch.rand(tcfg.batch, 3, tcfg.image_size, tcfg.image_size, device=device) * 2 - 1
+    t = torch.randint(tcfg.T, (tcfg.batch,), device=device)
+    return diffusion.loss(model, x0, t, torch.randn_like(x0)).mean()  # Ho Eq. (14)
 
 
 if __name__ == "__main__":

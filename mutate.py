@@ -48,8 +48,15 @@ TARGETS = {
         ("in_band", None), ("ams_ums", None), ("p95", None), ("carlini_ratio", None), ("yoon_ratio", None),
         ("extracted", None), ("summarize", None), ("log_q_eps", None)]),
     "evidence": (["tests/test_evidence.py"], [
-        ("t975", r"return"), ("mean_ci", None), ("count_ci", None), ("paired_ratio", None), ("unpaired_ratio", None),
-        ("status", None), ("curve_summary", None), ("overtake", None)]),
+        ("_betacf", None), ("betainc", None), ("t_cdf", None), ("t_pdf", None), ("t_quantile", None),
+        ("mean_ci", None), ("count_ci", None), ("Estimate.value", None), ("Estimate.interval", None),
+        ("Estimate.p_value", None), ("_stratified", None), ("paired_log_ratio", None), ("unpaired_log_ratio", None),
+        ("mean_estimate", None), ("status", None), ("holm", None), ("replicates_needed", None),
+        ("curve_summary", None), ("overtake", None)]),
+    "ensemble": (["tests/test_ensemble.py"], [  # the grouped network and its per-model clip and loss
+        ("_conv", None), ("_norm", None), ("_linear", None), ("_blocks", None), ("_resblock", None),
+        ("_attention", None), ("_cat", None), ("forward", None), ("_losses", None), ("_clip", None)]),
+    "claims": (["tests/test_claims.py"], [("_ratio", None), ("_size_value", None), ("descriptive", r"ceiling|mean|\+ 1")]),
     "divergence": (["tests/test_divergence.py", "tests/test_ddpm.py"], [  # Definition 1 for a DDPM (ddpm.py) and its estimators (metrics.py)
         ("Diffusion.level", None), ("Diffusion.bound_draw", None), ("Diffusion.subchain_nll", None),
         ("Diffusion.prior_kl", None), ("normal_kl", None)]),

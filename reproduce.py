@@ -52,18 +52,24 @@ from sweeps import load_sweep
 
 # Each profile: data and model, per-size training budget in epochs, attack settings, replicates.
 PROFILES = {
-    "smoke": dict(image_size=8, sizes=(8, 16), epochs=(300, 150), weak_epochs=100, batch=16, base=16, mults=(1, 2),
+    "smoke": dict(data="faces", image_size=8, sizes=(8, 16), epochs=(300, 150), weak_epochs=100, batch=16, base=16, mults=(1, 2),
                   attn_res=(4,), T=100, n_gen=32, n_syn=64, K=4, sweep_lambda=(1.0, 3.0), sweep_cond=(0.0, 3.0),
                   sample_steps=10, clf_steps=40, replicates=2, div_mc=8, div_t=16, calib_epochs=(50, 150), jobs=2),
     # 8 px: 16 px did not memorize within a CPU budget. `make calibrate` (bands calibrated at 8 px): 800 epochs (=
     # steps, batch min(128, n)) is the smallest budget with every size partly memorized (27-50 % reached), 700 the
     # largest with every size almost unreached (3-12 %: the weak arm); 600: none, 1,000: 77-100 %
-    "cpu": dict(image_size=8, sizes=(16, 32, 64), epochs=(800, 800, 800), weak_epochs=700, batch=128, base=32,
+    "cpu": dict(data="faces", image_size=8, sizes=(16, 32, 64), epochs=(800, 800, 800), weak_epochs=700, batch=128, base=32,
                 mults=(1, 2), attn_res=(4,), T=1000, n_gen=512, n_syn=512, K=16, sweep_lambda=(1.0, 3.0, 10.0, 30.0),
                 sweep_cond=(0.0, 1.0, 3.0, 10.0, 30.0), sample_steps=40, clf_steps=250, replicates=6, div_mc=16,
                 div_t=32, calib_epochs=(500, 550, 600, 700, 800, 1000), jobs=2),
+    # Fashion-MNIST (real images, grey), 28 -> 8 px: the cpu profile's model and attack; budgets from its own
+    # `make calibrate DATA=fashion-mnist` with bands calibrated on Fashion-MNIST at 8 px
+    "fmnist": dict(data="fashion-mnist", image_size=8, sizes=(16, 32, 64), epochs=(800, 800, 800), weak_epochs=700,
+                   batch=128, base=32, mults=(1, 2), attn_res=(4,), T=1000, n_gen=512, n_syn=512, K=16,
+                   sweep_lambda=(1.0, 3.0, 10.0, 30.0), sweep_cond=(0.0, 1.0, 3.0, 10.0, 30.0), sample_steps=40,
+                   clf_steps=250, replicates=6, div_mc=16, div_t=32, calib_epochs=(500, 600, 700, 800, 900, 1000), jobs=2),
     # never run on a GPU yet; sizes and epochs are a starting point for --calibrate; --data /path/to/celeba for real faces
-    "gpu": dict(image_size=32, sizes=(256, 512, 1024), epochs=(1500, 1500, 1500), weak_epochs=1000, batch=128,
+    "gpu": dict(data="faces", image_size=32, sizes=(256, 512, 1024), epochs=(1500, 1500, 1500), weak_epochs=1000, batch=128,
                 base=64, mults=(1, 2, 2), attn_res=(16,), T=1000, n_gen=1024, n_syn=1024, K=32,
                 sweep_lambda=(1.0, 3.0, 10.0, 30.0), sweep_cond=(0.0, 1.0, 3.0, 10.0, 30.0), sample_steps=50,
                 clf_steps=1000, replicates=5, div_mc=64, div_t=100, calib_epochs=(500, 1000, 1500, 3000), jobs=1),
@@ -86,7 +92,8 @@ class ReproduceConfig:
     profile: str = option("cpu", "sizes, budgets and replicates: smoke (a test), cpu (the README's table), gpu",
                           choices=list(PROFILES))
     out: str = option("results", "output folder: REPORT.md, summary.json, PNGs, models/, extract/", nonempty=True)
-    data: str = option("faces", "faces (built-in) or an image folder / .npz (e.g. CelebA) used in its place", nonempty=True)
+    data: str = option("", "faces (built-in), fashion-mnist, mnist, an image or IDX folder or an .npz (e.g. CelebA) in the "
+                           "profile's place ('' = the profile's: faces, or fashion-mnist for the fmnist profile)")
     seed: int = option(0, "base seed: every replicate's seeds derive from it (and from the replicate)", lo=0)
     sizes: tuple = option((), "training-set sizes (override the profile; then --epochs too)", elem=int, lo=2)
     epochs: tuple = option((), "training epochs per size (override the profile)", elem=float, gt=0.0)
@@ -197,8 +204,7 @@ def attack_jobs(cfg, p, reps, chosen, bands):
         jobs.append((f"extract {rep['name']}", extract_args(cfg, p, f"{m}/ckpt.pt", x, TABLE_METHODS, bands, **seeds)))
         if rep["weak"]:
             jobs.append((f"extract {rep['name']} weak", extract_args(
-                cfg, p, f"{m}/ckpt-{rep['weak']}.pt", f"{x}-weak", WEAK_METHODS, bands, curve_points=0,
-                data=cfg.data if cfg.data != "faces" else "", **seeds)))
+                cfg, p, f"{m}/ckpt-{rep['weak']}.pt", f"{x}-weak", WEAK_METHODS, bands, curve_points=0, **seeds)))
         for lab, path in rep["labelled"].items():
             jobs.append((f"extract {rep['name']} {lab}", extract_args(
                 cfg, p, f"{path}/ckpt.pt", f"{x}-{lab}", "uncond", bands, seed=s["gen"], curve_points=0)))
@@ -290,12 +296,11 @@ def bands_of(cfg, p, device):
     """Pixel-L2 bands calibrated on BAND_REFERENCE images of the data at the working resolution, drawn with
     a seed no replicate uses (metrics.calibrate_l2_bands: every band closer than the closest two distinct
     images of the reference, which holds more images than any training set). (--bands string, stats)"""
-    need = BAND_REFERENCE
-    ref = data.load_data(cfg.data, p["image_size"], n=need if cfg.data == "faces" else None,
-                         seed=seeds_of(cfg.seed, "bands", 0, 0)["data"])
-    if len(ref.images) > need:
-        ref = dataclasses.replace(ref, images=ref.images[np.random.default_rng(seeds_of(cfg.seed, "bands", 0, 0)["data"])
-                                                         .permutation(len(ref.images))[:need]])
+    seed = seeds_of(cfg.seed, "bands", 0, 0)["data"]
+    try:
+        ref = data.load_data(cfg.data, p["image_size"], n=BAND_REFERENCE, seed=seed)
+    except UserError:  # a source with fewer images: all of them
+        ref = data.load_data(cfg.data, p["image_size"], seed=seed)
     bands, stats = metrics.calibrate_l2_bands(ref.images, device=device)
     spec = ",".join(f"{b}={lo:.6g}:{hi:.6g}" for b, (lo, hi) in bands.items())
     stats["distinct_nn_percentiles"] = {str(q): v for q, v in stats["distinct_nn_percentiles"].items()}  # as in JSON
@@ -386,6 +391,7 @@ def clear_previous(cfg):
 def main(argv=None):
     cfg = parse_config(ReproduceConfig, argv, __doc__.split("\n\n")[0])
     p = profile_of(cfg)
+    cfg = dataclasses.replace(cfg, data=cfg.data or p["data"])
     check_writable(cfg.out, "--out")
     check_previous(cfg)
     device = resolve_device(cfg.device)

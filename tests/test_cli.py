@@ -110,18 +110,17 @@ def test_every_flag_refuses_bad_values_with_one_line(mod, f, value, tmp_path, mo
     assert_one_error(code, err, argv, common.flag_name(f))
 
 
-METRICS_CASES = [(f, v) for f in dataclasses.fields(metrics.EvalConfig) for v in  # (its bools are bare switches)
-                 (["bogus"] if f.metadata["choices"] else
-                  ["abc", "1.5", "", str(f.metadata["lo"] - 1)] if f.metadata["lo"] is not None else [])
-                 + ([str(f.metadata["hi"] + 1)] if f.metadata["hi"] is not None else [])]
+METRICS_CASES = [("--" + name.replace("_", "-"), v) for name, default, _, valid in metrics.OPTIONS for v in
+                 (["bogus"] if valid is not None and isinstance(default, str) else  # (metrics.py's own argparse flags)
+                  ["abc", "1.5", "", str(valid[0] - 1), str(valid[1] + 1)] if valid is not None else [])]
 
 
-@pytest.mark.parametrize("f,value", METRICS_CASES, ids=[f"--{f.name}={v}" for f, v in METRICS_CASES])
-def test_metrics_flags_refuse_bad_values_with_one_line(f, value, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("flag,value", METRICS_CASES, ids=[f"{f}={v}" for f, v in METRICS_CASES])
+def test_metrics_flags_refuse_bad_values_with_one_line(flag, value, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    argv = ["a", "b", "--" + f.name.replace("_", "-"), value]
+    argv = ["a", "b", flag, value]
     code, err = run(lambda a: _exit(metrics.main(a)), argv, capsys, tmp_path)
-    assert_one_error(code, err, argv, "--" + f.name.replace("_", "-"))
+    assert_one_error(code, err, argv, flag)
 
 
 def _exit(code):

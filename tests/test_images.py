@@ -26,8 +26,8 @@ RGB = RNG.integers(0, 256, (6, 4, 3), dtype=np.uint8)  # 6 rows x 4 columns: not
 
 
 def load_one(path):
-    images, _, files = metrics.load_images(os.path.dirname(path))
-    assert files == [str(path)]
+    images = metrics.load_images(os.path.dirname(path))
+    assert metrics.image_files(os.path.dirname(path)) == [str(path)]
     return images[0].astype(int)
 
 
@@ -90,7 +90,7 @@ def test_an_unshowable_mode_is_refused_naming_the_file(tmp_path):
 def test_a_folder_mixing_grey_and_colour_is_read_as_colour(tmp_path):
     Image.fromarray(RGB).save(tmp_path / "a.png")
     Image.fromarray(RGB[..., 2]).save(tmp_path / "b.png")
-    images, _, _ = metrics.load_images(tmp_path)
+    images = metrics.load_images(tmp_path)
     assert images.shape == (2, 6, 4, 3)
     assert np.array_equal(images[0], RGB) and np.array_equal(images[1], np.repeat(RGB[..., 2:], 3, -1))
 
@@ -107,8 +107,8 @@ def test_alpha_is_the_same_in_a_png_and_in_an_npz(tmp_path):
             assert im.mode == name.upper()
         np.savez(tmp_path / f"{name}.npz", images=arr[None])
         expect = np.floor((v.astype(float) * alpha + 255.0 * (255 - alpha.astype(float))) / 255 + 0.5)
-        from_png = metrics.load_images(tmp_path / name)[0][0]
-        from_npz = metrics.load_images(tmp_path / f"{name}.npz")[0][0]
+        from_png = metrics.load_images(tmp_path / name)[0]
+        from_npz = metrics.load_images(tmp_path / f"{name}.npz")[0]
         assert from_png.shape == v.shape and np.array_equal(from_png, from_npz) and np.array_equal(from_png, expect)
 
 
@@ -119,15 +119,15 @@ def test_float_npz_ranges_are_detected_or_declared(tmp_path, capsys):
     nhwc = u8.transpose(0, 2, 3, 1)
     np.savez(tmp_path / "f01.npz", images=u8.astype(np.float32) / 255)
     np.savez(tmp_path / "f11.npz", images=u8.astype(np.float32) / 127.5 - 1)
-    assert np.array_equal(metrics.load_images(tmp_path / "f11.npz")[0], nhwc)
+    assert np.array_equal(metrics.load_images(tmp_path / "f11.npz"), nhwc)
     assert "note:" not in capsys.readouterr().err  # negative values: [-1, 1], nothing to say
-    assert np.array_equal(metrics.load_images(tmp_path / "f01.npz")[0], nhwc)
+    assert np.array_equal(metrics.load_images(tmp_path / "f01.npz"), nhwc)
     assert "read as [0, 1]" in capsys.readouterr().err  # detected, and said
     bright = np.full((2, 1, 4, 4), 0.5, np.float32)  # declared [-1, 1]: 0.5 is level 191, not 128
     np.savez(tmp_path / "decl.npz", images=bright, value_range=np.array([-1.0, 1.0]))
-    assert np.all(metrics.load_images(tmp_path / "decl.npz")[0] == 191)
+    assert np.all(metrics.load_images(tmp_path / "decl.npz") == 191)
     np.savez(tmp_path / "d01.npz", images=bright, value_range=np.array([0.0, 1.0]))
-    assert np.all(metrics.load_images(tmp_path / "d01.npz")[0] == 128)
+    assert np.all(metrics.load_images(tmp_path / "d01.npz") == 128)
     for name, arr, extra, needle in (("f255", u8.astype(np.float32), {}, r"\[0, 1\] or \[-1, 1\]"),
                                      ("wrongdecl", u8.astype(np.float32) / 127.5 - 1, dict(value_range=[0.0, 1.0]), r"\[0, 1\]"),
                                      ("oddrange", bright, dict(value_range=[0.0, 2.0]), "value_range")):
@@ -139,7 +139,7 @@ def test_float_npz_ranges_are_detected_or_declared(tmp_path, capsys):
 def test_an_mnist_style_npz_without_a_channel_axis_is_grey(tmp_path):
     g = RNG.integers(0, 256, (5, 6, 6), dtype=np.uint8)
     np.savez(tmp_path / "g.npz", images=g)
-    images = metrics.load_images(tmp_path / "g.npz")[0]
+    images = metrics.load_images(tmp_path / "g.npz")
     assert images.shape == (5, 6, 6, 1) and np.array_equal(images[..., 0], g)
     ds = data.load_data(str(tmp_path / "g.npz"), 8)
     assert ds.images.shape == (5, 8, 8, 1) and ds.channels == 1

@@ -10,7 +10,7 @@ The model is train.py's default architecture (TrainConfig: base width, mults, at
 --image-size 32 (its attention resolution 8 then falls on no level of mults 1,2: only the mid
 block, at 16 px, attends); parameters are also counted at TrainConfig's own 16 px. Inputs are random:
 throughput does not depend on the pixels. Figures:
-  training   images/s = batch x timed steps / seconds, for full optimiser steps (forward, Eq. 14 loss,
+  training   images/s = batch x timed steps / seconds, for full optimiser steps (forward, Ho et al. Eq. 14 loss,
              backward, clipping, AdamW, EMA update) after --warmup-steps untimed ones, fastest of --repeats;
   sampling   one denoising step is one UNet evaluation plus O(pixels) arithmetic, so the cost is linear
              in the step count: --time-steps steps are timed on a batch of --sample-batch (after a 1-step
@@ -114,7 +114,7 @@ def bench_training(cfg, device):
     def step():
         t = torch.randint(cfg.T, (cfg.batch,), generator=g).to(device)
         noise = torch.randn(shape, generator=g).to(device)
-        loss = diffusion.loss(model, x0, t, noise).mean()  # Eq. (14)
+        loss = diffusion.loss(model, x0, t, noise).mean()  # Ho et al. Eq. 14
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
@@ -308,7 +308,7 @@ def _loss_of(tcfg, device):
     model, diffusion = train.build(tcfg, 0, device)
     x0 = torch.rand(tcfg.batch, 3, tcfg.image_size, tcfg.image_size, device=device) * 2 - 1
     t = torch.randint(tcfg.T, (tcfg.batch,), device=device)
-    return diffusion.loss(model, x0, t, torch.randn_like(x0)).mean()  # Ho Eq. (14)
+    return diffusion.loss(model, x0, t, torch.randn_like(x0)).mean()  # Ho et al. Eq. 14
 
 
 if __name__ == "__main__":

@@ -3,17 +3,17 @@
 Implements, each on the line marked with its equation:
   - beta schedules, linear (Ho et al. 2020, Sec. 4) and cosine (Nichol & Dhariwal 2021, Eq. 17),
     computed in float64 and cast to float32 once;
-  - q_sample, the forward process             x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε      (Ho Eq. 4)
-  - q_posterior, q(x_{t-1} | x_t, x_0)         mean and variance                        (Ho Eq. 6-7)
-  - the training loss, ε-prediction            ||ε - ε_θ(x_t, t)||²                     (Ho Eq. 14)
+  - q_sample, the forward process             x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε      (Ho et al. Eq. 4)
+  - q_posterior, q(x_{t-1} | x_t, x_0)         mean and variance                        (Ho et al. Eq. 6-7)
+  - the training loss, ε-prediction            ||ε - ε_θ(x_t, t)||²                     (Ho et al. Eq. 14)
     or v-prediction, v = sqrt(ᾱ_t) ε - sqrt(1-ᾱ_t) x_0                        (Salimans & Ho 2022)
-  - the ancestral DDPM step with the true posterior mean and variance (Ho Eq. 6-7, Alg. 2),
+  - the ancestral DDPM step with the true posterior mean and variance (Ho et al. Eq. 6-7, Alg. 2),
     on any sub-sequence of timesteps (respaced chain: β'_t = 1 - ᾱ_t / ᾱ_prev)
   - the DDIM step with η                                                         (Song et al. Eq. 12)
   - classifier guidance through a `cond_fn` hook: ε̂ = ε_θ - sqrt(1-ᾱ_t) · cond_fn(x_t, t), where
     cond_fn returns s·∇_{x_t} log p(y | x_t, t)                      (Dhariwal & Nichol 2021, Alg. 2)
-  - an upper bound on -log p_θ(x) for x ~ q_ε (Definition 1 of the paper): the variational bound
-    (Ho Eq. 5) of the sub-chain that starts at the step k with (1-ᾱ_k)/ᾱ_k = ε² (`subchain_nll`),
+  - an upper bound on -log p_θ(x) for x ~ q_ε (SIDE Definition 1): the variational bound
+    (Ho et al. Eq. 5) of the sub-chain that starts at the step k with (1-ᾱ_k)/ᾱ_k = ε² (`subchain_nll`),
     estimated from timesteps drawn afresh per sample and stratified (`bound_draw`).
 
 Timesteps are 0-based: index t in {0..T-1} is Ho's t+1. Images are float tensors in [-1, 1], NCHW.
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
-    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017; Ho Sec. 4)."""
+    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017; Ho et al. Sec. 4)."""
     half = dim // 2
     dtype = torch.get_default_dtype()  # float32 unless a test runs the whole model in float64
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
@@ -134,7 +134,7 @@ class UNet(nn.Module):
             h = layer[1](layer[0](h, emb)) if isinstance(layer, nn.ModuleList) else layer(h)
             hs.append(h)
         h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
-        if return_mid:  # encoder features for SIDE's clustering (Alg. 1, step 2)
+        if return_mid:  # encoder features for SIDE's clustering (SIDE Alg. 1, step 2)
             return h
         for layer in self.up:
             if isinstance(layer, nn.ModuleList):
@@ -170,7 +170,7 @@ def beta_schedule(kind, T, beta_start=None, beta_end=None):
     if kind in ("cosine", "squaredcos_cap_v2"):
         s = 0.008  # offset so β_1 is not vanishingly small (Nichol & Dhariwal, Sec. 3.2)
         f = np.cos((np.arange(T + 1, dtype=np.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
-        return np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)  # clip at 0.999 as in their Eq. 17 note
+        return np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)  # clip at 0.999, as Nichol & Dhariwal do below their Eq. 17
     raise ValueError(f"unknown beta schedule {kind!r}; use one of {', '.join(SCHEDULES)}")
 
 
@@ -193,7 +193,7 @@ class Diffusion:
     sample are accepted too. beta_start/beta_end: the range of a linear or scaled_linear schedule;
     betas: explicit β_1..β_T (diffusers' trained_betas), overriding the schedule. clip_sample: clamp
     the predicted x_0 to ±clip_sample_range while sampling (the default of `sample`). variance: the
-    DDPM step's σ_t², fixed_small = β̃_t (Ho Eq. 7) or fixed_large = β_t (Ho Sec. 3.2 found both alike)."""
+    DDPM step's σ_t², fixed_small = β̃_t (Ho et al. Eq. 7) or fixed_large = β_t (Ho et al. Sec. 3.2 found both alike)."""
 
     def __init__(self, T=1000, schedule="linear", prediction="eps", device="cpu", beta_start=None, beta_end=None,
                  clip_sample=True, clip_sample_range=1.0, betas=None, variance="fixed_small"):
@@ -209,13 +209,13 @@ class Diffusion:
             raise ValueError(f"betas must be {T} values in (0, 1)")
         ab = np.cumprod(1.0 - b)
         ab_prev = np.append(1.0, ab[:-1])
-        post_var = b * (1.0 - ab_prev) / (1.0 - ab)  # β̃_t, Ho Eq. 7
+        post_var = b * (1.0 - ab_prev) / (1.0 - ab)  # β̃_t, Ho et al. Eq. 7
         consts = dict(
             betas=b, alphas_cumprod=ab, alphas_cumprod_prev=ab_prev,
             sqrt_alphas_cumprod=np.sqrt(ab), sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ab),
             posterior_variance=post_var,
             posterior_log_variance_clipped=np.log(np.append(post_var[1], post_var[1:])),  # β̃_1 = 0: use β̃_2
-            posterior_mean_coef1=b * np.sqrt(ab_prev) / (1.0 - ab),  # Ho Eq. 7, coefficient of x_0
+            posterior_mean_coef1=b * np.sqrt(ab_prev) / (1.0 - ab),  # Ho et al. Eq. 7, coefficient of x_0
             posterior_mean_coef2=(1.0 - ab_prev) * np.sqrt(1.0 - b) / (1.0 - ab),  # coefficient of x_t
         )
         self.f64 = {k: torch.from_numpy(v) for k, v in consts.items()}  # exact copies, for tests and sampling
@@ -229,12 +229,12 @@ class Diffusion:
 
     # ---------------------------------------------------------------- forward process
     def q_sample(self, x0, t, noise):
-        """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε."""  # Eq. (4)
+        """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε."""  # Ho et al. Eq. 4
         return _gather(self.sqrt_alphas_cumprod, t, x0.ndim) * x0 + \
             _gather(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
 
     def q_posterior(self, x0, xt, t):
-        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""  # Eq. (6)-(7)
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""  # Ho et al. Eq. 6-7
         mean = _gather(self.posterior_mean_coef1, t, xt.ndim) * x0 + _gather(self.posterior_mean_coef2, t, xt.ndim) * xt
         return mean, _gather(self.posterior_variance, t, xt.ndim), _gather(self.posterior_log_variance_clipped, t, xt.ndim)
 
@@ -249,7 +249,7 @@ class Diffusion:
         return (1 - ab).sqrt() * xt + ab.sqrt() * out, ab.sqrt() * xt - (1 - ab).sqrt() * out  # v-param.
 
     def loss(self, model, x0, t, noise, y=None):
-        """Per-image mean squared error of the prediction target."""  # Eq. (14) (or v-target)
+        """Per-image mean squared error of the prediction target."""  # Ho et al. Eq. 14 (or v-target)
         xt = self.q_sample(x0, t, noise)
         out = model(xt, t, y)
         if self.prediction == "eps":
@@ -310,14 +310,14 @@ class Diffusion:
                 x0 = x0.clamp(-r, r)
                 eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
             if sampler == "ddim":
-                sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))  # Song Eq. 16
-                mean = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps  # Song Eq. 12
+                sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))  # Song et al. Eq. 16
+                mean = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps  # Song et al. Eq. 12
             elif sampler == "ddpm":
                 beta = 1 - ab_t / ab_prev  # β of the respaced chain; equals β_t when steps == T
                 mean = (math.sqrt(ab_prev) * beta / (1 - ab_t)) * x0 + \
-                    (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)) * x  # Eq. (7), μ̃_t
-                sigma = math.sqrt(beta * (1 - ab_prev) / (1 - ab_t))  # Eq. (7), β̃_t
-                sigma = math.sqrt(beta) if self.variance == "fixed_large" else sigma  # Ho Sec. 3.2: σ_t² = β_t
+                    (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)) * x  # Ho et al. Eq. 7, μ̃_t
+                sigma = math.sqrt(beta * (1 - ab_prev) / (1 - ab_t))  # Ho et al. Eq. 7, β̃_t
+                sigma = math.sqrt(beta) if self.variance == "fixed_large" else sigma  # Ho et al. Sec. 3.2: σ_t² = β_t
             else:
                 raise ValueError(f"unknown sampler {sampler!r}; use ddim or ddpm")
             x = mean + sigma * randn() if i > 0 and sigma > 0 else mean
@@ -370,17 +370,17 @@ class Diffusion:
                          torch.zeros((), dtype=torch.float64)).flatten(1).sum(1)
 
     def _subchain_term(self, model, zk, k, t, noise, y):
-        """One term of the sub-chain bound per row (float64 nats): the KL of Eq. (A) for t > k+1, the
+        """One term of the sub-chain bound per row (float64 nats): the KL (A) of subchain_nll's bound for t > k+1, the
         decoder -log p_θ(z_k | z_{k+1}) for t = k+1. zk float64, t long (n,), noise (n, ...)."""
         f = {name: v.to(zk.device) for name, v in self.f64.items()}
         g = lambda a: a[t].reshape(-1, *([1] * (zk.ndim - 1)))  # noqa: E731
         ab_k = f["alphas_cumprod"][k]
         a_t, a_prev, beta = g(f["alphas_cumprod"]) / ab_k, g(f["alphas_cumprod_prev"]) / ab_k, g(f["betas"])
-        zt = a_t.sqrt() * zk + (1 - a_t).sqrt() * noise.double()  # Eq. (4) of the sub-chain, ᾱ'_t = ᾱ_t / ᾱ_k
+        zt = a_t.sqrt() * zk + (1 - a_t).sqrt() * noise.double()  # Ho et al. Eq. 4 on the sub-chain, ᾱ'_t = ᾱ_t / ᾱ_k
         _, x0_hat = self.eps_x0(model(zt.float(), t, y), zt.float(), t)
-        mean_p = g(f["posterior_mean_coef1"]) * x0_hat.double() + g(f["posterior_mean_coef2"]) * zt  # Eq. (6)-(7), μ̃_t(x̂_0, z_t)
-        var_p = g(f["posterior_variance"])  # β̃_t, Eq. (7): the model's own reverse variance
-        mean_q = (beta * a_prev.sqrt() * zk + (1 - beta).sqrt() * (1 - a_prev) * zt) / (1 - a_t)  # Eq. (7) of the sub-chain
+        mean_p = g(f["posterior_mean_coef1"]) * x0_hat.double() + g(f["posterior_mean_coef2"]) * zt  # Ho et al. Eq. 6-7, μ̃_t(x̂_0, z_t)
+        var_p = g(f["posterior_variance"])  # β̃_t, Ho et al. Eq. 7: the model's own reverse variance
+        mean_q = (beta * a_prev.sqrt() * zk + (1 - beta).sqrt() * (1 - a_prev) * zt) / (1 - a_t)  # Ho et al. Eq. 7 on the sub-chain
         var_q = beta * (1 - a_prev) / (1 - a_t)
         kl = 0.5 * ((var_p / var_q.clamp(min=1e-300)).log() + var_q / var_p - 1 + (mean_q - mean_p) ** 2 / var_p)
         dec = 0.5 * ((2 * math.pi * var_p).log() + (zk - mean_p) ** 2 / var_p)
@@ -391,18 +391,18 @@ class Diffusion:
         """An upper bound on -log p_θ(x) per sample (nats, float64) for x of q_ε at ε = ε_k, where p_θ(x) is
         the density of x = z_k / sqrt(ᾱ_k) when z_k is drawn by the model's ancestral chain down to step k.
 
-        A sample x of q_ε(x) = (1/N) Σ_i N(x | x_i, ε² I) (Definition 1) scaled by sqrt(ᾱ_k) is exactly a
+        A sample x of q_ε(x) = (1/N) Σ_i N(x | x_i, ε² I) (SIDE Definition 1) scaled by sqrt(ᾱ_k) is exactly a
         sample of the forward marginal at step k when (1-ᾱ_k)/ᾱ_k = ε²:
-            z_k = sqrt(ᾱ_k) x = sqrt(ᾱ_k) x_i + sqrt(1-ᾱ_k) ε',  ε' ~ N(0, I)              (Ho Eq. 4)
+            z_k = sqrt(ᾱ_k) x = sqrt(ᾱ_k) x_i + sqrt(1-ᾱ_k) ε',  ε' ~ N(0, I)              (Ho et al. Eq. 4)
         so the model's distribution of x is p_θ(x) = ᾱ_k^{d/2} p_θ(z_k), and z_k is the data of the
         sub-chain z_k -> z_{k+1} -> ... -> z_top, a diffusion with ᾱ'_t = ᾱ_t / ᾱ_k (top = T-1, or T-2 for a
-        clipped schedule, see `top`). Its variational bound (Ho Eq. 5, read from step k instead of 0) is
+        clipped schedule, see `top`). Its variational bound (Ho et al. Eq. 5, read from step k instead of 0) is
             -log p_θ(x) <= KL(q(z_top|z_k) || N(0,I))                                            L_T
                            + Σ_{t=k+2}^{top} E_q KL(q(z_{t-1}|z_t, z_k) || p_θ(z_{t-1}|z_t))        (A)
                            + E_q[-log p_θ(z_k | z_{k+1})] - (d/2) log ᾱ_k,                        decoder, Jacobian
         with q(z_{t-1}|z_t, z_k) = N((β_t sqrt(ᾱ'_{t-1}) z_k + sqrt(1-β_t)(1-ᾱ'_{t-1}) z_t) / (1-ᾱ'_t),
-        β_t (1-ᾱ'_{t-1}) / (1-ᾱ'_t) I) (Ho Eq. 6-7 with ᾱ'), and p_θ(z_{t-1}|z_t) = N(μ̃_t(x̂_0, z_t), β̃_t I),
-        the model's own ancestral step (Ho Eq. 6-7 with its prediction x̂_0, no clamping). The decoder is this
+        β_t (1-ᾱ'_{t-1}) / (1-ᾱ'_t) I) (Ho et al. Eq. 6-7 with ᾱ'), and p_θ(z_{t-1}|z_t) = N(μ̃_t(x̂_0, z_t), β̃_t I),
+        the model's own ancestral step (Ho et al. Eq. 6-7 with its prediction x̂_0, no clamping). The decoder is this
         same Gaussian at step k+1 (variance β̃_{k+1}, not β_1). The gap of the bound is
         E KL(q(z_{k+1:top}|z_k) || p_θ(z_{k+1:top}|z_k)) >= 0; nothing below step k enters, so the model is not
         charged for reproducing the ε-noise. The top-k terms are estimated from `draw` (see bound_draw)."""

@@ -5,11 +5,11 @@
     torchrun --nproc_per_node=4 extract.py --ckpt ... --out ...                 # generations sharded
     python extract.py --ckpt ... --data TRAIN --repeats 3                       # audit: AUDIT_REPORT.md (audit.py)
 
-Methods, all at the same N_G, sampler, steps and generation seeds (the paper's Table 1 protocol):
+Methods, all at the same N_G, sampler, steps and generation seeds (SIDE Table 1's protocol):
   uncond       Carlini et al. 2023 "UnCond": plain unconditional sampling;
   cond         Carlini "Cond": guidance by an ordinary time-independent classifier on the
                training set's real labels (the built-in faces' attributes, or folder names);
-  side         SIDE, the paper's Algorithm 1 (side.extract, one line per step, each step cached
+  side         SIDE, the paper's Algorithm 1 (SIDE Alg. 1: side.extract, one line per step, each step cached
                here through its memo and sample hooks): N_syn unconditional samples -> features ->
                K-means -> cohesion filter (τ) -> surrogate labels -> time-dependent classifier
                p_φ(y|x_t,t) -> guided sampling toward a kept cluster drawn uniformly per generation;
@@ -72,7 +72,7 @@ class ExtractConfig:
                       "required for other models)")
     methods: str = option("uncond,cond,side", "comma-separated subset of uncond,cond,side,side_random,uncond_budget", nonempty=True)
     n_gen: int = option(512, "N_G, generations per method (the paper: 5,120-51,200 at CelebA scale)", lo=1)
-    n_syn: int = option(1024, "N_syn, unconditional samples that SIDE clusters (Alg. 1, step 1)", lo=2)
+    n_syn: int = option(1024, "N_syn, unconditional samples that SIDE clusters (SIDE Alg. 1, step 1)", lo=2)
     K: int = option(16, "K-means clusters (paper: 100 for 50k samples; scaled to N_syn)", lo=2)
     tau: float = option(0.5, "cohesion threshold τ: keep clusters whose mean cosine to the centroid is >= τ (paper: 0.5)", lo=0.0, hi=1.0)
     drop_rejected: bool = option(False, "drop images of rejected clusters instead of relabelling them to the nearest kept centroid")
@@ -447,7 +447,7 @@ def synthetic(target, stages):
 
 
 def side_extract(target, stages, n, seed, lam, K, random_labels=False):
-    """SIDE, the paper's Algorithm 1 (side.extract), each step cached in OUT/cache: uint8 generations
+    """SIDE Alg. 1 (side.extract), each step cached in OUT/cache: uint8 generations
     and how they were made. random_labels: the control, the same pipeline with the surrogate labels
     randomly permuted over the synthetic images (the same clusters' sizes; only which image carries
     which label changes)."""

@@ -1,15 +1,15 @@
-"""Memorization metrics of generated images: the paper's AMS and UMS, Definition 1, Theorem 1; exact, memory-bounded.
+"""Memorization metrics of generated images: SIDE's AMS and UMS, SIDE Definition 1 and Theorem 1; exact.
 
 For a generated set D_1 (N_G items) against a training set D_2 (N_D items), in the file's order:
-  * section 3, the paper's metrics: AMS and UMS per band (AMS = sum_x F(x, D_2) / N_G,
+  * SIDE's evaluation metrics: AMS and UMS per band (AMS = sum_x F(x, D_2) / N_G,
     UMS = |U_x phi(x, D_2)| / N_G), bands not cumulative; and their predecessors: the 95th
     percentile of best-match similarity (Somepalli et al. 2023); Carlini et al. 2023's ratio
     l2(x^, x) / (alpha * mean l2 to the n nearest training images); Yoon et al. / Gu et al. 2023's
     d(NN1) / d(NN2) < 1/3. evaluate() computes them all, through summarize() on per-generation
     arrays, which merge() also calls, so sharded results join exactly.
-  * Definition 1, M(D; p, eps) = KL(q_eps || p), q_eps(x) = (1/N) sum_i N(x | x_i, eps^2 I), by
+  * SIDE Definition 1, M(D; p, eps) = KL(q_eps || p), q_eps(x) = (1/N) sum_i N(x | x_i, eps^2 I), by
     Monte Carlo with exact log q_eps (logsumexp) and a standard error, and the paired difference
-    of two models with common random numbers; closed-form checks of Theorem 1 on a Gaussian
+    of two models with common random numbers; closed-form checks of SIDE Theorem 1 on a Gaussian
     mixture with overlapping components, and of the random-label gain at finite |D_i|.
   * the exact k-nearest-neighbour search under them, streamed block by block (never the full
     N_G x N_D matrix), on CPU or CUDA: a float32 matrix-multiply pass with a rigorous rounding-error
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# section 3 and its predecessors
+# SIDE's metrics and their predecessors
 PIXEL_SCALE = 127.5  # uint8 level v <-> v / 127.5 - 1, the DDPM's [-1, 1] scale (our canonical L2 scale)
 SIMILARITIES = ("l2", "embed", "features", "sscd")  # evaluate()'s similarity kinds
 CARLINI_CENTERS = ("generation", "train")  # where Carlini's n neighbours are centred (ambiguous in the paper)
@@ -80,7 +80,7 @@ class MetricsInputError(ValueError):
     """Bad user input (missing file, wrong shape or dtype, NaN, empty set); names the file and the fix."""
 
 
-# ------------------------------------ Sec. 3: AMS, UMS and their predecessors (the paper's metrics)
+# ------------------------------------------------- SIDE's metrics: AMS, UMS and their predecessors
 
 def parse_bands(spec, kind):
     """'low=0.4:0.5,mid=0.5:0.6,high=0.6:1' or {name: (lo, hi)} -> {name: (lo, hi)}; None = defaults."""
@@ -113,7 +113,7 @@ def band_hits(values, bands, kind):
 
 
 def ams_ums(S, bands, kind):
-    """Section 3 on a full N_G x N_D similarity (cos) or distance (l2) matrix, for small sets
+    """SIDE's AMS and UMS on a full N_G x N_D similarity (cos) or distance (l2) matrix, for small sets
     (evaluate() computes the same blockwise): returns (AMS, UMS), each {band: percent}."""
     S = np.asarray(S, np.float64)
     F_x = band_hits(S.max(1) if kind == "cos" else S.min(1), bands, kind)  # F(x, D_2): nearest match in band
@@ -154,7 +154,7 @@ def extracted(ratio, nn_index, threshold):
 
 
 def summarize(nn_value, nn_index, carlini_ratio, yoon_ratio, ums_index, bands, kind, carlini_center, carlini_n):
-    """Section 3's AMS and UMS and their predecessors from per-generation arrays (evaluate() and merge()
+    """SIDE's AMS and UMS and their predecessors from per-generation arrays (evaluate() and merge()
     both end here): nn_value / nn_index (N_G,) the best match's value and training index; carlini_ratio,
     yoon_ratio (N_G,); ums_index {band: distinct training indices within the band of some generation}.
     carlini_center and carlini_n say how carlini_ratio was made and are recorded beside it."""
@@ -177,7 +177,7 @@ def summarize(nn_value, nn_index, carlini_ratio, yoon_ratio, ums_index, bands, k
 def evaluate(generated, train, similarity="l2", bands=None, embed=None, device=None, shift=0,
              carlini_center="generation", block_q=BLOCK_Q, block_k=BLOCK_K, embed_size=EMBED_SIZE, progress=False,
              shard=None):
-    """Every section 3 metric of `generated` against `train` (uint8 NHWC or float NCHW in [-1, 1];
+    """Every metric above (SIDE's and its predecessors') of `generated` against `train` (uint8 NHWC or float NCHW in [-1, 1];
     (N, D) features for similarity "features"). Returns the JSON fields (see summary()) plus
     per-generation arrays nn_index, nn_value, carlini_ratio, yoon_ratio and ums_index per band.
     shard=(r, n): only the r-th of n contiguous blocks of `generated` (one process each); merge() joins them."""
@@ -271,10 +271,10 @@ def summary(result):
     return {k: v for k, v in result.items() if not isinstance(v, np.ndarray) and k != "ums_index"}
 
 
-# ----------------------------------------------------------------------- Definition 1 and Theorem 1
+# ------------------------------------------------------------- SIDE Definition 1 and Theorem 1
 
 def log_q_eps(x, train_x, eps):
-    """log q_eps(x) = log (1/N) sum_i N(x | x_i, eps^2 I), exact by logsumexp (Def. 1), float64."""
+    """log q_eps(x) = log (1/N) sum_i N(x | x_i, eps^2 I), exact by logsumexp (SIDE Definition 1), float64."""
     x, T = x.reshape(len(x), -1).double(), train_x.reshape(len(train_x), -1).double()
     acc = torch.full((len(x),), -math.inf, dtype=torch.float64)
     step = max(1, CHUNK_BYTES // (8 * len(x) * T.shape[1]))
@@ -298,12 +298,12 @@ def _md_terms(train_x, eps, log_probs, n_samples, generator, batch):
         seed = int(torch.randint(2 ** 62, (1,), generator=generator))
         for t, lp in zip(terms, log_probs):
             lp_x = lp(x, torch.Generator().manual_seed(seed))
-            t.append(lq - torch.as_tensor(lp_x, dtype=torch.float64).cpu().reshape(m))  # Def. 1 integrand
+            t.append(lq - torch.as_tensor(lp_x, dtype=torch.float64).cpu().reshape(m))  # SIDE Definition 1's integrand
     return [torch.cat(t) for t in terms]
 
 
 def memorization_divergence(train_x, eps, log_prob, n_samples=1000, generator=None, batch=256):
-    """Def. 1: M(D; p, eps) = KL(q_eps || p) = E_{x~q_eps}[log q_eps(x) - log p(x)], Monte Carlo.
+    """SIDE Definition 1: M(D; p, eps) = KL(q_eps || p) = E_{x~q_eps}[log q_eps(x) - log p(x)], Monte Carlo.
     log_prob(x, generator) maps float64 x of train_x's shape (batch first) to log p(x), or to an
     unbiased estimate of a lower bound on it (then M is an upper bound) that draws its own randomness
     from `generator` afresh per sample, so the returned stderr covers that randomness too.
@@ -313,7 +313,7 @@ def memorization_divergence(train_x, eps, log_prob, n_samples=1000, generator=No
 
 
 def divergence_difference(train_x, eps, log_prob_a, log_prob_b, n_samples=1000, generator=None, batch=256):
-    """Delta = M(D; p_A, eps) - M(D; p_B, eps) = E_{x~q_eps}[log p_B(x) - log p_A(x)] (Def. 1; log q_eps
+    """Delta = M(D; p_A, eps) - M(D; p_B, eps) = E_{x~q_eps}[log p_B(x) - log p_A(x)] (SIDE Definition 1; log q_eps
     cancels), paired: the same x ~ q_eps and the same generator seeds for both callables (common random
     numbers), stderr from the per-sample differences. Also M of each model with its own stderr."""
     a, b = _md_terms(train_x, eps, [log_prob_a, log_prob_b], n_samples, generator, batch)
@@ -326,7 +326,7 @@ def divergence_difference(train_x, eps, log_prob_a, log_prob_b, n_samples=1000, 
 
 def gaussian_mixture_log_prob(means, sigma, weights=None):
     """Closed-form log density of sum_c w_c N(mu_c, sigma^2 I) as a callable on (n, d) float64
-    (the generator argument of Def. 1's callables is accepted and unused)."""
+    (the generator argument of SIDE Definition 1's callables is accepted and unused)."""
     mu = torch.as_tensor(means, dtype=torch.float64)
     w = torch.full((len(mu),), 1.0 / len(mu), dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
 
@@ -338,10 +338,10 @@ def gaussian_mixture_log_prob(means, sigma, weights=None):
 
 def theorem1_check(eps_list=(4.0, 1.0, 0.1, 0.01), sizes=(1000, 3000), dim=2, sep=2.0, sigma=1.0,
                    subset=0, n_samples=2000, seed=0):
-    """Theorem 1 on OVERLAPPING Gaussians p_c = N(sep * e_c, sigma^2 I) (sep = 2 sigma: log p - log p_i
+    """SIDE Theorem 1 on OVERLAPPING Gaussians p_c = N(sep * e_c, sigma^2 I) (sep = 2 sigma: log p - log p_i
     varies over the support), data weights N_c / N. The conditional model p_theta_i = p_i and the
     unconditional p_theta = p fit exactly. Per eps: M(D_i; p_i), M(D_i; p) and their paired difference
-    with stderr; targets: -KL(p_i || p) (Theorem 1's limit eps -> 0, |D_i| -> inf, by Monte Carlo of the
+    with stderr; targets: -KL(p_i || p) (SIDE Theorem 1's limit eps -> 0, |D_i| -> inf, by Monte Carlo of the
     closed forms, with its stderr), the eps -> 0 limit for this finite D_i, mean_{x in D_i}(log p - log p_i),
     and log(N_i / N), the disjoint-support value, for contrast."""
     g = torch.Generator().manual_seed(seed)
@@ -365,7 +365,7 @@ def theorem1_check(eps_list=(4.0, 1.0, 0.1, 0.01), sizes=(1000, 3000), dim=2, se
 def random_label_check(sizes=(4, 16, 64, 256), labels=2, dim=8, sigma=1.0, eps=0.1, partitions=50, n_samples=200, seed=0):
     """Random labels (independent of x): D = labels * N_i points of N(0, sigma^2 I), split at random into
     `labels` subsets D_i. Models: the maximum-likelihood Gaussian N(mean, sigma^2 I) of each model's own
-    training data, conditional on D_i, unconditional on D. Theorem 1's limit (p_i = p) predicts no gain;
+    training data, conditional on D_i, unconditional on D. SIDE Theorem 1's limit (p_i = p) predicts no gain;
     at finite N_i the conditional fit is closer to D_i: Delta = M(D_i; p_i_hat) - M(D_i; p_hat) =
     -||mean(D_i) - mean(D)||^2 / (2 sigma^2) exactly for every eps, with expectation -(d/2)(1/N_i - 1/N),
     shrinking as N_i grows. Per N_i: the Monte Carlo Delta averaged over partitions, its stderr, the
@@ -440,7 +440,7 @@ class _SearchState:
 
 @dataclasses.dataclass
 class _BandMarks:
-    """UMS marks collected during one search (section 3's phi(x, D_2)), band edges as squared distances."""
+    """UMS marks collected during one search (SIDE's phi(x, D_2)), band edges as squared distances."""
     far: float  # the farthest band edge: a tile row whose minimum lies beyond it (+ delta) marks nothing
     edges: list  # every band edge: pairs within delta of one are re-scored exactly before classifying
     classify: typing.Callable  # exact squared distances (m,) -> bool (n_bands, m), membership of each band
@@ -511,7 +511,7 @@ def _scan(rows, keys, st, kk, block_k, dev, marks=None):
 
 
 def _mark(A, row_min, a, delta, rows, keys, marks, dev, st):
-    """UMS (section 3): flag key items with d2 in each band for any query; pairs within delta of an
+    """UMS (SIDE's metric): flag key items with d2 in each band for any query; pairs within delta of an
     edge are re-scored exactly, so band membership is exact. Only rows whose tile minimum reaches
     the farthest band edge are scanned."""
     thr = ((marks.far + delta) * (1 + 1e-6)).float()  # 1e-6: absorb the float32 rounding of the threshold

@@ -18,7 +18,7 @@
     clip_sample (true), clip_sample_range (1.0), trained_betas, variance_type (fixed_small).
 
 Every model is called as model(x_t, t, y=None) and has .image_size, .channels, .num_classes; the
-`return_mid=True` call (SIDE's `--features ddpm`, Alg. 1 step 2) gives the mid-block activations of
+`return_mid=True` call (SIDE's `--features ddpm`, SIDE Alg. 1, step 2) gives the mid-block activations of
 our UNet and of a diffusers UNet2DModel; a TorchScript model has none (use --features pixels).
 Settings our sampler cannot reproduce (a learned variance, an unknown schedule, thresholding, ...)
 are refused with one line naming the field, and so is a field of the wrong JSON type ("false" is not
@@ -47,7 +47,7 @@ EXTRAS = "make extras (the two pip commands at the top of requirements-extras.tx
 SCHEDULER_DEFAULTS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
                           prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0, trained_betas=None)
 VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
-             None: "fixed_small"}  # the DDPM step's σ_t²: β̃_t (Ho Eq. 7) or β_t (google/ddpm-cifar10-32's)
+             None: "fixed_small"}  # the DDPM step's σ_t²: β̃_t (Ho et al. Eq. 7) or β_t (google/ddpm-cifar10-32's)
 UNSUPPORTED = {  # scheduler field -> the values our sampler reproduces
     "thresholding": (False,), "rescale_betas_zero_snr": (False,), "variance_type": tuple(VARIANCES),
     "_class_name": None}  # None: any but the variance-exploding schedulers below

@@ -57,7 +57,7 @@ TARGETS = {
         ("_conv", None), ("_norm", None), ("_linear", None), ("_blocks", None), ("_resblock", None),
         ("_attention", None), ("_cat", None), ("forward", None), ("_losses", None), ("_clip", None)]),
     "claims": (["tests/test_claims.py"], [("_ratio", None), ("_size_value", None), ("descriptive", r"ceiling|mean|\+ 1")]),
-    "divergence": (["tests/test_divergence.py", "tests/test_ddpm.py"], [  # Definition 1 for a DDPM (ddpm.py) and its estimators (metrics.py)
+    "divergence": (["tests/test_divergence.py", "tests/test_ddpm.py"], [  # SIDE Definition 1 for a DDPM (ddpm.py) and its estimators (metrics.py)
         ("Diffusion.level", None), ("Diffusion.bound_draw", None), ("Diffusion.subchain_nll", None),
         ("Diffusion.prior_kl", None), ("normal_kl", None)]),
 }

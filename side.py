@@ -1,8 +1,8 @@
-"""SIDE, Surrogate condItional Data Extraction (Chen et al., AAAI 2026): the paper's Algorithm 1 whole.
+"""SIDE Alg. 1 whole: Surrogate condItional Data Extraction (Chen et al., AAAI 2026).
 
     x, info = side.extract(model, diffusion, side.Settings(n_syn=1024, K=16, lam=3.0), n=512, seed=1)
 
-`extract` reads as Algorithm 1, one line per step; the steps are the functions below it:
+`extract` reads as SIDE Alg. 1 (the paper's Algorithm 1), one line per step; the steps are the functions below it:
   - extract_features  step 2: Z = F(x) from the DDPM's own mid-block activations (default,
                       nothing to download), raw pixels, or any TorchScript embedding file (e.g. SSCD);
   - kmeans            step 3: k-means++ initialisation, exact Lloyd iterations, restarts;
@@ -12,7 +12,7 @@
                       after the first BatchNorm (the paper's "refinement block"); time_dependent=False
                       is the ordinary classifier of the "Carlini Cond" baseline;
   - train_classifier  step 6: cross-entropy on forward-noised images x_t = q_sample(x, t, ε);
-  - guidance          Part 2: cond_fn(x_t, t) = λ ∇_{x_t} log p_φ(c | x_t, t), which
+  - guidance          Part 2 (classifier guidance, Dhariwal & Nichol Sec. 4): cond_fn(x_t, t) = λ ∇_{x_t} log p_φ(c | x_t, t), which
                       ddpm.Diffusion.sample turns into ε̂ = ε_θ − sqrt(1−ᾱ_t) cond_fn
                       (Dhariwal & Nichol 2021, Alg. 2).
 
@@ -52,12 +52,12 @@ def _check(cond, message):
         raise SideError(message)
 
 
-# ============================================================================ Algorithm 1, end to end
+# ============================================================================ SIDE Alg. 1, end to end
 
 
 @dataclass
 class Settings:
-    """The settings Algorithm 1 reads (extract.py's flags of the same names and defaults)."""
+    """The settings SIDE Alg. 1 reads (extract.py's flags of the same names and defaults)."""
     n_syn: int = 1024  # N_syn, unconditional samples that are clustered (step 1)
     syn_seed: int = 12345  # seed of the synthetic set, the clustering and the classifier
     features: str = "ddpm"  # F of step 2: ddpm, pixels or a TorchScript embedding file
@@ -67,7 +67,7 @@ class Settings:
     clf_steps: int = 600  # step 6: classifier training steps
     clf_lr: float = 1e-3  # step 6: AdamW lr (the paper's 1e-4 trains far too slowly at CPU sizes)
     clf_width: int = 32  # step 6: the classifier ResNet's base width
-    lam: float = 3.0  # guidance scale λ of Part 2 (the paper sweeps 0-50)
+    lam: float = 3.0  # guidance scale λ of Part 2 (SIDE sweeps 0-50)
     # How every sampling step samples (ddpm.Diffusion.sample's sampler, steps and η), plus whatever
     # else the caller's `sample` hook reads: all of it enters the settings of every later step.
     sampling: dict = field(default_factory=lambda: dict(sampler="ddim", sample_steps=50, eta=1.0))
@@ -80,7 +80,7 @@ def no_memo(stage, settings, make):
 
 def extract(model, diffusion, s, n, seed, memo=no_memo, sample=None, relabel=None, preprocess=None,
             device=None, log=print, progress=None):
-    """SIDE, Algorithm 1: n generations guided toward the DDPM's training data, which it never reads.
+    """SIDE Alg. 1: n generations guided toward the DDPM's training data, which it never reads.
 
     model, diffusion: the trained unconditional DDPM ε_θ (ddpm.UNet-like, ddpm.Diffusion); s: Settings.
     memo(stage, settings, make): make()'s result, or a stored one made with the same `settings` (a
@@ -96,22 +96,22 @@ def extract(model, diffusion, s, n, seed, memo=no_memo, sample=None, relabel=Non
     device = device or next(model.parameters()).device
     sample = sample or sampler(model, diffusion)
     syn = dict(s.sampling, n=s.n_syn, seed=s.syn_seed)
-    x_syn = sample("syn", syn)                                                    # Alg. 1, step 1
+    x_syn = sample("syn", syn)                                                    # SIDE Alg. 1, step 1
     s_z = dict(features=s.features, syn=syn)
-    Z = memo("features", s_z, lambda: extract_features(                           # Alg. 1, step 2
+    Z = memo("features", s_z, lambda: extract_features(                           # SIDE Alg. 1, step 2
         x_syn, s.features, model, diffusion, device=device, preprocess=preprocess))
-    lab = surrogate_labels(Z, s.K, tau=s.tau, drop_rejected=s.drop_rejected,      # Alg. 1, steps 3-5
+    lab = surrogate_labels(Z, s.K, tau=s.tau, drop_rejected=s.drop_rejected,      # SIDE Alg. 1, steps 3-5
                            seed=s.syn_seed)
     y = relabel[1](lab.labels) if relabel else lab.labels
     s_c = dict(tau=s.tau, drop_rejected=s.drop_rejected, clf_steps=s.clf_steps, clf_lr=s.clf_lr,
                clf_width=s.clf_width, syn_seed=s.syn_seed, K=s.K,
                random=relabel[0] if relabel else False, z=s_z)
-    clf = memo("clf-side", s_c, lambda: fit_classifier(                           # Alg. 1, step 6
+    clf = memo("clf-side", s_c, lambda: fit_classifier(                           # SIDE Alg. 1, step 6
         x_syn, y, diffusion, s, device, HOLDOUT, log, progress))
     clf = classifier_from(clf, lab.num_classes, x_syn, s.clf_width, diffusion.T, device)
-    c = uniform_targets(n, seed, lab.num_classes)                   # Part 2: a kept cluster c each
+    c = uniform_targets(n, seed, lab.num_classes)                   # SIDE Alg. 1, Part 2: a cluster c each
     s_g = dict(s.sampling, n=n, seed=seed, lam=s.lam, clf=s_c)
-    x = sample("gen-side", s_g, lambda c_batch: guidance(clf, c_batch, s.lam), c)  # Part 2: ε̂
+    x = sample("gen-side", s_g, lambda c_batch: guidance(clf, c_batch, s.lam), c)  # SIDE Alg. 1, Part 2
     return x, dict(cluster=c, scale=s.lam, K=s.K, kept=lab.num_classes, sizes=lab.sizes,
                    cohesion=lab.cohesion)
 
@@ -131,7 +131,7 @@ def sampler(model, diffusion, batch=EVAL_BATCH):
 
 
 def uniform_targets(n, seed, k):
-    """The class each generation is guided to: uniform over k, from (seed, index) alone (Part 2)."""
+    """The class each generation is guided to: uniform over k, from (seed, index) alone (SIDE Alg. 1, Part 2)."""
     return np.array([np.random.default_rng([seed, i, 2]).integers(k) for i in range(n)], dtype=np.int64)
 
 
@@ -157,13 +157,13 @@ def classifier_from(stored, num_classes, x, width, T=None, device="cpu"):
     return clf.to(device).eval().requires_grad_(False)
 
 
-# ============================================================================ Alg. 1, step 2: features
+# ============================================================================ SIDE Alg. 1, step 2: features
 
 
 @torch.no_grad()
 def extract_features(x, kind="ddpm", model=None, diffusion=None, t_feat=None, batch=256, device=None,
                      preprocess=None):
-    """Z = F(x) of Alg. 1, step 2: (N, D) float32 on CPU.
+    """Z = F(x) of SIDE Alg. 1, step 2: (N, D) float32 on CPU.
 
     kind="ddpm":   the UNet's mid-block activations at timestep t_feat (default T//50: a little noise,
                    as the network saw in training, but the image still dominates) on
@@ -195,7 +195,7 @@ def extract_features(x, kind="ddpm", model=None, diffusion=None, t_feat=None, ba
             t = torch.full((len(x[i:i + batch]),), t_feat, dtype=torch.long, device=ddev)
             xt = diffusion.q_sample(x[i:i + batch].float().to(ddev), t,
                                     noise.to(ddev).expand(len(t), -1, -1, -1))
-            h = model(xt.to(device), t.to(device), return_mid=True)  # Alg. 1, step 2: Z = F(x)
+            h = model(xt.to(device), t.to(device), return_mid=True)  # SIDE Alg. 1, step 2: Z = F(x)
             out.append(torch.cat([h.mean((2, 3)), F.adaptive_avg_pool2d(h, FEATURE_POOL).flatten(1)],
                                  1).float().cpu())
         model.train(was_training)
@@ -219,7 +219,7 @@ def extract_features(x, kind="ddpm", model=None, diffusion=None, t_feat=None, ba
     return torch.cat(out)
 
 
-# ============================================================================ Alg. 1, steps 3-5: clusters
+# ============================================================================ SIDE Alg. 1, steps 3-5: clusters
 
 
 def _sqdist(Z, C):
@@ -259,7 +259,7 @@ def _lloyd(Z, C, iters):
 
 
 def kmeans(Z, K, n_init=4, iters=100, seed=0):
-    """K-means (Alg. 1, step 3) on the rows of Z (N, D), on Z's device.
+    """K-means (SIDE Alg. 1, step 3) on the rows of Z (N, D), on Z's device.
 
     n_init restarts from k-means++ seeds drawn from one CPU torch.Generator(seed); the lowest inertia
     (sum of squared distances to the assigned centroid) wins. Returns (centroids (K, D), assign (N,),
@@ -273,7 +273,7 @@ def kmeans(Z, K, n_init=4, iters=100, seed=0):
     gen = torch.Generator().manual_seed(int(seed))
     best = None
     for _ in range(n_init):
-        C, assign = _lloyd(Z, _kmeanspp(Z, K, gen), iters)  # Alg. 1, step 3
+        C, assign = _lloyd(Z, _kmeanspp(Z, K, gen), iters)  # SIDE Alg. 1, step 3
         inertia = float(((Z - C[assign]).double() ** 2).sum())
         if best is None or inertia < best[2]:
             best = (C, assign, inertia)
@@ -281,10 +281,10 @@ def kmeans(Z, K, n_init=4, iters=100, seed=0):
 
 
 def cluster_cohesion(Z, assign, centroids):
-    """Cohesion (Alg. 1, step 4): (K,) mean cosine similarity of each cluster's members to its
+    """Cohesion (SIDE Alg. 1, step 4): (K,) mean cosine similarity of each cluster's members to its
     centroid; 0 for an empty cluster."""
     K = len(centroids)
-    cos = F.cosine_similarity(Z.float(), centroids.float()[assign], dim=1)  # Alg. 1, step 4
+    cos = F.cosine_similarity(Z.float(), centroids.float()[assign], dim=1)  # SIDE Alg. 1, step 4
     total = torch.zeros(K, device=Z.device).index_add_(0, assign, cos)
     return total / torch.bincount(assign, minlength=K).clamp_min(1).float()
 
@@ -300,7 +300,7 @@ class SurrogateLabels:
 
 
 def surrogate_labels(Z, K, tau=0.5, drop_rejected=False, seed=0, n_init=4):
-    """The surrogate condition of Alg. 1, steps 3-5: cluster, filter by cohesion, label.
+    """The surrogate condition of SIDE Alg. 1, steps 3-5: cluster, filter by cohesion, label.
 
     Features are L2-normalised first (cosine geometry, as SSCD embeddings are). Every image is
     labelled with its nearest kept centroid in that normalised space (the paper's reading; a member
@@ -311,10 +311,10 @@ def surrogate_labels(Z, K, tau=0.5, drop_rejected=False, seed=0, n_init=4):
            "threshold)")
     _check(2 <= K <= len(Z), f"surrogate labels: K={K} clusters for {len(Z)} images; need 2 <= K <= N")
     Zn = F.normalize(Z.float(), dim=1)
-    C, assign, _ = kmeans(Zn, K, n_init=n_init, seed=seed)  # Alg. 1, step 3
-    coh = cluster_cohesion(Zn, assign, C).cpu()  # Alg. 1, step 4
+    C, assign, _ = kmeans(Zn, K, n_init=n_init, seed=seed)  # SIDE Alg. 1, step 3
+    coh = cluster_cohesion(Zn, assign, C).cpu()  # SIDE Alg. 1, step 4
     sizes = torch.bincount(assign, minlength=K).cpu()
-    kept = [k for k in range(K) if coh[k] >= tau and sizes[k] > 0]  # Alg. 1, step 4: cohesion >= τ
+    kept = [k for k in range(K) if coh[k] >= tau and sizes[k] > 0]  # SIDE Alg. 1, step 4: cohesion >= τ
     if not kept:
         raise SideError(f"surrogate labels: no cluster reaches cohesion tau={tau} (best seen "
                         f"{float(coh.max()):.3f} of {K}); use a lower --tau, more clusters, or other "
@@ -324,12 +324,12 @@ def surrogate_labels(Z, K, tau=0.5, drop_rejected=False, seed=0, n_init=4):
         new_id[kept] = torch.arange(len(kept))
         labels = new_id[assign.cpu()]
     else:
-        labels = _sqdist(Zn, C[kept]).argmin(1).cpu()  # Alg. 1, step 5: nearest kept centroid
+        labels = _sqdist(Zn, C[kept]).argmin(1).cpu()  # SIDE Alg. 1, step 5: nearest kept centroid
     return SurrogateLabels(labels=labels, kept=kept, sizes=sizes.tolist(), cohesion=coh.tolist(),
                            num_classes=len(kept), centroids=C[kept].cpu())
 
 
-# ============================================================================ Alg. 1, step 6: p_φ(y | x_t, t)
+# ============================================================================ SIDE Alg. 1, step 6: p_φ(y | x_t, t)
 
 
 class TimeFiLM(nn.Module):
@@ -395,7 +395,7 @@ class TimeResNet(nn.Module):
         assert x.shape[1:] == (self.channels, self.image_size, self.image_size), x.shape
         h = self.bn1(self.conv1(x))
         if self.time_module is not None:
-            h = self.time_module(h, t)  # right after the first BatchNorm (Alg. 1, step 6)
+            h = self.time_module(h, t)  # right after the first BatchNorm (SIDE Alg. 1, step 6)
         h = self.layers(F.relu(h))
         return self.fc(h.mean((2, 3)))
 
@@ -413,14 +413,14 @@ def _accuracy(model, x, y, t_value, diffusion, seed, device):
 
 
 def _noised(diffusion, x, t, noise):
-    """q_sample on the diffusion's device, returned on CPU."""  # Eq. (4)
+    """q_sample on the diffusion's device, returned on CPU."""  # Ho et al. Eq. 4
     dev = diffusion.alphas_cumprod.device
     return diffusion.q_sample(x.to(dev), t.to(dev), noise.to(dev)).cpu()
 
 
 def train_classifier(x, labels, diffusion=None, steps=500, batch=64, lr=1e-3, weight_decay=0.01, seed=0,
                      device=None, width=32, holdout=0.1, log=print, progress=None):
-    """Fit p_φ(y | x_t, t) of Alg. 1, step 6 by cross-entropy.
+    """Fit p_φ(y | x_t, t) of SIDE Alg. 1, step 6 by cross-entropy.
 
     With `diffusion`, each example is x_t = q_sample(x, t, ε), t uniform over {0..T-1} (time-dependent,
     SIDE); without, clean x (time-independent, the "Carlini Cond" baseline). Labels -1 are excluded.
@@ -459,8 +459,8 @@ def train_classifier(x, labels, diffusion=None, steps=500, batch=64, lr=1e-3, we
         idx = tr[torch.randint(len(tr), (batch,), generator=gen)]
         xb, t = x[idx], torch.randint(T, (batch,), generator=gen)
         if diffusion is not None:
-            xb = _noised(diffusion, xb, t, torch.randn(xb.shape, generator=gen))  # Eq. (4): x_t
-        loss = F.cross_entropy(model(xb.to(device), t.to(device)), y[idx].to(device))  # Alg. 1, step 6
+            xb = _noised(diffusion, xb, t, torch.randn(xb.shape, generator=gen))  # Ho et al. Eq. 4: x_t
+        loss = F.cross_entropy(model(xb.to(device), t.to(device)), y[idx].to(device))  # SIDE Alg. 1, step 6
         if not torch.isfinite(loss):
             raise SideError(f"classifier training: loss is {loss.item()} at step {step}; lower --lr or "
                             "check the images")
@@ -482,7 +482,7 @@ def train_classifier(x, labels, diffusion=None, steps=500, batch=64, lr=1e-3, we
     return model, report
 
 
-# ============================================================================ Part 2: guidance
+# ============================================================================ SIDE Alg. 1, Part 2: guidance
 
 
 def guidance(classifier, target, scale):
@@ -505,5 +505,5 @@ def guidance(classifier, target, scale):
         if not torch.isfinite(grad).all():
             raise SideError(f"guidance: non-finite classifier gradient at timestep {int(t.flatten()[0])}; "
                             "lower the guidance scale or retrain the classifier")
-        return scale * grad  # λ ∇_{x_t} log p_φ(c | x_t, t) (Algorithm 1, part 2; Dhariwal & Nichol 2021, Sec. 4)
+        return scale * grad  # λ ∇_{x_t} log p_φ(c | x_t, t): SIDE Alg. 1, Part 2
     return cond_fn

@@ -5,8 +5,8 @@
     python train.py --out runs/n64 --resume                             # continue an interrupted run
     torchrun --nproc_per_node=2 train.py --out runs/n64 ...             # several processes (DDP)
 
-The model is the ε- (or v-) prediction DDPM of Ho et al. 2020 (loss Eq. 14); `--labels` trains it
-unconditionally, with the data's true labels (the paper's Definition 2, "informative label") or
+The model is the ε- (or v-) prediction DDPM of Ho et al. 2020 (loss: Ho et al. Eq. 14); `--labels` trains it
+unconditionally, with the data's true labels (SIDE Definition 2, "informative label") or
 with random labels of the same cardinality. AdamW with linear warm-up, gradient clipping, an EMA of
 the weights (used for sampling). A checkpoint (`OUT/ckpt.pt`, written atomically with a checksum)
 holds model, EMA, optimiser, step, RNG state, the whole config and a hash of the training images, so
@@ -345,7 +345,7 @@ def train(cfg, finish=None):
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, st.step)
             with autocast(cfg.amp, device):  # bf16 activations under --amp bf16; parameters and optimiser stay fp32
-                loss = diffusion.loss(fwd, x0, t, noise, y).float().mean()  # Eq. (14)
+                loss = diffusion.loss(fwd, x0, t, noise, y).float().mean()  # Ho et al. Eq. 14
             opt.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the ranks' gradients: equal slices make it the global-batch mean
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

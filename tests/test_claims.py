@@ -1,6 +1,6 @@
 """claims.py against hand-computed verdicts: every paper claim on both metrics (hits = AMS x N_G / 100,
 distinct = UMS x N_G / 100), any and high band, > 1 and > 1.5; pooled over sizes as the mean of the
-per-size paired log-ratios; the controls, the weak arm, the sizes and Definition 1 in the same Holm family."""
+per-size paired log-ratios; the controls, the weak arm, the sizes and SIDE Definition 1 in the same Holm family."""
 import math
 
 import numpy as np

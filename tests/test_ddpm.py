@@ -52,7 +52,7 @@ def test_q_sample_moments():
 
 
 class OptimalDenoiser(torch.nn.Module):
-    """The exact minimiser of Eq. 14 (or its v-form) when the data is one image x*: ε* = (x_t - sqrt(ᾱ)x*)/sqrt(1-ᾱ)."""
+    """The exact minimiser of Ho et al. Eq. 14 (or its v-form) when the data is one image x*: ε* = (x_t - sqrt(ᾱ)x*)/sqrt(1-ᾱ)."""
 
     def __init__(self, target, diffusion):
         super().__init__()

@@ -1,5 +1,5 @@
-"""Definition 1's divergence for a DDPM (ddpm.subchain_nll + metrics.divergence_difference) and the
-checks of Theorem 1, each against a closed form: Gaussian data with its exact optimal denoiser, the
+"""SIDE Definition 1's divergence for a DDPM (ddpm.subchain_nll + metrics.divergence_difference) and the
+checks of SIDE Theorem 1, each against a closed form: Gaussian data with its exact optimal denoiser, the
 exact optimal denoiser of a finite training set (a perfect memorizer) against that of a superset,
 Gaussian mixtures with overlapping components, and maximum-likelihood fits on random labels."""
 import math
@@ -43,7 +43,7 @@ class SetDenoiser(torch.nn.Module):
 
 
 def log_prob(d, net, k, n_t):
-    """Def. 1's callable: log p_θ(x) >= -subchain_nll, timesteps and noise from the given generator."""
+    """SIDE Definition 1's callable: log p_θ(x) >= -subchain_nll, timesteps and noise from the given generator."""
     return lambda x, g: -d.subchain_nll(net, x, k, d.bound_draw(len(x), k, n_t, x.shape[1:], g))
 
 

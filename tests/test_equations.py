@@ -52,11 +52,11 @@ def exact_moments(ab_seq, sampler, eta, g=0.0):
         B += (1 - a) / math.sqrt(a) * g  # ε̂ = ε - sqrt(1-ᾱ) g  <=>  x̂_0 moves by (1-ᾱ)/sqrt(ᾱ) g
         E, F = (1 - math.sqrt(a) * A) / math.sqrt(1 - a), -math.sqrt(a) * B / math.sqrt(1 - a)  # ε̂ = E x + F
         if sampler == "ddim":
-            sig2 = eta ** 2 * (1 - ap) / (1 - a) * (1 - a / ap)  # Song Eq. 16
-            c0, ce = math.sqrt(ap), math.sqrt(1 - ap - sig2)  # Song Eq. 12
+            sig2 = eta ** 2 * (1 - ap) / (1 - a) * (1 - a / ap)  # Song et al. Eq. 16
+            c0, ce = math.sqrt(ap), math.sqrt(1 - ap - sig2)  # Song et al. Eq. 12
             c, d = c0 * A + ce * E, c0 * B + ce * F
         else:
-            beta = 1 - a / ap  # Ho Eq. 7 on the respaced chain
+            beta = 1 - a / ap  # Ho et al. Eq. 7 on the respaced chain
             c1, c2 = math.sqrt(ap) * beta / (1 - a), math.sqrt(1 - beta) * (1 - ap) / (1 - a)
             sig2 = beta * (1 - ap) / (1 - a)
             c, d = c1 * A + c2, c1 * B
@@ -242,7 +242,7 @@ def test_guidance_error_names_the_first_timestep_of_the_batch():
 
 
 def test_ams_ums_on_a_hand_made_distance_matrix():
-    """The L2 branch of Section 3: the nearest match is the smallest distance; bands (lo, hi], [0, hi]."""
+    """The L2 branch of SIDE's AMS and UMS: the nearest match is the smallest distance; bands (lo, hi], [0, hi]."""
     import metrics
     D = np.array([[0.05, 0.075, 0.5],
                   [0.09, 0.06, 0.2],

@@ -106,7 +106,7 @@ class Memorizer(nn.Module):
         x0 = torch.einsum("bn,nchw->bchw", w, self.x_i)
         if return_mid:
             return F.pixel_unshuffle(x0, 4)
-        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # Eq. (4) solved for ε
+        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # Ho et al. Eq. 4 solved for ε
         return eps if self.prediction == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
 
 

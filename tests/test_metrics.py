@@ -91,7 +91,7 @@ def test_streamed_ums_marks_equal_full_matrix():
         np.testing.assert_array_equal(row, metrics.in_band(D, lo, hi, "l2").any(0))
 
 
-# ----------------------------------------------------------------------------- section 3 formulas
+# ----------------------------------------------------------------------------- SIDE's AMS / UMS formulas
 
 def test_ams_ums_on_hand_made_similarity_matrix():
     S = np.array([[0.65, 0.62, 0.10, 0.45],
@@ -228,7 +228,7 @@ def test_default_l2_bands_catch_planted_copies_and_exclude_distinct_faces():
         assert all(v == 0.0 for v in list(r["ams"].values()) + list(r["ums"].values())), (shift, r["ams"], r["ums"])
 
 
-# ----------------------------------------------------------------------------- Definition 1, Theorem 1
+# ----------------------------------------------------------------------------- SIDE Definition 1, Theorem 1
 
 @pytest.mark.parametrize("copies", [1, 5])
 def test_memorization_divergence_equals_closed_form_for_one_gaussian(copies):

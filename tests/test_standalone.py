@@ -1,6 +1,6 @@
 """The files meant to be copied into other codebases run from a folder that holds only them: side.py
 (with ddpm.py, which it imports), metrics.py and ddpm.py are each copied into an empty folder and used
-there by a fresh interpreter, which must not load any other file of ours. side.py runs Algorithm 1 end
+there by a fresh interpreter, which must not load any other file of ours. side.py runs SIDE Alg. 1 end
 to end on a random tiny UNet (and its memo hook replays a run without recomputing a step); metrics.py
 finds planted copies and runs its own CLI; ddpm.py samples."""
 import json

@@ -4,9 +4,9 @@ choice, progress lines.
 
 No model or paper maths lives here (see ddpm.py, side.py, metrics.py). Imports only metrics.py
 (for resolve_device, whose rule lives there).
-Every script's `main()` is wrapped by `run_main`, so a `UserError` (and running out of memory or disk,
-or another OSError) becomes one line on stderr and exit code 2, never a traceback; Ctrl-C one line
-and exit code 130.
+Every script's `main()` is wrapped by `run_main`, so a `UserError` (and running out of memory or
+disk, or another OSError) becomes one line on stderr and exit code 2, never a traceback; Ctrl-C one
+line and exit code 130.
 """
 import argparse
 import contextlib
@@ -33,7 +33,8 @@ CKPT_MAGIC = b"SIDECKPT1\n"  # first bytes of every checkpoint we write; then sh
 MAX_IMAGE_SIZE = 1024  # pixel-space DDPMs stop at 256-1024 px (the paper: 128 px)
 MAX_T = 100_000  # diffusion steps: DDPMs use 1,000-4,000; the schedule tables are O(T)
 MAX_CLASSES = 100_000  # class labels are indices 0..K-1; ImageNet-21k has 21,841 classes
-LOCK_NAME = ".lock"  # the file in an output folder that a running train.py / extract.py holds locked
+# the file in an output folder that a running train.py / extract.py holds locked
+LOCK_NAME = ".lock"
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 GIB = 2 ** 30
 
@@ -42,7 +43,8 @@ class UserError(Exception):
     """A mistake in the user's input or environment; the message names the problem and the fix."""
 
 
-def run_main(main, argv=None, interrupted="rerun the same command to continue: finished stages are kept"):
+def run_main(main, argv=None, interrupted="rerun the same command to continue: finished stages "
+                                          "are kept"):
     """Run `main(argv)`; a UserError prints `error: ...` on stderr and exits with code 2, and so do
     running out of memory and an OSError (disk full, permissions, a symlink loop: the file and the
     reason). Ctrl-C prints one line (what to do next: `interrupted`) and exits with code 130."""
@@ -51,13 +53,15 @@ def run_main(main, argv=None, interrupted="rerun the same command to continue: f
     except UserError as e:
         message = str(e)
     except KeyboardInterrupt:
-        print(f"error: interrupted (Ctrl-C); every file written so far is whole; {interrupted}", file=sys.stderr)
+        print("error: interrupted (Ctrl-C); every file written so far is whole; "
+              f"{interrupted}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError and the CPU allocator's are RuntimeErrors
+    # torch.OutOfMemoryError and the CPU allocator's are RuntimeErrors
+    except (MemoryError, RuntimeError) as e:
         if not isinstance(e, MemoryError) and not _out_of_memory(e):
             raise
-        message = ("out of memory; lower --batch, --image-size or the number of images, or use a machine with "
-                   "more memory")
+        message = ("out of memory; lower --batch, --image-size or the number of images, or use a "
+                   "machine with more memory")
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
         fix = {errno.ENOSPC: "free disk space and rerun (finished stages are kept)",
@@ -71,22 +75,26 @@ def run_main(main, argv=None, interrupted="rerun the same command to continue: f
 
 def _out_of_memory(e):
     text = str(e)
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+    return (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text
+            or "out of memory" in text)
 
 
 # ----------------------------------------------------------------------------- config -> flags
 # Each field declares its valid values beside its reason (see `option`); the type check, the range
 # check, the --help text and the error message are all generated from that one declaration.
 
-def option(default, help, lo=None, hi=None, gt=None, lt=None, choices=None, nonempty=False, elem=None, allow=(), **meta):
+def option(default, help, lo=None, hi=None, gt=None, lt=None, choices=None, nonempty=False,
+           elem=None, allow=(), **meta):
     """A dataclass field carrying its one-line reason (the flag's help) and its valid values:
     `lo`/`hi` inclusive bounds and `gt`/`lt` exclusive ones (each a number, or the name of another
-    field, e.g. hi="T"); `choices` the allowed values; `nonempty` refuses '' and (); `elem` the element
-    type of a tuple field (applied with the bounds/choices to each element); `allow` special values
-    accepted outside the range (e.g. -1 = "same as λ"). Floats must be finite."""
+    field, e.g. hi="T"); `choices` the allowed values; `nonempty` refuses '' and (); `elem` the
+    element type of a tuple field (applied with the bounds/choices to each element); `allow` special
+    values accepted outside the range (e.g. -1 = "same as λ"). Floats must be finite."""
     if isinstance(default, tuple) and elem not in (int, float, str):
-        raise TypeError(f"option {help[:40]!r}: a tuple option declares its element type, elem=int, float or str")
-    meta = dict(help=help, lo=lo, hi=hi, gt=gt, lt=lt, choices=choices, nonempty=nonempty, elem=elem, allow=tuple(allow), **meta)
+        raise TypeError(f"option {help[:40]!r}: a tuple option declares its element type, "
+                        "elem=int, float or str")
+    meta = dict(help=help, lo=lo, hi=hi, gt=gt, lt=lt, choices=choices, nonempty=nonempty,
+                elem=elem, allow=tuple(allow), **meta)
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: default, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -97,7 +105,8 @@ def flag_name(f):
 
 
 def _kind(f):
-    return f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool,
+    return f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str,
+                                                    "bool": bool,
                                                      "tuple": tuple}[f.type]
 
 
@@ -153,13 +162,15 @@ def field_problem(f, value, cfg=None):
             return f"{name} {_show(value)}: expected whole numbers ({m['help']})"
         if m.get("choices") is not None and v not in m["choices"]:
             return f"{name} {v!r}: expected one of {', '.join(map(str, m['choices']))}"
-        lo, hi, gt, lt = (_bound(cfg, m.get(k)) if cfg is not None or not isinstance(m.get(k), str) else None
+        lo, hi, gt, lt = (_bound(cfg, m.get(k)) if cfg is not None or not isinstance(m.get(k), str)
+                          else None
                           for k in ("lo", "hi", "gt", "lt"))
         if isinstance(v, float) and not math.isfinite(v):
             return f"{name} {v} must be a finite number"
         if isinstance(v, str):
             continue
-        bad = ((lo is not None and v < lo) or (hi is not None and v > hi) or (gt is not None and v <= gt)
+        bad = ((lo is not None and v < lo) or (hi is not None and v > hi)
+               or (gt is not None and v <= gt)
                or (lt is not None and v >= lt))
         if bad:
             return f"{name} {_show(value)}: expected {describe_range(f, cfg)} ({m['help']})"
@@ -167,14 +178,18 @@ def field_problem(f, value, cfg=None):
 
 
 def describe_range(f, cfg=None):
-    """The valid values of a field in words, e.g. '>= 1', '>= 0.0 and < 1.0', 'each >= 2', 'one of a, b'."""
+    """The valid values of a field in words, e.g. '>= 1', '>= 0.0 and < 1.0', 'each >= 2', 'one of
+    a, b'."""
     m = f.metadata
-    val = (lambda k: f"{m[k]}={_bound(cfg, m[k])}" if isinstance(m[k], str) and cfg is not None else str(m[k]))
+    val = (lambda k: f"{m[k]}={_bound(cfg, m[k])}" if isinstance(m[k], str) and cfg is not None
+           else str(m[k]))
     if m.get("choices") is not None:
         text = "one of " + ", ".join(map(str, m["choices"]))
     else:
-        low = f">= {val('lo')}" if m.get("lo") is not None else f"> {val('gt')}" if m.get("gt") is not None else ""
-        high = f"<= {val('hi')}" if m.get("hi") is not None else f"< {val('lt')}" if m.get("lt") is not None else ""
+        low = (f">= {val('lo')}" if m.get("lo") is not None else
+               f"> {val('gt')}" if m.get("gt") is not None else "")
+        high = (f"<= {val('hi')}" if m.get("hi") is not None else
+                f"< {val('lt')}" if m.get("lt") is not None else "")
         text = " and ".join(t for t in (low, high) if t)
     if text and _kind(f) is tuple:
         text = "each " + text
@@ -186,7 +201,8 @@ def describe_range(f, cfg=None):
 
 
 def check_fields(cfg):
-    """Every field of a config instance against its declaration; the first problem as a UserError."""
+    """Every field of a config instance against its declaration; the first problem as a
+    UserError."""
     for f in dataclasses.fields(cfg):
         problem = field_problem(f, getattr(cfg, f.name), cfg)
         if problem:
@@ -197,7 +213,9 @@ METAVAR = {int: "N", float: "X", str: "TEXT", bool: "BOOL", tuple: "A,B,..."}
 
 
 def choices_metavar(meta):
-    return "{" + ",".join(map(str, meta["choices"])) + "}" if meta.get("choices") is not None else None
+    if meta.get("choices") is None:
+        return None
+    return "{" + ",".join(map(str, meta["choices"])) + "}"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -207,23 +225,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def config_parser(cls, description, parser=None):
-    """An argparse parser with one `--flag` per dataclass field; help = reason [valid values] (default)."""
+    """An argparse parser with one `--flag` per dataclass field; help = reason [valid values]
+    (default)."""
     p = parser or _Parser(description=description)
     for f in dataclasses.fields(cls):
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         rng = describe_range(f)
-        helptext = f"{meta.get('help', '')}" + (f" [{rng}]" if rng else "") + f" (default: {_show(default) or chr(39) * 2})"
-        flag = dict(nargs="?", const=True) if _kind(f) is bool else {}  # a bare `--resume` means true
+        helptext = (f"{meta.get('help', '')}" + (f" [{rng}]" if rng else "")
+                    + f" (default: {_show(default) or chr(39) * 2})")
+        # a bare `--resume` means true
+        flag = dict(nargs="?", const=True) if _kind(f) is bool else {}
         parse = lambda s, f=f: _parse_field(f, s)  # noqa: E731
         parse.__name__ = _kind(f).__name__  # argparse names the type in some messages
         p.add_argument(flag_name(f), dest=f.name, default=default, **flag, type=parse,
-                       metavar=meta.get("metavar") or choices_metavar(meta) or METAVAR[_kind(f)], help=helptext.replace("%", "%%"))
+                       metavar=meta.get("metavar") or choices_metavar(meta) or METAVAR[_kind(f)],
+                       help=helptext.replace("%", "%%"))
     return p
 
 
 def parse_config(cls, argv, description):
-    """Parse argv into a `cls` instance and check every field's declared range (exit 2 / UserError)."""
+    """Parse argv into a `cls` instance and check every field's declared range (exit 2 /
+    UserError)."""
     args = config_parser(cls, description).parse_args(argv)
     cfg = cls(**vars(args))
     check_fields(cfg)
@@ -251,23 +274,28 @@ def check_writable(path, flag, folder=True):
     path = os.path.abspath(os.fspath(path))
     want = "folder" if folder else "file"
     if os.path.exists(path) and os.path.isdir(path) != folder:
-        raise UserError(f"{flag} {path} is an existing {'file' if folder else 'folder'}, not a {want}; choose another {flag}")
+        raise UserError(f"{flag} {path} is an existing {'file' if folder else 'folder'}, not a "
+                        f"{want}; choose another {flag}")
     anc = path if folder and os.path.isdir(path) else os.path.dirname(path)
     while not os.path.exists(anc):
         anc = os.path.dirname(anc)
     if not os.path.isdir(anc):
-        raise UserError(f"{flag} {path}: {anc} is a file, so the {want} cannot be created; choose another {flag}")
+        raise UserError(f"{flag} {path}: {anc} is a file, so the {want} cannot be created; choose "
+                        f"another {flag}")
     if os.statvfs(anc).f_flag & os.ST_RDONLY:  # os.access says yes to root even there
-        raise UserError(f"{flag} {path}: {anc} is on a read-only filesystem; choose a writable {flag}")
+        raise UserError(f"{flag} {path}: {anc} is on a read-only filesystem; choose a writable "
+                        f"{flag}")
     if not os.access(anc, os.W_OK | os.X_OK):  # checked without writing anything (no probe file)
-        raise UserError(f"{flag} {path}: cannot write in {anc} (permission denied); choose a writable {flag}")
+        raise UserError(f"{flag} {path}: cannot write in {anc} (permission denied); choose a "
+                        f"writable {flag}")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise UserError(f"{flag} {path} is read-only; choose a writable {flag}")
 
 
 def atomic_write_bytes(path, data):
     """Write bytes to `path` via a temp file in the same folder and os.replace (never half-written).
-    The file gets the permissions a plain open() would (0666 minus the umask), not mkstemp's 0600."""
+    The file gets the permissions a plain open() would (0666 minus the umask), not mkstemp's
+    0600."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -314,32 +342,38 @@ def _not_plain(obj, where="the top level"):
 
 
 def save_checkpoint(obj, path):
-    """torch.save `obj` with a magic header and a sha256 of the payload, atomically. `obj` may hold only
-    tensors, numbers, strings, bools, None and lists / tuples / dicts of them (what load_checkpoint
-    accepts); anything else is a bug of the caller (TypeError), never written. The sha256 detects a
-    truncated or corrupted file; it proves nothing about who wrote it (anyone can compute it)."""
+    """torch.save `obj` with a magic header and a sha256 of the payload, atomically. `obj` may hold
+    only tensors, numbers, strings, bools, None and lists / tuples / dicts of them (what
+    load_checkpoint accepts); anything else is a bug of the caller (TypeError), never written. The
+    sha256 detects a truncated or corrupted file; it proves nothing about who wrote it (anyone can
+    compute it)."""
     where = _not_plain(obj)
     if where:
-        raise TypeError(f"save_checkpoint({os.fspath(path)}): {where} is not a tensor, number, string or container of them")
+        raise TypeError(f"save_checkpoint({os.fspath(path)}): {where} is not a tensor, number, "
+                        "string or container of them")
     buf = io.BytesIO()
     torch.save(obj, buf)
     payload = buf.getvalue()
-    atomic_write_bytes(path, CKPT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    atomic_write_bytes(path,
+                       CKPT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
 
 
 def load_checkpoint(path, map_location="cpu", fix="retrain it with train.py (--overwrite)"):
-    """Load a checkpoint written by save_checkpoint without running any code it could hold: torch.load
-    with weights_only=True (its restricted unpickler builds tensors, numbers, strings and containers and
-    refuses any other object), then the same check as save_checkpoint's. A file that is not ours, is
-    truncated or corrupted (the sha256 catches accidents, not forgeries), or holds anything else is
-    refused in one line naming it; `fix` says what to do (a cache file: delete it)."""
+    """Load a checkpoint written by save_checkpoint without running any code it could hold:
+    torch.load with weights_only=True (its restricted unpickler builds tensors, numbers, strings and
+    containers and refuses any other object), then the same check as save_checkpoint's. A file that
+    is not ours, is truncated or corrupted (the sha256 catches accidents, not forgeries), or holds
+    anything else is refused in one line naming it; `fix` says what to do (a cache file: delete
+    it)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist; train one with `python train.py --out DIR`")
+        raise UserError(f"checkpoint {path} does not exist; train one with `python train.py --out "
+                        "DIR`")
     with open(path, "rb") as fh:
         raw = fh.read()
     if not raw.startswith(CKPT_MAGIC):
-        raise UserError(f"{path} is not a checkpoint written by train.py (bad header); pass the right file or {fix}")
+        raise UserError(f"{path} is not a checkpoint written by train.py (bad header); pass the "
+                        f"right file or {fix}")
     digest, _, payload = raw[len(CKPT_MAGIC):].partition(b"\n")
     if hashlib.sha256(payload).hexdigest().encode() != digest:
         raise UserError(f"{path} is truncated or corrupted (checksum mismatch); {fix}")
@@ -347,23 +381,27 @@ def load_checkpoint(path, map_location="cpu", fix="retrain it with train.py (--o
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise for the user
             warnings.simplefilter("ignore")
             obj = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- untrusted bytes: whatever the unpickler objects to, refuse the file
+    except Exception as e:  # noqa: BLE001 -- untrusted bytes: any unpickler error refuses the file
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        if lines and lines[0].startswith("Weights only load failed"):  # torch's advice to drop weights_only: unsafe
-            why = next((ln for ln in lines[1:] if not ln.startswith(("Check the documentation", "Please file"))), "")
-            raise UserError(f"{path} holds objects other than tensors, numbers and strings ({why[:160]}); loading it "
-                            f"could run code, so it was not loaded; {fix}") from None
-        raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {(lines or [''])[0][:120]}); "
-                        f"{fix}") from None
+        # torch's advice to drop weights_only: unsafe
+        if lines and lines[0].startswith("Weights only load failed"):
+            why = next((ln for ln in lines[1:] if not ln.startswith(("Check the documentation",
+                                                                     "Please file"))), "")
+            raise UserError(f"{path} holds objects other than tensors, numbers and strings "
+                            f"({why[:160]}); loading it could run code, so it was not loaded; "
+                            f"{fix}") from None
+        raise UserError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: "
+                        f"{(lines or [''])[0][:120]}); {fix}") from None
     where = _not_plain(obj)
     if where:
-        raise UserError(f"{path} holds {where}, not only tensors, numbers and strings, so it is refused; {fix}")
+        raise UserError(f"{path} holds {where}, not only tensors, numbers and strings, so it is "
+                        f"refused; {fix}")
     return obj
 
 
 def tensor_digest(state):
-    """sha256 (16 hex digits) of a dict of tensors: names, dtypes, shapes and values (the model weights
-    in cache keys: the same weights give the same digest wherever they are stored)."""
+    """sha256 (16 hex digits) of a dict of tensors: names, dtypes, shapes and values (the model
+    weights in cache keys: the same weights give the same digest wherever they are stored)."""
     h = hashlib.sha256()
     for k in sorted(state):
         v = state[k].detach().cpu().contiguous()
@@ -373,8 +411,8 @@ def tensor_digest(state):
 
 
 def array_digest(*arrays):
-    """sha256 (16 hex digits) of numpy arrays (None allowed): dtype, shape and bytes (the training data
-    in cache keys and in checkpoints, so that changed images are noticed)."""
+    """sha256 (16 hex digits) of numpy arrays (None allowed): dtype, shape and bytes (the training
+    data in cache keys and in checkpoints, so that changed images are noticed)."""
     h = hashlib.sha256()
     for a in arrays:
         if a is None:
@@ -388,10 +426,11 @@ def array_digest(*arrays):
 
 @contextlib.contextmanager
 def folder_lock(folder, flag, script):
-    """Hold an exclusive lock on `folder` (flock on its .lock file) while the block runs: a second run
-    into the same folder is refused in one line instead of interleaving its files with this one's. The
-    kernel drops the lock when the process ends, however it ends, so a killed run leaves none behind.
-    Take it after every check, just before the first write (it creates the folder and its .lock)."""
+    """Hold an exclusive lock on `folder` (flock on its .lock file) while the block runs: a second
+    run into the same folder is refused in one line instead of interleaving its files with this
+    one's. The kernel drops the lock when the process ends, however it ends, so a killed run leaves
+    none behind. Take it after every check, just before the first write (it creates the folder and
+    its .lock)."""
     import fcntl
     os.makedirs(folder, exist_ok=True)
     fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
@@ -400,10 +439,12 @@ def folder_lock(folder, flag, script):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(f"{flag} {folder} is in use by another {script} run (pid {pid}); wait for it to end or "
-                            f"choose another {flag}") from None
-        except OSError as e:  # a filesystem without flock (some network mounts): go on unlocked, but say so
-            print(f"note: {flag} {folder}: cannot lock ({e.strerror}); do not start a second run into it", file=sys.stderr)
+            raise UserError(f"{flag} {folder} is in use by another {script} run (pid {pid}); wait "
+                            f"for it to end or choose another {flag}") from None
+        # a filesystem without flock (some network mounts): go on unlocked, but say so
+        except OSError as e:
+            print(f"note: {flag} {folder}: cannot lock ({e.strerror}); do not start a second run "
+                  "into it", file=sys.stderr)
         else:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -413,8 +454,8 @@ def folder_lock(folder, flag, script):
 
 
 def memory_limit(device):
-    """Bytes of memory a run on `device` can use at most: the GPU's total, or the machine's RAM (or the
-    container's limit, when one is set and lower)."""
+    """Bytes of memory a run on `device` can use at most: the GPU's total, or the machine's RAM (or
+    the container's limit, when one is set and lower)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -427,17 +468,19 @@ def memory_limit(device):
 
 
 def check_memory(need, device, what, fix):
-    """Refuse before any work when a lower bound `need` (bytes) of what the run will allocate exceeds
-    the memory of `device`; `what` says what needs it, `fix` which option to lower."""
+    """Refuse before any work when a lower bound `need` (bytes) of what the run will allocate
+    exceeds the memory of `device`; `what` says what needs it, `fix` which option to lower."""
     have = memory_limit(device)
-    check(need <= have, f"{what} needs at least {need / GIB:.1f} GiB, more than the {have / GIB:.1f} GiB of "
+    check(need <= have,
+          f"{what} needs at least {need / GIB:.1f} GiB, more than the {have / GIB:.1f} GiB of "
           f"{'this machine' if device.type == 'cpu' else device}; {fix}")
 
 
 # ----------------------------------------------------------------------------- runtime
 
 def resolve_device(name):
-    """'auto' -> cuda if available else cpu; anything else is validated (metrics.resolve_device: one rule)."""
+    """'auto' -> cuda if available else cpu; anything else is validated (metrics.resolve_device: one
+    rule)."""
     try:
         return metrics.resolve_device(name, flag="--device")
     except metrics.MetricsInputError as e:
@@ -460,8 +503,5 @@ class Progress:
             self.last = now
             rate = self.done / max(now - self.t0, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
-            print(f"[{self.stage}] {self.done}/{self.total} {rate:7.1f} {self.unit}/s eta {eta:5.0f}s {extra}",
-                  file=self.stream, flush=True)
-
-    def elapsed(self):
-        return time.time() - self.t0
+            print(f"[{self.stage}] {self.done}/{self.total} {rate:7.1f} {self.unit}/s eta "
+                  f"{eta:5.0f}s {extra}", file=self.stream, flush=True)

@@ -1,4 +1,5 @@
-"""Datasets for the SIDE reference implementation, chosen by one `--data` string (nothing is downloaded).
+"""Datasets for the SIDE reference implementation, chosen by one `--data` string (nothing is
+downloaded).
 
   faces      (default) procedural cartoon faces drawn with pillow: discrete attributes (skin tone,
              hair colour, hair style, eyes, mouth, background) are the "true labels" of Carlini Cond
@@ -6,24 +7,27 @@
              colour) makes every face distinct. Face i depends only on (seed, i), never on n.
   fashion-mnist, mnist
              shorthands for /usr/share/datasets/fashion-mnist/ (Debian: `make fashion-mnist`, i.e.
-             `apt-get install dataset-fashion-mnist`) and /usr/share/datasets/mnist/ (no package: put the
-             IDX files there yourself): an IDX folder, below.
+             `apt-get install dataset-fashion-mnist`) and /usr/share/datasets/mnist/ (no package:
+             put the IDX files there yourself): an IDX folder, below.
   DIR        a folder holding MNIST-family IDX files (train-images-idx3-ubyte and
-             train-labels-idx1-ubyte, each gzipped or not): the training split, grey-scale, its labels
-             the true labels (Fashion-MNIST: 60,000 images of 28 x 28, 10 classes of 6,000).
-  DIR        otherwise a folder of images (labels from immediate subfolder names), e.g. a CelebA folder.
+             train-labels-idx1-ubyte, each gzipped or not): the training split, grey-scale, its
+             labels the true labels (Fashion-MNIST: 60,000 images of 28 x 28, 10 classes of 6,000).
+  DIR        otherwise a folder of images (labels from immediate subfolder names), e.g. a CelebA
+  folder.
   FILE.npz   an array file with `images` and optional `labels` (and `value_range` for float images).
-Folders and .npz files are read by metrics.load_images, their labels by labels_of. Channels are the data's own: grey-scale data
-(IDX files, a folder of grey images, a one-channel .npz) stays one channel everywhere (training,
-sampling, metrics, grids written as grey PNGs); colour is RGB; the faces are RGB.
-Resizing to the working resolution (--size / --image-size), the same for every source: centre-crop to
-a square, then PIL's LANCZOS filter (antialiased; e.g. Fashion-MNIST's 28 x 28 -> 8 x 8 or 16 x 16).
+Folders and .npz files are read by metrics.load_images, their labels by labels_of. Channels are the
+data's own: grey-scale data (IDX files, a folder of grey images, a one-channel .npz) stays one
+channel everywhere (training, sampling, metrics, grids written as grey PNGs); colour is RGB; the
+faces are RGB. Resizing to the working resolution (--size / --image-size), the same for every
+source: centre-crop to a square, then PIL's LANCZOS filter (antialiased; e.g. Fashion-MNIST's 28 x
+28 -> 8 x 8 or 16 x 16).
 
-Also: to_tensor / to_uint8 (uint8 NHWC <-> float NCHW in [-1, 1], C = 1 or 3), save_grid, permuted_labels.
+Also: to_tensor / to_uint8 (uint8 NHWC <-> float NCHW in [-1, 1], C = 1 or 3), save_grid,
+permuted_labels.
 Run `python data.py --data faces --size 32 --n 64 --out faces.png` for a preview grid.
-Depends on numpy, pillow, torch, common.py and metrics.py (gzip and struct from the standard library).
+Depends on numpy, pillow, torch, common.py and metrics.py (gzip and struct from the standard
+library).
 """
-import dataclasses
 import gzip
 import io
 import math
@@ -36,8 +40,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from common import (MAX_CLASSES, MAX_IMAGE_SIZE, UserError, atomic_write_bytes, check, check_writable, option, parse_config,
-                    run_main)
+from common import (MAX_CLASSES, MAX_IMAGE_SIZE, UserError, atomic_write_bytes, check,
+                    check_writable, option, parse_config, run_main)
 from metrics import MetricsInputError, image_files, load_images, resize_images
 
 # ----------------------------------------------------------------------------- procedural faces
@@ -53,13 +57,15 @@ ATTRIBUTES = [
 ]
 ATTR_NAMES = [a for a, _ in ATTRIBUTES]
 ATTR_CARDINALITIES = [len(v) for _, v in ATTRIBUTES]
-DEFAULT_LABEL_ATTR = "hair_color,skin_tone"  # 16 classes, both visible at 16 px (the "true labels" of Carlini Cond)
+# 16 classes, both visible at 16 px (the "true labels" of Carlini Cond)
+DEFAULT_LABEL_ATTR = "hair_color,skin_tone"
 DEFAULT_N = 256  # faces when n is not given: about CelebA-HQ-FI's "small set" regime, scaled to CPU
 
 SKIN = [(250, 221, 194), (229, 184, 135), (189, 128, 76), (112, 70, 42)]  # RGB per skin_tone
 HAIR = [(35, 30, 30), (112, 66, 32), (238, 204, 110), (196, 72, 30)]      # RGB per hair_color
 BACKGROUND = [(120, 180, 235), (150, 210, 140), (240, 170, 190), (185, 185, 185)]
-SHIRT_BASE = (110, 110, 120)  # muted shirt colour; jittered strongly (clothing varies, carries no label)
+# muted shirt colour; jittered strongly (clothing varies, carries no label)
+SHIRT_BASE = (110, 110, 120)
 SUPERSAMPLE = 4     # draw at 4x the output size and downsample with LANCZOS, for antialiasing
 MIN_CANVAS = 128    # ... but never on a canvas under 128 px, so tiny outputs keep their shapes
 
@@ -91,8 +97,8 @@ def sample_face(rng):
 def _color(base, jitter, prefix):
     """base RGB + shared brightness jitter + per-channel jitter, clipped to 0..255."""
     v = JITTER[prefix + "_v"] * jitter.get(prefix + "_v", 0.0)
-    return tuple(int(np.clip(round(c + v + JITTER[f"{prefix}_{ch}"] * jitter.get(f"{prefix}_{ch}", 0.0)), 0, 255))
-                 for c, ch in zip(base, "rgb"))
+    hue = lambda ch: JITTER[f"{prefix}_{ch}"] * jitter.get(f"{prefix}_{ch}", 0.0)  # noqa: E731
+    return tuple(int(np.clip(round(c + v + hue(ch)), 0, 255)) for c, ch in zip(base, "rgb"))
 
 
 def draw_face(attrs, jitter=None, size=32):
@@ -119,30 +125,36 @@ def draw_face(attrs, jitter=None, size=32):
     d.ellipse(P(cx - 0.33, cy + b * 0.85, cx + 0.33, cy + b * 0.85 + 0.5), fill=shirt)  # shoulders
     d.rectangle(P(cx - a * 0.35, cy + b * 0.5, cx + a * 0.35, cy + b * 1.0), fill=skin)  # neck
     if style == 1:  # long: hair mass behind the head, down past the chin
-        d.rounded_rectangle(P(cx - a * 1.25, cy - b * 1.12, cx + a * 1.25, cy + b * (0.55 + 0.45 * hl)),
+        d.rounded_rectangle(P(cx - a * 1.25, cy - b * 1.12, cx + a * 1.25,
+                              cy + b * (0.55 + 0.45 * hl)),
                             radius=a * 0.9 * R, fill=hair)
     for s in (-1, 1):  # ears
         d.ellipse(P(cx + s * a - 0.04, cy - 0.05, cx + s * a + 0.04, cy + 0.06), fill=skin)
     d.ellipse(P(cx - a, cy - b, cx + a, cy + b), fill=skin)
     if style in (0, 1):  # short cap / fringe over the forehead
         top = cy - b * 1.12
-        d.chord(P(cx - a * 1.08, top, cx + a * 1.08, top + b * 2 * (0.42 + 0.15 * hl)), 180, 360, fill=hair)
+        d.chord(P(cx - a * 1.08, top, cx + a * 1.08, top + b * 2 * (0.42 + 0.15 * hl)), 180, 360,
+                fill=hair)
 
-    ey, gap, er = cy - 0.06 + j["eye_y"], a * 0.45 * (1 + j["eye_gap"]), a * 0.17 * (1 + j["eye_size"])
+    ey = cy - 0.06 + j["eye_y"]
+    gap, er = a * 0.45 * (1 + j["eye_gap"]), a * 0.17 * (1 + j["eye_size"])
     for s in (-1, 1):
         ex = cx + s * gap
         brow = P(ex - er, ey - er * (2.0 + 0.3 * s), ex + er, ey - er * (2.0 - 0.3 * s))
         d.line(brow, fill=hair, width=lw)
         if eyes == 0:  # round: white eye, dark pupil
             d.ellipse(P(ex - er, ey - er, ex + er, ey + er), fill=(255, 255, 255))
-            d.ellipse(P(ex - er * 0.5, ey - er * 0.5, ex + er * 0.5, ey + er * 0.5), fill=(30, 30, 40))
+            d.ellipse(P(ex - er * 0.5, ey - er * 0.5, ex + er * 0.5, ey + er * 0.5),
+                      fill=(30, 30, 40))
         elif eyes == 1:  # closed: a downward arc
             d.arc(P(ex - er, ey - er, ex + er, ey + er), 20, 160, fill=(40, 30, 30), width=lw)
         else:  # sunglasses: dark lenses joined by a bridge
-            d.ellipse(P(ex - er * 1.4, ey - er * 1.2, ex + er * 1.4, ey + er * 1.2), fill=(20, 20, 25))
+            d.ellipse(P(ex - er * 1.4, ey - er * 1.2, ex + er * 1.4, ey + er * 1.2),
+                      fill=(20, 20, 25))
     if eyes == 2:
         d.line(P(cx - gap + er, ey, cx + gap - er, ey), fill=(20, 20, 25), width=lw)
-    d.line(P(cx, ey + er * 1.5, cx - a * 0.08, cy + b * 0.22), fill=tuple(int(c * 0.7) for c in skin), width=lw)
+    d.line(P(cx, ey + er * 1.5, cx - a * 0.08, cy + b * 0.22),
+           fill=tuple(int(c * 0.7) for c in skin), width=lw)
 
     my, mw = cy + b * 0.5 + j["mouth_y"], a * 0.4 * (1 + j["mouth_w"])
     lips = (170, 40, 50)
@@ -175,8 +187,8 @@ def combine_attrs(attrs, label_attr=DEFAULT_LABEL_ATTR):
     significant (mixed radix). Returns (labels int64 (N,), label_names like 'black/light')."""
     names = [s.strip() for s in label_attr.split(",") if s.strip()]
     check(names and len(set(names)) == len(names) and set(names) <= set(ATTR_NAMES),
-          f"--label-attr {label_attr!r}: expected one or more distinct names from {', '.join(ATTR_NAMES)} "
-          f"joined by commas, e.g. {DEFAULT_LABEL_ATTR!r}")
+          f"--label-attr {label_attr!r}: expected one or more distinct names from "
+          f"{', '.join(ATTR_NAMES)} joined by commas, e.g. {DEFAULT_LABEL_ATTR!r}")
     idx = [ATTR_NAMES.index(s) for s in names]
     labels = np.zeros(len(attrs), np.int64)
     label_names = [""]
@@ -186,24 +198,29 @@ def combine_attrs(attrs, label_attr=DEFAULT_LABEL_ATTR):
     return labels, label_names
 
 
-# ----------------------------------------------------------------------------- MNIST-family IDX files
+# --------------------------------------------------------------------------- MNIST-family IDX files
 
-IDX_IMAGES, IDX_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"  # the training split's two files
+# the training split's two files
+IDX_IMAGES, IDX_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
 IDX_UBYTE = 0x08  # IDX type code of unsigned bytes, the type of every MNIST-family file
-IDX_MAX_BYTES = 1 << 32  # a header promising more than 4 GiB is refused before reading (corrupt or hostile)
+# a header promising more than 4 GiB is refused before reading (corrupt or hostile)
+IDX_MAX_BYTES = 1 << 32
 GZIP_MAGIC = b"\x1f\x8b"  # a gzipped file starts so; anything else is read as a plain IDX file
 DATASETS_ROOT = "/usr/share/datasets"  # where Debian's dataset-* packages install
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag",
                    "Ankle boot"]  # Fashion-MNIST's label names (Xiao et al. 2017), in label order
 DATASETS = {  # --data shorthand -> (class names, how to install it)
-    "fashion-mnist": (FASHION_CLASSES, "install it with `make fashion-mnist` (apt-get install dataset-fashion-mnist)"),
-    "mnist": ([str(k) for k in range(10)], "there is no Debian package: download the MNIST files yourself"),
+    "fashion-mnist": (FASHION_CLASSES, "install it with `make fashion-mnist` (apt-get install "
+                                       "dataset-fashion-mnist)"),
+    "mnist": ([str(k) for k in range(10)],
+              "there is no Debian package: download the MNIST files yourself"),
 }
 
 
 def idx_files(folder):
-    """(images path, labels path) of the IDX training split in `folder` (plain preferred over .gz), or
-    None when it holds no train-images file."""
+    """(images path, labels path) of the IDX training split in `folder` (plain preferred over .gz),
+    or None when it holds no train-images file."""
     def find(name):
         return next((os.path.join(folder, name + ext) for ext in ("", ".gz")
                      if os.path.isfile(os.path.join(folder, name + ext))), None)
@@ -211,16 +228,18 @@ def idx_files(folder):
     if images is None:
         return None
     labels = find(IDX_LABELS)
-    check(labels is not None, f"{folder} holds {os.path.basename(images)} but no {IDX_LABELS}[.gz] beside it; "
+    check(labels is not None,
+          f"{folder} holds {os.path.basename(images)} but no {IDX_LABELS}[.gz] beside it; "
           "put the training split's labels file there too")
     return images, labels
 
 
 def read_idx(path, ndim, header_only=False):
-    """One IDX file (gzipped or not, told by its first bytes) -> uint8 array of `ndim` dimensions, or
-    with header_only its shape alone. The format: bytes 0 0, type code (0x08: unsigned byte), ndim;
-    ndim big-endian uint32 sizes; the values, nothing after. Anything else (another type, a wrong
-    ndim, a truncated file or stream, trailing bytes, a corrupt gzip) is one UserError naming the file."""
+    """One IDX file (gzipped or not, told by its first bytes) -> uint8 array of `ndim` dimensions,
+    or with header_only its shape alone. The format: bytes 0 0, type code (0x08: unsigned byte),
+    ndim; ndim big-endian uint32 sizes; the values, nothing after. Anything else (another type, a
+    wrong ndim, a truncated file or stream, trailing bytes, a corrupt gzip) is one UserError naming
+    the file."""
     with open(path, "rb") as fh:
         gz = fh.read(len(GZIP_MAGIC)) == GZIP_MAGIC
     bad = f"{path} is not a valid IDX file"
@@ -229,52 +248,61 @@ def read_idx(path, ndim, header_only=False):
             head = fh.read(4 + 4 * ndim)
             check(len(head) == 4 + 4 * ndim, f"{bad}: truncated header ({len(head)} bytes)")
             check(head[:2] == b"\0\0" and head[2] == IDX_UBYTE and head[3] == ndim,
-                  f"{bad}: header {head[:4].hex()} is not 0000{IDX_UBYTE:02x}{ndim:02x} (unsigned bytes, {ndim} dimensions)")
+                  f"{bad}: header {head[:4].hex()} is not 0000{IDX_UBYTE:02x}{ndim:02x} (unsigned "
+                  f"bytes, {ndim} dimensions)")
             shape = struct.unpack(f">{ndim}I", head[4:])
             size = math.prod(shape)
-            check(0 < size <= IDX_MAX_BYTES, f"{bad}: sizes {shape} hold {size} values (expected 1..{IDX_MAX_BYTES})")
+            check(0 < size <= IDX_MAX_BYTES,
+                  f"{bad}: sizes {shape} hold {size} values (expected 1..{IDX_MAX_BYTES})")
             if header_only:
                 return shape
             body = fh.read(size + 1)  # one byte more, to see trailing data
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a cut stream is EOFError
+    # gzip.BadGzipFile is an OSError; a cut stream is EOFError
+    except (OSError, EOFError, zlib.error) as e:
         raise UserError(f"{bad}: {'corrupt or truncated gzip' if gz else 'unreadable'} ({e}); "
                         "replace it with an intact copy") from None
     check(len(body) == size, f"{bad}: {'truncated' if len(body) < size else 'trailing bytes'}: "
-          f"{len(body) if len(body) <= size else 'more than ' + str(size)} value bytes for sizes {shape} ({size})")
+                             f"{len(body) if len(body) <= size else 'more than ' + str(size)} "
+                             f"value bytes for sizes {shape} ({size})")
     return np.frombuffer(body, np.uint8).reshape(shape)
 
 
 def dataset_folder(spec):
-    """The folder a --data shorthand (DATASETS) names, refused in one line saying how to install it when
-    it holds no IDX training files; any other spec unchanged."""
+    """The folder a --data shorthand (DATASETS) names, refused in one line saying how to install it
+    when it holds no IDX training files; any other spec unchanged."""
     if spec not in DATASETS:
         return spec
     folder = os.path.join(DATASETS_ROOT, spec)
     if not (os.path.isdir(folder) and idx_files(folder)):
-        raise UserError(f"--data {spec}: {folder}/ holds no {IDX_IMAGES}[.gz]; {DATASETS[spec][1]}, or put the four "
-                        f"IDX files ({IDX_IMAGES}.gz, {IDX_LABELS}.gz, t10k-...) in a folder and pass --data FOLDER")
+        raise UserError(f"--data {spec}: {folder}/ holds no {IDX_IMAGES}[.gz]; "
+                        f"{DATASETS[spec][1]}, or put the four IDX files ({IDX_IMAGES}.gz, "
+                        f"{IDX_LABELS}.gz, t10k-...) in a folder and pass --data FOLDER")
     return folder
 
 
 def load_idx(folder, size, n=None, seed=0):
-    """(images uint8 (N, size, size, 1), labels int64 (N,), label names) of the IDX training split in
-    `folder`; n: the nested seeded sample of load_data, drawn before resizing (only those are resized)."""
+    """(images uint8 (N, size, size, 1), labels int64 (N,), label names) of the IDX training split
+    in `folder`; n: the nested seeded sample of load_data, drawn before resizing (only those are
+    resized)."""
     images_path, labels_path = idx_files(folder)
     x, y = read_idx(images_path, 3), read_idx(labels_path, 1)
-    check(len(x) == len(y), f"{images_path} holds {len(x)} images but {labels_path} {len(y)} labels; "
+    check(len(x) == len(y),
+          f"{images_path} holds {len(x)} images but {labels_path} {len(y)} labels; "
           "they must be the same split")
     if n is not None:
-        check(n <= len(x), f"{n} images asked for (--n-train / --n), but {folder} holds only {len(x)}")
+        check(n <= len(x),
+              f"{n} images asked for (--n-train / --n), but {folder} holds only {len(x)}")
         pick = np.random.default_rng(seed).permutation(len(x))[:n]
         x, y = x[pick], y[pick]
     names = DATASETS.get(os.path.basename(os.path.realpath(folder)), ([],))[0]
     k = int(y.max()) + 1
-    return resize_images(x[..., None], size), y.astype(np.int64), names if len(names) >= k else [str(c) for c in range(k)]
+    names = names if len(names) >= k else [str(c) for c in range(k)]
+    return resize_images(x[..., None], size), y.astype(np.int64), names
 
 
 def stored_size(spec):
-    """(H, W) of a data source's images as stored, before any resizing; None for the faces (drawn at any
-    size) and for a folder of images of mixed sizes."""
+    """(H, W) of a data source's images as stored, before any resizing; None for the faces (drawn at
+    any size) and for a folder of images of mixed sizes."""
     if spec == "faces":
         return None
     folder = dataset_folder(spec)
@@ -303,36 +331,45 @@ class Dataset:
 
 
 def load_data(spec="faces", size=32, n=None, seed=0, label_attr=None):
-    """The dataset named by `spec`: "faces", a shorthand (DATASETS), an IDX folder, a folder of images or
-    an .npz file (see header). label_attr (faces only; None = DEFAULT_LABEL_ATTR) picks the attributes
-    whose combination is the label. For the other sources, n takes a random sample of n images drawn
-    with `seed`, nested (the sample of n is the first n of one seeded permutation, so a smaller set is
-    part of a larger one) and mixing every class, unlike the first n in file order."""
-    check(isinstance(size, (int, np.integer)) and size >= 8, f"--size must be an integer >= 8, got {size!r}")
+    """The dataset named by `spec`: "faces", a shorthand (DATASETS), an IDX folder, a folder of
+    images or an .npz file (see header). label_attr (faces only; None = DEFAULT_LABEL_ATTR) picks
+    the attributes whose combination is the label. For the other sources, n takes a random sample of
+    n images drawn with `seed`, nested (the sample of n is the first n of one seeded permutation, so
+    a smaller set is part of a larger one) and mixing every class, unlike the first n in file
+    order."""
+    check(isinstance(size, (int, np.integer)) and size >= 8,
+          f"--size must be an integer >= 8, got {size!r}")
     check(n is None or n >= 1, f"--n must be >= 1, got {n}")
     if spec == "faces":
         images, attrs, attr_names, _ = make_faces(n or DEFAULT_N, size, seed)
         labels, label_names = combine_attrs(attrs, label_attr or DEFAULT_LABEL_ATTR)
-        source = f"faces(n={len(images)}, size={size}, seed={seed}, labels={label_attr or DEFAULT_LABEL_ATTR})"
+        source = (f"faces(n={len(images)}, size={size}, seed={seed}, "
+                  f"labels={label_attr or DEFAULT_LABEL_ATTR})")
         return Dataset(images, labels, label_names, attrs, attr_names, source)
-    check(not label_attr, f"--label-attr {label_attr!r} only applies to --data faces; a folder takes its "
-                          "labels from subfolder names, IDX files from their labels file and an .npz from its `labels` array")
+    check(not label_attr,
+          f"--label-attr {label_attr!r} only applies to --data faces; a folder takes its labels "
+          "from subfolder names, IDX files from their labels file and an .npz from its `labels` "
+          "array")
     folder = dataset_folder(spec)
     if os.path.isdir(folder) and idx_files(folder):
         images, labels, label_names = load_idx(folder, size, n, seed)
-        return Dataset(images, labels, label_names, None, [], f"{spec} (IDX, n={len(images)}, size={size})")
+        return Dataset(images, labels, label_names, None, [],
+                       f"{spec} (IDX, n={len(images)}, size={size})")
     if not (os.path.isdir(spec) or (os.path.exists(spec) and spec.endswith(".npz"))):
-        raise UserError(f"--data {spec!r} is neither 'faces', {' nor '.join(repr(d) for d in DATASETS)} nor an existing "
-                        "folder (of images or IDX files) or .npz file; pass --data faces, --data path/to/folder, "
-                        "or --data path/to/file.npz")
+        raise UserError(f"--data {spec!r} is neither 'faces', "
+                        f"{' nor '.join(repr(d) for d in DATASETS)} nor an existing folder (of "
+                        "images or IDX files) or .npz file; pass --data faces, --data "
+                        "path/to/folder, or --data path/to/file.npz")
     try:
         images = load_images(spec, size=size)
     except MetricsInputError as e:
         raise UserError(str(e)) from None
-    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] in (1, 3), images.shape
+    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] in (1, 3), \
+        images.shape
     labels, label_names = labels_of(spec, len(images))
     if n is not None:  # a nested seeded sample: the first n of one permutation of the files
-        check(n <= len(images), f"{n} images asked for (--n-train / --n), but {spec} holds only {len(images)}")
+        check(n <= len(images),
+              f"{n} images asked for (--n-train / --n), but {spec} holds only {len(images)}")
         pick = np.random.default_rng(seed).permutation(len(images))[:n]
         images, labels = images[pick], (None if labels is None else labels[pick])
     labels = None if labels is None else np.asarray(labels, np.int64)
@@ -341,9 +378,10 @@ def load_data(spec="faces", size=32, n=None, seed=0, label_attr=None):
 
 
 def labels_of(spec, n):
-    """(labels int64 (n,) or None, class names) of the n images metrics.load_images reads from `spec`:
-    a folder's labels are the index of each image's top-level subfolder among their sorted names, when
-    every image sits in one; an .npz's are its `labels` array, class indices 0..K-1 named "0".."K-1"."""
+    """(labels int64 (n,) or None, class names) of the n images metrics.load_images reads from
+    `spec`: a folder's labels are the index of each image's top-level subfolder among their sorted
+    names, when every image sits in one; an .npz's are its `labels` array, class indices 0..K-1
+    named "0".."K-1"."""
     if os.path.isdir(spec):
         parts = [os.path.relpath(f, spec).split(os.sep) for f in image_files(spec)]
         if not all(len(p) > 1 for p in parts):
@@ -355,18 +393,20 @@ def labels_of(spec, n):
         labels = z["labels"] if "labels" in z.files else None
     if labels is None:
         return None, []
-    check(labels.shape == (n,) and np.issubdtype(labels.dtype, np.integer), f"{spec}: `labels` must be {n} integers "
+    check(labels.shape == (n,) and np.issubdtype(labels.dtype, np.integer),
+          f"{spec}: `labels` must be {n} integers "
           f"to match `images`, got shape {labels.shape} dtype {labels.dtype}")
     check(labels.min() >= 0, f"{spec}: `labels` must be class indices >= 0, got {labels.min()}")
-    check(labels.max() < MAX_CLASSES, f"{spec}: `labels` must be class indices 0..K-1 with K <= {MAX_CLASSES}, "
+    check(labels.max() < MAX_CLASSES,
+          f"{spec}: `labels` must be class indices 0..K-1 with K <= {MAX_CLASSES}, "
           f"got {labels.max()}; renumber them")
     return labels.astype(np.int64), [str(k) for k in range(int(labels.max()) + 1)]
 
 
 def permuted_labels(labels, seed):
-    """The random labelling of the random-label experiments: a seeded permutation of `labels`, so the
-    number and sizes of the classes stay those of the real labels and only which image carries which
-    label changes (one factor). Entries < 0 (no label) keep their places."""
+    """The random labelling of the random-label experiments: a seeded permutation of `labels`, so
+    the number and sizes of the classes stay those of the real labels and only which image carries
+    which label changes (one factor). Entries < 0 (no label) keep their places."""
     labels = np.asarray(labels, np.int64)
     out, keep = labels.copy(), np.flatnonzero(labels >= 0)
     out[keep] = labels[keep][np.random.default_rng(seed).permutation(len(keep))]
@@ -377,20 +417,22 @@ def permuted_labels(labels, seed):
 
 def to_tensor(images):
     """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1], C = 1 (grey) or 3 (RGB)."""
-    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] in (1, 3), (images.dtype, images.shape)
+    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] in (1, 3), \
+        (images.dtype, images.shape)
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def to_uint8(x):
-    """float (N, C, H, W) in [-1, 1], C = 1 or 3 -> uint8 (N, H, W, C), rounding to the nearest level."""
+    """float (N, C, H, W) in [-1, 1], C = 1 or 3 -> uint8 (N, H, W, C), rounding to the nearest
+    level."""
     assert x.ndim == 4 and x.shape[1] in (1, 3), tuple(x.shape)
     x = ((x.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255)
     return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def save_grid(images, path, nrow=8, pad=2):
-    """Write images (uint8 NHWC array or float NCHW tensor in [-1, 1]) as one PNG, `nrow` per row: a grey
-    PNG (mode L) for one channel, RGB for three."""
+    """Write images (uint8 NHWC array or float NCHW tensor in [-1, 1]) as one PNG, `nrow` per row: a
+    grey PNG (mode L) for one channel, RGB for three."""
     if isinstance(images, torch.Tensor):
         images = to_uint8(images) if images.is_floating_point() else images.cpu().numpy()
     n, h, w, c = images.shape
@@ -398,7 +440,8 @@ def save_grid(images, path, nrow=8, pad=2):
     grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
     for k in range(n):
         r, col = divmod(k, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = images[k]
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top:top + h, left:left + w] = images[k]
     buf = io.BytesIO()
     Image.fromarray(grid[..., 0] if c == 1 else grid).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
@@ -411,7 +454,8 @@ PREVIEW_MAX_N = 4096  # a preview grid of 64 x 64 faces; more would not be looke
 
 @dataclass
 class PreviewConfig:
-    data: str = option("faces", "dataset: faces, fashion-mnist, mnist, a folder (images or IDX files) or an .npz", nonempty=True)
+    data: str = option("faces", "dataset: faces, fashion-mnist, mnist, a folder (images or IDX "
+                                "files) or an .npz", nonempty=True)
     size: int = option(32, "image side in pixels", lo=8, hi=MAX_IMAGE_SIZE)
     n: int = option(64, "images to show", lo=1, hi=PREVIEW_MAX_N)
     seed: int = option(0, "seed of the procedural faces", lo=0)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 import data
 import ddpm
-from runtime import autocast, local_device, setup_distributed  # shared with extract.py; train.autocast etc. still resolve
+from runtime import autocast, local_device, setup_distributed
 from common import (MAX_CLASSES, MAX_IMAGE_SIZE, MAX_T, Progress, UserError, array_digest, atomic_write_json, check,
                     check_fields, check_memory, check_writable, folder_lock, option, load_checkpoint, parse_config,
                     resolve_device, run_main, save_checkpoint)
@@ -54,8 +54,8 @@ class TrainConfig:
     data: str = option("faces", "faces (built-in), fashion-mnist, mnist, a folder of images or IDX files, or an .npz "
                       "with an `images` array; the model's channels are the data's (grey 1, colour 3)", nonempty=True)
     n_train: int = option(64, "training-set size (a folder/npz: a nested random sample drawn with --data-seed); small sets are what DDPMs memorize", lo=1)
-    image_size: int = option(16, "resolution; 16 px is what trains to memorization on a 2-core CPU in minutes", lo=8,
-                             hi=MAX_IMAGE_SIZE)
+    image_size: int = option(16, "resolution (reproduce.py trains at 8 px: at 16 px its CPU-budget "
+                             "models did not memorize)", lo=8, hi=MAX_IMAGE_SIZE)
     data_seed: int = option(0, "seed of the training set: the built-in faces, or the sample of a folder/npz", lo=0)
     label_attr: str = option("", "built-in faces: attribute(s) forming the true label, e.g. hair_color,skin_tone; '' = data.py default")
     labels: str = option("none", "class conditioning: none, true (informative labels) or random (a seeded permutation "
@@ -70,7 +70,8 @@ class TrainConfig:
     schedule: str = option("linear", "beta schedule", choices=["linear", "cosine"])
     prediction: str = option("v", "network target: eps (Ho et al.) or v (Salimans & Ho 2022); reproduce.py uses eps with "
                             "the cosine schedule, which memorized sooner in its CPU calibration", choices=["eps", "v"])
-    steps: int = option(1500, "optimiser steps; reproduce's cpu profile: 1,600 at batch 16 memorize 16 faces (8 px) fully, 32 partly", lo=1)
+    steps: int = option(1500, "optimiser steps (reproduce's cpu profile: 800 epochs at batch "
+                        "min(128, n) partly memorize 16-64 faces at 8 px)", lo=1)
     batch: int = option(32, "global batch (split across torchrun ranks)", lo=1)
     lr: float = option(2e-3, "AdamW learning rate; 2e-3 trains a 0.7M-param model in 1-2k steps (2e-4 is typical at scale)", gt=0.0)
     warmup: int = option(100, "linear learning-rate warm-up steps", lo=0)
@@ -97,8 +98,6 @@ class TrainConfig:
 # Fields that may differ between a checkpoint and the run resuming it.
 RESUMABLE = {"keep", "steps", "ckpt_every", "sample_n", "sample_steps", "device", "resume", "overwrite", "log_every", "out",
              "channels_last", "compile", "dry_run"}
-# Fields that define the network's shape (checked when loading a checkpoint elsewhere).
-MODEL_FIELDS = ("image_size", "base", "mults", "num_res_blocks", "attn_res", "dropout")
 
 
 def validate_model(cfg):
@@ -154,7 +153,7 @@ def training_labels(cfg, ds):
     return torch.as_tensor(y, dtype=torch.long), k
 
 
-def load_trained(path, device="cpu", expect_size=None):
+def load_trained(path, device="cpu"):
     """(EMA model in eval mode, diffusion, config dict, checkpoint) rebuilt from a checkpoint alone."""
     ckpt = load_checkpoint(path)
     if not (isinstance(ckpt, dict) and {"config", "ema", "num_classes"} <= set(ckpt)):
@@ -167,9 +166,6 @@ def load_trained(path, device="cpu", expect_size=None):
         model.load_state_dict(ckpt["ema"])
     except (KeyError, RuntimeError, TypeError, ValueError, UserError) as e:
         raise UserError(f"{path} does not match this code's model ({str(e).splitlines()[0]}); retrain it with train.py") from None
-    if expect_size is not None and expect_size != cfg.image_size:
-        raise UserError(f"{path} was trained at {cfg.image_size} px but the data is {expect_size} px; "
-                        f"pass --image-size {cfg.image_size} or use a matching checkpoint")
     return model.eval().requires_grad_(False), diffusion, cfg, ckpt
 
 

@@ -34,7 +34,6 @@ import data
 import common
 import ddpm
 import extract
-import models
 import side
 import train
 

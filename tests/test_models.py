@@ -232,7 +232,7 @@ def test_extract_audits_a_grey_torchscript_model_end_to_end(grey_scripted, tmp_p
 
 
 def test_a_model_and_data_of_other_channels_are_refused_naming_both(grey_scripted, scripted, tmp_path):
-    (grey, _, folder), (rgb, _, rgb_folder) = grey_scripted, scripted
+    (grey, _, folder), (rgb, _, _) = grey_scripted, scripted
     for ckpt, npz, words in ((grey, os.path.join(folder, "rgb.npz"), ("1-channel (grey-scale)", "3-channel (RGB)")),
                              (rgb, os.path.join(folder, "grey.npz"), ("3-channel (RGB)", "1-channel (grey-scale)"))):
         r = run_cli("extract.py", "--ckpt", ckpt, "--data", npz, "--out", str(tmp_path / "x"), "--methods", "uncond",

@@ -1,8 +1,9 @@
 """side.py against independent references: bit-identity of λ=0 with unguided sampling, the guided
-trajectory's classifier log-probability, per-sample gradients vs one-at-a-time and finite differences,
-planted k-means partitions, cohesion computed by hand, the time module's place (forward hooks), a
-classifier learning planted colours (and grey levels, at one channel), a TorchScript embedding of grey
-images as their RGB replication, and every user mistake as a SideError. Tiny sizes: seconds on CPU."""
+trajectory's classifier log-probability, per-sample gradients vs one-at-a-time and finite
+differences, planted k-means partitions, cohesion computed by hand, the time module's place (forward
+hooks), a classifier learning planted colours (and grey levels, at one channel), a TorchScript
+embedding of grey images as their RGB replication, and every user mistake as a SideError. Tiny
+sizes: seconds on CPU."""
 import math
 import os
 import sys
@@ -22,7 +23,8 @@ PX = 8  # 8-px images
 
 
 def tiny_unet(seed=0):
-    """A random 8-px UNet whose zero-initialised output layer is randomised, so ε_θ is not identically 0."""
+    """A random 8-px UNet whose zero-initialised output layer is randomised, so ε_θ is not
+    identically 0."""
     torch.manual_seed(seed)
     m = ddpm.UNet(image_size=PX, channels=3, base=8, mults=(1, 2), num_res_blocks=1, attn_res=())
     torch.nn.init.normal_(m.out[-1].weight, std=0.1)
@@ -32,7 +34,8 @@ def tiny_unet(seed=0):
 def random_classifier(num_classes=4, seed=0, time_dependent=True):
     """A random TimeResNet in eval mode with a randomised (not identity) time module."""
     torch.manual_seed(seed)
-    c = side.TimeResNet(num_classes, image_size=PX, width=8, blocks=(1, 1), time_dependent=time_dependent, T=T)
+    c = side.TimeResNet(num_classes, image_size=PX, width=8, blocks=(1, 1),
+                        time_dependent=time_dependent, T=T)
     if time_dependent:
         torch.nn.init.normal_(c.time_module.mlp[-1].weight, std=0.3)
     return c.eval().requires_grad_(False)
@@ -41,7 +44,8 @@ def random_classifier(num_classes=4, seed=0, time_dependent=True):
 def colours(n, seed=0, noise=0.15, classes=4):
     """n 8-px images of `classes` solid colours plus Gaussian noise; label = colour index."""
     g = torch.Generator().manual_seed(seed)
-    palette = torch.tensor([[-0.8, -0.8, 0.8], [0.8, -0.8, -0.8], [-0.8, 0.8, -0.8], [0.8, 0.8, 0.8]])[:classes]
+    palette = torch.tensor([[-0.8, -0.8, 0.8], [0.8, -0.8, -0.8], [-0.8, 0.8, -0.8],
+                            [0.8, 0.8, 0.8]])[:classes]
     y = torch.arange(n) % classes
     x = palette[y][:, :, None, None] + noise * torch.randn(n, 3, PX, PX, generator=g)
     return x.clamp(-1, 1), y
@@ -49,8 +53,8 @@ def colours(n, seed=0, noise=0.15, classes=4):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine a second thread only
-    adds contention (10x slower sampling seen). Restored afterwards."""
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine a second thread
+    only adds contention (10x slower sampling seen). Restored afterwards."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -63,7 +67,8 @@ def trained(one_thread):
     x, y = colours(240)
     y[:8] = -1  # some dropped images: must be excluded
     d = ddpm.Diffusion(T)
-    model, report = side.train_classifier(x, y, diffusion=d, steps=150, batch=32, width=8, holdout=0.2, log=None)
+    model, report = side.train_classifier(x, y, diffusion=d, steps=150, batch=32, width=8,
+                                          holdout=0.2, log=None)
     return model, report, d
 
 
@@ -77,8 +82,10 @@ def test_scale_zero_is_bit_identical_to_unguided():
     g = cond(x, torch.full((4,), 50))
     assert torch.equal(g, torch.zeros_like(x)) and not torch.signbit(g).any()  # exact +0, no -0
     for sampler, eta in [("ddim", 0.0), ("ddpm", 0.0)]:
-        ref = d.sample(unet, 4, ddpm.sample_generators(7, range(4)), steps=10, eta=eta, sampler=sampler)
-        lam0 = d.sample(unet, 4, ddpm.sample_generators(7, range(4)), steps=10, eta=eta, sampler=sampler, cond_fn=cond)
+        ref = d.sample(unet, 4, ddpm.sample_generators(7, range(4)), steps=10, eta=eta,
+                       sampler=sampler)
+        lam0 = d.sample(unet, 4, ddpm.sample_generators(7, range(4)), steps=10, eta=eta,
+                        sampler=sampler, cond_fn=cond)
         assert torch.equal(ref, lam0)
     guided = d.sample(unet, 4, ddpm.sample_generators(7, range(4)), steps=10,
                       cond_fn=side.guidance(clf, torch.tensor([0, 1, 2, 3]), 5.0))
@@ -86,7 +93,8 @@ def test_scale_zero_is_bit_identical_to_unguided():
 
 
 def _trajectory_logp(d, unet, clf, target, cond_fn, steps=10, n=8):
-    """log p_φ(c | x, t) of every x recorded along a sampling trajectory, t = the timestep x sits at."""
+    """log p_φ(c | x, t) of every x recorded along a sampling trajectory, t = the timestep x sits
+    at."""
     seq = d.timesteps(steps)
     rec = []
     d.sample(unet, n, ddpm.sample_generators(3, range(n)), steps=steps, cond_fn=cond_fn,
@@ -157,7 +165,8 @@ def planted(seed=0, k=5, d=8, spread=50.0):
 
 
 def same_partition(a, b):
-    """True iff the two labellings define the same partition (equal up to a permutation of labels)."""
+    """True iff the two labellings define the same partition (equal up to a permutation of
+    labels)."""
     pairs = set(zip(a.tolist(), b.tolist()))
     return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
 
@@ -174,7 +183,8 @@ def test_kmeans_recovers_planted_clusters():
 
 
 def test_kmeans_deterministic_for_a_seed():
-    Z = torch.randn(120, 4, generator=torch.Generator().manual_seed(5))  # no structure: the seed decides
+    Z = torch.randn(120, 4,
+                    generator=torch.Generator().manual_seed(5))  # no structure: the seed decides
     a, b = side.kmeans(Z, 6, n_init=2, seed=11), side.kmeans(Z, 6, n_init=2, seed=11)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
     gen1, gen2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
@@ -186,7 +196,8 @@ def test_lloyd_reseeds_empty_cluster_and_reaches_a_fixed_point():
     C0 = torch.stack([Z[0], Z[1], torch.full((8,), 1e4)])  # the third centre attracts nobody
     C, assign = side._lloyd(Z, C0, iters=100)
     assert torch.bincount(assign, minlength=3).min() > 0
-    for k in range(3):  # Lloyd fixed point: centroids are member means, members are nearest their centroid
+    # Lloyd fixed point: centroids are member means, members are nearest their centroid
+    for k in range(3):
         assert torch.allclose(C[k], Z[assign == k].mean(0), atol=1e-4)
     assert torch.equal(torch.cdist(Z, C).argmin(1), assign)
 
@@ -206,7 +217,8 @@ def cohesion_example():
 def test_cluster_cohesion_by_hand():
     Z, truth, hand = cohesion_example()
     Zn = F.normalize(Z, dim=1)
-    C = torch.stack([Zn[truth == k].mean(0) for k in range(3)] + [torch.ones(10)])  # 4th cluster: empty
+    C = torch.stack([Zn[truth == k].mean(0) for k in range(3)]
+                    + [torch.ones(10)])  # 4th cluster: empty
     coh = side.cluster_cohesion(Zn, truth, C)
     assert coh[:3].tolist() == pytest.approx(hand, abs=1e-6) and coh[3] == 0
 
@@ -214,12 +226,14 @@ def test_cluster_cohesion_by_hand():
 @pytest.mark.parametrize("drop", [False, True])
 def test_cohesion_filter_keeps_tight_and_drops_diffuse(drop):
     Z, truth, hand = cohesion_example()
-    s = side.surrogate_labels(3.0 * Z, 3, tau=0.5, drop_rejected=drop)  # scale: features are L2-normalised
+    s = side.surrogate_labels(3.0 * Z, 3, tau=0.5,
+                              drop_rejected=drop)  # scale: features are L2-normalised
     assert sorted(s.cohesion) == pytest.approx(sorted(hand), abs=1e-5)
     assert s.num_classes == 2 and len(s.kept) == 2 and sorted(s.sizes) == [14, 14, 14]
     la, lb, ld = s.labels[truth == 0], s.labels[truth == 1], s.labels[truth == 2]
     assert (la == la[0]).all() and (lb == lb[0]).all() and {int(la[0]), int(lb[0])} == {0, 1}
-    assert torch.allclose(s.centroids[la[0]], torch.eye(10)[0] / math.sqrt(1.01), atol=1e-5)  # e1 cluster's mean
+    assert torch.allclose(s.centroids[la[0]], torch.eye(10)[0] / math.sqrt(1.01),
+                          atol=1e-5)  # e1 cluster's mean
     assert [s.sizes[k] for k in s.kept] == [14, 14] and all(s.cohesion[k] >= 0.5 for k in s.kept)
     if drop:
         assert (ld == -1).all()
@@ -264,10 +278,12 @@ def test_time_module_sits_right_after_first_batchnorm():
     clf(x, torch.tensor([0, 40, 99]))
     assert order == ["bn1", "time", "block"]
     assert torch.equal(seen["time"][0], seen["bn1"][1])  # the time module gets the BN output
-    assert torch.equal(seen["block"][0], F.relu(seen["time"][1]))  # then ReLU, then the residual stages
+    assert torch.equal(seen["block"][0],
+                       F.relu(seen["time"][1]))  # then ReLU, then the residual stages
     assert not torch.allclose(clf(x, torch.tensor([0, 0, 0])), clf(x, torch.tensor([99, 99, 99])))
     plain = random_classifier(time_dependent=False)
-    assert plain.time_module is None and not any(isinstance(m, side.TimeFiLM) for m in plain.modules())
+    assert plain.time_module is None and not any(isinstance(m, side.TimeFiLM)
+                                                 for m in plain.modules())
     assert torch.equal(plain(x, torch.tensor([0, 0, 0])), plain(x, None))
 
 
@@ -289,15 +305,18 @@ def test_time_independent_baseline_trains_on_clean_images():
 
 
 def test_a_grey_classifier_learns_brightness_and_guides_one_channel():
-    """One channel: p_φ(y | x_t, t) on grey images of 3 brightness levels learns them, and its guidance
-    gradient is a (N, 1, H, W) tensor that raises the target's log-probability (first-order check)."""
+    """One channel: p_φ(y | x_t, t) on grey images of 3 brightness levels learns them, and its
+    guidance gradient is a (N, 1, H, W) tensor that raises the target's log-probability (first-order
+    check)."""
     y = torch.arange(120) % 3
     noise = torch.randn(120, 1, PX, PX, generator=torch.Generator().manual_seed(3))
     x = torch.tensor([-0.7, 0.0, 0.7])[y][:, None, None, None] + 0.15 * noise  # three grey levels
     d = ddpm.Diffusion(T)
-    model, report = side.train_classifier(x, y, diffusion=d, steps=80, batch=32, width=8, holdout=0.25, log=None)
+    model, report = side.train_classifier(x, y, diffusion=d, steps=80, batch=32, width=8,
+                                          holdout=0.25, log=None)
     assert model.channels == 1 and report["heldout_acc_by_t"][0] > 0.9
-    xt, t = torch.randn(4, 1, PX, PX, generator=torch.Generator().manual_seed(4)), torch.full((4,), 20)
+    xt, t = torch.randn(4, 1, PX, PX, generator=torch.Generator().manual_seed(4)), torch.full((4,),
+                                                                                              20)
     g = side.guidance(model, 2, 1.0)(xt, t)
     assert g.shape == (4, 1, PX, PX)
     logp = lambda z: F.log_softmax(model(z, t), 1)[:, 2].sum()  # noqa: E731
@@ -320,8 +339,10 @@ def test_ddpm_features_shape_determinism_and_pooling():
     Z = side.extract_features(x, "ddpm", unet, d, batch=4)
     C = unet.mid[2].out_layers[-1].out_channels
     assert Z.shape == (6, 5 * C) and Z.dtype == torch.float32
-    assert torch.allclose(Z, side.extract_features(x, "ddpm", unet, d, batch=256), atol=1e-5)  # batch-free
-    assert torch.allclose(Z[:, :C], Z[:, C:].reshape(6, C, 4).mean(2), atol=1e-5)  # GAP = mean of the 2×2 grid
+    assert torch.allclose(Z, side.extract_features(x, "ddpm", unet, d, batch=256),
+                          atol=1e-5)  # batch-free
+    assert torch.allclose(Z[:, :C], Z[:, C:].reshape(6, C, 4).mean(2),
+                          atol=1e-5)  # GAP = mean of the 2×2 grid
     assert side.extract_features(x, "pixels").shape == (6, 3 * PX * PX)
     with pytest.raises(SideError, match="t_feat=100"):
         side.extract_features(x, "ddpm", unet, d, t_feat=100)
@@ -336,14 +357,18 @@ def test_torchscript_embedding_preprocessing(tmp_path):
     torch.jit.script(SpatialMean()).save(path)
     rgb = torch.tensor([[-1.0, 0.0, 0.6], [0.2, -0.4, 1.0]])
     x = rgb[:, :, None, None].expand(2, 3, PX, PX)  # solid colours: resizing changes nothing
-    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet's, as SSCD uses
-    sscd = lambda x: metrics.sscd_preprocess(x, 12)  # noqa: E731  (what extract.py passes, at 12 px)
+    # ImageNet's, as SSCD uses
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    sscd = lambda x: metrics.sscd_preprocess(x,
+                                             12)  # noqa: E731  (what extract.py passes, at 12 px)
     Z = side.extract_features(x, path, preprocess=sscd)
     assert torch.allclose(Z, ((rgb + 1) / 2 - mean) / std, atol=1e-5)
-    assert torch.allclose(side.extract_features(x, path), (rgb + 1) / 2, atol=1e-5)  # no preprocess: [0, 1]
-    grey = rgb[:, :1, None, None].expand(2, 1, PX, PX)  # one channel: replicated to RGB at the embedding's input
-    assert torch.allclose(side.extract_features(grey, path, preprocess=sscd), ((rgb[:, :1] + 1) / 2 - mean) / std,
-                          atol=1e-5)
+    assert torch.allclose(side.extract_features(x, path), (rgb + 1) / 2,
+                          atol=1e-5)  # no preprocess: [0, 1]
+    # one channel: replicated to RGB at the embedding's input
+    grey = rgb[:, :1, None, None].expand(2, 1, PX, PX)
+    assert torch.allclose(side.extract_features(grey, path, preprocess=sscd),
+                          ((rgb[:, :1] + 1) / 2 - mean) / std, atol=1e-5)
 
 
 def test_feature_user_errors(tmp_path):

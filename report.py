@@ -214,7 +214,7 @@ def verdict_table(verdict):
 def descriptive_lines(verdict):
     out = []
     for d in verdict["descriptive"]:
-        if d["kind"] == "per size":
+        if d["kind"] in ("per size", "steps"):
             out.append(f"- {d['text']}: {d['ratio']:.2f}x, 95 % interval {_iv(d['lo'], d['hi'])} "
                        f"({d['replicates']} replicates; descriptive, not decided)")
         elif d["kind"] == "ceiling":
@@ -269,6 +269,9 @@ def reproduce_report(s, grids, paper):
          (f"**Weakly memorized arm.** Each replicate of n = {weak['n']} also keeps its model at {p['weak_epochs']:g} "
           "epochs, where plain sampling reaches almost nothing (calibration), attacked with the same seeds."
           if weak else ""),
+         (f"**Sampler.** {p['sample_steps']} DDIM steps for every method; the right-sizing is checked in every run: "
+          f"replicates r < {p['check_replicates']} of each size repeat UnCond and SIDE with {p['check_steps']} steps "
+          "(the same models and seeds), compared below (descriptive)." if p.get("check_replicates") else ""),
          "**Similarity.** " + bands_section(s["bands"]), "",
          "## Verdict", "", verdict_table(v), "", "Descriptive (no verdict):", "", descriptive_lines(v), "",
          "## Table 1 in miniature", "",

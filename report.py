@@ -103,7 +103,7 @@ def line_plot(path, xs, series, xlabel="", ylabel="", size=(480, 320)):
 
 METHOD_NAMES = {"uncond": "Carlini UnCond", "cond": "Carlini Cond (classifier guidance, true labels)",
                 "cond_ddpm": "Cond, other reading: class-conditional DDPM (true labels)", "side": "SIDE",
-                "side_random": "SIDE, random surrogate labels (control)",
+                "side_random": "SIDE, surrogate labels permuted (control)",
                 "uncond_budget": "UnCond with SIDE's budget N_syn+N_G (compute-matched)",
                 "side_union": "SIDE, synthetic set + guided generations"}
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]

@@ -332,12 +332,12 @@ def tune(cfg, p, reps, labelled, bands, timer):
     model (own data sample, weights, synthetic set and generation seed: no reported model is tuned on)."""
     rep = next(r for r in reps if r["role"] == "tune")
     s, out = rep["seeds"], f"{cfg.out}/sweeps"
-    extra = dict(sweep_lambda=p["sweep_lambda"], sweep_n_gen=max(p["n_gen"] // 2, 1), seed=s["gen"],
+    extra = dict(sweep_lambda=p["sweep_lambda"], sweep_n_gen=p["n_gen"], seed=s["gen"],
                  sweep_seed=s["gen"], syn_seed=s["syn"], curve_points=0)
     if labelled:
         extra["sweep_cond_scale"] = p["sweep_cond"]
     run_jobs([(f"sweeps {rep['name']}", extract_args(cfg, p, f"{rep['model']}/ckpt.pt", out, "uncond", bands,
-                                                     n_gen=max(p["n_gen"] // 2, 1), **extra))], 1, timer, f"{cfg.out}/logs")
+                                                     **extra))], 1, timer, f"{cfg.out}/logs")
     chosen = load_metrics(out)["chosen"]
     return dict(lam=chosen["lam"], cond_scale=chosen.get("cond_scale", chosen["lam"]), K=p["K"], size=rep["n"],
                 replicate=rep["name"])

@@ -553,7 +553,7 @@ def load_target(cfg):
           "the training images to audit against (a folder of images or an .npz)")
     own = info.data or dict(spec=cfg.data, n=None, seed=0, label_attr=None)  # an external model: all of --data
     spec = cfg.data or own["spec"]
-    check(spec == "faces" or os.path.exists(spec), f"{cfg.ckpt} names its training data {spec} "
+    check(spec in ("faces", *data.DATASETS) or os.path.exists(spec), f"{cfg.ckpt} names its training data {spec} "
           f"({'the --data it was trained with' if info.kind == 'train' else 'data in its JSON'}), which does not exist "
           "here; pass --data with those training images")
     ds = data.load_data(spec, info.image_size, n=own["n"], seed=own["seed"], label_attr=own["label_attr"])

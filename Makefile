@@ -45,6 +45,14 @@ reproduce: install  ## Table 1 with independent replicates, corrected verdict ->
 calibrate: install  ## how reproduce's training budgets were chosen: share of each training set reached per epoch budget
 	$(PY) reproduce.py --profile $(PROFILE) --data $(DATA) --seed $(SEED) --calibrate --out $(OUT)/calibrate
 
+AUDIT_DEMO ?= runs/audit-demo
+AUDIT_ARGS = --n-syn 512 --K 16 --sample-steps 20 --clf-steps 250 --lam 10 --cond-scale 3 --repeats 3
+audit-demo: install  ## README's audit: an 8-px DDPM of 16 faces attacked 3x at N_G 512 and 4096, the extrapolation checked at 8x -> $(AUDIT_DEMO)/*/AUDIT_REPORT.md
+	$(PY) train.py --out $(AUDIT_DEMO)/model --n-train 16 --image-size 8 --base 32 --mults 1,2 --attn-res 4 \
+	  --schedule cosine --prediction eps --lr 2e-3 --batch 16 --steps 800 --resume
+	$(PY) extract.py --ckpt $(AUDIT_DEMO)/model/ckpt.pt --out $(AUDIT_DEMO)/n512 --methods uncond,cond,side --n-gen 512 $(AUDIT_ARGS)
+	$(PY) extract.py --ckpt $(AUDIT_DEMO)/model/ckpt.pt --out $(AUDIT_DEMO)/n4096 --methods uncond,side --n-gen 4096 $(AUDIT_ARGS)
+
 gpu-check: install  ## on a CUDA machine: bench at the gpu profile's shapes, GPU tests, the gpu profile -> $(OUT)/gpu/GPU_CHECK.txt
 	mkdir -p $(OUT)/gpu
 	{ nvidia-smi -L; $(PY) bench.py --device cuda --reproduce gpu --reproduce-threads 0 --sample-batch 256 --batch 128 --n-nn 50000; \

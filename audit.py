@@ -9,11 +9,11 @@ the synthetic set, the clustering, both classifiers and the generation noise. Ev
 same weights, so the spread over repeats is the attack's own randomness on this model, not the
 variation between models trained on other samples (reproduce.py's units measure that).
 
-  - per method: the hit rate (AMS of the paper's Sec. 3) and the distinct training images reached
+  - per method: the hit rate (AMS, SIDE's evaluation metrics) and the distinct training images reached
     (UMS x N_G), any band and high band, as means over repeats with Student-t 95 % intervals; SIDE
     against plain sampling (and Carlini Cond where the data has labels) on both, paired by repeat and
     decided as one family with Holm's correction (evidence.py);
-  - leaked.csv: every training image some generation reached in some band (Sec. 3's φ(x, D_2)), by any
+  - leaked.csv: every training image some generation reached in some band (SIDE's φ(x, D_2)), by any
     method in any repeat, sorted by how reliably it leaks, and leaked.png (each beside its closest
     generation);
   - how many more a larger budget reaches: `extrapolate` (Chao et al. 2014; see there), at 10x and
@@ -358,8 +358,7 @@ def training_names(cfg, n):
     own = info.data or dict(spec=cfg.data, n=None, seed=0)
     spec = cfg.data or own["spec"]
     if os.path.isdir(spec):  # metrics.load_images's order: sorted paths
-        names = sorted(os.path.relpath(os.path.join(d, f), spec) for d, _, fs in os.walk(spec)
-                       for f in fs if f.lower().endswith(metrics.IMAGE_EXTS))
+        names = [os.path.relpath(f, spec) for f in metrics.image_files(spec)]
     elif spec.endswith(".npz"):
         with np.load(spec, allow_pickle=False) as z:
             names = [f"{os.path.basename(spec)}#{i}" for i in range(len(z["images"]))]

@@ -80,11 +80,16 @@ def family(rows, conditional, sizes, weak_size=None):
             if min(len(a), len(b)) >= 2 and max(a + b) > 0:
                 add(f"smaller sets leak more: {what}, n={small} above n={large} (each size at its calibrated budget)",
                     evidence.unpaired_log_ratio(a, b), group="size", metric=metric)
-    for c in conditional:  # Definition 1 / Theorem 1: a label lowers M (more memorization)
-        d = c.get("delta")
-        if d and len(d["per_replicate"]) >= 2:
-            add(f"{c['labelling']} labels lower the memorization divergence: Δ = M(conditional) − M(unconditional) < 0 "
-                "(nats)", evidence.mean_estimate(d["per_replicate"]), 0.0, direction="<", group="conditional")
+    deltas = {c["labelling"]: c["delta"]["per_replicate"] for c in conditional if c.get("delta")}
+    for lab, per in deltas.items():  # SIDE Definition 1 / SIDE Theorem 1: a label lowers M (more memorization)
+        if len(per) >= 2:
+            add(f"{lab} labels lower the memorization divergence: Δ = M(conditional) − M(unconditional) < 0 (nats)",
+                evidence.mean_estimate(per), 0.0, direction="<", group="conditional")
+    inf, perm = deltas.get("informative", []), deltas.get("permuted", [])
+    if len(inf) == len(perm) >= 2:  # the same classes and class sizes: only informativeness differs
+        add("informative labels lower it more than the same labels permuted: Δ(informative) − Δ(permuted) < 0 (nats, "
+            "paired by replicate)", evidence.mean_estimate([a - b for a, b in zip(inf, perm)]), 0.0, direction="<",
+            group="conditional")
     return specs
 
 
@@ -93,11 +98,24 @@ def _size_value(row, metric):
     return row["hits_any"] if metric == "hits" else 100.0 * row["distinct_any"] / row["n_train"]
 
 
-def descriptive(rows, curves, sizes):
+def descriptive(rows, curves, sizes, steps=None):
     """Per-size paired ratios of SIDE to UnCond on both metrics (raw 95 % intervals, no verdict), the
-    ceiling of each UMS comparison (how much of its training set plain sampling already reaches), and
-    the budget from which SIDE with its synthetic set stays ahead of plain sampling."""
+    ceiling of each UMS comparison (how much of its training set plain sampling already reaches), the
+    budget from which SIDE with its synthetic set stays ahead of plain sampling, and the sampler check:
+    the same attack with steps[1] sampler steps against the reported steps[0], paired by replicate."""
     out = []
+    if steps and any(r["arm"] == "steps" for r in rows):
+        by = {(r["arm"], r["n_train"], r["replicate"], r["method"]): r for r in rows}
+        for m in ("uncond", "side"):
+            for metric in ("hits", "distinct"):
+                keys = sorted(k[1:3] for k in by if k[0] == "steps" and k[3] == m)
+                a = [value(by[("steps", n, r, m)], metric, "any") for n, r in keys]
+                b = [value(by[("table", n, r, m)], metric, "any") for n, r in keys]
+                if len(a) >= 2:
+                    ratio, lo, hi = evidence.paired_ratio(a, b)
+                    out.append(dict(kind="steps", method=m, metric=metric, ratio=ratio, lo=lo, hi=hi, replicates=len(a),
+                                    text=f"{steps[1]} / {steps[0]} sampler steps, {NAMES.get(m, 'SIDE')}, "
+                                         f"{METRIC_NAMES[metric]}, any band (the same replicates, seeds and models)"))
     for n in sizes:
         for metric in ("hits", "distinct"):
             va, vb, _ = paired(rows, "side", "uncond", metric, "any", sizes=[n])
@@ -119,10 +137,10 @@ def descriptive(rows, curves, sizes):
     return out
 
 
-def verdict(rows, curves, conditional, sizes, weak_size=None):
+def verdict(rows, curves, conditional, sizes, weak_size=None, steps=None):
     """{claims: the decided family (evidence.decide), descriptive: the lines without a verdict}."""
     claims = evidence.decide(family(rows, conditional, sizes, weak_size))
-    return dict(claims=claims, descriptive=descriptive(rows, curves, sizes),
+    return dict(claims=claims, descriptive=descriptive(rows, curves, sizes, steps),
                 family=dict(size=len(claims), alpha=evidence.ALPHA, method="Holm-Bonferroni"))
 
 

@@ -1,7 +1,7 @@
-"""The conditional-memorization experiment of reproduce.py: Definition 1's memorization divergence of a
-DDPM trained unconditionally, with informative labels (Definition 2) and with a random permutation of
+"""The conditional-memorization experiment of reproduce.py: SIDE Definition 1's memorization divergence of a
+DDPM trained unconditionally, with informative labels (SIDE Definition 2) and with a random permutation of
 them (the same classes and class sizes; only the label-image association changes), compared
-by paired differences Δ = M(D_j; p_θ(.|j), ε) − M(D_j; p_θ, ε) per label subset (Theorem 1: Δ <= 0 for
+by paired differences Δ = M(D_j; p_θ(.|j), ε) − M(D_j; p_θ, ε) per label subset (SIDE Theorem 1: Δ <= 0 for
 an informative label in its limit). The bound on log p_θ is ddpm.Diffusion.subchain_nll; the Monte
 Carlo estimator with common random numbers is metrics.divergence_difference (METRICS.md derives both).
 Depends on numpy, torch, data.py, evidence.py, metrics.py, models.py, common.py and report.label_effect.
@@ -20,7 +20,7 @@ from report import label_effect
 
 
 def _log_prob(model, diffusion, k, n_t, label, device):
-    """Definition 1's callable for a DDPM: log p_θ(x | label) >= -subchain_nll (ddpm.py), with its
+    """SIDE Definition 1's callable for a DDPM: log p_θ(x | label) >= -subchain_nll (ddpm.py), with its
     timesteps and forward noise drawn from the generator metrics.py hands it, so the two models of a
     paired comparison see the same draws (common random numbers)."""
     def log_prob(x, g):
@@ -35,7 +35,7 @@ def _interval(est, se, df):
 
 
 def divergence(cond, uncond, diffusion, x, subsets, eps, n_mc, n_t, device, seed=0):
-    """Δ_j = M(D_j; p_θ(.|j), ε_k) − M(D_j; p_θ, ε_k) (Definition 1) for each label subset D_j, the
+    """Δ_j = M(D_j; p_θ(.|j), ε_k) − M(D_j; p_θ, ε_k) (SIDE Definition 1) for each label subset D_j, the
     conditional model `cond` given label j against the unconditional `uncond`, paired (metrics.
     divergence_difference); ε_k is the noise level of the step k nearest ε (ddpm.Diffusion.level), where
     the bound of ddpm.subchain_nll starts. M uses a bound on log p, so each M is an upper bound; in Δ the
@@ -68,7 +68,7 @@ def conditional(p, cfg, reps, device):
     (its own training sample and three models, the same seeds but for the labels): per labelling, the
     paired difference Δ = M(D_j; p_θ(.|j)) − M(D_j; p_θ) of Definition 1 averaged over label subsets, per
     replicate with its Monte Carlo interval, over replicates with a Student-t 95 % interval, and by
-    label-subset size |D_j| (Theorem 1: Δ <= 0 for an informative label, the more so the smaller and
+    label-subset size |D_j| (SIDE Theorem 1: Δ <= 0 for an informative label, the more so the smaller and
     purer D_j). Profile knobs: div_mc samples of q_ε per subset, div_t timestep strata per sample (= UNet
     calls per sample and model)."""
     torch.set_num_threads(os.cpu_count() or 1)

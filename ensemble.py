@@ -21,7 +21,6 @@ Depends on numpy, torch, ddpm.py, data.py, train.py and common.py.
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -203,7 +202,7 @@ def _train(members, device, log):
         y = None if members[0].y_all is None else torch.stack([b[3] for b in batch]).to(device)
         for g in opt.param_groups:
             g["lr"] = train.lr_at(cfg, step)
-        loss = _losses(P, unet, diffusion, x0, t, noise, y)  # (K,) each model's batch-mean loss, Ho Eq. (14)
+        loss = _losses(P, unet, diffusion, x0, t, noise, y)  # (K,) each model's batch-mean loss, Ho et al. Eq. 14
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()  # the models share no parameter: each gradient is its own model's
         norms = _clip(P, cfg.grad_clip)
@@ -240,7 +239,7 @@ def _losses(P, unet, diffusion, x0, t, noise, y):
     """Per model: the mean over its batch of diffusion.loss (per-image MSE of the prediction target)."""
     K, B = t.shape
     flat = lambda a: a.flatten(0, 1)  # noqa: E731
-    xt = diffusion.q_sample(flat(x0), flat(t), flat(noise)).reshape(x0.shape)  # Ho Eq. (4)
+    xt = diffusion.q_sample(flat(x0), flat(t), flat(noise)).reshape(x0.shape)  # Ho et al. Eq. 4
     out = forward(P, unet, xt, t, y)
     if diffusion.prediction == "eps":
         target = noise

@@ -675,7 +675,7 @@ def load_target(cfg):
     own = info.data or dict(spec=cfg.data, n=None, seed=0, label_attr=None)
     spec = cfg.data or own["spec"]
     origin = "the --data it was trained with" if info.kind == "train" else "data in its JSON"
-    check(spec == "faces" or os.path.exists(spec), f"{cfg.ckpt} names its training data {spec} "
+    check(spec in ("faces", *data.DATASETS) or os.path.exists(spec), f"{cfg.ckpt} names its training data {spec} "
           f"({origin}), which does not exist here; pass --data with those training images")
     ds = data.load_data(spec, info.image_size, n=own["n"], seed=own["seed"],
                         label_attr=own["label_attr"])

@@ -103,7 +103,7 @@ def line_plot(path, xs, series, xlabel="", ylabel="", size=(480, 320)):
 
 METHOD_NAMES = {"uncond": "Carlini UnCond", "cond": "Carlini Cond (classifier guidance, true labels)",
                 "cond_ddpm": "Cond, other reading: class-conditional DDPM (true labels)", "side": "SIDE",
-                "side_random": "SIDE, random surrogate labels (control)",
+                "side_random": "SIDE, surrogate labels permuted (control)",
                 "uncond_budget": "UnCond with SIDE's budget N_syn+N_G (compute-matched)",
                 "side_union": "SIDE, synthetic set + guided generations"}
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
@@ -214,7 +214,7 @@ def verdict_table(verdict):
 def descriptive_lines(verdict):
     out = []
     for d in verdict["descriptive"]:
-        if d["kind"] == "per size":
+        if d["kind"] in ("per size", "steps"):
             out.append(f"- {d['text']}: {d['ratio']:.2f}x, 95 % interval {_iv(d['lo'], d['hi'])} "
                        f"({d['replicates']} replicates; descriptive, not decided)")
         elif d["kind"] == "ceiling":
@@ -269,6 +269,9 @@ def reproduce_report(s, grids, paper):
          (f"**Weakly memorized arm.** Each replicate of n = {weak['n']} also keeps its model at {p['weak_epochs']:g} "
           "epochs, where plain sampling reaches almost nothing (calibration), attacked with the same seeds."
           if weak else ""),
+         (f"**Sampler.** {p['sample_steps']} DDIM steps for every method; the right-sizing is checked in every run: "
+          f"replicates r < {p['check_replicates']} of each size repeat UnCond and SIDE with {p['check_steps']} steps "
+          "(the same models and seeds), compared below (descriptive)." if p.get("check_replicates") else ""),
          "**Similarity.** " + bands_section(s["bands"]), "",
          "## Verdict", "", verdict_table(v), "", "Descriptive (no verdict):", "", descriptive_lines(v), "",
          "## Table 1 in miniature", "",
@@ -318,7 +321,7 @@ def conditional_verdict(cond):
                     if d["n_units"] > 1 else "one replicate, Monte Carlo interval")
             out.append(f"- {r['labelling']} labels: {d['verdict']}; Δ = M(conditional) − M(unconditional) = {d['delta']:.2f} nats, "
                        f"95 % interval [{lo:.2f}, {hi:.2f}], {over} (ε_k = {d['eps_k']:.4f}; "
-                       "Theorem 1's limit: Δ <= 0 for informative labels, Δ -> 0 for random ones).")
+                       "SIDE Theorem 1's limit: Δ <= 0 for informative labels, Δ -> 0 for random ones).")
     return "\n".join(out)
 
 
@@ -330,7 +333,7 @@ def conditional_section(s):
          "In every replicate of the smallest size the same DDPM on the same images (the same seeds), trained "
          "unconditionally, with informative labels (the data's true labels) and with a seeded permutation of them (the "
          "same classes and class sizes: only which image carries which label changes); plain sampling with a "
-         "uniformly drawn label per generation. What is estimated: M_k = KL(q_εk ‖ p_θ,k), Definition 1's divergence "
+         "uniformly drawn label per generation. What is estimated: M_k = KL(q_εk ‖ p_θ,k), SIDE Definition 1's divergence "
          "with p_θ,k the model's distribution of its own reverse chain stopped at the step k whose noise level is ε_k "
          "(rescaled by 1/sqrt(ᾱ_k)), i.e. without its last denoising steps (nats, smaller = more memorization). The "
          "printed M is an upper bound on M_k (log p_θ,k is bounded by that chain's variational bound, ddpm.subchain_nll), "
@@ -361,7 +364,7 @@ def conditional_section(s):
         L.append(f"| **{r['labelling']}** | **over replicates** | | **{d['delta']:.2f}** | | "
                  f"**[{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]** | **{d['verdict']}** (uncorrected; the corrected "
                  "verdict is in the family above) |")
-    L += ["", "Δ by label-subset size |D_j| (over the replicates that have subsets of that size; Theorem 1: the "
+    L += ["", "Δ by label-subset size |D_j| (over the replicates that have subsets of that size; SIDE Theorem 1: the "
           "smaller and purer D_j, the larger the gain for an informative label):", "",
           "| labelling | \\|D_j\\| | replicates | subsets | Δ (nats) [95 %] |", "|---|---|---|---|---|"]
     for r in cond:
@@ -373,9 +376,9 @@ def conditional_section(s):
         L += ["", f"Cost: {d['n_mc']} samples of q_ε per label subset, {d['unet_calls_per_sample']} UNet calls per sample "
               "and model (stratified timesteps drawn afresh per sample). Per label subset: summary.json.", ""]
     L += [conditional_verdict(cond), ""]
-    L += ["### Theorem 1, exactly (Gaussian mixture with overlapping components, closed-form densities)", "",
+    L += ["### SIDE Theorem 1, exactly (Gaussian mixture with overlapping components, closed-form densities)", "",
           "Components 2σ apart, so log p − log p_i varies over the support; the exact conditional and unconditional "
-          "densities as models. Theorem 1's limit is −KL(p_i‖p); for this finite D_i the ε → 0 value is the mean of "
+          "densities as models. SIDE Theorem 1's limit is −KL(p_i‖p); for this finite D_i the ε → 0 value is the mean of "
           "log p − log p_i over D_i; log(N_i/N) is what disjoint supports would give.", "",
           "| ε | M(D_i; p_i) − M(D_i; p) | ± s.e. | ε → 0 value for this D_i | −KL(p_i‖p) | log(N_i/N) (disjoint) |",
           "|---|---|---|---|---|---|"]
@@ -385,7 +388,7 @@ def conditional_section(s):
     if s.get("random_label_check"):
         L += ["", "### Random labels at finite |D_i|, exactly (metrics.random_label_check)", "",
               "Labels independent of x split Gaussian data into 2 subsets; each model is the maximum-likelihood Gaussian "
-              "of its own training data. Theorem 1's limit gives no gain; at finite |D_i| the conditional fit is closer "
+              "of its own training data. SIDE Theorem 1's limit gives no gain; at finite |D_i| the conditional fit is closer "
               "to D_i by −(d/2)(1/|D_i| − 1/|D|) nats in expectation (d = 8), vanishing as |D_i| grows.", "",
               "| \\|D_i\\| | Δ, Monte Carlo | ± s.e. | exact, same partitions | expectation |", "|---|---|---|---|---|"]
         for t in s["random_label_check"]:

@@ -19,10 +19,10 @@
    while their best value sits at a grid's end) on a tuning replicate with seeds of its own.
 4. The abstract's "SIDE can extract training data where previous methods fail": each replicate of one
    size also keeps its model at a smaller (weakly memorized) budget, attacked the same way.
-5. Conditional memorization (Definition 1, Theorem 1): at the smallest size each replicate's DDPM is
+5. Conditional memorization (SIDE Definition 1, SIDE Theorem 1): at the smallest size each replicate's DDPM is
    also trained with its true labels and with a permutation of them (the same classes and sizes).
 6. The verdict: every claim (both metrics, any and high band, the controls, the weak arm, the sizes,
-   Definition 1) decided as one family with Holm-Bonferroni (claims.py, evidence.py); the uncorrected
+   SIDE Definition 1) decided as one family with Holm-Bonferroni (claims.py, evidence.py); the uncorrected
    intervals are kept beside. Pixel-L2 bands are calibrated on the data at the working resolution.
 Writes OUT/REPORT.md, OUT/summary.json and PNGs. Every stage is cached; a rerun resumes.
 """
@@ -54,25 +54,25 @@ from sweeps import load_sweep
 PROFILES = {
     "smoke": dict(data="faces", image_size=8, sizes=(8, 16), epochs=(300, 150), weak_epochs=100, batch=16, base=16, mults=(1, 2),
                   attn_res=(4,), T=100, n_gen=32, n_syn=64, K=4, sweep_lambda=(1.0, 3.0), sweep_cond=(0.0, 3.0),
-                  sample_steps=10, clf_steps=40, replicates=2, div_mc=8, div_t=16, calib_epochs=(50, 150), jobs=2),
+                  sample_steps=10, check_steps=20, check_replicates=1, clf_steps=40, replicates=2, div_mc=8, div_t=16, calib_epochs=(50, 150), jobs=2),
     # 8 px: 16 px did not memorize within a CPU budget. `make calibrate` (bands calibrated at 8 px): 800 epochs (=
     # steps, batch min(128, n)) is the smallest budget with every size partly memorized (27-50 % reached), 700 the
     # largest with every size almost unreached (3-12 %: the weak arm); 600: none, 1,000: 77-100 %
     "cpu": dict(data="faces", image_size=8, sizes=(16, 32, 64), epochs=(800, 800, 800), weak_epochs=700, batch=128, base=32,
                 mults=(1, 2), attn_res=(4,), T=1000, n_gen=512, n_syn=512, K=16, sweep_lambda=(1.0, 3.0, 10.0, 30.0),
-                sweep_cond=(0.0, 1.0, 3.0, 10.0, 30.0), sample_steps=40, clf_steps=250, replicates=6, div_mc=16,
-                div_t=32, calib_epochs=(500, 550, 600, 700, 800, 1000), jobs=2),
+                sweep_cond=(0.0, 1.0, 3.0, 10.0, 30.0), sample_steps=20, check_steps=40, check_replicates=2,
+                clf_steps=250, replicates=6, div_mc=16, div_t=32, calib_epochs=(500, 550, 600, 700, 800, 1000), jobs=2),
     # Fashion-MNIST (real images, grey), 28 -> 8 px: the cpu profile's model and attack; budgets from its own
     # `make calibrate DATA=fashion-mnist` with bands calibrated on Fashion-MNIST at 8 px
     "fmnist": dict(data="fashion-mnist", image_size=8, sizes=(16, 32, 64), epochs=(800, 800, 800), weak_epochs=700,
                    batch=128, base=32, mults=(1, 2), attn_res=(4,), T=1000, n_gen=512, n_syn=512, K=16,
-                   sweep_lambda=(1.0, 3.0, 10.0, 30.0), sweep_cond=(0.0, 1.0, 3.0, 10.0, 30.0), sample_steps=40,
-                   clf_steps=250, replicates=6, div_mc=16, div_t=32, calib_epochs=(500, 600, 700, 800, 900, 1000), jobs=2),
+                   sweep_lambda=(1.0, 3.0, 10.0, 30.0), sweep_cond=(0.0, 1.0, 3.0, 10.0, 30.0), sample_steps=20,
+                   check_steps=40, check_replicates=2, clf_steps=250, replicates=6, div_mc=16, div_t=32, calib_epochs=(500, 600, 700, 800, 900, 1000), jobs=2),
     # never run on a GPU yet; sizes and epochs are a starting point for --calibrate; --data /path/to/celeba for real faces
     "gpu": dict(data="faces", image_size=32, sizes=(256, 512, 1024), epochs=(1500, 1500, 1500), weak_epochs=1000, batch=128,
                 base=64, mults=(1, 2, 2), attn_res=(16,), T=1000, n_gen=1024, n_syn=1024, K=32,
                 sweep_lambda=(1.0, 3.0, 10.0, 30.0), sweep_cond=(0.0, 1.0, 3.0, 10.0, 30.0), sample_steps=50,
-                clf_steps=1000, replicates=5, div_mc=64, div_t=100, calib_epochs=(500, 1000, 1500, 3000), jobs=1),
+                check_steps=0, check_replicates=0, clf_steps=1000, replicates=5, div_mc=64, div_t=100, calib_epochs=(500, 1000, 1500, 3000), jobs=1),
 }
 TRAIN_FIXED = dict(schedule="cosine", prediction="eps", lr=2e-3)  # calibration: memorized sooner than linear/v
 PAPER_TABLE1 = [  # arXiv 2410.02467v7 Table 1, low band [0.4, 0.5) of SSCD similarity, %
@@ -82,6 +82,7 @@ PAPER_TABLE1 = [  # arXiv 2410.02467v7 Table 1, low band [0.4, 0.5) of SSCD simi
 ]
 TABLE_METHODS = "uncond,cond,side,side_random,uncond_budget"
 WEAK_METHODS = "uncond,cond,side"
+CHECK_METHODS = "uncond,side"  # what the sampler-steps check repeats at check_steps
 ROLES = {"table": 1, "tune": 2, "bands": 3, "calibrate": 4}  # replicate roles, one seed stream each
 SEED_KINDS = ("data", "train", "syn", "gen")  # training sample, weights + training stream, attacker, generations
 BAND_REFERENCE = 1024  # images of the band calibration: more than any training set, so its closest pair is closer
@@ -208,6 +209,10 @@ def attack_jobs(cfg, p, reps, chosen, bands):
         for lab, path in rep["labelled"].items():
             jobs.append((f"extract {rep['name']} {lab}", extract_args(
                 cfg, p, f"{path}/ckpt.pt", f"{x}-{lab}", "uncond", bands, seed=s["gen"], curve_points=0)))
+        if rep["r"] < p["check_replicates"]:  # the sampler right-sizing, checked: the same attack with more steps
+            jobs.append((f"extract {rep['name']} steps{p['check_steps']}", extract_args(
+                cfg, p, f"{m}/ckpt.pt", f"{x}-steps{p['check_steps']}", CHECK_METHODS, bands, curve_points=0,
+                **dict(seeds, sample_steps=p["check_steps"]))))
     return jobs
 
 
@@ -267,7 +272,7 @@ def row(r, rep, method, arm="table", **extra):
                 carlini_extracted=r["carlini_extracted"], yoon_extracted=r["yoon_extracted"], **extra)
 
 
-def collect(cfg, reps):
+def collect(cfg, p, reps):
     """summary rows (one per replicate, arm and method; `side_union`: SIDE's synthetic set and guided
     generations together, distinct counts only) and the raw budget curves {"n/method": [per replicate]}."""
     rows, curves = [], {}
@@ -289,6 +294,9 @@ def collect(cfg, reps):
             rows.append(row(r, rep, "uncond", arm="labelled", labelling=lab))
             if lab == "informative":  # the other reading of "Cond": a class-conditional DDPM, paired by replicate
                 rows.append(row(r, rep, "cond_ddpm"))
+        if rep["r"] < p["check_replicates"]:
+            res = load_metrics(f"{x}-steps{p['check_steps']}")["methods"]
+            rows += [row(res[m], rep, m, arm="steps") for m in CHECK_METHODS.split(",")]
     return rows, curves
 
 
@@ -324,12 +332,12 @@ def tune(cfg, p, reps, labelled, bands, timer):
     model (own data sample, weights, synthetic set and generation seed: no reported model is tuned on)."""
     rep = next(r for r in reps if r["role"] == "tune")
     s, out = rep["seeds"], f"{cfg.out}/sweeps"
-    extra = dict(sweep_lambda=p["sweep_lambda"], sweep_n_gen=max(p["n_gen"] // 2, 1), seed=s["gen"],
+    extra = dict(sweep_lambda=p["sweep_lambda"], sweep_n_gen=p["n_gen"], seed=s["gen"],
                  sweep_seed=s["gen"], syn_seed=s["syn"], curve_points=0)
     if labelled:
         extra["sweep_cond_scale"] = p["sweep_cond"]
     run_jobs([(f"sweeps {rep['name']}", extract_args(cfg, p, f"{rep['model']}/ckpt.pt", out, "uncond", bands,
-                                                     n_gen=max(p["n_gen"] // 2, 1), **extra))], 1, timer, f"{cfg.out}/logs")
+                                                     **extra))], 1, timer, f"{cfg.out}/logs")
     chosen = load_metrics(out)["chosen"]
     return dict(lam=chosen["lam"], cond_scale=chosen.get("cond_scale", chosen["lam"]), K=p["K"], size=rep["n"],
                 replicate=rep["name"])
@@ -412,14 +420,14 @@ def main(argv=None):
     run_jobs(train_jobs(cfg, p, reps), parallel, timer, f"{out}/logs")
     chosen = timer("sweeps", lambda: tune(cfg, p, reps, labelled, bands, timer))
     run_jobs(attack_jobs(cfg, p, reps, chosen, bands), parallel, timer, f"{out}/logs")
-    rows, curves = collect(cfg, reps)
+    rows, curves = collect(cfg, p, reps)
     cond = timer("conditional memorization: divergence", lambda: conditional(p, cfg, reps, device)) if labelled else []
     thm = timer("theorem 1 check", lambda: metrics.theorem1_check())
     rand = timer("random-label check", lambda: metrics.random_label_check())
     from evidence import curve_summary
     cs = {k: curve_summary(v) for k, v in curves.items()}
     weak_n = next((r["n"] for r in reps if r["weak"]), None)
-    verdict = claims.verdict(rows, cs, cond, sizes, weak_n)
+    verdict = claims.verdict(rows, cs, cond, sizes, weak_n, steps=(p["sample_steps"], p["check_steps"]))
     stats = dict(table=claims.summarize_table(rows, sizes), weak=claims.summarize_table(rows, sizes, "weak"), curves=cs)
     grids = copy_pictures(out, reps)
     for n in sizes:

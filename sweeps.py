@@ -87,8 +87,10 @@ def curves(run, cfg, samples):
 
 
 def best_of(rows):
-    """The sweep value extracting most distinct training images (high band, then mid, then AMS)."""
-    return max(rows, key=lambda r: (r["distinct"].get("high", 0), r["distinct"].get("mid", 0), r["ams"].get("high", 0)))["value"]
+    """The sweep value reaching the most distinct training images in any band (UMS), then the highest hit
+    rate in any band (AMS). Any band, not the high band first: a sweep point's high-band count is a handful
+    of images (6 or fewer of 256 generations in the first reproduction), too few to rank scales by."""
+    return max(rows, key=lambda r: (r["distinct_any"], sum(r["ams"].values())))["value"]
 
 
 def load_sweep(out, name):

@@ -49,7 +49,8 @@ def test_a_pooled_ratio_is_the_mean_of_the_per_size_means():
 def test_the_family_is_decided_together_and_keeps_both_intervals():
     rows = _table() + [_row(32, "side", r, 9, 9, arm="weak") for r in range(3)] \
         + [_row(32, m, r, 1, 1, arm="weak") for m in ("uncond", "cond") for r in range(3)]
-    cond = [dict(labelling="informative", delta=dict(per_replicate=[-15.0, -12.0, -18.0]))]
+    cond = [dict(labelling="informative", delta=dict(per_replicate=[-15.0, -12.0, -18.0])),
+            dict(labelling="permuted", delta=dict(per_replicate=[-14.0, -13.0, -15.0]))]
     v = claims.verdict(rows, {}, cond, [32, 128], weak_size=32)
     cs = v["claims"]
     assert v["family"]["size"] == len(cs) and len({c["corrected"]["m"] for c in cs}) == 1
@@ -59,6 +60,8 @@ def test_the_family_is_decided_together_and_keeps_both_intervals():
     assert len(weak) == 4 and all(c["ratio"] == pytest.approx(5.0) for c in weak)  # (9 + 1) / (1 + 1)
     d = next(c for c in cs if c["group"] == "conditional")
     assert d["direction"] == "<" and d["ratio"] == pytest.approx(-15.0) and d["scale"] == "difference"
+    diff = next(c for c in cs if c["claim"].startswith("informative labels lower it more"))
+    assert diff["ratio"] == pytest.approx(-1.0) and diff["replicates"] == 3  # mean of (-1, 1, -3), paired
     for c in cs:
         assert c["corrected"]["lo"] is None or c["corrected"]["lo"] <= c["raw"]["lo"] + 1e-12
     sizes = next(c for c in cs if c["claim"].startswith("smaller sets leak more: UnCond's hit rate"))

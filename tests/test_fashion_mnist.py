@@ -8,6 +8,8 @@ images of 28 x 28 in 10 classes of 6,000; the first training label is 9 (ankle b
 pixel mean 0.2860 and standard deviation 0.3530 (on [0, 1]) that the usual normalization uses.
 """
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,6 +24,9 @@ PRESENT = os.path.isfile(os.path.join(FOLDER, data.IDX_IMAGES + ".gz")) or os.pa
 REQUIRED = os.environ.get("REQUIRE_EXTRAS") == "1"  # set by `make test-extras` (CI), which installs the dataset
 pytestmark = pytest.mark.skipif(not PRESENT and not REQUIRED,
                                 reason=f"Fashion-MNIST is not installed in {FOLDER} (make fashion-mnist)")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_the_dataset_is_installed_where_required():
@@ -51,3 +56,7 @@ def test_one_tiny_training_step_on_the_real_files(tmp_path):
     assert ck["model_args"]["channels"] == 1 and ck["num_classes"] == len(data.FASHION_CLASSES) == 10 and ck["step"] == 2
     with Image.open(out / "samples.png") as im:
         assert im.mode == "L"
+    r = subprocess.run([sys.executable, "extract.py", "--ckpt", str(out / "ckpt.pt"), "--out", str(tmp_path / "x"),
+                        "--methods", "uncond", "--n-gen", "4", "--sample-steps", "2", "--curve-points", "0"],
+                       cwd=ROOT, capture_output=True, text=True)  # the shorthand the model names is found again
+    assert r.returncode == 0, r.stderr[-1500:]

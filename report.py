@@ -265,7 +265,10 @@ def reproduce_report(s, grids, paper):
          f"models of one size trained together (ensemble.py, each as if alone). N_G = {p['n_gen']}, N_syn = {p['n_syn']}, "
          f"K = {p['K']}, {p['sample_steps']} DDIM steps (η = 1) for every method.",
          f"**Tuning.** λ = {ch['lam']:g} (SIDE) and guidance scale {ch['cond_scale']:g} (Carlini Cond) are the best of "
-         f"sweeps on a tuning replicate ({ch['replicate']}) with seeds of its own; no reported model is tuned on.",
+         f"sweeps on a tuning replicate ({ch['replicate']}) with seeds of its own; no reported model is tuned on."
+         + (" Carlini Cond's best scale is 0: its classifier's guidance reached fewer training images than none, so "
+            "Cond is plain sampling here (the same generations, bit for bit) and its claims, UnCond's, are decided once."
+            if v["family"].get("cond_is_uncond") else ""),
          (f"**Weakly memorized arm.** Each replicate of n = {weak['n']} also keeps its model at {p['weak_epochs']:g} "
           "epochs, where plain sampling reaches almost nothing (calibration), attacked with the same seeds."
           if weak else ""),

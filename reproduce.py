@@ -427,7 +427,8 @@ def main(argv=None):
     from evidence import curve_summary
     cs = {k: curve_summary(v) for k, v in curves.items()}
     weak_n = next((r["n"] for r in reps if r["weak"]), None)
-    verdict = claims.verdict(rows, cs, cond, sizes, weak_n, steps=(p["sample_steps"], p["check_steps"]))
+    verdict = claims.verdict(rows, cs, cond, sizes, weak_n, steps=(p["sample_steps"], p["check_steps"]),
+                             cond_is_uncond=labelled and chosen["cond_scale"] == 0)
     stats = dict(table=claims.summarize_table(rows, sizes), weak=claims.summarize_table(rows, sizes, "weak"), curves=cs)
     grids = copy_pictures(out, reps)
     for n in sizes:

@@ -80,3 +80,9 @@ def test_shared_seeds_are_refused():
     plan = [dict(name="a", seeds=dict(data=1, train=2)), dict(name="b", seeds=dict(data=3, train=2))]
     with pytest.raises(ValueError, match="shared by a and b"):
         claims.check_independent(plan)
+
+
+def test_a_cond_tuned_to_scale_zero_is_not_tested_twice():
+    full = claims.family(_table(), [], [32, 128])
+    once = claims.family(_table(), [], [32, 128], cond_is_uncond=True)
+    assert len(full) - len(once) == 8 and not any(s[3].get("baseline") == "cond" for s in once)

@@ -46,7 +46,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import audit
 import data
@@ -59,7 +58,7 @@ from common import (GIB, MAX_CLASSES, Progress, UserError, array_digest, atomic_
                     load_checkpoint, parse_config, resolve_device, run_main, save_checkpoint)
 from report import write_extraction
 from runtime import (Ranks, autocast, check_shared_folder, fast_model, local_device,
-                     setup_distributed)
+                     setup_distributed, shutdown)
 from sweeps import best_of, curves, sweep
 
 METHODS = ("uncond", "cond", "side", "side_random", "uncond_budget")
@@ -768,6 +767,7 @@ def main(argv=None):
     check_target(cfg, target)
     # results of other weights or images are not mixed in
     check_previous(cfg, target=target_record(target))
+    finished = False
     try:
         lock = (folder_lock(out_dir(cfg), "--out", "extract.py") if ranks.rank == 0
                 else contextlib.nullcontext())
@@ -776,10 +776,10 @@ def main(argv=None):
             check_previous(cfg, target=target_record(target))
             results = run(cfg, target, ranks)
             repeats = audit.run_repeats(cfg, out_dir(cfg), target, ranks, run, check_previous)
-            return repeats or results
+        finished = True
+        return repeats or results
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown(finished)
 
 
 if __name__ == "__main__":

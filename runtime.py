@@ -46,6 +46,16 @@ class Ranks(NamedTuple):
             print(msg, file=sys.stderr, flush=True)
 
 
+def shutdown(finished):
+    """End torchrun's process group: after a barrier when this rank finished its work (so that no rank
+    tears down its transport while another still talks to it: gloo then aborts a rank at exit,
+    'terminate called without an active exception'), at once after an error (a barrier could hang)."""
+    if dist.is_initialized():
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def local_device(device):
     """Under torchrun on CUDA each process takes the GPU of its LOCAL_RANK; otherwise `device` unchanged."""
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 import data
 import ddpm
-from runtime import autocast, local_device, setup_distributed
+from runtime import autocast, local_device, setup_distributed, shutdown
 from common import (MAX_CLASSES, MAX_IMAGE_SIZE, MAX_T, Progress, UserError, array_digest, atomic_write_json, check,
                     check_fields, check_memory, check_writable, folder_lock, option, load_checkpoint, parse_config,
                     resolve_device, run_main, save_checkpoint)
@@ -422,8 +422,7 @@ def main(argv=None):
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         print(f"trained {state['step']} steps in {time.time() - t0:.0f}s -> {cfg.out}/ckpt.pt", file=sys.stderr)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown(True)
 
 
 if __name__ == "__main__":

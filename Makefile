@@ -25,7 +25,8 @@ $(VENV)/.extras: $(VENV)/.installed requirements-extras.txt
 	touch $@
 
 fashion-mnist:  ## real grey-scale images offline: Debian's package puts the IDX files in /usr/share/datasets/fashion-mnist/ (--data fashion-mnist)
-	apt-get update && apt-get install -y dataset-fashion-mnist
+	test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+	  { apt-get update && apt-get install -y dataset-fashion-mnist; }
 
 test: install  ## run the test suite (CPU, a few minutes; the extras' tests skip unless `make extras` ran)
 	$(PY) -m pytest -q tests

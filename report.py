@@ -560,3 +560,52 @@ def _plain(v):
     """numpy scalars and arrays as JSON values (what atomic_write_json would do through
     json.dumps)."""
     return v.tolist() if hasattr(v, "tolist") else str(v)
+
+
+def compare_verdicts(summaries, labels):
+    """One row per claim, one column per run (e.g. two base seeds): the corrected verdict, the
+    estimate and the Holm-corrected interval. Runs whose verdicts contradict (one holds, the other
+    does not hold) are counted in the closing line; holds against undecided is not a contradiction,
+    it is the same evidence at another spread."""
+    by_run = [{c["claim"]: c for c in s["verdict"]["claims"]} for s in summaries]
+    names = list(dict.fromkeys(k for run in by_run for k in run))
+    L = ["| claim | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    clash = []
+    for name in names:
+        cells, seen = [], set()
+        for run in by_run:
+            c = run.get(name)
+            if c is None:
+                cells.append("–")
+                continue
+            unit = "x" if c["scale"] == "ratio" else ""
+            cor = c["corrected"]
+            cells.append(f"**{c['status']}** {c['ratio']:.2f}{unit} {_iv(cor['lo'], cor['hi'])}")
+            seen.add(c["status"])
+        if {"holds", "does not hold"} <= seen:
+            clash.append(name)
+        L.append(f"| {name} | " + " | ".join(cells) + " |")
+    L += ["", f"{len(names)} claims; contradicting verdicts between runs: {len(clash)}"
+          + (" (" + "; ".join(clash) + ")" if clash else "") + "."]
+    return "\n".join(L)
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="The verdicts of several reproduce runs side by side "
+                                "(README's verdict table): python report.py --compare "
+                                "results/summary.json results-seed1/summary.json")
+    p.add_argument("--compare", nargs="+", required=True, metavar="SUMMARY_JSON")
+    a = p.parse_args()
+    runs = []
+    for path in a.compare:
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+        except (OSError, ValueError) as e:
+            p.exit(2, f"error: --compare: cannot read {path} ({e}); pass the summary.json of a "
+                      "finished reproduce.py run\n")
+        if "verdict" not in runs[-1]:
+            p.exit(2, f"error: --compare: {path} has no verdict; pass the summary.json of a "
+                      "reproduce.py run (not an extract.py run)\n")
+    print(compare_verdicts(runs, [f"{r['data']} seed {r['base_seed']}" for r in runs]))

@@ -86,3 +86,21 @@ def test_a_cond_tuned_to_scale_zero_is_not_tested_twice():
     full = claims.family(_table(), [], [32, 128])
     once = claims.family(_table(), [], [32, 128], cond_is_uncond=True)
     assert len(full) - len(once) == 8 and not any(s[3].get("baseline") == "cond" for s in once)
+
+
+def _summary(status, ratio, lo, hi, seed):
+    c = {"claim": "SIDE more than UnCond", "status": status, "ratio": ratio, "scale": "ratio",
+         "corrected": {"lo": lo, "hi": hi}}
+    return {"data": "faces", "base_seed": seed, "verdict": {"claims": [c]}}
+
+
+def test_compare_verdicts_counts_only_holds_against_does_not_hold_as_a_contradiction():
+    import report
+    same = report.compare_verdicts([_summary("holds", 1.6, 1.1, 2.3, 0),
+                                    _summary("undecided", 1.3, 0.9, 1.8, 1)], ["s0", "s1"])
+    assert "| SIDE more than UnCond | **holds** 1.60x [1.10, 2.30] | **undecided** 1.30x " \
+           "[0.90, 1.80] |" in same
+    assert same.endswith("contradicting verdicts between runs: 0.")
+    clash = report.compare_verdicts([_summary("holds", 1.6, 1.1, 2.3, 0),
+                                     _summary("does not hold", 0.5, 0.3, 0.9, 1)], ["s0", "s1"])
+    assert clash.endswith("contradicting verdicts between runs: 1 (SIDE more than UnCond).")

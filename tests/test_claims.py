@@ -72,6 +72,7 @@ def test_descriptive_lines_carry_intervals_and_the_ums_ceiling():
     d = claims.descriptive(_table(), {}, [32, 128])
     ceiling = next(x for x in d if x["kind"] == "ceiling" and x["n"] == 32)
     assert ceiling["mean"] == pytest.approx(11.0) and "cannot exceed 2.75" in ceiling["text"]  # (32 + 1) / (11 + 1)
+    assert ceiling["share"] == pytest.approx(11.0 / 32) and "(34 %)" in ceiling["text"]
     per = [x for x in d if x["kind"] == "per size"]
     assert len(per) == 4 and all("status" not in x for x in per)
 
@@ -104,3 +105,25 @@ def test_compare_verdicts_counts_only_holds_against_does_not_hold_as_a_contradic
     clash = report.compare_verdicts([_summary("holds", 1.6, 1.1, 2.3, 0),
                                      _summary("does not hold", 0.5, 0.3, 0.9, 1)], ["s0", "s1"])
     assert clash.endswith("contradicting verdicts between runs: 1 (SIDE more than UnCond).")
+
+
+def test_a_ratio_needs_two_replicates_and_something_found_by_either_method():
+    one = [_row(32, "uncond", 0, 0, 0), _row(32, "side", 0, 3, 3)]
+    assert claims._ratio(one, "side", "uncond", "distinct", "any") is None  # one replicate
+    none = one + [_row(32, "uncond", 1, 0, 0), _row(32, "side", 1, 0, 0)]
+    none[1] = _row(32, "side", 0, 0, 0)
+    assert claims._ratio(none, "side", "uncond", "distinct", "any") is None  # nothing anywhere
+    # SIDE finds nothing, UnCond finds 3 and 1: (0+1)/(3+1) and (0+1)/(1+1), geometric mean
+    only_b = [_row(32, "uncond", 0, 3, 3), _row(32, "side", 0, 0, 0),
+              _row(32, "uncond", 1, 1, 1), _row(32, "side", 1, 0, 0)]
+    est = claims._ratio(only_b, "side", "uncond", "distinct", "any")
+    assert est.value() == pytest.approx(math.sqrt(1 / 4 * 1 / 2))
+    two = [_row(32, "uncond", 0, 1, 1), _row(32, "side", 0, 3, 3),
+           _row(32, "uncond", 1, 1, 1), _row(32, "side", 1, 3, 3)]
+    assert claims._ratio(two, "side", "uncond", "distinct", "any") is not None
+
+
+def test_a_size_value_is_the_hits_or_the_percentage_of_the_training_set_reached():
+    row = _row(16, "uncond", 0, hits=7, distinct=4)
+    assert claims._size_value(row, "hits") == 7
+    assert claims._size_value(row, "distinct") == pytest.approx(25.0)

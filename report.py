@@ -591,13 +591,38 @@ def compare_verdicts(summaries, labels):
     return "\n".join(L)
 
 
+def calibration_summary(rows):
+    """README's calibration table: share of each training set reached (any band) per budget and
+    size, the count in brackets."""
+    sizes = sorted({r["n_train"] for r in rows})
+    by = {(r["n_train"], r["epochs"]): r for r in rows}
+    L = ["| epochs | " + " | ".join(f"n = {n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for e in sorted({r["epochs"] for r in rows}):
+        L.append(f"| {e:g} | " + " | ".join(
+            f"{100 * by[n, e]['share_any']:.0f} % ({by[n, e]['distinct_any']})" if (n, e) in by
+            else "–" for n in sizes) + " |")
+    return "\n".join(L)
+
+
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="The verdicts of several reproduce runs side by side "
                                 "(README's verdict table): python report.py --compare "
                                 "results/summary.json results-seed1/summary.json")
-    p.add_argument("--compare", nargs="+", required=True, metavar="SUMMARY_JSON")
+    p.add_argument("--compare", nargs="+", metavar="SUMMARY_JSON")
+    p.add_argument("--calibration", metavar="CALIBRATION_JSON",
+                   help="instead: the calibration table of a reproduce.py --calibrate run")
     a = p.parse_args()
+    if bool(a.compare) == bool(a.calibration):
+        p.exit(2, "error: pass either --compare SUMMARY_JSON... or --calibration CALIBRATION_JSON\n")
+    if a.calibration:
+        try:
+            with open(a.calibration) as f:
+                print(calibration_summary(json.load(f)["rows"]))
+        except (OSError, ValueError, KeyError) as e:
+            p.exit(2, f"error: --calibration: cannot read {a.calibration} ({e!r}); pass the "
+                      "calibration.json of a finished reproduce.py --calibrate run\n")
+        p.exit(0)
     runs = []
     for path in a.compare:
         try:

@@ -127,3 +127,12 @@ def test_a_size_value_is_the_hits_or_the_percentage_of_the_training_set_reached(
     row = _row(16, "uncond", 0, hits=7, distinct=4)
     assert claims._size_value(row, "hits") == 7
     assert claims._size_value(row, "distinct") == pytest.approx(25.0)
+
+
+def test_calibration_summary_gives_each_size_its_share_per_budget():
+    import report
+    rows = [dict(n_train=16, epochs=800, distinct_any=4, share_any=0.25),
+            dict(n_train=32, epochs=800, distinct_any=8, share_any=0.25),
+            dict(n_train=16, epochs=700, distinct_any=1, share_any=1 / 16)]
+    t = report.calibration_summary(rows).splitlines()
+    assert t[2] == "| 700 | 6 % (1) | – |" and t[3] == "| 800 | 25 % (4) | 25 % (8) |"

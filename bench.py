@@ -294,18 +294,16 @@ def bench_reproduce(cfg, device, where):
     try:
         for n in p["sizes"]:
             b = min(p["batch"], n)
-            tcfg = lambda k, steps: TC(out=f"{tmp}/n{n}-{k}-{steps}", n_train=n, data_seed=k,
-                                       seed=k,  # noqa: E731
-                                       image_size=p["image_size"], base=p["base"], mults=p["mults"],
-                                       attn_res=p["attn_res"], T=p["T"], batch=b, steps=steps,
-                                       sample_n=0,
-                                       ckpt_every=10 ** 6, log_every=1e9, device=str(device),
-                                       **reproduce.TRAIN_FIXED)
+            tcfg = lambda k, steps, kind="alone": TC(  # noqa: E731
+                out=f"{tmp}/{kind}-n{n}-{k}-{steps}", n_train=n, data_seed=k, seed=k,
+                image_size=p["image_size"], base=p["base"], mults=p["mults"],
+                attn_res=p["attn_res"], T=p["T"], batch=b, steps=steps, sample_n=0,
+                ckpt_every=10 ** 6, log_every=1e9, device=str(device), **reproduce.TRAIN_FIXED)
             f_img = flops_of(lambda: _loss_of(tcfg(0, 1), device).backward()) / b
             solo = b / _timed_runs(lambda s: train.train(tcfg(0, s)), cfg.reproduce_steps)
             K = p["replicates"]
             run_all = lambda s: ensemble.train_ensemble(  # noqa: E731
-                [tcfg(k, s) for k in range(K)], log=False)
+                [tcfg(k, s, "ensemble") for k in range(K)], log=False)  # folders of their own
             ens = K * b / _timed_runs(run_all, cfg.reproduce_steps)
             for name, ips in ((f"alone (train.py), batch {b}", solo), (f"ensemble of {K} "
                                                                        "(ensemble.py), batch "

@@ -604,6 +604,26 @@ def calibration_summary(rows):
     return "\n".join(L)
 
 
+def table1_summary(summaries, labels):
+    """README's Table 1 in miniature: per size and method, distinct training images (any band) and
+    AMS any %, mean [95 % interval] over replicates, one column pair per run."""
+    sizes = sorted({int(k.split("/")[0]) for s in summaries for k in s["stats"]["table"]})
+    L = ["| n | method | " + " | ".join(f"{lab}: distinct | {lab}: AMS any %" for lab in labels)
+         + " |", "|---|---|" + "---|---|" * len(labels)]
+    arms = [(str(n), "table", n) for n in sizes]
+    arms += [(f"{n}, weak", "weak", n) for n in sorted({int(k.split("/")[0]) for s in summaries
+                                                        for k in s["stats"].get("weak", {})})]
+    for name, arm, n in arms:
+        for m in ("uncond", "cond_ddpm", "side", "side_random", "uncond_budget"):
+            cells = [s["stats"].get(arm, {}).get(f"{n}/{m}") for s in summaries]
+            if all(c is None for c in cells):
+                continue
+            L.append(f"| {name} | {METHOD_NAMES[m]} | " + " | ".join(
+                "– | –" if c is None else f"{ci(c['distinct_any'])} | {ci(c['ams_any'])}"
+                for c in cells) + " |")
+    return "\n".join(L)
+
+
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="The verdicts of several reproduce runs side by side "
@@ -612,6 +632,8 @@ if __name__ == "__main__":
     p.add_argument("--compare", nargs="+", metavar="SUMMARY_JSON")
     p.add_argument("--calibration", metavar="CALIBRATION_JSON",
                    help="instead: the calibration table of a reproduce.py --calibrate run")
+    p.add_argument("--table1", action="store_true",
+                   help="with --compare: Table 1 in miniature of the runs instead of their verdicts")
     a = p.parse_args()
     if bool(a.compare) == bool(a.calibration):
         p.exit(2, "error: pass either --compare SUMMARY_JSON... or --calibration CALIBRATION_JSON\n")
@@ -634,4 +656,5 @@ if __name__ == "__main__":
         if "verdict" not in runs[-1]:
             p.exit(2, f"error: --compare: {path} has no verdict; pass the summary.json of a "
                       "reproduce.py run (not an extract.py run)\n")
-    print(compare_verdicts(runs, [f"{r['data']} seed {r['base_seed']}" for r in runs]))
+    labels = [f"{r['data']} seed {r['base_seed']}" for r in runs]
+    print(table1_summary(runs, labels) if a.table1 else compare_verdicts(runs, labels))

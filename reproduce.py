@@ -56,8 +56,9 @@ PROFILES = {
                   attn_res=(4,), T=100, n_gen=32, n_syn=64, K=4, sweep_lambda=(1.0, 3.0), sweep_cond=(0.0, 3.0),
                   sample_steps=10, check_steps=20, check_replicates=1, clf_steps=40, replicates=2, div_mc=8, div_t=16, calib_epochs=(50, 150), jobs=2),
     # 8 px: 16 px did not memorize within a CPU budget. `make calibrate` (bands calibrated at 8 px): 800 epochs (=
-    # steps, batch min(128, n)) is the smallest budget with every size partly memorized (27-50 % reached), 700 the
-    # largest with every size almost unreached (3-12 %: the weak arm); 600: none, 1,000: 77-100 %
+    # steps, batch min(128, n)) is the smallest budget with every size partly memorized (20-56 % reached at 20
+    # sampler steps), 700 the largest with every size almost unreached (3-12 %: the weak arm); 600: none, 1,000:
+    # 58-100 % (reports/calibrate-faces)
     "cpu": dict(data="faces", image_size=8, sizes=(16, 32, 64), epochs=(800, 800, 800), weak_epochs=700, batch=128, base=32,
                 mults=(1, 2), attn_res=(4,), T=1000, n_gen=512, n_syn=512, K=16, sweep_lambda=(1.0, 3.0, 10.0, 30.0),
                 sweep_cond=(0.0, 1.0, 3.0, 10.0, 30.0), sample_steps=20, check_steps=40, check_replicates=2,

@@ -136,3 +136,14 @@ def test_calibration_summary_gives_each_size_its_share_per_budget():
             dict(n_train=16, epochs=700, distinct_any=1, share_any=1 / 16)]
     t = report.calibration_summary(rows).splitlines()
     assert t[2] == "| 700 | 6 % (1) | – |" and t[3] == "| 800 | 25 % (4) | 25 % (8) |"
+
+
+def test_table1_summary_puts_each_run_in_its_own_columns():
+    import report
+    st = {"distinct_any": {"mean": 4.0, "lo": 2.0, "hi": 6.0}, "ams_any": {"mean": 1.5, "lo": None}}
+    a = {"stats": {"table": {"16/uncond": st}, "weak": {}}}
+    b = {"stats": {"table": {"16/uncond": st, "16/side": st}, "weak": {"32/side": st}}}
+    t = report.table1_summary([a, b], ["A", "B"]).splitlines()
+    assert t[2] == "| 16 | Carlini UnCond | 4.0 [2.0, 6.0] | 1.5 | 4.0 [2.0, 6.0] | 1.5 |"
+    assert t[3] == "| 16 | SIDE | – | – | 4.0 [2.0, 6.0] | 1.5 |"
+    assert t[4].startswith("| 32, weak | SIDE | – | – |")

@@ -224,3 +224,8 @@ def test_a_difference_claim_by_hand():
     h = 4.302653 / math.sqrt(3)
     assert c["ratio"] == -4.0 and (c["lo"], c["hi"]) == pytest.approx((-4.0 - h, -4.0 + h), rel=1e-6)
     assert c["status"] == "holds" and c["scale"] == "difference"
+
+
+def test_student_t_refuses_zero_degrees_of_freedom():
+    with pytest.raises(ValueError, match="df > 0"):
+        evidence.t_cdf(1.0, 0)

@@ -289,17 +289,23 @@ def decide(specs, alpha=ALPHA):
 def replicates_needed(est, threshold, level=1 - ALPHA, cap=1000):
     """The smallest number of replicates n at which an interval at `level` around the observed ratio,
     with the observed per-replicate spread (se·sqrt(replicates)), would exclude the threshold; None if
-    the estimate sits on the threshold, has no spread estimate, or needs more than `cap`."""
+    the estimate sits on the threshold, has no spread estimate, or needs more than `cap`. The degrees
+    of freedom grow with n in the estimate's own proportion, df·(n - 1)/(replicates - 1) (n - 1 for a
+    plain mean; a stratified estimate's Welch df is smaller), so that at n = replicates the interval
+    is the estimate's own and an undecided claim never reads as needing no more replicates."""
     if est.se is None or est.se == 0:
         return None if est.se is None else est.n
     d = abs(est.log - (math.log(threshold) if est.log_scale else threshold))
     sd = est.se * math.sqrt(est.n)
     if d == 0:
         return None
-    half = lambda n: t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)  # noqa: E731  (decreasing in n)
+    per = est.df / (est.n - 1) if est.df is not None and est.n > 1 else 1.0
+    half = lambda n: t_quantile(0.5 + level / 2, per * (n - 1)) * sd / math.sqrt(n)  # noqa: E731
     if half(cap) >= d:
         return None
-    lo, hi = 1, cap  # half(lo) >= d (or lo = 1) and half(hi) < d: bisect
+    lo, hi = 2, cap  # half(lo) >= d (or lo = 2, the fewest with a spread) and half(hi) < d: bisect
+    if half(lo) < d:
+        return lo
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if half(mid) >= d else (lo, mid)

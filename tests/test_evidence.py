@@ -229,3 +229,16 @@ def test_a_difference_claim_by_hand():
 def test_student_t_refuses_zero_degrees_of_freedom():
     with pytest.raises(ValueError, match="df > 0"):
         evidence.t_cdf(1.0, 0)
+
+
+def test_replicates_needed_uses_the_estimates_own_degrees_of_freedom():
+    # a stratified estimate: 18 replicates but Welch df 12.6; at n = 18 its own interval must decide
+    se, df, n = 0.2, 12.6, 18
+    e = evidence.Estimate(math.log(1.45), se, df, n)
+    own_half = evidence.t_quantile(0.975, df) * se
+    need = evidence.replicates_needed(e, 1.0)
+    if own_half >= math.log(1.45):  # undecided with its own interval: more replicates needed
+        assert need > n
+    assert evidence.t_quantile(0.975, df / (n - 1) * (need - 1)) * se * math.sqrt(n / need) < math.log(1.45)
+    before = need - 1
+    assert evidence.t_quantile(0.975, df / (n - 1) * (before - 1)) * se * math.sqrt(n / before) >= math.log(1.45)

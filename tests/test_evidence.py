@@ -242,3 +242,9 @@ def test_replicates_needed_uses_the_estimates_own_degrees_of_freedom():
     assert evidence.t_quantile(0.975, df / (n - 1) * (need - 1)) * se * math.sqrt(n / need) < math.log(1.45)
     before = need - 1
     assert evidence.t_quantile(0.975, df / (n - 1) * (before - 1)) * se * math.sqrt(n / before) >= math.log(1.45)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 1.5, -0.2])
+def test_a_quantile_outside_the_open_unit_interval_is_refused(p):
+    with pytest.raises(ValueError, match="0 < p < 1"):
+        evidence.t_quantile(p, 5)

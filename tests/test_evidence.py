@@ -248,3 +248,31 @@ def test_replicates_needed_uses_the_estimates_own_degrees_of_freedom():
 def test_a_quantile_outside_the_open_unit_interval_is_refused(p):
     with pytest.raises(ValueError, match="0 < p < 1"):
         evidence.t_quantile(p, 5)
+
+
+def test_p_value_against_the_t_distribution_by_hand():
+    e = evidence.Estimate(math.log(2.0), 0.2, 10.0, 11)
+    d = math.log(2.0) - math.log(1.5)
+    assert e.p_value(1.5) == pytest.approx(2 * (1 - evidence.t_cdf(d / 0.2, 10.0)), rel=1e-12)
+    diff = evidence.Estimate(-3.0, 1.0, 5.0, 6, log_scale=False)
+    assert diff.p_value(0.0) == pytest.approx(2 * (1 - evidence.t_cdf(3.0, 5.0)), rel=1e-12)
+    assert diff.p_value(-3.0) == pytest.approx(1.0)
+    assert evidence.Estimate(0.3, None, None, 1).p_value(1.0) == 1.0
+    assert evidence.Estimate(0.3, 0.0, 4.0, 5).p_value(1.0) == 0.0
+    assert evidence.Estimate(0.0, 0.0, 4.0, 5).p_value(1.0) == 1.0
+
+
+@pytest.mark.parametrize("x,df", [(0.7, 3.0), (-1.3, 12.6), (0.0, 1.0)])
+def test_t_pdf_is_the_derivative_of_t_cdf(x, df):
+    h = 1e-5
+    numeric = (evidence.t_cdf(x + h, df) - evidence.t_cdf(x - h, df)) / (2 * h)
+    assert evidence.t_pdf(x, df) == pytest.approx(numeric, rel=1e-6)
+
+
+def test_zero_spread_estimates_keep_their_degrees_of_freedom():
+    s = evidence._stratified([np.full(3, 2.0), np.full(4, 2.0)])
+    assert (s.se, s.df, s.n) == (0.0, 5.0, 7)
+    u = evidence.unpaired_log_ratio([2.0, 2.0, 2.0], [1.0, 1.0])
+    assert u.log == pytest.approx(math.log(3.0 / 2.0)) and (u.se, u.df, u.n) == (0.0, 3.0, 5)  # (a+1)/(b+1)
+    w = evidence.unpaired_log_ratio([1.0, 3.0, 2.0], [1.0, 2.0])
+    assert w.n == 5

@@ -276,3 +276,10 @@ def test_zero_spread_estimates_keep_their_degrees_of_freedom():
     assert u.log == pytest.approx(math.log(3.0 / 2.0)) and (u.se, u.df, u.n) == (0.0, 3.0, 5)  # (a+1)/(b+1)
     w = evidence.unpaired_log_ratio([1.0, 3.0, 2.0], [1.0, 2.0])
     assert w.n == 5
+
+
+def test_replicates_needed_measures_the_distance_to_its_own_threshold():
+    e = evidence.Estimate(math.log(2.0), 0.5 / math.sqrt(4), 3, 4)
+    n = evidence.replicates_needed(e, 1.5)
+    d = math.log(2.0) - math.log(1.5)
+    assert evidence.t975(n - 1) * 0.5 / math.sqrt(n) < d <= evidence.t975(n - 2) * 0.5 / math.sqrt(n - 1)

@@ -38,7 +38,7 @@ smoke: install  ## the whole reproduce pipeline at tiny size (a test of the plum
 	$(PY) reproduce.py --profile smoke --out $(OUT)/smoke
 
 bench: install  ## training/sampling images/s (default model and reproduce's shapes) and kNN throughput vs matmul peak
-	$(PY) bench.py
+	$(PY) tools/bench.py
 
 reproduce: install  ## Table 1 with independent replicates, corrected verdict -> $(OUT)/REPORT.md (DATA=faces|fashion-mnist, PROFILE=cpu|fmnist|gpu, SEED=base seed)
 	$(PY) reproduce.py --profile $(PROFILE) --data $(DATA) --seed $(SEED) --out $(OUT)
@@ -57,13 +57,13 @@ audit-demo: install  ## README's audit: an 8-px DDPM of 16 faces attacked 3x at 
 
 gpu-check: install  ## on a CUDA machine: bench at the gpu profile's shapes, GPU tests, the gpu profile -> $(OUT)/gpu/GPU_CHECK.txt
 	mkdir -p $(OUT)/gpu
-	{ nvidia-smi -L; $(PY) bench.py --device cuda --reproduce gpu --reproduce-threads 0 --sample-batch 256 --batch 128 --n-nn 50000; \
+	{ nvidia-smi -L; $(PY) tools/bench.py --device cuda --reproduce gpu --reproduce-threads 0 --sample-batch 256 --batch 128 --n-nn 50000; \
 	  $(PY) -m pytest -q tests/test_gpu.py; \
 	  $(PY) reproduce.py --profile gpu --seed $(SEED) --out $(OUT)/gpu && grep -A40 '^## Verdict' $(OUT)/gpu/REPORT.md; \
 	} 2>&1 | tee $(OUT)/gpu/GPU_CHECK.txt
 
 mutate: install  ## mutation testing of the equation code (~25 min, one thread): killed/survived per mutant and the score
-	OMP_NUM_THREADS=1 $(PY) mutate.py
+	OMP_NUM_THREADS=1 $(PY) tools/mutate.py
 
 clean:  ## remove $(OUT) (the outputs of every target above), runs/ and caches; not the virtual environment
 	rm -rf $(OUT) runs .pytest_cache __pycache__ tests/__pycache__

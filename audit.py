@@ -531,7 +531,7 @@ def audit_report(cfg, a):
          f"{cfg.sampler} {cfg.sample_steps} steps. Training set: {n} images ({a['data']}). "
          f"Similarity: {a['similarity']}; bands "
          + ", ".join(f"{b} {lo:g}-{hi:g}" for b, (lo, hi) in a["bands"].items()) + ".", "",
-         f"**Scope:** repeats on ONE model measure the attack's own randomness on this model, not model-to-model "
+         "**Scope:** repeats on ONE model measure the attack's own randomness on this model, not model-to-model "
          "variation: the same recipe trained again (other initial weights or data sample) may leak other images.", "",
          "## Verdict", "",
          f"- **{len(rows)} of {n} training images ({100 * len(rows) / n:.0f} %) leaked**: reached "

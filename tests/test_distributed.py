@@ -20,7 +20,6 @@ import torch
 import common
 import extract
 import metrics
-import runtime
 import side
 import train
 
@@ -173,7 +172,7 @@ def test_bf16_autocast_trains_and_samples_close_to_fp32(tmp_path):
     model, diffusion, _, _ = train.load_trained(os.path.join(tmp_path / "f32", "ckpt.pt"))
     gens = lambda: extract.ddpm.sample_generators(0, range(4))  # noqa: E731
     ref = diffusion.sample(model, 4, gens(), steps=10, eta=1.0)
-    with runtime.autocast("bf16", torch.device("cpu")):
+    with common.autocast("bf16", torch.device("cpu")):
         low = diffusion.sample(model, 4, gens(), steps=10, eta=1.0)
     assert low.dtype == torch.float32 and (low - ref).abs().max() < 0.05
 

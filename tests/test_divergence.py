@@ -138,17 +138,17 @@ def test_random_label_gain_is_finite_sample_and_shrinks():
 
 
 def test_conditional_experiment_pairs_its_models_and_decides_from_the_interval():
-    """conditional.divergence on one model as both 'conditional' and 'unconditional': Δ = 0 exactly in every
+    """reproduce.divergence on one model as both 'conditional' and 'unconditional': Δ = 0 exactly in every
     label subset (same draws), so the verdict is undecided; the verdict follows the interval's sign."""
     import report
-    import conditional
+    import reproduce
     torch.manual_seed(0)
     net = ddpm.UNet(image_size=8, base=16, mults=(1, 2), attn_res=(4,)).eval()
     for p in net.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
     d = ddpm.Diffusion(20, "cosine")
     x = torch.rand((5,) + SHAPE, generator=torch.Generator().manual_seed(5)) * 2 - 1
-    r = conditional.divergence(net, net, d, x, np.array([0, 1, 1, 2, 2]), 0.1, 3, 4, "cpu")
+    r = reproduce.divergence(net, net, d, x, np.array([0, 1, 1, 2, 2]), 0.1, 3, 4, "cpu")
     assert [s["n"] for s in r["subsets"]] == [1, 2, 2] and r["unet_calls_per_sample"] == 4
     assert r["delta"] == 0.0 and r["stderr"] == 0.0 and r["M_cond_stderr"] > 0 and r["verdict"] == "undecided"
     assert report.label_effect(-2.0, -0.1).startswith("lowers") and report.label_effect(0.1, 2.0).startswith("raises")

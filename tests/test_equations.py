@@ -1,6 +1,6 @@
 """Tests that catch wrong maths: each compares an equation-bearing function against an
 independent reference on a case where a wrong coefficient, sign or operator changes the answer.
-They were added until every mutant of `python mutate.py` in these functions was killed.
+They were added until every mutant of `python tools/mutate.py` in these functions was killed.
 
   - samplers: Gaussian data N(μ, s²) and its exact denoiser E[x_0 | x_t] make every DDIM (any η)
     and DDPM step linear in x_t plus fresh noise, so the samples are exactly Gaussian with a mean and
@@ -12,7 +12,7 @@ They were added until every mutant of `python mutate.py` in these functions was 
   - the training loss against its definition; the respaced timesteps; the schedules' length and clip;
   - the time-dependent classifier really trains on noised images: at large t only it can classify;
   - squared distances and cohesion (a singleton cluster) by hand; the L2 branch of AMS/UMS by hand.
-Equivalent mutants (no test can kill them) are listed in mutate.py's docstring.
+Equivalent mutants (no test can kill them) are listed in tools/mutate.py's docstring.
 """
 import math
 

@@ -388,7 +388,6 @@ def test_a_sweep_whose_best_value_is_at_an_end_is_extended(tmp_path):
     """A fake audit whose distinct count peaks at value 30: the grid (1, 3, 10) is extended to 30, 90
     (the best is then inside) and stops; a peak below the grid extends it downward; 0 stays a lower end."""
     import types
-    import sweeps
 
     def fake(peak):
         score = lambda v: 100 - abs(v - peak)  # noqa: E731
@@ -399,12 +398,12 @@ def test_a_sweep_whose_best_value_is_at_an_end_is_extended(tmp_path):
         return run
 
     cfg = types.SimpleNamespace(sweep_n_gen=4, n_gen=4, sweep_seed=0)
-    rows = sweeps.sweep(fake(30), "lambda", (1.0, 3.0, 10.0), cfg, "side", lambda v: dict(lam=v))
-    assert [r["value"] for r in rows] == [1.0, 3.0, 10.0, 30.0, 90.0] and sweeps.best_of(rows) == 30.0
+    rows = extract.sweep(fake(30), "lambda", (1.0, 3.0, 10.0), cfg, "side", lambda v: dict(lam=v))
+    assert [r["value"] for r in rows] == [1.0, 3.0, 10.0, 30.0, 90.0] and extract.best_of(rows) == 30.0
     assert [r["added"] for r in rows] == [False, False, False, True, True]
-    rows = sweeps.sweep(fake(0.2), "lambda", (1.0, 3.0), cfg, "side", lambda v: dict(lam=v))
+    rows = extract.sweep(fake(0.2), "lambda", (1.0, 3.0), cfg, "side", lambda v: dict(lam=v))
     assert [round(r["value"], 4) for r in rows] == [0.037, 0.1111, 0.3333, 1.0, 3.0]  # best 1/9, inside: stop
-    rows = sweeps.sweep(fake(0.001), "lambda", (1.0, 3.0), cfg, "side", lambda v: dict(lam=v))
+    rows = extract.sweep(fake(0.001), "lambda", (1.0, 3.0), cfg, "side", lambda v: dict(lam=v))
     assert [round(r["value"], 4) for r in rows] == [0.037, 0.1111, 0.3333, 1.0, 3.0]  # still at the end: capped
-    rows = sweeps.sweep(fake(0.0), "cond_scale", (0.0, 1.0, 3.0), cfg, "cond", lambda v: dict(lam=v))
+    rows = extract.sweep(fake(0.0), "cond_scale", (0.0, 1.0, 3.0), cfg, "cond", lambda v: dict(lam=v))
     assert [r["value"] for r in rows] == [0.0, 1.0, 3.0]  # best at 0: nothing below unguided

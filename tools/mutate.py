@@ -1,9 +1,9 @@
 """Mutation testing of the equation-bearing code: do the tests notice a wrong coefficient, sign or
 operator?
 
-    python mutate.py                       # every target below, one mutant at a time
-    python mutate.py --files ddpm --list   # just print the mutants of ddpm.py
-    python mutate.py --only Diffusion.sample --timeout 120
+    python tools/mutate.py                       # every target below, one mutant at a time
+    python tools/mutate.py --files ddpm --list   # just print the mutants of ddpm.py
+    python tools/mutate.py --only Diffusion.sample --timeout 120
 
 For each target function (or the lines of it matching a pattern) every node of these kinds gives one
 mutant: a binary operator swapped (+ <-> -, * <-> /, ** -> *), a term dropped (a - b -> a, a + b ->
@@ -17,7 +17,7 @@ Needs only the standard library and pytest; single-threaded (OMP_NUM_THREADS=1).
 
 Measured for the ddpm, side and metrics targets only (328 mutants, ~30 min on one shared core):
 234/328 killed (71.3 %) with the tests before tests/test_equations.py; 324/328 (98.8 %) after
-(`python mutate.py --rerun BEFORE.log` reruns only the survivors). metrics.summarize (AMS, UMS, p95,
+(`python tools/mutate.py --rerun BEFORE.log` reruns only the survivors). metrics.summarize (AMS, UMS, p95,
 the replicated fraction, the extracted sets; added since) brings 7 more, all killed once a test put
 values on its thresholds (`--files metrics`: 73/75): 331/335 for those three files. The evidence,
 ensemble, claims and divergence targets were added later and are not in these totals (`--files
@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the library, one folder up
 # file -> (tests that cover it, [(qualified function name, regex a mutated line must match, or None
 # = every line)])
 TARGETS = {

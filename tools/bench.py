@@ -2,9 +2,9 @@
 images/s, DDIM and DDPM sampling images/s for the default model at 32 px, and the exact
 nearest-neighbour search of metrics.py beside the measured matmul peak.
 
-    python bench.py                                  # `make bench`: about two minutes on 2 CPU
-    cores python bench.py --device cuda --batch 128 --sample-batch 256 --n-nn 50000
-    python bench.py --knn-only                       # the nearest-neighbour search alone
+    python tools/bench.py                # `make bench`: about two minutes on 2 CPU cores
+    python tools/bench.py --device cuda --batch 128 --sample-batch 256 --n-nn 50000
+    python tools/bench.py --knn-only     # the nearest-neighbour search alone
 
 The model is train.py's default architecture (TrainConfig: base width, mults, attention) at
 --image-size 32 (its attention resolution 8 then falls on no level of mults 1,2: only the mid
@@ -18,28 +18,32 @@ random: throughput does not depend on the pixels. Figures:
              (after a 1-step warm-up, fastest of --repeats) and images/s = sample_batch / (seconds
              per step x --sample-steps);
   knn        metrics.knn on n x n random uint8 items of 32x32x3 (bench_knn), pairs/s and GFLOP/s
-             next to the float32 matmul peak measured in the same run.
-Every figure is one fixed-format line on stdout (`params`, `train`, `sample ddim`, `sample ddpm`,
-  `knn`). reproduce  training per size of reproduce.py's profile (--reproduce cpu: 8 px, batch 16 /
+             next to the float32 matmul peak measured in the same run;
+  reproduce  training per size of reproduce.py's profile (--reproduce cpu: 8 px, batch 16 /
              32 / 64), one model alone (train.py) against the profile's replicates as one ensemble
              (ensemble.py), and DDIM sampling (unguided and SIDE-guided) at extract.py's batch, with
              the threads each of reproduce's parallel jobs gets, as images/s and as a fraction of
              the float32 matmul peak of a 2048^3 product measured in the same run and thread count,
              FLOPs counted by torch's FLOP counter.
-Depends on torch, ddpm.py, side.py, train.py, ensemble.py, extract.py, reproduce.py (profile
-shapes), metrics.py, common.py.
+Every figure is one fixed-format line on stdout (`params`, `train`, `sample ddim`, `sample ddpm`,
+`knn`, `reproduce`). A tool, not part of the library: it imports the library files one folder up
+(torch, ddpm.py, side.py, train.py, ensemble.py, extract.py, reproduce.py for the profile shapes,
+metrics.py, common.py).
 """
 import math
 import resource
 import shutil
 import tempfile
 import time
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import ddpm
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the library
+import ddpm  # noqa: E402  (the library files, after the path above)
 import ensemble
 import extract
 import metrics

@@ -1,14 +1,15 @@
-"""The claims reproduce.py decides, from its per-replicate rows: the paper's, on both of its metrics,
-and the controls, as ONE family corrected for multiplicity (evidence.decide: Holm-Bonferroni), plus
-descriptive lines that carry an interval but no verdict.
+"""The claims reproduce.py decides, from its per-replicate rows: the paper's, on both of its
+metrics, and the controls, as ONE family corrected for multiplicity (evidence.decide:
+Holm-Bonferroni), plus descriptive lines that carry an interval but no verdict.
 
-The paper's headline (arXiv 2410.02467v7, Table 1 and the abstract's "over 50 % more effective") is a
-statement about AMS and UMS in each similarity band. Here every comparison of SIDE with a baseline is
-made on both metrics, counted per replicate at equal N_G: the hit count (generations whose nearest
-training image is in a band: AMS x N_G / 100) and the distinct count (training images reached: UMS x
-N_G / 100), in any band and in the high band, each at the thresholds 1 (more) and 1.5 (the paper's
-50 % more). A ratio pooled over training-set sizes is the stratified mean of per-size paired log-ratios
-(every replicate of every size is independent). Depends on evidence.py (numpy) only.
+The paper's headline (arXiv 2410.02467v7, Table 1 and the abstract's "over 50 % more effective") is
+a statement about AMS and UMS in each similarity band. Here every comparison of SIDE with a baseline
+is made on both metrics, counted per replicate at equal N_G: the hit count (generations whose
+nearest training image is in a band: AMS x N_G / 100) and the distinct count (training images
+reached: UMS x N_G / 100), in any band and in the high band, each at the thresholds 1 (more) and 1.5
+(the paper's 50 % more). A ratio pooled over training-set sizes is the stratified mean of per-size
+paired log-ratios (every replicate of every size is independent). Depends on evidence.py (numpy)
+only.
 """
 import evidence
 
@@ -26,11 +27,13 @@ def value(row, metric, band):
 
 
 def paired(rows, a, b, metric, band, arm="table", sizes=None):
-    """(a values, b values, size of each pair) over the replicates that ran both methods in `arm`."""
+    """(a values, b values, size of each pair) over the replicates that ran both
+    methods in `arm`."""
     by = {(r["arm"], r["n_train"], r["replicate"], r["method"]): r for r in rows}
     keys = sorted(k[:3] for k in by if k[0] == arm and k[3] == a and k[:3] + (b,) in by
                   and (sizes is None or k[1] in sizes))
-    return ([value(by[k + (a,)], metric, band) for k in keys], [value(by[k + (b,)], metric, band) for k in keys],
+    return ([value(by[k + (a,)], metric, band) for k in keys],
+            [value(by[k + (b,)], metric, band) for k in keys],
             [k[1] for k in keys])
 
 
@@ -43,8 +46,9 @@ def _ratio(rows, a, b, metric, band, arm="table", sizes=None):
 
 def family(rows, conditional, sizes, weak_size=None, cond_is_uncond=False):
     """The specs (text, Estimate, threshold, extra) of every claim of one run, in report order.
-    cond_is_uncond: Carlini Cond's tuned guidance scale is 0, so its generations are plain sampling's, bit
-    for bit; its claims would repeat UnCond's and are left out (one hypothesis is tested once)."""
+    cond_is_uncond: Carlini Cond's tuned guidance scale is 0, so its generations are plain
+    sampling's, bit for bit; its claims would repeat UnCond's and are left out (one hypothesis is
+    tested once)."""
     specs = []
     baselines = ("uncond",) if cond_is_uncond else ("uncond", "cond")
 
@@ -58,54 +62,67 @@ def family(rows, conditional, sizes, weak_size=None, cond_is_uncond=False):
                 for thr in PAPER_THRESHOLDS:
                     verb = "more" if thr == 1 else "at least 1.5x (the paper: over 50 % more)"
                     add(f"SIDE {verb} than {NAMES[b]}: {METRIC_NAMES[metric]}, {band} band",
-                        _ratio(rows, "side", b, metric, band), thr, group="paper", baseline=b, metric=metric, band=band)
+                        _ratio(rows, "side", b, metric, band), thr, group="paper", baseline=b,
+                        metric=metric, band=band)
     for metric in ("hits", "distinct"):  # controls: one factor each
         add(f"SIDE more than {NAMES['side_random']}: {METRIC_NAMES[metric]}, any band",
             _ratio(rows, "side", "side_random", metric, "any"), group="control", metric=metric)
     add(f"SIDE more than {NAMES['uncond_budget']}: distinct training images, any band",
-        _ratio(rows, "side", "uncond_budget", "distinct", "any"), group="control", metric="distinct")
-    add("SIDE counting its synthetic set (N_syn + N_G samples) more than UnCond with the same N_syn + N_G: "
-        "distinct training images, any band", _ratio(rows, "side_union", "uncond_budget", "distinct", "any"),
+        _ratio(rows, "side", "uncond_budget", "distinct", "any"), group="control",
+        metric="distinct")
+    add("SIDE counting its synthetic set (N_syn + N_G samples) more than UnCond with the same "
+        "N_syn + N_G: distinct training images, any band",
+        _ratio(rows, "side_union", "uncond_budget", "distinct", "any"),
         group="control", metric="distinct")
     for metric in ("hits", "distinct"):
         add(f"SIDE more than {NAMES['cond_ddpm']}: {METRIC_NAMES[metric]}, any band",
             _ratio(rows, "side", "cond_ddpm", metric, "any"), group="control", metric=metric)
-    if weak_size is not None:  # the abstract's "where previous methods fail": a weakly memorized model
+    # the abstract's "where previous methods fail": a weakly memorized model
+    if weak_size is not None:
         for b in baselines:
             for metric in ("hits", "distinct"):
-                add(f"weakly memorized model (n={weak_size}): SIDE more than {NAMES[b]}: {METRIC_NAMES[metric]}, any band",
-                    _ratio(rows, "side", b, metric, "any", arm="weak"), group="weak", baseline=b, metric=metric)
+                add(f"weakly memorized model (n={weak_size}): SIDE more than {NAMES[b]}: "
+                    f"{METRIC_NAMES[metric]}, any band",
+                    _ratio(rows, "side", b, metric, "any", arm="weak"), group="weak", baseline=b,
+                    metric=metric)
     small, large = min(sizes), max(sizes)
     if small != large:
-        for metric, what in (("hits", "UnCond's hit rate"), ("share", "the share of its training set UnCond reaches")):
-            a, b = ([_size_value(r, metric) for r in rows if r["arm"] == "table" and r["method"] == "uncond"
-                     and r["n_train"] == n] for n in (small, large))
+        for metric, what in (("hits", "UnCond's hit rate"),
+                             ("share", "the share of its training set UnCond reaches")):
+            a, b = ([_size_value(r, metric) for r in rows if r["arm"] == "table"
+                     and r["method"] == "uncond" and r["n_train"] == n] for n in (small, large))
             if min(len(a), len(b)) >= 2 and max(a + b) > 0:
-                add(f"smaller sets leak more: {what}, n={small} above n={large} (each size at its calibrated budget)",
+                add(f"smaller sets leak more: {what}, n={small} above n={large} (each size at its "
+                    "calibrated budget)",
                     evidence.unpaired_log_ratio(a, b), group="size", metric=metric)
     deltas = {c["labelling"]: c["delta"]["per_replicate"] for c in conditional if c.get("delta")}
-    for lab, per in deltas.items():  # SIDE Definition 1 / SIDE Theorem 1: a label lowers M (more memorization)
+    # SIDE Definition 1 / SIDE Theorem 1: a label lowers M (more memorization)
+    for lab, per in deltas.items():
         if len(per) >= 2:
-            add(f"{lab} labels lower the memorization divergence: Δ = M(conditional) − M(unconditional) < 0 (nats)",
+            add(f"{lab} labels lower the memorization divergence: "
+                "Δ = M(conditional) − M(unconditional) < 0 (nats)",
                 evidence.mean_estimate(per), 0.0, direction="<", group="conditional")
     inf, perm = deltas.get("informative", []), deltas.get("permuted", [])
     if len(inf) == len(perm) >= 2:  # the same classes and class sizes: only informativeness differs
-        add("informative labels lower it more than the same labels permuted: Δ(informative) − Δ(permuted) < 0 (nats, "
-            "paired by replicate)", evidence.mean_estimate([a - b for a, b in zip(inf, perm)]), 0.0, direction="<",
+        add("informative labels lower it more than the same labels permuted: "
+            "Δ(informative) − Δ(permuted) < 0 (nats, paired by replicate)",
+            evidence.mean_estimate([a - b for a, b in zip(inf, perm)]), 0.0, direction="<",
             group="conditional")
     return specs
 
 
 def _size_value(row, metric):
-    """Hits (AMS x N_G / 100, any band) or the share of the n training images reached (distinct / n, x 100)."""
+    """Hits (AMS x N_G / 100, any band) or the share of the n training images reached
+    (distinct / n, x 100)."""
     return row["hits_any"] if metric == "hits" else 100.0 * row["distinct_any"] / row["n_train"]
 
 
 def descriptive(rows, curves, sizes, steps=None):
-    """Per-size paired ratios of SIDE to UnCond on both metrics (raw 95 % intervals, no verdict), the
-    ceiling of each UMS comparison (how much of its training set plain sampling already reaches), the
-    budget from which SIDE with its synthetic set stays ahead of plain sampling, and the sampler check:
-    the same attack with steps[1] sampler steps against the reported steps[0], paired by replicate."""
+    """Per-size paired ratios of SIDE to UnCond on both metrics (raw 95 % intervals, no verdict),
+    the ceiling of each UMS comparison (how much of its training set plain sampling already
+    reaches), the budget from which SIDE with its synthetic set stays ahead of plain sampling, and
+    the sampler check: the same attack with steps[1] sampler steps against the reported steps[0],
+    paired by replicate."""
     out = []
     if steps and any(r["arm"] == "steps" for r in rows):
         by = {(r["arm"], r["n_train"], r["replicate"], r["method"]): r for r in rows}
@@ -116,27 +133,33 @@ def descriptive(rows, curves, sizes, steps=None):
                 b = [value(by[("table", n, r, m)], metric, "any") for n, r in keys]
                 if len(a) >= 2:
                     ratio, lo, hi = evidence.paired_ratio(a, b)
-                    out.append(dict(kind="steps", method=m, metric=metric, ratio=ratio, lo=lo, hi=hi, replicates=len(a),
-                                    text=f"{steps[1]} / {steps[0]} sampler steps, {NAMES.get(m, 'SIDE')}, "
-                                         f"{METRIC_NAMES[metric]}, any band (the same replicates, seeds and models)"))
+                    out.append(dict(kind="steps", method=m, metric=metric, ratio=ratio, lo=lo,
+                                    hi=hi, replicates=len(a),
+                                    text=f"{steps[1]} / {steps[0]} sampler steps, "
+                                         f"{NAMES.get(m, 'SIDE')}, {METRIC_NAMES[metric]}, "
+                                         "any band (the same replicates, seeds and models)"))
     for n in sizes:
         for metric in ("hits", "distinct"):
             va, vb, _ = paired(rows, "side", "uncond", metric, "any", sizes=[n])
             if len(va) >= 2:
                 r, lo, hi = evidence.paired_ratio(va, vb)
-                out.append(dict(kind="per size", n=n, metric=metric, ratio=r, lo=lo, hi=hi, replicates=len(va),
-                                text=f"n={n}: SIDE / Carlini UnCond, {METRIC_NAMES[metric]}, any band"))
-        reached = [r["distinct_any"] for r in rows if r["arm"] == "table" and r["method"] == "uncond" and r["n_train"] == n]
+                out.append(dict(kind="per size", n=n, metric=metric, ratio=r, lo=lo, hi=hi,
+                                replicates=len(va),
+                                text=f"n={n}: SIDE / Carlini UnCond, {METRIC_NAMES[metric]}, "
+                                     "any band"))
+        reached = [r["distinct_any"] for r in rows
+                   if r["arm"] == "table" and r["method"] == "uncond" and r["n_train"] == n]
         if reached:
             m, lo, hi = evidence.count_ci(reached)
             out.append(dict(kind="ceiling", n=n, mean=m, lo=lo, hi=hi, share=m / n,
-                            text=f"n={n}: plain sampling reaches {m:.1f} of {n} training images ({100 * m / n:.0f} %): "
-                                 f"a distinct-count ratio cannot exceed {(n + 1) / (m + 1):.2f}"))
+                            text=f"n={n}: plain sampling reaches {m:.1f} of {n} training images "
+                                 f"({100 * m / n:.0f} %): a distinct-count ratio cannot exceed "
+                                 f"{(n + 1) / (m + 1):.2f}"))
         u, s = curves.get(f"{n}/uncond_budget"), curves.get(f"{n}/side_union")
         if u and s:
             out.append(dict(kind="budget", n=n, budget=evidence.overtake(s, u),
-                            text=f"n={n}: budget from which SIDE (synthetic set + guided) stays ahead of plain sampling, "
-                                 "by mean distinct images"))
+                            text=f"n={n}: budget from which SIDE (synthetic set + guided) stays "
+                                 "ahead of plain sampling, by mean distinct images"))
     return out
 
 
@@ -152,9 +175,11 @@ def summarize_table(rows, sizes, arm="table"):
     """{"n/method": evidence.summarize(...)} of one arm's rows."""
     stats = {}
     for n in sizes:
-        for m in sorted({r["method"] for r in rows if r["arm"] == arm and r["n_train"] == n} - {"side_union"}):
+        for m in sorted({r["method"] for r in rows if r["arm"] == arm and r["n_train"] == n}
+                        - {"side_union"}):
             sel = [r for r in rows if r["arm"] == arm and r["n_train"] == n and r["method"] == m]
-            stats[f"{n}/{m}"] = evidence.summarize(sel, fields=("distinct_any", "ams_any", "hits_any"))
+            stats[f"{n}/{m}"] = evidence.summarize(sel,
+                                                   fields=("distinct_any", "ams_any", "hits_any"))
     return stats
 
 

@@ -3,15 +3,15 @@
 Implements, each on the line marked with its equation:
   - beta schedules, linear (Ho et al. 2020, Sec. 4) and cosine (Nichol & Dhariwal 2021, Eq. 17),
     computed in float64 and cast to float32 once;
-  - q_sample, the forward process      x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε      (Ho et al. Eq. 4)
-  - q_posterior, q(x_{t-1} | x_t, x_0)  mean and variance                     (Ho et al. Eq. 6-7)
-  - the training loss, ε-prediction     ||ε - ε_θ(x_t, t)||²                  (Ho et al. Eq. 14)
+  - q_sample, the forward process      x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε   (Ho et al. Eq. 4)
+  - q_posterior, q(x_{t-1} | x_t, x_0)  mean and variance                    (Ho et al. Eq. 6-7)
+  - the training loss, ε-prediction     ||ε - ε_θ(x_t, t)||²                 (Ho et al. Eq. 14)
     or v-prediction, v = sqrt(ᾱ_t) ε - sqrt(1-ᾱ_t) x_0                     (Salimans & Ho 2022)
   - the ancestral DDPM step with the true posterior mean and variance (Ho et al. Eq. 6-7, Alg. 2),
     on any sub-sequence of timesteps (respaced chain: β'_t = 1 - ᾱ_t / ᾱ_prev)
   - the DDIM step with η                                                   (Song et al. Eq. 12)
-  - classifier guidance through a `cond_fn` hook: ε̂ = ε_θ - sqrt(1-ᾱ_t) · cond_fn(x_t, t), where
-    cond_fn returns s·∇_{x_t} log p(y | x_t, t)             (Dhariwal & Nichol 2021, Alg. 2)
+  - classifier guidance through a `cond_fn` hook: ε̂ = ε_θ - sqrt(1-ᾱ_t) · cond_fn(x_t, t),
+    where cond_fn returns s·∇_{x_t} log p(y | x_t, t)       (Dhariwal & Nichol 2021, Alg. 2)
   - an upper bound on -log p_θ(x) for x ~ q_ε (SIDE Definition 1): the variational bound
     (Ho et al. Eq. 5) of the sub-chain that starts at the step k with (1-ᾱ_k)/ᾱ_k = ε²
     (`subchain_nll`), estimated from timesteps drawn afresh per sample and stratified
@@ -163,9 +163,9 @@ PREDICTIONS = {"eps": "eps", "v": "v", "x0": "x0",  # ours, and diffusers' predi
 
 def beta_schedule(kind, T, beta_start=None, beta_end=None):
     """β_1..β_T in float64. linear: Ho et al. (1e-4 .. 0.02 at T=1000, rescaled for other T), or
-    beta_start .. beta_end when given (diffusers' "linear"); scaled_linear: (linspace of √β)², as in
-    diffusers / latent diffusion; cosine (= diffusers' "squaredcos_cap_v2"): Nichol & Dhariwal 2021,
-    Eq. 17, ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2)."""
+    beta_start .. beta_end when given (diffusers' "linear"); scaled_linear: (linspace of √β)²,
+    as in diffusers / latent diffusion; cosine (= diffusers' "squaredcos_cap_v2"): Nichol &
+    Dhariwal 2021, Eq. 17, ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2)."""
     if kind in ("linear", "scaled_linear") and (beta_start is None) != (beta_end is None):
         raise ValueError("give both beta_start and beta_end, or neither")
     if kind == "linear":
@@ -204,10 +204,10 @@ class Diffusion:
     """Schedule constants and the DDPM/DDIM maths. `prediction` is what the network outputs:
     "eps" (Ho et al.), "v" (Salimans & Ho 2022) or "x0"; diffusers' names epsilon / v_prediction /
     sample are accepted too. beta_start/beta_end: the range of a linear or scaled_linear schedule;
-    betas: explicit β_1..β_T (diffusers' trained_betas), overriding the schedule. clip_sample: clamp
-    the predicted x_0 to ±clip_sample_range while sampling (the default of `sample`). variance: the
-    DDPM step's σ_t², fixed_small = β̃_t (Ho et al. Eq. 7) or fixed_large = β_t (Ho et al. Sec. 3.2
-    found both alike)."""
+    betas: explicit β_1..β_T (diffusers' trained_betas), overriding the schedule. clip_sample:
+    clamp the predicted x_0 to ±clip_sample_range while sampling (the default of `sample`).
+    variance: the DDPM step's σ_t², fixed_small = β̃_t (Ho et al. Eq. 7) or fixed_large = β_t
+    (Ho et al. Sec. 3.2 found both alike)."""
 
     def __init__(self, T=1000, schedule="linear", prediction="eps", device="cpu", beta_start=None,
                  beta_end=None, clip_sample=True, clip_sample_range=1.0, betas=None,
@@ -309,7 +309,8 @@ class Diffusion:
 
         sampler "ddim" uses Song et al. Eq. 12 with `eta` (0: deterministic, 1: DDPM-like);
         sampler "ddpm" uses the ancestral step with the true posterior of the (respaced) chain.
-        cond_fn(x_t, t) returns s·∇ log p(y | x_t, t); it enters as ε̂ = ε - sqrt(1-ᾱ_t) cond_fn.
+        cond_fn(x_t, t) returns s·∇ log p(y | x_t, t); it enters as
+        ε̂ = ε - sqrt(1-ᾱ_t) cond_fn.
         callback(i, t, x_t, x0_hat) is called after every step (for tests and trajectories).
         clip_x0 (default: the schedule's clip_sample) clamps x̂_0 to ±clip_sample_range and
         re-derives ε from it; spacing picks the timesteps (see `timesteps`).
@@ -344,8 +345,9 @@ class Diffusion:
                 mean = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps
             elif sampler == "ddpm":
                 beta = 1 - ab_t / ab_prev  # β of the respaced chain; equals β_t when steps == T
+                # Ho et al. Eq. 7, μ̃_t
                 mean = (math.sqrt(ab_prev) * beta / (1 - ab_t)) * x0 + \
-                    (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)) * x  # Ho et al. Eq. 7, μ̃_t
+                    (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)) * x
                 sigma = math.sqrt(beta * (1 - ab_prev) / (1 - ab_t))  # Ho et al. Eq. 7, β̃_t
                 # Ho et al. Sec. 3.2: σ_t² = β_t
                 sigma = math.sqrt(beta) if self.variance == "fixed_large" else sigma
@@ -356,20 +358,20 @@ class Diffusion:
                 callback(i, t, x, x0)
         return x
 
-    # -------------------------------------------------------- the bound on log p_θ at noise level ε
+    # ------------------------------------------------------ the bound on log p_θ at noise level ε
     def top(self):
         """The last step of the chain the bound evaluates: T-1, or T-2 when the schedule clipped
-        β_{T-1} at its 0.999 cap (cosine: ᾱ_T = 0 before clipping). There ᾱ_{T-1} ≈ 1e-3 ᾱ_{T-2},
-        and x̂_0 = (x_t - sqrt(1-ᾱ) ε̂) / sqrt(ᾱ) multiplies any error of ε̂ by ~30 (the sampler
-        clamps it): on the smoke model that single term measured 50,000 ± 7,600 nats, ~50x all the
-        others together. The chain then starts from N(0, I) at step T-2 (ᾱ = 2.4e-4 at T = 100), the
-        model the clamped sampler draws from."""
+        β_{T-1} at its 0.999 cap (cosine: ᾱ_T = 0 before clipping). There
+        ᾱ_{T-1} ≈ 1e-3 ᾱ_{T-2}, and x̂_0 = (x_t - sqrt(1-ᾱ) ε̂) / sqrt(ᾱ) multiplies
+        any error of ε̂ by ~30 (the sampler clamps it): on the smoke model that single term
+        measured 50,000 ± 7,600 nats, ~50x all the others together. The chain then starts from
+        N(0, I) at step T-2 (ᾱ = 2.4e-4 at T = 100), the model the clamped sampler draws from."""
         return self.T - 2 if float(self.f64["betas"][-1]) >= 0.999 else self.T - 1
 
     def level(self, eps):
-        """(k, ε_k): the step whose noise-to-signal ratio (1-ᾱ_k)/ᾱ_k is nearest ε² (nearest in
-        log), and ε_k = sqrt((1-ᾱ_k)/ᾱ_k), the ε at which sqrt(ᾱ_k) x, x ~ q_ε, is exactly a forward
-        sample at step k: M is reported at ε_k."""
+        """(k, ε_k): the step whose noise-to-signal ratio (1-ᾱ_k)/ᾱ_k is nearest ε² (nearest
+        in log), and ε_k = sqrt((1-ᾱ_k)/ᾱ_k), the ε at which sqrt(ᾱ_k) x, x ~ q_ε, is
+        exactly a forward sample at step k: M is reported at ε_k."""
         ratio = (1.0 - self.f64["alphas_cumprod"]) / self.f64["alphas_cumprod"]
         k = int(torch.argmin((ratio.log() - 2.0 * math.log(eps)).abs()))
         if k >= self.top():
@@ -408,8 +410,8 @@ class Diffusion:
 
     def _subchain_term(self, model, zk, k, t, noise, y):
         """One term of the sub-chain bound per row (float64 nats): the KL (A) of subchain_nll's
-        bound for t > k+1, the decoder -log p_θ(z_k | z_{k+1}) for t = k+1. zk float64, t long (n,),
-        noise (n, ...)."""
+        bound for t > k+1, the decoder -log p_θ(z_k | z_{k+1}) for t = k+1. zk float64, t long
+        (n,), noise (n, ...)."""
         f = {name: v.to(zk.device) for name, v in self.f64.items()}
         g = lambda a: a[t].reshape(-1, *([1] * (zk.ndim - 1)))  # noqa: E731
         ab_k = f["alphas_cumprod"][k]
@@ -433,27 +435,29 @@ class Diffusion:
 
     @torch.no_grad()
     def subchain_nll(self, model, x, k, draw, y=None, batch=512):
-        """An upper bound on -log p_θ(x) per sample (nats, float64) for x of q_ε at ε = ε_k, where
-        p_θ(x) is the density of x = z_k / sqrt(ᾱ_k) when z_k is drawn by the model's ancestral
-        chain down to step k.
+        """An upper bound on -log p_θ(x) per sample (nats, float64) for x of q_ε at ε = ε_k,
+        where p_θ(x) is the density of x = z_k / sqrt(ᾱ_k) when z_k is drawn by the model's
+        ancestral chain down to step k.
 
-        A sample x of q_ε(x) = (1/N) Σ_i N(x | x_i, ε² I) (SIDE Definition 1) scaled by sqrt(ᾱ_k) is
-        exactly a sample of the forward marginal at step k when (1-ᾱ_k)/ᾱ_k = ε² (Ho et al. Eq. 4):
+        A sample x of q_ε(x) = (1/N) Σ_i N(x | x_i, ε² I) (SIDE Definition 1) scaled by
+        sqrt(ᾱ_k) is exactly a sample of the forward marginal at step k when
+        (1-ᾱ_k)/ᾱ_k = ε² (Ho et al. Eq. 4):
             z_k = sqrt(ᾱ_k) x = sqrt(ᾱ_k) x_i + sqrt(1-ᾱ_k) ε',  ε' ~ N(0, I)
-        so the model's distribution of x is p_θ(x) = ᾱ_k^{d/2} p_θ(z_k), and z_k is the data of the
-        sub-chain z_k -> z_{k+1} -> ... -> z_top, a diffusion with ᾱ'_t = ᾱ_t / ᾱ_k (top = T-1, or
-        T-2 for a clipped schedule, see `top`). Its variational bound (Ho et al. Eq. 5, read from
-        step k instead of 0) is
+        so the model's distribution of x is p_θ(x) = ᾱ_k^{d/2} p_θ(z_k), and z_k is the data of
+        the sub-chain z_k -> z_{k+1} -> ... -> z_top, a diffusion with ᾱ'_t = ᾱ_t / ᾱ_k
+        (top = T-1, or T-2 for a clipped schedule, see `top`). Its variational bound (Ho et al.
+        Eq. 5, read from step k instead of 0) is
             -log p_θ(x) <= KL(q(z_top|z_k) || N(0,I))                                        L_T
                 + Σ_{t=k+2}^{top} E_q KL(q(z_{t-1}|z_t, z_k) || p_θ(z_{t-1}|z_t))            (A)
                 + E_q[-log p_θ(z_k | z_{k+1})] - (d/2) log ᾱ_k,                decoder, Jacobian
         with q(z_{t-1}|z_t, z_k) = N((β_t sqrt(ᾱ'_{t-1}) z_k + sqrt(1-β_t)(1-ᾱ'_{t-1}) z_t) /
-        (1-ᾱ'_t), β_t (1-ᾱ'_{t-1}) / (1-ᾱ'_t) I) (Ho et al. Eq. 6-7 with ᾱ'), and p_θ(z_{t-1}|z_t) =
-        N(μ̃_t(x̂_0, z_t), β̃_t I), the model's own ancestral step (Ho et al. Eq. 6-7 with its
-        prediction x̂_0, no clamping). The decoder is this same Gaussian at step k+1 (variance
-        β̃_{k+1}, not β_1). The gap of the bound is E KL(q(z_{k+1:top}|z_k) || p_θ(z_{k+1:top}|z_k))
-        >= 0; nothing below step k enters, so the model is not charged for reproducing the ε-noise.
-        The top-k terms are estimated from `draw` (see bound_draw)."""
+        (1-ᾱ'_t), β_t (1-ᾱ'_{t-1}) / (1-ᾱ'_t) I) (Ho et al. Eq. 6-7 with ᾱ'), and
+        p_θ(z_{t-1}|z_t) = N(μ̃_t(x̂_0, z_t), β̃_t I), the model's own ancestral step
+        (Ho et al. Eq. 6-7 with its prediction x̂_0, no clamping). The decoder is this same
+        Gaussian at step k+1 (variance β̃_{k+1}, not β_1). The gap of the bound is
+        E KL(q(z_{k+1:top}|z_k) || p_θ(z_{k+1:top}|z_k)) >= 0; nothing below step k enters, so
+        the model is not charged for reproducing the ε-noise. The top-k terms are estimated from
+        `draw` (see bound_draw)."""
         t, w, noise = draw
         n, n_t = t.shape
         assert x.shape[0] == n and noise.shape[2:] == x.shape[1:], (x.shape, t.shape, noise.shape)

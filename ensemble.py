@@ -1,18 +1,20 @@
 """Train several train.py runs of one architecture in one process, as one grouped network.
 
-    python ensemble.py --jobs jobs.json      # jobs.json: a list of train.py argument lists, one per model
+    python ensemble.py --jobs jobs.json      # jobs.json: a list of train.py argument lists,
+                                               one per model
 
 Small DDPMs (8 px, batch 16-64) leave most of a CPU idle: each convolution is too small for the
 processor, and the element-wise layers cost as much as the convolutions. Here K models of the same
-architecture become one network whose every layer is grouped: model k's activations are channel block
-k (NCHW with K·C channels), a convolution becomes one grouped convolution (groups = K), GroupNorm
-keeps its groups inside each block, linear layers become one batched matrix product, attention runs
-per (image, model). Model k still sees only its own weights, its own training images, its own batch
-order, timesteps and noise (drawn from its own generator exactly as train.py draws them), its own
-gradient-norm clip and AdamW state (AdamW is element-wise, so one optimiser over the stacked
-parameters is K optimisers), and its own EMA. Each model's checkpoint is written in train.py's format,
-so `train.py --resume`, extract.py and models.py read it as if train.py had trained it alone
-(tests/test_ensemble.py: the weights after several steps equal a lone run within float tolerance).
+architecture become one network whose every layer is grouped: model k's activations are channel
+block k (NCHW with K·C channels), a convolution becomes one grouped convolution (groups = K),
+GroupNorm keeps its groups inside each block, linear layers become one batched matrix product,
+attention runs per (image, model). Model k still sees only its own weights, its own training images,
+its own batch order, timesteps and noise (drawn from its own generator exactly as train.py draws
+them), its own gradient-norm clip and AdamW state (AdamW is element-wise, so one optimiser over the
+stacked parameters is K optimisers), and its own EMA. Each model's checkpoint is written in
+train.py's format, so `train.py --resume`, extract.py and models.py read it as if train.py had
+trained it alone (tests/test_ensemble.py: the weights after several steps equal a lone run within
+float tolerance).
 
 Requirements for grouping (checked, one error line otherwise): the same architecture, schedule,
 batch, step count and optimiser settings, dropout 0 (masks would be drawn differently), one device.
@@ -32,28 +34,33 @@ import torch.nn.functional as F
 
 import ddpm
 import train
-from common import Progress, UserError, check, folder_lock, option, parse_config, resolve_device, run_main
+from common import (Progress, UserError, check, folder_lock, option, parse_config, resolve_device,
+                    run_main)
 
 # Fields every member of one ensemble must share (everything that shapes the network, the schedule,
-# the optimiser or the loop); the rest (data sample, seed, labels' values, output folder) may differ.
-SHARED = ("image_size", "base", "mults", "num_res_blocks", "attn_res", "dropout", "T", "schedule", "prediction",
-          "steps", "batch", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "ckpt_every", "keep", "device",
-          "amp")
+# the optimiser or the loop); the rest (data sample, seed, labels' values, output folder)
+# may differ.
+SHARED = ("image_size", "base", "mults", "num_res_blocks", "attn_res", "dropout", "T", "schedule",
+          "prediction", "steps", "batch", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay",
+          "ckpt_every", "keep", "device", "amp")
 GN_EPS = 1e-5  # nn.GroupNorm's default eps, which ddpm.UNet's norm() uses
 
 
-# ============================================================================ the grouped forward pass
+# ========================================================================= the grouped forward pass
 
 
 def _conv(P, name, x, K, stride=1, padding=0):
-    """K convolutions as one grouped convolution: weight (K, Cout, Cin, kh, kw) -> (K·Cout, Cin, kh, kw)."""
+    """K convolutions as one grouped convolution: weight (K, Cout, Cin, kh, kw) ->
+    (K·Cout, Cin, kh, kw)."""
     w, b = P[f"{name}.weight"], P[f"{name}.bias"]
     return F.conv2d(x, w.flatten(0, 1), b.flatten(), stride=stride, padding=padding, groups=K)
 
 
 def _norm(P, name, x, groups, K):
-    """GroupNorm(groups, C) of each model = GroupNorm(K·groups, K·C): a group never spans two models."""
-    return F.group_norm(x, K * groups, P[f"{name}.weight"].flatten(), P[f"{name}.bias"].flatten(), GN_EPS)
+    """GroupNorm(groups, C) of each model = GroupNorm(K·groups, K·C): a group never spans two
+    models."""
+    return F.group_norm(x, K * groups, P[f"{name}.weight"].flatten(), P[f"{name}.bias"].flatten(),
+                        GN_EPS)
 
 
 def _linear(P, name, e):
@@ -62,23 +69,27 @@ def _linear(P, name, e):
 
 
 def _blocks(e):
-    """(K, B, C) per-model vectors -> (B, K·C, 1, 1), broadcastable over model k's channel block."""
+    """(K, B, C) per-model vectors -> (B, K·C, 1, 1), broadcastable over model k's channel
+    block."""
     K, B, C = e.shape
     return e.transpose(0, 1).reshape(B, K * C, 1, 1)
 
 
 def _resblock(P, name, blk, x, emb, K):
     """ddpm.ResBlock: GN-SiLU-conv, + time embedding, GN-SiLU-(dropout 0)-conv, + skip."""
-    h = _conv(P, f"{name}.in_layers.2", F.silu(_norm(P, f"{name}.in_layers.0", x, blk.in_layers[0].num_groups, K)),
+    h = _conv(P, f"{name}.in_layers.2",
+              F.silu(_norm(P, f"{name}.in_layers.0", x, blk.in_layers[0].num_groups, K)),
               K, padding=1)
     h = h + _blocks(_linear(P, f"{name}.temb.1", F.silu(emb)))
-    h = _conv(P, f"{name}.out_layers.3", F.silu(_norm(P, f"{name}.out_layers.0", h, blk.out_layers[0].num_groups, K)),
+    h = _conv(P, f"{name}.out_layers.3",
+              F.silu(_norm(P, f"{name}.out_layers.0", h, blk.out_layers[0].num_groups, K)),
               K, padding=1)
     return (x if isinstance(blk.skip, nn.Identity) else _conv(P, f"{name}.skip", x, K)) + h
 
 
 def _attention(P, name, att, x, K):
-    """ddpm.Attention per (image, model): single-head self-attention over the h·w positions, residual."""
+    """ddpm.Attention per (image, model): single-head self-attention over the h·w positions,
+    residual."""
     if isinstance(att, nn.Identity):
         return x
     B, KC, H, W = x.shape
@@ -90,14 +101,18 @@ def _attention(P, name, att, x, K):
 
 
 def _cat(h, skip, K):
-    """Model k's [h, skip] channel concatenation, for every k: (B, K·C1) and (B, K·C2) -> (B, K·(C1+C2))."""
+    """Model k's [h, skip] channel concatenation, for every k: (B, K·C1) and (B, K·C2) ->
+    (B, K·(C1+C2))."""
     B, _, H, W = h.shape
-    return torch.cat([h.reshape(B, K, -1, H, W), skip.reshape(B, K, -1, H, W)], 2).reshape(B, -1, H, W)
+    return torch.cat([h.reshape(B, K, -1, H, W),
+                      skip.reshape(B, K, -1, H, W)], 2).reshape(B, -1, H, W)
 
 
 def forward(P, unet, x, t, y=None):
-    """The K models' outputs ε_θk(x_k, t_k[, y_k]), stacked: x (K, B, C, H, W), t (K, B), y (K, B) or None.
-    P: {name: (K, ...) stacked parameter} of ddpm.UNet `unet` (the template: its structure, not its weights).
+    """The K models' outputs ε_θk(x_k, t_k[, y_k]), stacked: x (K, B, C, H, W), t (K, B),
+    y (K, B) or None.
+    P: {name: (K, ...) stacked parameter} of ddpm.UNet `unet` (the template: its structure, not
+    its weights).
     Mirrors ddpm.UNet.forward layer by layer."""
     K, B = t.shape
     base = unet.time_mlp[0].in_features
@@ -110,7 +125,8 @@ def forward(P, unet, x, t, y=None):
     hs = [h]
     for i, layer in enumerate(unet.down):
         if isinstance(layer, nn.ModuleList):
-            h = _attention(P, f"down.{i}.1", layer[1], _resblock(P, f"down.{i}.0", layer[0], h, emb, K), K)
+            h = _attention(P, f"down.{i}.1", layer[1],
+                           _resblock(P, f"down.{i}.0", layer[0], h, emb, K), K)
         else:  # the stride-2 downsampling convolution
             h = _conv(P, f"down.{i}", h, K, stride=2, padding=1)
         hs.append(h)
@@ -118,9 +134,11 @@ def forward(P, unet, x, t, y=None):
     h = _resblock(P, "mid.2", unet.mid[2], _attention(P, "mid.1", unet.mid[1], h, K), emb, K)
     for i, layer in enumerate(unet.up):
         if isinstance(layer, nn.ModuleList):
-            h = _attention(P, f"up.{i}.1", layer[1], _resblock(P, f"up.{i}.0", layer[0], _cat(h, hs.pop(), K), emb, K), K)
+            h = _attention(P, f"up.{i}.1", layer[1],
+                           _resblock(P, f"up.{i}.0", layer[0], _cat(h, hs.pop(), K), emb, K), K)
         else:  # nearest upsampling, then a convolution
-            h = _conv(P, f"up.{i}.1", F.interpolate(h, scale_factor=2, mode="nearest"), K, padding=1)
+            h = _conv(P, f"up.{i}.1", F.interpolate(h, scale_factor=2, mode="nearest"), K,
+                      padding=1)
     h = _conv(P, "out.2", F.silu(_norm(P, "out.0", h, unet.out[0].num_groups, K)), K, padding=1)
     return h.reshape(B, K, *x.shape[2:]).transpose(0, 1)
 
@@ -140,39 +158,47 @@ def stack(state_dicts, names):
 
 @dataclass
 class EnsembleConfig:
-    jobs: str = option("", "a JSON file holding a list of train.py argument lists, one per model", nonempty=True)
+    jobs: str = option("", "a JSON file holding a list of train.py argument lists, one per model",
+                       nonempty=True)
     threads: int = option(0, "torch threads for this process (0 = torch's default)", lo=0)
 
 
 def check_members(cfgs):
-    """One error line unless the configs can share one grouped network (SHARED fields equal, dropout 0)."""
+    """One error line unless the configs can share one grouped network (SHARED fields equal,
+    dropout 0)."""
     check(len(cfgs) >= 1, "an ensemble needs at least one model")
     first = dataclasses.asdict(cfgs[0])
     for c in cfgs[1:]:
         diff = [k for k in SHARED if json.dumps(dataclasses.asdict(c)[k]) != json.dumps(first[k])]
         check(not diff, f"{c.out} cannot train in one ensemble with {cfgs[0].out}: they differ in "
               f"{', '.join(diff)}; train them in separate ensembles")
-    check(cfgs[0].dropout == 0, f"--dropout {cfgs[0].dropout}: an ensemble draws no dropout masks; use 0 or train.py")
+    check(cfgs[0].dropout == 0,
+          f"--dropout {cfgs[0].dropout}: an ensemble draws no dropout masks; use 0 or train.py")
     check(len({c.out for c in cfgs}) == len(cfgs), "two ensemble members write into the same --out")
-    check(not any(c.compile or c.channels_last for c in cfgs), "--compile and --channels-last are train.py's; "
+    check(not any(c.compile or c.channels_last for c in cfgs),
+          "--compile and --channels-last are train.py's; "
           "the ensemble's grouped layers choose their own memory layout")
 
 
 def train_ensemble(cfgs, log=True):
-    """Train every config of cfgs (train.TrainConfig) to its steps as one grouped network; writes each
-    model's ckpt.pt, config.json and samples.png as train.py does, holding every --out's lock. Members
-    behind the others (an interrupted run) first catch up alone with train.py. Returns the final snapshots."""
+    """Train every config of cfgs (train.TrainConfig) to its steps as one grouped network; writes
+    each model's ckpt.pt, config.json and samples.png as train.py does, holding every --out's lock.
+    Members behind the others (an interrupted run) first catch up alone with train.py. Returns the
+    final snapshots."""
     check_members(cfgs)
     for c in cfgs:
         train.validate(c)
     device = resolve_device(cfgs[0].device)
     members = _setup(cfgs, device)  # exactly train.py's checks and initialisation, resume included
     lead = max(m.step for m, _ in members)
-    if min(m.step for m, _ in members) < lead:  # an interrupted run wrote some checkpoints and not others:
-        for m, _ in members:                    # the ones behind catch up alone first, then all go on together
+    # an interrupted run wrote some checkpoints and not others: the ones behind catch up alone
+    # first, then all go on together
+    if min(m.step for m, _ in members) < lead:
+        for m, _ in members:
             if m.step < lead:
                 train.train(dataclasses.replace(m.cfg, steps=lead, resume=True, overwrite=False))
-        members = _setup([dataclasses.replace(c, resume=True, overwrite=False) for c in cfgs], device)
+        members = _setup([dataclasses.replace(c, resume=True, overwrite=False) for c in cfgs],
+                         device)
     with contextlib.ExitStack() as locks:
         for m, run in members:
             locks.enter_context(folder_lock(m.cfg.out, "--out", "ensemble.py"))
@@ -188,9 +214,11 @@ def _train(members, device, log):
     cfg, K = members[0].cfg, len(members)
     unet, diffusion = members[0].model, members[0].diffusion
     names = [n for n, _ in unet.named_parameters()]
-    P = {n: p.requires_grad_(True) for n, p in stack([m.model.state_dict() for m in members], names).items()}
+    P = {n: p.requires_grad_(True)
+         for n, p in stack([m.model.state_dict() for m in members], names).items()}
     E = stack([m.ema.state_dict() for m in members], names)
-    opt = torch.optim.AdamW(list(P.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, **train.FUSED)
+    opt = torch.optim.AdamW(list(P.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            **train.FUSED)
     if members[0].step > 0:
         opt.load_state_dict(_stacked_opt_state(opt, [m.opt.state_dict() for m in members]))
     step = members[0].step
@@ -202,14 +230,17 @@ def _train(members, device, log):
         y = None if members[0].y_all is None else torch.stack([b[3] for b in batch]).to(device)
         for g in opt.param_groups:
             g["lr"] = train.lr_at(cfg, step)
-        loss = _losses(P, unet, diffusion, x0, t, noise, y)  # (K,) each model's batch-mean loss, Ho et al. Eq. 14
+        # (K,) each model's batch-mean loss, Ho et al. Eq. 14
+        loss = _losses(P, unet, diffusion, x0, t, noise, y)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()  # the models share no parameter: each gradient is its own model's
         norms = _clip(P, cfg.grad_clip)
-        bad = [m.cfg.out for m, lk, nk in zip(members, loss, norms) if not (torch.isfinite(lk) and torch.isfinite(nk))]
+        bad = [m.cfg.out for m, lk, nk in zip(members, loss, norms)
+               if not (torch.isfinite(lk) and torch.isfinite(nk))]
         if bad:
-            raise UserError(f"training loss became non-finite at step {step} in {', '.join(bad)}; their last good "
-                            f"checkpoints are kept; lower --lr (now {cfg.lr}) or --grad-clip and rerun")
+            raise UserError(f"training loss became non-finite at step {step} in {', '.join(bad)}; "
+                            f"their last good checkpoints are kept; lower --lr (now {cfg.lr}) or "
+                            "--grad-clip and rerun")
         opt.step()
         step += 1
         with torch.no_grad():
@@ -223,9 +254,9 @@ def _train(members, device, log):
 
 
 def _setup(cfgs, device):
-    """[(train.State, train.prepare's run)] of every config: train.py's checks and initialisation, each
-    keeping the global RNG state its model would carry alone (the next one's initialisation moves it),
-    so its checkpoint records what a lone run records."""
+    """[(train.State, train.prepare's run)] of every config: train.py's checks and initialisation,
+    each keeping the global RNG state its model would carry alone (the next one's initialisation
+    moves it), so its checkpoint records what a lone run records."""
     out = []
     for c in cfgs:
         run = train.prepare(c, device)
@@ -236,7 +267,8 @@ def _setup(cfgs, device):
 
 
 def _losses(P, unet, diffusion, x0, t, noise, y):
-    """Per model: the mean over its batch of diffusion.loss (per-image MSE of the prediction target)."""
+    """Per model: the mean over its batch of diffusion.loss (per-image MSE of the prediction
+    target)."""
     K, B = t.shape
     flat = lambda a: a.flatten(0, 1)  # noqa: E731
     xt = diffusion.q_sample(flat(x0), flat(t), flat(noise)).reshape(x0.shape)  # Ho et al. Eq. 4
@@ -263,11 +295,13 @@ def _clip(P, max_norm):
 
 
 def _stacked_opt_state(opt, states):
-    """The stacked optimiser's state dict from the K models' own AdamW state dicts (same parameter order)."""
+    """The stacked optimiser's state dict from the K models' own AdamW state dicts (same parameter
+    order)."""
     sd = opt.state_dict()
     for i in range(len(sd["param_groups"][0]["params"])):
         per = [s["state"][i] for s in states]
-        sd["state"][i] = {k: (per[0][k].clone() if k == "step" else torch.stack([p[k] for p in per])) for k in per[0]}
+        sd["state"][i] = {k: (per[0][k].clone() if k == "step"
+                              else torch.stack([p[k] for p in per])) for k in per[0]}
     return sd
 
 
@@ -277,7 +311,8 @@ def _save(members, P, E, opt, names, step):
     for k, m in enumerate(members):
         m.model.load_state_dict({n: P[n][k].detach() for n in names})
         m.ema.load_state_dict({n: E[n][k] for n in names})
-        own = {"state": {i: {key: (v.clone() if key == "step" else v[k].clone()) for key, v in s.items()}
+        own = {"state": {i: {key: (v.clone() if key == "step" else v[k].clone())
+                             for key, v in s.items()}
                          for i, s in sd["state"].items()},
                "param_groups": sd["param_groups"]}
         m.opt.load_state_dict(own)
@@ -291,7 +326,8 @@ def main(argv=None):
         with open(ecfg.jobs) as fh:
             jobs = json.load(fh)
     except (OSError, ValueError) as e:
-        raise UserError(f"--jobs {ecfg.jobs}: {e}; pass a JSON list of train.py argument lists") from None
+        raise UserError(f"--jobs {ecfg.jobs}: {e}; "
+                        "pass a JSON list of train.py argument lists") from None
     check(isinstance(jobs, list) and jobs and all(isinstance(j, list) for j in jobs),
           f"--jobs {ecfg.jobs} must hold a non-empty JSON list of train.py argument lists")
     if ecfg.threads:
@@ -299,7 +335,8 @@ def main(argv=None):
     cfgs = [parse_config(train.TrainConfig, [str(a) for a in j], "") for j in jobs]
     t0 = time.time()
     train_ensemble(cfgs)
-    print(f"trained {len(cfgs)} models x {cfgs[0].steps} steps in {time.time() - t0:.0f}s", file=sys.stderr)
+    print(f"trained {len(cfgs)} models x {cfgs[0].steps} steps in {time.time() - t0:.0f}s",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

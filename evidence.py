@@ -1,6 +1,7 @@
-"""Evidence from independent replicates: means with Student-t intervals, ratios with intervals on the
-log scale, and a family of claims decided together (Holm-Bonferroni), each labelled holds / does not
-hold / undecided. Used by reproduce.py and extract.py; imports numpy and the standard library only.
+"""Evidence from independent replicates: means with Student-t intervals, ratios with intervals on
+the log scale, and a family of claims decided together (Holm-Bonferroni), each labelled holds / does
+not hold / undecided. Used by reproduce.py and extract.py; imports numpy and the standard library
+only.
 
 A *replicate* is one independent repetition of the whole experiment: its own training sample,
 initial weights, training stream, synthetic set, clustering, classifiers and generation noise, with
@@ -9,25 +10,27 @@ same trained model), so every comparison is paired by replicate.
 
 Ratios of counts are geometric means of per-replicate ratios of (count + 1), with the interval taken
 on the log scale and exponentiated: exp(mean_i log((a_i + 1) / (b_i + 1)) ± t s / sqrt(n)). The + 1
-keeps a replicate where a method found nothing finite (it pulls ratios towards 1, never away from it).
-Replicates of different training-set sizes are independent but not identically distributed; a claim
-pooled over sizes is the equal-weight mean of the per-size means (a stratified estimate), with
+keeps a replicate where a method found nothing finite (it pulls ratios towards 1, never away from
+it). Replicates of different training-set sizes are independent but not identically distributed; a
+claim pooled over sizes is the equal-weight mean of the per-size means (a stratified estimate), with
 standard error sqrt(Σ_k s_k² / n_k) / S and Welch-Satterthwaite degrees of freedom.
 
 A claim "ratio > c" is a two-sided test of ratio = c. Over the m claims of one run, Holm's step-down
-procedure (Holm 1979) tests the claim with the j-th smallest p-value at level α / (m - j + 1) and stops
-at the first claim it cannot decide; its *corrected* interval is the two-sided interval at that level,
-so it excludes c exactly when Holm decides the claim: **holds** (above c), **does not hold** (below c),
-otherwise **undecided**. The family-wise probability of any wrong decision is at most α = 5 %. The
-uncorrected 95 % interval and status are kept beside the corrected ones.
+procedure (Holm 1979) tests the claim with the j-th smallest p-value at level α / (m - j + 1) and
+stops at the first claim it cannot decide; its *corrected* interval is the two-sided interval at
+that level, so it excludes c exactly when Holm decides the claim: **holds** (above c), **does not
+hold** (below c), otherwise **undecided**. The family-wise probability of any wrong decision is at
+most α = 5 %. The uncorrected 95 % interval and status are kept beside the corrected ones.
 """
 import math
 from typing import NamedTuple
 
 import numpy as np
 
-ALPHA = 0.05  # family-wise error rate of one run's claims (and the level of every uncorrected interval)
-BETA_CF_ITERS = 300  # continued-fraction terms of the incomplete beta function (converges in < 100 here)
+# family-wise error rate of one run's claims (and the level of every uncorrected interval)
+ALPHA = 0.05
+# continued-fraction terms of the incomplete beta function (converges in < 100 here)
+BETA_CF_ITERS = 300
 BETA_CF_EPS = 1e-15  # relative convergence of that continued fraction
 QUANTILE_ITERS = 200  # Newton/bisection steps of t_quantile (Newton converges in < 10)
 
@@ -60,14 +63,16 @@ def betainc(a, b, x):
         return 0.0
     if x >= 1.0:
         return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x)
+                     + b * math.log1p(-x))
     if x < (a + 1.0) / (a + b + 2.0):
         return front * _betacf(a, b, x) / a
     return 1.0 - front * _betacf(b, a, 1.0 - x) / b
 
 
 def t_cdf(x, df):
-    """P(T <= x) for Student's t with df > 0 degrees of freedom: 1 - I_{df/(df+x²)}(df/2, 1/2) / 2 for x >= 0."""
+    """P(T <= x) for Student's t with df > 0 degrees of freedom: 1 - I_{df/(df+x²)}(df/2, 1/2) / 2
+    for x >= 0."""
     if df <= 0:
         raise ValueError(f"Student's t needs df > 0, got {df}")
     tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + x * x))
@@ -103,7 +108,8 @@ def t_quantile(p, df):
 
 
 def t975(df):
-    """The 97.5 % quantile of Student's t with df degrees of freedom (df > 0): the 95 % interval's."""
+    """The 97.5 % quantile of Student's t with df degrees of freedom (df > 0): the 95 %
+    interval's."""
     if df <= 0:
         raise ValueError(f"t quantile needs df > 0, got {df}")
     return t_quantile(0.975, df)
@@ -113,7 +119,8 @@ def t975(df):
 
 
 def mean_ci(values, alpha=ALPHA):
-    """(mean, lo, hi): the Student-t (1 - alpha) interval of the mean; one value gives lo = hi = None."""
+    """(mean, lo, hi): the Student-t (1 - alpha) interval of the mean; one value gives
+    lo = hi = None."""
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
         return None, None, None
@@ -125,7 +132,8 @@ def mean_ci(values, alpha=ALPHA):
 
 
 def count_ci(values):
-    """mean_ci of a quantity that cannot be negative (a count, a percentage): the lower end clipped at 0."""
+    """mean_ci of a quantity that cannot be negative (a count, a percentage): the lower end clipped
+    at 0."""
     m, lo, hi = mean_ci(values)
     return m, (None if lo is None else max(lo, 0.0)), hi
 
@@ -141,7 +149,8 @@ class Estimate(NamedTuple):
     log_scale: bool = True
 
     def value(self, v=None):
-        """The estimate (or v, on the test scale) on the reporting scale: a ratio exp(log), or a difference."""
+        """The estimate (or v, on the test scale) on the reporting scale: a ratio exp(log), or a
+        difference."""
         v = self.log if v is None else v
         return math.exp(v) if self.log_scale else v
 
@@ -153,7 +162,8 @@ class Estimate(NamedTuple):
         return self.value(self.log - h), self.value(self.log + h)
 
     def p_value(self, threshold):
-        """Two-sided p of the test value = threshold (1 without an interval; 0 or 1 with zero spread)."""
+        """Two-sided p of the test value = threshold (1 without an interval; 0 or 1 with zero
+        spread)."""
         d = self.log - (math.log(threshold) if self.log_scale else threshold)
         if self.se is None:
             return 1.0
@@ -164,7 +174,8 @@ class Estimate(NamedTuple):
 
 def _stratified(groups):
     """Estimate of the equal-weight mean of the groups' means (each a 1-d array of per-replicate
-    values): se = sqrt(Σ s_k²/n_k) / S, Welch-Satterthwaite df = (Σ v_k)² / Σ v_k²/(n_k - 1)."""
+    values): se = sqrt(Σ s_k²/n_k) / S, Welch-Satterthwaite
+    df = (Σ v_k)² / Σ v_k²/(n_k - 1)."""
     groups = [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
     n = sum(len(g) for g in groups)
     if not groups:
@@ -182,11 +193,13 @@ def _stratified(groups):
 
 
 def paired_log_ratio(a, b, strata=None):
-    """Estimate of the log of the geometric-mean ratio of (a_i + 1) / (b_i + 1) over paired replicates i;
-    strata (one key per replicate, e.g. the training-set size) makes it the stratified mean."""
+    """Estimate of the log of the geometric-mean ratio of (a_i + 1) / (b_i + 1) over paired
+    replicates i; strata (one key per replicate, e.g. the training-set size) makes it the stratified
+    mean."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.size == 0 or a.ndim != 1:
-        raise ValueError(f"a paired ratio needs two equal-length, non-empty sequences, got {a.shape} and {b.shape}")
+        raise ValueError("a paired ratio needs two equal-length, non-empty sequences, "
+                         f"got {a.shape} and {b.shape}")
     d = np.log(a + 1.0) - np.log(b + 1.0)
     keys = np.zeros(len(d)) if strata is None else np.asarray(strata)
     return _stratified([d[keys == k] for k in sorted(set(keys.tolist()))])
@@ -212,27 +225,31 @@ def mean_estimate(values):
     if v.size == 0:
         raise ValueError("an estimate needs at least one replicate")
     se = float(v.std(ddof=1)) / math.sqrt(v.size) if v.size > 1 else None
-    return Estimate(float(v.mean()), se, float(v.size - 1) if v.size > 1 else None, int(v.size), log_scale=False)
+    return Estimate(float(v.mean()), se, float(v.size - 1) if v.size > 1 else None, int(v.size),
+                    log_scale=False)
 
 
 def paired_ratio(a, b):
-    """(ratio, lo, hi): geometric mean of (a_i + 1) / (b_i + 1) over replicates i, with its 95 % interval."""
+    """(ratio, lo, hi): geometric mean of (a_i + 1) / (b_i + 1) over replicates i, with its 95 %
+    interval."""
     e = paired_log_ratio(a, b)
     return (math.exp(e.log), *e.interval())
 
 
 def unpaired_ratio(a, b):
-    """(ratio, lo, hi) of mean(a + 1) / mean(b + 1) for independent samples, with its 95 % interval."""
+    """(ratio, lo, hi) of mean(a + 1) / mean(b + 1) for independent samples, with its 95 %
+    interval."""
     e = unpaired_log_ratio(a, b)
     return (math.exp(e.log), *e.interval())
 
 
-# ============================================================================ claims, decided together
+# ========================================================================= claims, decided together
 
 
 def status(lo, hi, threshold, direction=">"):
-    """For the claim "value > threshold" (direction ">"; "<" for "value < threshold"): holds when the
-    interval lies wholly on the claimed side, does not hold when wholly on the other, else undecided."""
+    """For the claim "value > threshold" (direction ">"; "<" for "value < threshold"): holds when
+    the interval lies wholly on the claimed side, does not hold when wholly on the other, else
+    undecided."""
     if lo is None or hi is None:
         return "undecided"
     above, below = lo > threshold, hi < threshold
@@ -242,23 +259,26 @@ def status(lo, hi, threshold, direction=">"):
 
 
 def claim(text, est, threshold, direction=">", **extra):
-    """One claim "value > threshold" (or "<") from an Estimate, with its uncorrected 95 % interval and
-    status; `holm` adds the corrected ones (they start equal to the raw ones: a family of one). `ratio`
-    is the estimate on its reporting scale (a ratio, or a difference for log_scale=False estimates)."""
+    """One claim "value > threshold" (or "<") from an Estimate, with its uncorrected 95 % interval
+    and status; `holm` adds the corrected ones (they start equal to the raw ones: a family of one).
+    `ratio` is the estimate on its reporting scale (a ratio, or a difference for log_scale=False
+    estimates)."""
     lo, hi = est.interval()
     raw = dict(lo=lo, hi=hi, status=status(lo, hi, threshold, direction))
     return dict(claim=text, ratio=est.value(), threshold=threshold, direction=direction,
-                scale="ratio" if est.log_scale else "difference", replicates=est.n, df=est.df, se=est.se,
-                p=est.p_value(threshold), raw=raw, corrected=dict(raw, level=1 - ALPHA, rank=1, m=1),
+                scale="ratio" if est.log_scale else "difference", replicates=est.n, df=est.df,
+                se=est.se, p=est.p_value(threshold), raw=raw,
+                corrected=dict(raw, level=1 - ALPHA, rank=1, m=1),
                 lo=lo, hi=hi, status=raw["status"], **extra)
 
 
 def holm(claims, alpha=ALPHA):
-    """Decide the family `claims` (from `claim`) together by Holm's step-down procedure: the claim with
-    the j-th smallest p-value (j = 1..m) is tested at alpha / (m - j + 1) while every earlier one was
-    decided; its corrected interval is the two-sided interval at that level (the last level reached,
-    for the claims after the first undecided one, whose intervals then contain the threshold). Sets
-    `corrected`, and `lo`, `hi`, `status` to the corrected values; returns the claims."""
+    """Decide the family `claims` (from `claim`) together by Holm's step-down procedure: the claim
+    with the j-th smallest p-value (j = 1..m) is tested at alpha / (m - j + 1) while every earlier
+    one was decided; its corrected interval is the two-sided interval at that level (the last level
+    reached, for the claims after the first undecided one, whose intervals then contain the
+    threshold). Sets `corrected`, and `lo`, `hi`, `status` to the corrected values; returns the
+    claims."""
     decided = [c for c in claims if c.get("p") is not None]
     m = len(decided)
     order = sorted(range(m), key=lambda i: decided[i]["p"])
@@ -276,9 +296,10 @@ def holm(claims, alpha=ALPHA):
 
 
 def decide(specs, alpha=ALPHA):
-    """A family of claims from (text, Estimate, threshold, extra dict) specs (extra may hold `direction`),
-    decided together by `holm`; each gets `needed`, the replicates at which its corrected interval would
-    exclude the threshold at the observed effect and spread. Plain dicts (JSON-ready) are returned."""
+    """A family of claims from (text, Estimate, threshold, extra dict) specs (extra may hold
+    `direction`), decided together by `holm`; each gets `needed`, the replicates at which its
+    corrected interval would exclude the threshold at the observed effect and spread. Plain dicts
+    (JSON-ready) are returned."""
     claims = [dict(claim(text, est, thr, **extra), _est=est) for text, est, thr, extra in specs]
     holm(claims, alpha)
     for c in claims:
@@ -287,12 +308,13 @@ def decide(specs, alpha=ALPHA):
 
 
 def replicates_needed(est, threshold, level=1 - ALPHA, cap=1000):
-    """The smallest number of replicates n at which an interval at `level` around the observed ratio,
-    with the observed per-replicate spread (se·sqrt(replicates)), would exclude the threshold; None if
-    the estimate sits on the threshold, has no spread estimate, or needs more than `cap`. The degrees
-    of freedom grow with n in the estimate's own proportion, df·(n - 1)/(replicates - 1) (n - 1 for a
-    plain mean; a stratified estimate's Welch df is smaller), so that at n = replicates the interval
-    is the estimate's own and an undecided claim never reads as needing no more replicates."""
+    """The smallest number of replicates n at which an interval at `level` around the observed
+    ratio, with the observed per-replicate spread (se·sqrt(replicates)), would exclude the
+    threshold; None if the estimate sits on the threshold, has no spread estimate, or needs more
+    than `cap`. The degrees of freedom grow with n in the estimate's own proportion,
+    df·(n - 1)/(replicates - 1) (n - 1 for a plain mean; a stratified estimate's Welch df is
+    smaller), so that at n = replicates the interval is the estimate's own and an undecided claim
+    never reads as needing no more replicates."""
     if est.se is None or est.se == 0:
         return None if est.se is None else est.n
     d = abs(est.log - (math.log(threshold) if est.log_scale else threshold))
@@ -316,14 +338,16 @@ def replicates_needed(est, threshold, level=1 - ALPHA, cap=1000):
 
 
 def summarize(rows, fields=("distinct_any", "ams_any")):
-    """{field: {mean, lo, hi, n}} over rows (one row per replicate), plus per-band `distinct`, `ams`, `ums`."""
+    """{field: {mean, lo, hi, n}} over rows (one row per replicate), plus per-band `distinct`,
+    `ams`, `ums`."""
     out = {}
     for f in fields:
         m, lo, hi = count_ci([r[f] for r in rows])
         out[f] = dict(mean=m, lo=lo, hi=hi, n=len(rows))
     for f in ("distinct", "ams", "ums"):
         bands = rows[0][f].keys() if rows else ()
-        out[f] = {b: dict(zip(("mean", "lo", "hi"), count_ci([r[f][b] for r in rows]))) for b in bands}
+        out[f] = {b: dict(zip(("mean", "lo", "hi"), count_ci([r[f][b] for r in rows])))
+                  for b in bands}
     return out
 
 
@@ -337,14 +361,15 @@ def curve_summary(curves):
     for b in budgets:
         pts = [next(p for p in c if p["budget"] == b) for c in curves]
         m, lo, hi = count_ci([p["distinct_any"] for p in pts])
-        bands = {k: dict(zip(("mean", "lo", "hi"), count_ci([p["distinct"][k] for p in pts]))) for k in pts[0]["distinct"]}
+        bands = {k: dict(zip(("mean", "lo", "hi"), count_ci([p["distinct"][k] for p in pts])))
+                 for k in pts[0]["distinct"]}
         out.append(dict(budget=b, mean=m, lo=lo, hi=hi, n=len(pts), distinct=bands))
     return out
 
 
 def overtake(a, b):
-    """The smallest budget from which curve a's mean stays above curve b's (None if never); both from
-    curve_summary, compared at their common budgets."""
+    """The smallest budget from which curve a's mean stays above curve b's (None if never); both
+    from curve_summary, compared at their common budgets."""
     common = sorted({p["budget"] for p in a} & {p["budget"] for p in b})
     ma, mb = ({p["budget"]: p["mean"] for p in c} for c in (a, b))
     above = [ma[x] > mb[x] for x in common]

@@ -370,7 +370,7 @@ def load_diffusers(path, device="cpu"):
                                        ident)
 
 
-# ----------------------------------------------------------------------------- TorchScript ε-models
+# ---------------------------------------------------------------------------- TorchScript ε-models
 
 class ScriptEps(nn.Module):
     """A TorchScript ε-model `model(x_t, t[, y])` with the attributes our sampler reads."""

@@ -531,15 +531,17 @@ def audit_report(cfg, a):
          f"{cfg.sampler} {cfg.sample_steps} steps. Training set: {n} images ({a['data']}). "
          f"Similarity: {a['similarity']}; bands "
          + ", ".join(f"{b} {lo:g}-{hi:g}" for b, (lo, hi) in a["bands"].items()) + ".", "",
-         "**Scope:** repeats on ONE model measure the attack's own randomness on this model, not model-to-model "
-         "variation: the same recipe trained again (other initial weights or data sample) may leak other images.", "",
+         "**Scope:** repeats on ONE model measure the attack's own randomness on this model, not "
+         "model-to-model variation: the same recipe trained again (other initial weights or data "
+         "sample) may leak other images.", "",
          "## Verdict", "",
          f"- **{len(rows)} of {n} training images ({100 * len(rows) / n:.0f} %) leaked**: reached "
          f"in some band by some method in some repeat; {every} in every repeat; {high} at best in "
          "the high band (leaked.csv)."]
     for v in a["verdict"]:
         c, raw = v["corrected"], v["raw"]
-        iv = "no interval" if c["lo"] is None else f"{100 * c['level']:.1f} % interval [{c['lo']:.2f}, {c['hi']:.2f}]"
+        iv = ("no interval" if c["lo"] is None
+              else f"{100 * c['level']:.1f} % interval [{c['lo']:.2f}, {c['hi']:.2f}]")
         riv = "" if raw["lo"] is None else f"; uncorrected 95 % [{raw['lo']:.2f}, {raw['hi']:.2f}]"
         L.append(f"- **{v['status']}**: {v['claim']}: {v['ratio']:.2f}x, Holm-corrected {iv}{riv} "
                  f"(paired over {v['replicates']} repeats)")

@@ -85,6 +85,14 @@ def family(rows, conditional, sizes, weak_size=None, cond_is_uncond=False):
                     f"{METRIC_NAMES[metric]}, any band",
                     _ratio(rows, "side", b, metric, "any", arm="weak"), group="weak", baseline=b,
                     metric=metric)
+    _size_claims(rows, sizes, add)
+    _label_claims(conditional, add)
+    return specs
+
+
+def _size_claims(rows, sizes, add):
+    """Smaller sets leak more: UnCond's hit rate and its share of the training set at the
+    smallest size against the largest (unpaired: different models)."""
     small, large = min(sizes), max(sizes)
     if small != large:
         for metric, what in (("hits", "UnCond's hit rate"),
@@ -95,6 +103,10 @@ def family(rows, conditional, sizes, weak_size=None, cond_is_uncond=False):
                 add(f"smaller sets leak more: {what}, n={small} above n={large} (each size at its "
                     "calibrated budget)",
                     evidence.unpaired_log_ratio(a, b), group="size", metric=metric)
+
+
+def _label_claims(conditional, add):
+    """SIDE Definition 1 / Theorem 1: each labelling's Δ < 0, and informative below permuted."""
     deltas = {c["labelling"]: c["delta"]["per_replicate"] for c in conditional if c.get("delta")}
     # SIDE Definition 1 / SIDE Theorem 1: a label lowers M (more memorization)
     for lab, per in deltas.items():
@@ -108,7 +120,6 @@ def family(rows, conditional, sizes, weak_size=None, cond_is_uncond=False):
             "Δ(informative) − Δ(permuted) < 0 (nats, paired by replicate)",
             evidence.mean_estimate([a - b for a, b in zip(inf, perm)]), 0.0, direction="<",
             group="conditional")
-    return specs
 
 
 def _size_value(row, metric):

@@ -548,9 +548,10 @@ class Ranks(NamedTuple):
 
 
 def shutdown(finished):
-    """End torchrun's process group: after a barrier when this rank finished its work (so that no rank
-    tears down its transport while another still talks to it: gloo then aborts a rank at exit,
-    'terminate called without an active exception'), at once after an error (a barrier could hang)."""
+    """End torchrun's process group: after a barrier when this rank finished its work (so that no
+    rank tears down its transport while another still talks to it: gloo then aborts a rank at
+    exit, 'terminate called without an active exception'), at once after an error (a barrier could
+    hang)."""
     if dist.is_initialized():
         if finished:
             dist.barrier()
@@ -558,7 +559,8 @@ def shutdown(finished):
 
 
 def local_device(device):
-    """Under torchrun on CUDA each process takes the GPU of its LOCAL_RANK; otherwise `device` unchanged."""
+    """Under torchrun on CUDA each process takes the GPU of its LOCAL_RANK; otherwise `device`
+    unchanged."""
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -578,7 +580,8 @@ def check_shared_folder(folder, ranks):
     """Every rank reads every rank's files in `folder`: refuse a folder that not all nodes see."""
     if ranks.world == 1:
         return
-    probe = os.path.join(folder, f".shared-{ranks.agree(os.urandom(8).hex())}")  # a fresh name: no stale NFS lookup
+    # a fresh name: no stale NFS lookup
+    probe = os.path.join(folder, f".shared-{ranks.agree(os.urandom(8).hex())}")
     if ranks.rank == 0:
         atomic_write_text(probe, "")
     dist.barrier()
@@ -586,18 +589,20 @@ def check_shared_folder(folder, ranks):
     dist.all_gather_object(seen, os.path.exists(probe))
     if ranks.rank == 0:
         os.unlink(probe)
-    check(all(seen), f"the cache folder {folder} is not shared by all {ranks.world} processes (a rank "
-          "cannot see rank 0's files); under torchrun across nodes --out must be on a shared filesystem")
+    check(all(seen), f"the cache folder {folder} is not shared by all {ranks.world} processes (a "
+          "rank cannot see rank 0's files); under torchrun across nodes --out must be on a shared "
+          "filesystem")
 
 
 def autocast(amp, device):
-    """The forward-pass context of --amp: bf16 autocast (weights stay fp32), or a no-op for 'off'."""
+    """The forward-pass context of --amp: bf16 autocast (weights stay fp32), or a no-op for
+    'off'."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
 def fast_model(model, channels_last=False, compile="off"):
-    """The UNet a sampler calls: a channels-last copy and/or torch.compile ("cudagraphs" = its CUDA-graphs
-    mode, "reduce-overhead"); with the defaults, `model` itself."""
+    """The UNet a sampler calls: a channels-last copy and/or torch.compile ("cudagraphs" = its
+    CUDA-graphs mode, "reduce-overhead"); with the defaults, `model` itself."""
     if channels_last:
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     if compile != "off":

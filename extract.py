@@ -53,10 +53,11 @@ import ddpm
 import metrics
 import models
 import side
-from common import (GIB, MAX_CLASSES, Progress, Ranks, UserError, array_digest, atomic_write_bytes,
-                    atomic_write_json, autocast, check, check_fields, check_memory, check_shared_folder,
-                    check_writable, fast_model, folder_lock, load_checkpoint, local_device, option,
-                    parse_config, resolve_device, run_main, save_checkpoint, setup_distributed, shutdown)
+from common import (GIB, MAX_CLASSES, Progress, Ranks, UserError, array_digest,
+                    atomic_write_bytes, atomic_write_json, autocast, check, check_fields,
+                    check_memory, check_shared_folder, check_writable, fast_model, folder_lock,
+                    load_checkpoint, local_device, option, parse_config, resolve_device, run_main,
+                    save_checkpoint, setup_distributed, shutdown)
 from report import line_plot, write_extraction
 
 METHODS = ("uncond", "cond", "side", "side_random", "uncond_budget")
@@ -663,15 +664,17 @@ class Job:
 # (distinct training images found against samples drawn, SIDE's synthetic set counted as spent
 # budget). Each takes a Job; they write sweep_<name>.{json,png}.
 
-SWEEP_EXTEND = 3  # at most this many extra values beyond each end of a grid whose best value sits at that end
-SWEEP_FACTOR = 3.0  # each extra value is the end value x3 (or /3): the grids are roughly geometric (1, 3, 10, 30)
+# at most this many extra values beyond each end of a grid whose best value sits at that end
+SWEEP_EXTEND = 3
+# each extra value is the end value x3 (or /3): the grids are roughly geometric (1, 3, 10, 30)
+SWEEP_FACTOR = 3.0
 
 
 def sweep(job, name, values, cfg, method, point):
-    """The metrics of `method` at each swept value on the sweep seed (point(v) -> job.method kwargs),
-    then, while the best value (best_of) sits at an end of the grid, one more value beyond that end
-    (x3 above, /3 below; 0 is a lower end that stays, e.g. unguided Cond), at most SWEEP_EXTEND per end;
-    writes sweep_<name>.{json,png}. Returns the rows in value order."""
+    """The metrics of `method` at each swept value on the sweep seed (point(v) -> job.method
+    kwargs), then, while the best value (best_of) sits at an end of the grid, one more value
+    beyond that end (x3 above, /3 below; 0 is a lower end that stays, e.g. unguided Cond), at most
+    SWEEP_EXTEND per end; writes sweep_<name>.{json,png}. Returns the rows in value order."""
     n = cfg.sweep_n_gen or cfg.n_gen
     rows, todo, added = [], sorted(set(values)), {"up": 0, "down": 0}
     while todo:
@@ -679,8 +682,9 @@ def sweep(job, name, values, cfg, method, point):
             x, info = job.method(method, n, cfg.sweep_seed, **point(v))
             ev = job.evaluate(x)  # every rank searches a shard; rank 0 gets the result
             if job.ranks.rank == 0:
-                rows.append(dict(value=v, ams=ev["ams"], ums=ev["ums"], distinct=ev["distinct"], p95=ev["p95"],
-                                 distinct_any=ev["distinct_any"], kept=info.get("kept"), added=v not in values))
+                rows.append(dict(value=v, ams=ev["ams"], ums=ev["ums"], distinct=ev["distinct"],
+                                 p95=ev["p95"], distinct_any=ev["distinct_any"],
+                                 kept=info.get("kept"), added=v not in values))
                 job.ranks.log(f"[sweep {name}] {v}: AMS {ev['ams']} UMS {ev['ums']}")
         todo = job.ranks.agree(beyond(rows, added) if job.ranks.rank == 0 else None)
     if job.ranks.rank == 0:
@@ -693,7 +697,8 @@ def sweep(job, name, values, cfg, method, point):
 
 
 def beyond(rows, added):
-    """[the next value past the end of the grid where the best value sits], or [] (counts in `added`)."""
+    """[the next value past the end of the grid where the best value sits], or [] (counts in
+    `added`)."""
     vals, best = sorted(r["value"] for r in rows), best_of(rows)
     if best == vals[-1] and added["up"] < SWEEP_EXTEND:
         added["up"] += 1
@@ -705,15 +710,17 @@ def beyond(rows, added):
 
 
 def curve(job, x, budgets, offset=0):
-    """Distinct training images reached (per band and in any band) by the first b - offset images of x,
-    for each total budget b in `budgets` (b > offset): the extraction-versus-budget curve of one method."""
+    """Distinct training images reached (per band and in any band) by the first b - offset images
+    of x, for each total budget b in `budgets` (b > offset): the extraction-versus-budget curve of
+    one method."""
     pts = []
     for b in budgets:
         if b - offset < 1 or b - offset > len(x):
             continue
         ev = job.evaluate(x[:b - offset])
         if ev is not None:
-            pts.append(dict(budget=int(b), distinct=ev["distinct"], distinct_any=ev["distinct_any"]))
+            pts.append(dict(budget=int(b), distinct=ev["distinct"],
+                            distinct_any=ev["distinct_any"]))
     return pts
 
 
@@ -721,7 +728,8 @@ def curves(job, cfg, samples):
     """Curves of every method over the budget N_syn + N_G (the attacker's total number of samples):
     UnCond from the compute-matched draw (synthetic set then plain samples), Cond and the SIDE
     variants after their own N_G; SIDE starts at N_syn (its synthetic set is spent budget) and
-    `side_union` counts the synthetic set and the guided generations together (an attacker keeps both)."""
+    `side_union` counts the synthetic set and the guided generations together (an attacker keeps
+    both)."""
     total = cfg.n_syn + cfg.n_gen
     grid = sorted({int(round(total * j / cfg.curve_points)) for j in range(1, cfg.curve_points + 1)}
                   | {cfg.n_syn, cfg.n_gen})
@@ -737,9 +745,10 @@ def curves(job, cfg, samples):
 
 
 def best_of(rows):
-    """The sweep value reaching the most distinct training images in any band (UMS), then the highest hit
-    rate in any band (AMS). Any band, not the high band first: a sweep point's high-band count is a handful
-    of images (6 or fewer of 256 generations in the first reproduction), too few to rank scales by."""
+    """The sweep value reaching the most distinct training images in any band (UMS), then the
+    highest hit rate in any band (AMS). Any band, not the high band first: a sweep point's
+    high-band count is a handful of images (6 or fewer of 256 generations in the first
+    reproduction), too few to rank scales by."""
     return max(rows, key=lambda r: (r["distinct_any"], sum(r["ams"].values())))["value"]
 
 
@@ -766,7 +775,8 @@ def load_target(cfg):
     own = info.data or dict(spec=cfg.data, n=None, seed=0, label_attr=None)
     spec = cfg.data or own["spec"]
     origin = "the --data it was trained with" if info.kind == "train" else "data in its JSON"
-    check(spec in ("faces", *data.DATASETS) or os.path.exists(spec), f"{cfg.ckpt} names its training data {spec} "
+    check(spec in ("faces", *data.DATASETS) or os.path.exists(spec),
+          f"{cfg.ckpt} names its training data {spec} "
           f"({origin}), which does not exist here; pass --data with those training images")
     ds = data.load_data(spec, info.image_size, n=own["n"], seed=own["seed"],
                         label_attr=own["label_attr"])

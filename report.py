@@ -271,10 +271,9 @@ def bands_section(b):
     return " ".join(L)
 
 
-def reproduce_report(s, grids, paper):
-    """REPORT.md for reproduce.py's summary dict."""
+def _report_head(s):
+    """The report's title, methods, verdict and the heading of its Table 1."""
     hw, p, ch, v = s["hardware"], s["profile_settings"], s["chosen"], s["verdict"]
-    sizes = list(p["sizes"])
     table_reps = [r for r in s["replicates"] if r["role"] == "table"]
     weak = next((r for r in table_reps if r["weak"]), None)
     L = [f"# SIDE reproduction ({s['profile']} profile, base seed {s['base_seed']})", "",
@@ -314,7 +313,15 @@ def reproduce_report(s, grids, paper):
          "## Table 1 in miniature", "",
          "Mean over replicates [95 % Student-t interval]. distinct = training images reached (UMS "
          "x N_G / 100).", ""]
-    for n in sizes:
+    return L
+
+
+def _table1_lines(s, paper):
+    """Table 1 in miniature per size (and the weak arm), then the paper's Table 1."""
+    p = s["profile_settings"]
+    weak = next((r for r in s["replicates"] if r["role"] == "table" and r["weak"]), None)
+    L = []
+    for n in p["sizes"]:
         ng = {r["method"]: r["n_gen"] for r in s["rows"] if r["n_train"] == n
               and r["arm"] == "table"}
         L += [f"### {n} training images", "",
@@ -334,12 +341,17 @@ def reproduce_report(s, grids, paper):
         u = ums or {}
         L.append(f"| {name} | {ams['uncond']} | {ams['cond']} | {ams['side']} | "
                  f"{u.get('uncond', '–')} | {u.get('cond', '–')} | {u.get('side', '–')} |")
-    L += ["", "## Extraction versus budget", "",
-          "Distinct training images (any band) against the number of samples drawn, mean and 95 % "
+    return L
+
+
+def _budget_lines(s):
+    """The extraction-versus-budget curves and the sweeps of the tuning replicate."""
+    L = ["", "## Extraction versus budget", "",
+         "Distinct training images (any band) against the number of samples drawn, mean and 95 % "
           "band over replicates. SIDE's guided curve starts at N_syn, its synthetic set being "
           "spent budget; UnCond's first N_syn samples are SIDE's synthetic set, so the two diverge "
           "only after it.", ""]
-    L += [f"![budget n={n}](curve_n{n}.png)" for n in sizes] + [""]
+    L += [f"![budget n={n}](curve_n{n}.png)" for n in s["profile_settings"]["sizes"]] + [""]
     L += ["## Sweeps (the tuning replicate)", "",
           "![λ sweep](sweep_lambda.png) ![Cond scale sweep](sweep_cond_scale.png)", ""]
     for key, sw in s["sweeps"].items():
@@ -347,6 +359,12 @@ def reproduce_report(s, grids, paper):
             L.append(f"- {key}: "
                      + "; ".join(f"{r['value']:g}{' (extended)' if r.get('added') else ''}: "
                                  f"distinct {r['distinct']}" for r in sw))
+    return L
+
+
+def reproduce_report(s, grids, paper):
+    """REPORT.md for reproduce.py's summary dict."""
+    L = _report_head(s) + _table1_lines(s, paper) + _budget_lines(s)
     L += [""] + conditional_section(s) + ["## Grids (each extracted generation beside its nearest "
                                           "training images)", ""]
     L += [f"![{g}]({g})" for g in grids]
@@ -354,6 +372,8 @@ def reproduce_report(s, grids, paper):
     L += [f"| {k} | {t:.1f} |" for k, t in s["stage_seconds"].items()]
     L += [f"| total | {s['total_seconds']:.1f} |", ""]
     return "\n".join(x for x in L if x is not None)
+
+
 
 
 def conditional_verdict(cond):
@@ -395,10 +415,16 @@ def conditional_section(s):
     cond = s["conditional"]
     if not cond:
         return L + ["Skipped: the data has no labels (no class subfolders).", ""]
+    return L + _divergence_tables(s, cond) + [conditional_verdict(cond), ""] + _exact_checks(s)
+
+
+def _divergence_tables(s, cond):
+    """Plain sampling and M per labelling, Δ per replicate and over replicates, Δ by
+    label-subset size, and the estimator's cost."""
     nc = min(s["profile_settings"]["sizes"])
-    L += ["| labelling | replicates | distinct any | AMS any % | M (upper bound on M_k), mean over "
-          "replicates |",
-          "|---|---|---|---|---|"]
+    L = ["| labelling | replicates | distinct any | AMS any % | M (upper bound on M_k), mean over "
+         "replicates |",
+         "|---|---|---|---|---|"]
     for c in cond:
         lab = c["labelling"]
         rows = [r for r in s["rows"] if r["n_train"] == nc and r["method"] == "uncond"
@@ -435,16 +461,21 @@ def conditional_section(s):
         L += ["", f"Cost: {d['n_mc']} samples of q_ε per label subset, "
               f"{d['unet_calls_per_sample']} UNet calls per sample and model (stratified timesteps "
               "drawn afresh per sample). Per label subset: summary.json.", ""]
-    L += [conditional_verdict(cond), ""]
-    L += ["### SIDE Theorem 1, exactly (Gaussian mixture with overlapping components, closed-form "
-          "densities)", "",
-          "Components 2σ apart, so log p − log p_i varies over the support; the exact conditional "
-          "and unconditional densities as models. SIDE Theorem 1's limit is −KL(p_i‖p); for this "
-          "finite D_i the ε → 0 value is the mean of log p − log p_i over D_i; log(N_i/N) is what "
-          "disjoint supports would give.", "",
-          "| ε | M(D_i; p_i) − M(D_i; p) | ± s.e. | ε → 0 value for this D_i | −KL(p_i‖p) | "
-          "log(N_i/N) (disjoint) |",
-          "|---|---|---|---|---|---|"]
+    return L
+
+
+def _exact_checks(s):
+    """SIDE Theorem 1 on a Gaussian mixture with closed-form densities, and random labels at
+    finite |D_i| (metrics.theorem1_check, metrics.random_label_check)."""
+    L = ["### SIDE Theorem 1, exactly (Gaussian mixture with overlapping components, closed-form "
+         "densities)", "",
+         "Components 2σ apart, so log p − log p_i varies over the support; the exact conditional "
+         "and unconditional densities as models. SIDE Theorem 1's limit is −KL(p_i‖p); for this "
+         "finite D_i the ε → 0 value is the mean of log p − log p_i over D_i; log(N_i/N) is what "
+         "disjoint supports would give.", "",
+         "| ε | M(D_i; p_i) − M(D_i; p) | ± s.e. | ε → 0 value for this D_i | −KL(p_i‖p) | "
+         "log(N_i/N) (disjoint) |",
+         "|---|---|---|---|---|---|"]
     for t in s["theorem1"]:
         L.append(f"| {t['eps']} | {t['diff']:.4f} | {t['diff_stderr']:.4f} | "
                  f"{t.get('target_finite', float('nan')):.4f} | {t['target_neg_kl']:.4f} | "
@@ -501,24 +532,7 @@ def write_extraction(out, cfg, old, chosen, results, samples, sweeps, budget, ds
     ms = list(samples)
     kept = [m for m in (old or {}).get("methods", {}) if m not in ms]
     kept = kept if os.path.exists(os.path.join(out, "samples.npz")) else []  # their images are gone
-    cols = dict(images=[samples[m][0] for m in ms], method=[[m] * len(samples[m][0]) for m in ms],
-                cluster=[samples[m][1].get("cluster", np.full(len(samples[m][0]), -1)) for m in ms],
-                index=[np.arange(len(samples[m][0])) for m in ms])
-    if kept:
-        try:
-            # no pickles: nothing in it runs
-            with np.load(os.path.join(out, "samples.npz"), allow_pickle=False) as z:
-                rows = np.isin(z["method"], kept)
-                for k in cols:
-                    cols[k].append(z[k][rows])
-        except (OSError, ValueError, KeyError, EOFError) as e:
-            raise UserError(f"{os.path.join(out, 'samples.npz')} cannot be read "
-                            f"({str(e).splitlines()[0][:120]}); pass --overwrite to recompute "
-                            "every method") from None
-    cols = {k: np.concatenate(v) for k, v in cols.items()}
-    buf = io.BytesIO()
-    np.savez(buf, **cols, seed=np.full(len(cols["images"]), cfg.seed))
-    atomic_write_bytes(os.path.join(out, "samples.npz"), buf.getvalue())
+    _write_samples(out, samples, kept, cfg.seed)
     public = {m: {k: v for k, v in r.items() if k not in ("nn_index", "nn_value", "carlini_ratio",
                                                           "yoon_ratio", "ums_index")}
               for m, r in results.items()}
@@ -555,6 +569,30 @@ def write_extraction(out, cfg, old, chosen, results, samples, sweeps, budget, ds
                else ""), ""]
     atomic_write_text(os.path.join(out, "REPORT.md"), "\n".join(text))
     print("\n".join(text))
+
+
+def _write_samples(out, samples, kept, seed):
+    """OUT/samples.npz: every generation of `samples` ({method: (images, info)}) with its method,
+    cluster, index and seed, after the generations of the earlier methods `kept` there."""
+    ms = list(samples)
+    cols = dict(images=[samples[m][0] for m in ms], method=[[m] * len(samples[m][0]) for m in ms],
+                cluster=[samples[m][1].get("cluster", np.full(len(samples[m][0]), -1)) for m in ms],
+                index=[np.arange(len(samples[m][0])) for m in ms])
+    if kept:
+        try:
+            # no pickles: nothing in it runs
+            with np.load(os.path.join(out, "samples.npz"), allow_pickle=False) as z:
+                rows = np.isin(z["method"], kept)
+                for k in cols:
+                    cols[k].append(z[k][rows])
+        except (OSError, ValueError, KeyError, EOFError) as e:
+            raise UserError(f"{os.path.join(out, 'samples.npz')} cannot be read "
+                            f"({str(e).splitlines()[0][:120]}); pass --overwrite to recompute "
+                            "every method") from None
+    cols = {k: np.concatenate(v) for k, v in cols.items()}
+    buf = io.BytesIO()
+    np.savez(buf, **cols, seed=np.full(len(cols["images"]), seed))
+    atomic_write_bytes(os.path.join(out, "samples.npz"), buf.getvalue())
 
 
 def _plain(v):
@@ -596,7 +634,8 @@ def calibration_summary(rows):
     size, the count in brackets."""
     sizes = sorted({r["n_train"] for r in rows})
     by = {(r["n_train"], r["epochs"]): r for r in rows}
-    L = ["| epochs | " + " | ".join(f"n = {n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    L = ["| epochs | " + " | ".join(f"n = {n}" for n in sizes) + " |",
+         "|---|" + "---|" * len(sizes)]
     for e in sorted({r["epochs"] for r in rows}):
         L.append(f"| {e:g} | " + " | ".join(
             f"{100 * by[n, e]['share_any']:.0f} % ({by[n, e]['distinct_any']})" if (n, e) in by
@@ -633,10 +672,12 @@ if __name__ == "__main__":
     p.add_argument("--calibration", metavar="CALIBRATION_JSON",
                    help="instead: the calibration table of a reproduce.py --calibrate run")
     p.add_argument("--table1", action="store_true",
-                   help="with --compare: Table 1 in miniature of the runs instead of their verdicts")
+                   help="with --compare: Table 1 in miniature of the runs instead of their "
+                        "verdicts")
     a = p.parse_args()
     if bool(a.compare) == bool(a.calibration):
-        p.exit(2, "error: pass either --compare SUMMARY_JSON... or --calibration CALIBRATION_JSON\n")
+        p.exit(2, "error: pass either --compare SUMMARY_JSON... or --calibration "
+                  "CALIBRATION_JSON\n")
     if a.calibration:
         try:
             with open(a.calibration) as f:

@@ -294,6 +294,15 @@ def bench_reproduce(cfg, device, where):
     where = f"{device}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
     peak = matmul_peak(2048, 2048, 2048, device)[0] * 1e9
     tag = f"reproduce-{cfg.reproduce} {p['image_size']}px base {p['base']}"
+    _reproduce_training(cfg, p, device, tag, peak, where)
+    _reproduce_sampling(cfg, p, device, tag, peak, where)
+    torch.set_num_threads(threads)
+
+
+
+
+def _reproduce_training(cfg, p, device, tag, peak, where):
+    """bench_reproduce's training part: per size, train.py alone against ensemble.py."""
     tmp = tempfile.mkdtemp(prefix="bench-")
     try:
         for n in p["sizes"]:
@@ -309,9 +318,8 @@ def bench_reproduce(cfg, device, where):
             run_all = lambda s: ensemble.train_ensemble(  # noqa: E731
                 [tcfg(k, s, "ensemble") for k in range(K)], log=False)  # folders of their own
             ens = K * b / _timed_runs(run_all, cfg.reproduce_steps)
-            for name, ips in ((f"alone (train.py), batch {b}", solo), (f"ensemble of {K} "
-                                                                       "(ensemble.py), batch "
-                                                                       f"{K}x{b}", ens)):
+            for name, ips in ((f"alone (train.py), batch {b}", solo),
+                              (f"ensemble of {K} (ensemble.py), batch {K}x{b}", ens)):
                 print(f"{tag} n={n} train {name}: {ips:.0f} img/s = "
                       f"{100 * ips * f_img / peak:.0f}% of the float32 matmul peak "
                       f"{peak / 1e9:.0f} GFLOP/s measured in this run ({f_img / 1e6:.1f} "
@@ -320,6 +328,10 @@ def bench_reproduce(cfg, device, where):
             print(f"{tag} n={n} train ensemble / alone: {ens / solo:.2f}x", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _reproduce_sampling(cfg, p, device, tag, peak, where):
+    """bench_reproduce's sampling part: DDIM unguided and SIDE-guided at extract.py's batch."""
     torch.manual_seed(cfg.seed)
     model, diffusion = train.build(TC(image_size=p["image_size"], base=p["base"], mults=p["mults"],
                                       attn_res=p["attn_res"],
@@ -339,16 +351,15 @@ def bench_reproduce(cfg, device, where):
     f_unet, f_clf = flops_of(lambda: model(x, t)), flops_of(clf_grad)
     for name, cond_fn, f_step in (("unguided", None, f_unet),
                                   ("guided", side.guidance(clf, target, 3.0), f_unet + f_clf)):
-        one = lambda: diffusion.sample(model, nb, ddpm.sample_generators(cfg.seed, range(nb)),
-                                       steps=1,  # noqa: E731
-                                       eta=1.0, cond_fn=cond_fn)
+        one = lambda: diffusion.sample(  # noqa: E731
+            model, nb, ddpm.sample_generators(cfg.seed, range(nb)), steps=1, eta=1.0,
+            cond_fn=cond_fn)
         # denoising steps of the whole batch per second
         sps = cfg.train_steps / rate_of(one, device, cfg.train_steps)
         ips = sps * nb / p["sample_steps"]
         print(f"{tag} sample ddim {name}: {ips:.0f} img/s at {p['sample_steps']} steps, batch "
               f"{nb} = {100 * sps * f_step / peak:.0f}% of the float32 matmul peak "
               f"({where})", flush=True)
-    torch.set_num_threads(threads)
 
 
 def _loss_of(tcfg, device):

@@ -17,12 +17,12 @@ Needs only the standard library and pytest; single-threaded (OMP_NUM_THREADS=1).
 
 Measured for the ddpm, side and metrics targets only (328 mutants, ~30 min on one shared core):
 234/328 killed (71.3 %) with the tests before tests/test_equations.py; 324/328 (98.8 %) after
-(`python tools/mutate.py --rerun BEFORE.log` reruns only the survivors). metrics.summarize (AMS, UMS, p95,
-the replicated fraction, the extracted sets; added since) brings 7 more, all killed once a test put
-values on its thresholds (`--files metrics`: 73/75): 331/335 for those three files. The evidence,
-ensemble, claims and divergence targets were added later and are not in these totals (`--files
-evidence` etc. measures each; measured 2026-12: ensemble 92/93, claims 15/15, evidence 287 of 336
-run (58 not yet run), README). The 4 survivors above are equivalent mutants, which no test can kill:
+(`python tools/mutate.py --rerun BEFORE.log` reruns only the survivors). metrics.summarize (AMS,
+UMS, p95, the replicated fraction, the extracted sets; added since) brings 7 more, all killed once
+a test put values on its thresholds (`--files metrics`: 73/75): 331/335 for those three files.
+The evidence, ensemble, claims and divergence targets were added later and are not in these totals
+(`--files evidence` etc. measures each; measured 2026-12: ensemble 92/93, claims 15/15, evidence
+287 of 336 run (58 not yet run), README). The 4 survivors above are equivalent mutants, which no test can kill:
   ddpm.py  `i > 0` -> `i >= 0` and `sigma > 0` -> `sigma >= 0` in the noise step of
            Diffusion.sample: at i = 0 (ᾱ_prev = 1) and at η = 0, σ is exactly 0, so mean + σ·z is
            the mean either way;

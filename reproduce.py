@@ -17,7 +17,7 @@
 2. Replicates: R per size. A replicate is one (size, r) with its own seeds for everything random:
    the training sample, the initial weights and training stream, the attacker's synthetic set,
    clustering and classifiers, and the generation noise; no seed is shared by two replicates
-   (claims. check_independent, tests/test_reproduce.py), so a claim pooled over every replicate of
+   (claims.check_independent, tests/test_reproduce.py), so a claim pooled over every replicate of
    every size uses independent values. Models of one size train together (ensemble.py), each as if
    alone.
 3. Tuning never sees a reported model: λ and Cond's guidance scale are chosen by sweeps (extended
@@ -500,7 +500,7 @@ def _interval(est, se, df):
 def divergence(cond, uncond, diffusion, x, subsets, eps, n_mc, n_t, device, seed=0):
     """Δ_j = M(D_j; p_θ(.|j), ε_k) − M(D_j; p_θ, ε_k) (SIDE Definition 1) for each label subset
     D_j, the conditional model `cond` given label j against the unconditional `uncond`, paired
-    (metrics. divergence_difference); ε_k is the noise level of the step k nearest ε
+    (metrics.divergence_difference); ε_k is the noise level of the step k nearest ε
     (ddpm.Diffusion.level), where the bound of ddpm.subchain_nll starts. M uses a bound on log p,
     so each M is an upper bound; in Δ the two bounds' gaps need not cancel exactly (exact for the
     closed forms of tests/test_divergence.py). Returns per-subset rows and their mean with stderr

@@ -14,8 +14,9 @@
                       time_dependent=False is the ordinary classifier of the "Carlini Cond"
                       baseline;
   - train_classifier  step 6: cross-entropy on forward-noised images x_t = q_sample(x, t, ε);
-  - guidance          Part 2, classifier guidance: cond_fn(x_t, t) = λ ∇_{x_t} log p_φ(c | x_t, t),
-                      which ddpm.Diffusion.sample turns into ε̂ = ε_θ − sqrt(1−ᾱ_t) cond_fn
+  - guidance          Part 2, classifier guidance:
+                      cond_fn(x_t, t) = λ ∇_{x_t} log p_φ(c | x_t, t), which
+                      ddpm.Diffusion.sample turns into ε̂ = ε_θ − sqrt(1−ᾱ_t) cond_fn
                       (Dhariwal & Nichol 2021, Sec. 4 and Alg. 2).
 
 Images are float tensors in [-1, 1], NCHW; timesteps are the DDPM's 0-based indices {0..T-1} as long
@@ -345,7 +346,7 @@ def surrogate_labels(Z, K, tau=0.5, drop_rejected=False, seed=0, n_init=4):
                            num_classes=len(kept), centroids=C[kept].cpu())
 
 
-# ============================================================= SIDE Alg. 1, step 6: p_φ(y | x_t, t)
+# ============================================================ SIDE Alg. 1, step 6: p_φ(y | x_t, t)
 
 
 class TimeFiLM(nn.Module):
@@ -385,10 +386,10 @@ class BasicBlock(nn.Module):
 
 
 class TimeResNet(nn.Module):
-    """p_φ(y | x_t, t): stem conv -> bn1 -> time_module -> ReLU -> residual stages -> global pool ->
-    linear. Stage i has width·2^i channels and `blocks[i]` BasicBlocks, stride 2 from the second
-    stage on (the paper's ResNet34 is blocks=(3, 4, 6, 3) at 128 px). time_dependent=False: no time
-    module, t ignored."""
+    """p_φ(y | x_t, t): stem conv -> bn1 -> time_module -> ReLU -> residual stages -> global
+    pool -> linear. Stage i has width·2^i channels and `blocks[i]` BasicBlocks, stride 2 from the
+    second stage on (the paper's ResNet34 is blocks=(3, 4, 6, 3) at 128 px). time_dependent=False:
+    no time module, t ignored."""
 
     def __init__(self, num_classes, image_size=16, channels=3, width=32, blocks=(1, 1, 1),
                  time_dependent=True, T=1000):

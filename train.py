@@ -359,69 +359,101 @@ def restore(ckpt, ckpt_path, model, ema, opt, gen):
 
 
 def train(cfg, finish=None):
-    """The training loop; returns the final checkpoint dict. Pure of argv, prints progress to stderr.
-    Every check runs first (validate, prepare); then rank 0 holds --out's lock while it writes. With
-    --overwrite the earlier run's files stay whole until the first new checkpoint replaces them (an
-    interrupted overwrite leaves the old run as it was). finish(state): called at the end on rank 0 under
-    the lock."""
+    """The training loop; returns the final checkpoint dict. Pure of argv, prints progress to
+    stderr. Every check runs first (validate, prepare); then rank 0 holds --out's lock while it
+    writes. With --overwrite the earlier run's files stay whole until the first new checkpoint
+    replaces them (an interrupted overwrite leaves the old run as it was). finish(state): called at
+    the end on rank 0 under the lock."""
     validate(cfg)
     device = local_device(resolve_device(cfg.device))
     rank, world = setup_distributed(device)
-    check(cfg.batch % world == 0, f"--batch {cfg.batch} must be divisible by the number of processes ({world})")
+    check(cfg.batch % world == 0,
+          f"--batch {cfg.batch} must be divisible by the number of processes ({world})")
     run = prepare(cfg, device)
     st = setup(cfg, device, run)
-    model, ema, opt, diffusion, ckpt_path = st.model, st.ema, st.opt, st.diffusion, run.ckpt_path
     if world > 1:  # a node that cannot see OUT/ckpt.pt would start over while the others resume
-        steps = [None] * world
-        dist.all_gather_object(steps, st.step)
-        check(len(set(steps)) == 1, f"ranks would start from different steps {steps}: {ckpt_path} is not the same "
-              "file on every node; put --out on a filesystem all nodes share")
-    if cfg.channels_last:  # before DDP wraps it; the state dict keeps its values, so checkpoints are unchanged
-        model.to(memory_format=torch.channels_last)
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    fwd = torch.compile(ddp) if cfg.compile else ddp
+        check_same_start(st, world, run.ckpt_path)
+    fwd = forward_model(cfg, st.model, device, world)
     with folder_lock(cfg.out, "--out", "train.py") if rank == 0 else contextlib.nullcontext():
         if rank == 0:
             begin(cfg, run)
-        n_local = cfg.batch // world
-        prog = Progress("train", cfg.steps - st.step, "step", every=cfg.log_every, enabled=rank == 0)
-        t0, losses = time.time(), []
-        while st.step < cfg.steps:
-            x0, t, noise, y = st.draw()  # the same global batch on every rank; this rank takes its slice
-            sl = slice(rank * n_local, (rank + 1) * n_local)
-            x0, t, noise = x0[sl].to(device), t[sl].to(device), noise[sl].to(device)
-            y = None if y is None else y[sl].to(device)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, st.step)
-            with autocast(cfg.amp, device):  # bf16 activations under --amp bf16; parameters and optimiser stay fp32
-                loss = diffusion.loss(fwd, x0, t, noise, y).float().mean()  # Ho et al. Eq. 14
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # DDP averages the ranks' gradients: equal slices make it the global-batch mean
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            loss = loss.detach()
-            if world > 1:  # the global-batch loss, so every rank logs and stops on the same number
-                dist.all_reduce(loss)
-                loss /= world
-            if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
-                raise UserError(f"training loss became {loss.item()} at step {st.step}; the last good checkpoint "
-                                f"{ckpt_path} is kept; lower --lr (now {cfg.lr}) or --grad-clip and --resume")
-            opt.step()
-            st.step += 1
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1.0 - cfg.ema_decay)
-            losses.append(loss.item())
-            prog.update(1, f"step {st.step} loss {np.mean(losses[-50:]):.4f} lr {lr_at(cfg, st.step - 1):.2e} "
-                           f"img/s {cfg.batch * len(losses) / (time.time() - t0):.0f}")
-            if rank == 0:
-                save_due(st, ckpt_path)
+        train_steps(st, fwd, device, rank, world, run.ckpt_path)
         if world > 1:
             dist.barrier()
         state = st.snapshot
         if rank == 0 and finish is not None:
             finish(state)
     return state
+
+
+def check_same_start(st, world, ckpt_path):
+    """Under torchrun: every rank resumes from the same step, i.e. sees the same OUT/ckpt.pt."""
+    steps = [None] * world
+    dist.all_gather_object(steps, st.step)
+    check(len(set(steps)) == 1, f"ranks would start from different steps {steps}: {ckpt_path} is "
+          "not the same file on every node; put --out on a filesystem all nodes share")
+
+
+def forward_model(cfg, model, device, world):
+    """What the training steps call: `model` in channels-last layout under --channels-last, wrapped
+    in DDP under torchrun and compiled under --compile (its parameters stay `model`'s)."""
+    # before DDP wraps it; the state dict keeps its values, so checkpoints are unchanged
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    return torch.compile(ddp) if cfg.compile else ddp
+
+
+def train_steps(st, fwd, device, rank, world, ckpt_path):
+    """The steps from st.step to cfg.steps: each takes this rank's slice of the next global batch
+    and one optimiser step (train_step), logs progress and, on rank 0, saves what is due."""
+    cfg = st.cfg
+    n_local = cfg.batch // world
+    prog = Progress("train", cfg.steps - st.step, "step", every=cfg.log_every, enabled=rank == 0)
+    t0, losses = time.time(), []
+    while st.step < cfg.steps:
+        # the same global batch on every rank; this rank takes its slice
+        x0, t, noise, y = st.draw()
+        sl = slice(rank * n_local, (rank + 1) * n_local)
+        x0, t, noise = x0[sl].to(device), t[sl].to(device), noise[sl].to(device)
+        y = None if y is None else y[sl].to(device)
+        loss = train_step(st, fwd, x0, t, noise, y, device, world, ckpt_path)
+        losses.append(loss.item())
+        prog.update(1, f"step {st.step} loss {np.mean(losses[-50:]):.4f} "
+                       f"lr {lr_at(cfg, st.step - 1):.2e} "
+                       f"img/s {cfg.batch * len(losses) / (time.time() - t0):.0f}")
+        if rank == 0:
+            save_due(st, ckpt_path)
+
+
+def train_step(st, fwd, x0, t, noise, y, device, world, ckpt_path):
+    """One optimiser step on this rank's slice (x0, t, noise, y) of the global batch: warm-up
+    learning rate, loss, gradient clip, AdamW, EMA; returns the global-batch loss (detached)."""
+    cfg, model, ema, opt, diffusion = st.cfg, st.model, st.ema, st.opt, st.diffusion
+    for g in opt.param_groups:
+        g["lr"] = lr_at(cfg, st.step)
+    # bf16 activations under --amp bf16; parameters and optimiser stay fp32
+    with autocast(cfg.amp, device):
+        loss = diffusion.loss(fwd, x0, t, noise, y).float().mean()  # Ho et al. Eq. 14
+    opt.zero_grad(set_to_none=True)
+    # DDP averages the ranks' gradients: equal slices make it the global-batch mean
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    loss = loss.detach()
+    if world > 1:  # the global-batch loss, so every rank logs and stops on the same number
+        dist.all_reduce(loss)
+        loss /= world
+    if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
+        raise UserError(f"training loss became {loss.item()} at step {st.step}; the last good "
+                        f"checkpoint {ckpt_path} is kept; lower --lr (now {cfg.lr}) or "
+                        "--grad-clip and --resume")
+    opt.step()
+    st.step += 1
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1.0 - cfg.ema_decay)
+    return loss
 
 
 def begin(cfg, run):

@@ -136,6 +136,15 @@ def draw_face(attrs, jitter=None, size=32):
         d.chord(P(cx - a * 1.08, top, cx + a * 1.08, top + b * 2 * (0.42 + 0.15 * hl)), 180, 360,
                 fill=hair)
 
+    _draw_eyes(d, P, lw, cx, cy, a, b, j, eyes, skin, hair)
+    _draw_mouth(d, P, lw, cx, cy, a, b, j, mouth)
+    return np.asarray(img.resize((size, size), Image.LANCZOS), dtype=np.uint8)
+
+
+def _draw_eyes(d, P, lw, cx, cy, a, b, j, eyes, skin, hair):
+    """draw_face's eyes (with brows) and nose on the canvas `d`: P maps fractions of the image to
+    canvas pixels, lw is the stroke width, (cx, cy) the face centre, (a, b) its half-width and
+    half-height, j the scaled jitter; eyes is the attribute's value, skin and hair the colours."""
     ey = cy - 0.06 + j["eye_y"]
     gap, er = a * 0.45 * (1 + j["eye_gap"]), a * 0.17 * (1 + j["eye_size"])
     for s in (-1, 1):
@@ -156,6 +165,10 @@ def draw_face(attrs, jitter=None, size=32):
     d.line(P(cx, ey + er * 1.5, cx - a * 0.08, cy + b * 0.22),
            fill=tuple(int(c * 0.7) for c in skin), width=lw)
 
+
+def _draw_mouth(d, P, lw, cx, cy, a, b, j, mouth):
+    """draw_face's mouth on the canvas `d` (arguments as _draw_eyes'; mouth: the attribute's
+    value)."""
     my, mw = cy + b * 0.5 + j["mouth_y"], a * 0.4 * (1 + j["mouth_w"])
     lips = (170, 40, 50)
     if mouth == 0:  # smile: lower half of an ellipse
@@ -165,7 +178,6 @@ def draw_face(attrs, jitter=None, size=32):
     else:  # open: dark oval with red rim
         d.ellipse(P(cx - mw * 0.55, my - mw * 0.35, cx + mw * 0.55, my + mw * 0.55),
                   fill=(70, 10, 20), outline=lips, width=lw)
-    return np.asarray(img.resize((size, size), Image.LANCZOS), dtype=np.uint8)
 
 
 def make_faces(n, size=32, seed=0):

@@ -14,8 +14,9 @@
                       time_dependent=False is the ordinary classifier of the "Carlini Cond"
                       baseline;
   - train_classifier  step 6: cross-entropy on forward-noised images x_t = q_sample(x, t, ε);
-  - guidance          Part 2, classifier guidance: cond_fn(x_t, t) = λ ∇_{x_t} log p_φ(c | x_t, t),
-                      which ddpm.Diffusion.sample turns into ε̂ = ε_θ − sqrt(1−ᾱ_t) cond_fn
+  - guidance          Part 2, classifier guidance:
+                      cond_fn(x_t, t) = λ ∇_{x_t} log p_φ(c | x_t, t), which
+                      ddpm.Diffusion.sample turns into ε̂ = ε_θ − sqrt(1−ᾱ_t) cond_fn
                       (Dhariwal & Nichol 2021, Sec. 4 and Alg. 2).
 
 Images are float tensors in [-1, 1], NCHW; timesteps are the DDPM's 0-based indices {0..T-1} as long
@@ -345,7 +346,7 @@ def surrogate_labels(Z, K, tau=0.5, drop_rejected=False, seed=0, n_init=4):
                            num_classes=len(kept), centroids=C[kept].cpu())
 
 
-# ============================================================= SIDE Alg. 1, step 6: p_φ(y | x_t, t)
+# ============================================================ SIDE Alg. 1, step 6: p_φ(y | x_t, t)
 
 
 class TimeFiLM(nn.Module):
@@ -385,10 +386,10 @@ class BasicBlock(nn.Module):
 
 
 class TimeResNet(nn.Module):
-    """p_φ(y | x_t, t): stem conv -> bn1 -> time_module -> ReLU -> residual stages -> global pool ->
-    linear. Stage i has width·2^i channels and `blocks[i]` BasicBlocks, stride 2 from the second
-    stage on (the paper's ResNet34 is blocks=(3, 4, 6, 3) at 128 px). time_dependent=False: no time
-    module, t ignored."""
+    """p_φ(y | x_t, t): stem conv -> bn1 -> time_module -> ReLU -> residual stages -> global
+    pool -> linear. Stage i has width·2^i channels and `blocks[i]` BasicBlocks, stride 2 from the
+    second stage on (the paper's ResNet34 is blocks=(3, 4, 6, 3) at 128 px). time_dependent=False:
+    no time module, t ignored."""
 
     def __init__(self, num_classes, image_size=16, channels=3, width=32, blocks=(1, 1, 1),
                  time_dependent=True, T=1000):
@@ -447,12 +448,11 @@ def train_classifier(x, labels, diffusion=None, steps=500, batch=64, lr=1e-3, we
     -1 are excluded. AdamW; the paper's lr is 1e-4, but at our CPU-sized step counts 1e-4 trains far
     too slowly, hence 1e-3. weight_decay 0.01 is AdamW's usual default (the paper gives none). No
     augmentation: the classifier should learn the DDPM's own clusters. log(line): the summary line
-    (None: silent);
-    progress(done, total, extra): called after every step. Returns (model in eval mode, frozen;
-    report dict) with train_acc (training split at t = 0), heldout_acc_by_t {t: acc} at t in {0,
-    T/10, T/4, T/2, 3T/4} (only {0: clean accuracy} without diffusion; {} if holdout = 0), both at
-    fixed noise (seed + 1), n_train, n_holdout, num_classes, steps, seconds. Labels must be 0..C-1
-    (C = max + 1).
+    (None: silent); progress(done, total, extra): called after every step. Returns (model in eval
+    mode, frozen; report dict) with train_acc (training split at t = 0), heldout_acc_by_t {t: acc}
+    at t in {0, T/10, T/4, T/2, 3T/4} (only {0: clean accuracy} without diffusion; {} if holdout =
+    0), both at fixed noise (seed + 1), n_train, n_holdout, num_classes, steps, seconds. Labels must
+    be 0..C-1 (C = max + 1).
     """
     _check(x.ndim == 4 and labels.shape == (len(x),), f"classifier: x {tuple(x.shape)} and labels "
            f"{tuple(labels.shape)} must be (N, C, H, W) and (N,)")
@@ -461,17 +461,7 @@ def train_classifier(x, labels, diffusion=None, steps=500, batch=64, lr=1e-3, we
            "(BatchNorm)")
     _check(0.0 <= holdout < 1.0, f"classifier: holdout={holdout} must lie in [0, 1)")
     t0, device = time.time(), torch.device(device or x.device)
-    keep = labels >= 0
-    x, y = x[keep].detach().float().cpu(), labels[keep].long().cpu()
-    num_classes = int(y.max()) + 1 if len(y) else 0
-    _check(num_classes >= 2, f"classifier: need images of at least 2 classes, got {num_classes}")
-    gen = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(len(x), generator=gen)
-    n_hold = int(round(holdout * len(x)))
-    _check(len(x) - n_hold >= 2,
-           f"classifier: only {len(x) - n_hold} training images after the held-out "
-           "split")
-    tr, ho = perm[n_hold:], perm[:n_hold]
+    x, y, num_classes, gen, tr, ho = _labelled_split(x, labels, holdout, seed)
     T = diffusion.T if diffusion is not None else T_REF
     with torch.random.fork_rng(devices=[]):  # initialisation from `seed`, the global RNG untouched
         torch.manual_seed(int(seed))
@@ -496,18 +486,43 @@ def train_classifier(x, labels, diffusion=None, steps=500, batch=64, lr=1e-3, we
         if progress is not None:
             progress(step + 1, steps, f"loss {loss.item():.4f}")
     model.eval().requires_grad_(False)
-    eval_ts = sorted({0, T // 10, T // 4, T // 2, 3 * T // 4}) if diffusion is not None else [0]
-    report = dict(
-        train_acc=_accuracy(model, x[tr], y[tr], 0, diffusion, seed + 1, device),
-        heldout_acc_by_t={t: _accuracy(model, x[ho], y[ho], t, diffusion, seed + 1, device)
-                          for t in eval_ts} if n_hold else {},
-        n_train=len(tr), n_holdout=n_hold, num_classes=num_classes, steps=steps,
-        seconds=time.time() - t0)
+    train_acc, heldout_acc_by_t = _accuracies(model, x, y, tr, ho, diffusion, T, seed, device)
+    report = dict(train_acc=train_acc, heldout_acc_by_t=heldout_acc_by_t, n_train=len(tr),
+                  n_holdout=len(ho), num_classes=num_classes, steps=steps,
+                  seconds=time.time() - t0)
     if log is not None:
         log(f"[classifier] {num_classes} classes, train acc {report['train_acc']:.3f}, held-out "
             "acc by t "
             + " ".join(f"{t}:{a:.3f}" for t, a in report["heldout_acc_by_t"].items()))
     return model, report
+
+
+def _labelled_split(x, labels, holdout, seed):
+    """train_classifier's data: the labelled images (labels -1 dropped; on CPU, float / long), the
+    number of classes, the generator of the whole run (seeded by `seed`; its first draw is this
+    split) and the indices of the training and held-out images."""
+    keep = labels >= 0
+    x, y = x[keep].detach().float().cpu(), labels[keep].long().cpu()
+    num_classes = int(y.max()) + 1 if len(y) else 0
+    _check(num_classes >= 2, f"classifier: need images of at least 2 classes, got {num_classes}")
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(len(x), generator=gen)
+    n_hold = int(round(holdout * len(x)))
+    _check(len(x) - n_hold >= 2,
+           f"classifier: only {len(x) - n_hold} training images after the held-out "
+           "split")
+    return x, y, num_classes, gen, perm[n_hold:], perm[:n_hold]
+
+
+def _accuracies(model, x, y, tr, ho, diffusion, T, seed, device):
+    """train_classifier's accuracies of the trained `model` (in eval mode), at fixed noise (seed +
+    1): (on the training split at t = 0, {t: on the held-out split} at t in {0, T/10, T/4, T/2,
+    3T/4} with `diffusion`, else {0: clean}; {} without a held-out split)."""
+    eval_ts = sorted({0, T // 10, T // 4, T // 2, 3 * T // 4}) if diffusion is not None else [0]
+    train_acc = _accuracy(model, x[tr], y[tr], 0, diffusion, seed + 1, device)
+    heldout_acc_by_t = {t: _accuracy(model, x[ho], y[ho], t, diffusion, seed + 1, device)
+                        for t in eval_ts} if len(ho) else {}
+    return train_acc, heldout_acc_by_t
 
 
 # ==================================================================== SIDE Alg. 1, Part 2: guidance

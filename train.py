@@ -37,10 +37,12 @@ import torch.distributed as dist
 
 import data
 import ddpm
+import models
 from common import (MAX_CLASSES, MAX_IMAGE_SIZE, MAX_T, Progress, UserError, array_digest,
-                    atomic_write_json, autocast, check, check_fields, check_memory, check_writable,
-                    folder_lock, load_checkpoint, local_device, option, parse_config, resolve_device,
-                    run_main, save_checkpoint, setup_distributed, shutdown)
+                    atomic_write_json, autocast, check, check_fields, check_memory,
+                    check_writable, folder_lock, load_checkpoint, local_device, option,
+                    parse_config, resolve_device, run_main, save_checkpoint, setup_distributed,
+                    shutdown)
 
 
 # UNet base width: DDPMs use 64-256 (ADM's widest base, 256); beyond, parameters alone are GBs
@@ -125,7 +127,7 @@ RESUMABLE = {"keep", "steps", "ckpt_every", "sample_n", "sample_steps", "device"
 
 
 def validate_model(cfg):
-    """What links the UNet's shape fields (train.py's and bench.py's): one halving per extra
+    """What links the UNet's shape fields (train.py's and tools/bench.py's): one halving per extra
     level."""
     check(cfg.image_size % 2 ** (len(cfg.mults) - 1) == 0,
           f"--image-size {cfg.image_size} must be divisible by 2^(levels-1) = "
@@ -187,23 +189,12 @@ def training_labels(cfg, ds):
 
 
 def load_trained(path, device="cpu"):
-    """(EMA model in eval mode, diffusion, config dict, checkpoint) rebuilt from a checkpoint
-    alone."""
-    ckpt = load_checkpoint(path)
-    if not (isinstance(ckpt, dict) and {"config", "ema", "num_classes"} <= set(ckpt)):
-        raise UserError(f"{path} is not a model checkpoint from train.py (an extraction cache "
-                        "file?); pass the ckpt.pt that train.py wrote")
-    try:
-        cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items()
-                             if k in {f.name for f in dataclasses.fields(TrainConfig)}})
-        check_fields(cfg)  # e.g. a schedule name this code does not know
-        model, diffusion = build(cfg, ckpt["num_classes"], device,
-                                 ckpt.get("model_args", {}).get("channels", 3))
-        model.load_state_dict(ckpt["ema"])
-    except (KeyError, RuntimeError, TypeError, ValueError, UserError) as e:
-        raise UserError(f"{path} does not match this code's model ({str(e).splitlines()[0]}); "
-                        "retrain it with train.py") from None
-    return model.eval().requires_grad_(False), diffusion, cfg, ckpt
+    """(EMA model in eval mode, diffusion, TrainConfig, checkpoint) rebuilt from a checkpoint
+    alone: the one loader, models.load_train, and the checkpoint's config as a TrainConfig."""
+    model, diffusion, info = models.load_train(path, device)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in info.checkpoint["config"].items() if k in fields})
+    return model.to(device).eval().requires_grad_(False), diffusion, cfg, info.checkpoint
 
 
 def lr_at(cfg, step):
@@ -278,7 +269,7 @@ def prepare(cfg, device):
 
 
 # fused AdamW (one kernel for all parameters; supported on CPU and CUDA): 13 % faster steps at
-# reproduce's shapes on a 2-core CPU (bench.py), the same update up to float rounding
+# reproduce's shapes on a 2-core CPU (tools/bench.py), the same update up to float rounding
 FUSED = dict(fused=True)
 
 

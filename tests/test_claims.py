@@ -1,6 +1,7 @@
-"""claims.py against hand-computed verdicts: every paper claim on both metrics (hits = AMS x N_G / 100,
-distinct = UMS x N_G / 100), any and high band, > 1 and > 1.5; pooled over sizes as the mean of the
-per-size paired log-ratios; the controls, the weak arm, the sizes and SIDE Definition 1 in the same Holm family."""
+"""claims.py against hand-computed verdicts: every paper claim on both metrics (hits = AMS x N_G /
+100, distinct = UMS x N_G / 100), any and high band, > 1 and > 1.5; pooled over sizes as the mean of
+the per-size paired log-ratios; the controls, the weak arm, the sizes and SIDE Definition 1 in the
+same Holm family."""
 import math
 
 import numpy as np
@@ -11,8 +12,9 @@ import claims
 
 def _row(n, method, r, hits, distinct, arm="table", high=None):
     high = high if high is not None else (hits // 2, distinct // 2)
-    return dict(n_train=n, method=method, arm=arm, replicate=r, hits_any=hits, distinct_any=distinct,
-                hits={"low": hits - high[0], "high": high[0]}, distinct={"low": distinct - high[1], "high": high[1]})
+    return dict(n_train=n, method=method, arm=arm, replicate=r, hits_any=hits,
+                distinct_any=distinct, hits={"low": hits - high[0], "high": high[0]},
+                distinct={"low": distinct - high[1], "high": high[1]})
 
 
 def _table():
@@ -20,7 +22,8 @@ def _table():
     for n, base in ((32, [10, 11, 12]), (128, [2, 3, 2])):
         for r, b in enumerate(base):
             rows += [_row(n, "uncond", r, b, b), _row(n, "side", r, 2 * b + 1, 2 * b + 1),
-                     _row(n, "cond", r, b, b), _row(n, "side_random", r, b, b), _row(n, "uncond_budget", r, b, b + 1)]
+                     _row(n, "cond", r, b, b), _row(n, "side_random", r, b, b),
+                     _row(n, "uncond_budget", r, b, b + 1)]
     return rows
 
 
@@ -36,7 +39,8 @@ def test_a_pooled_ratio_is_the_mean_of_the_per_size_means():
     specs = {s[0]: s for s in claims.family(_table(), [], [32, 128])}
     est = specs["SIDE more than Carlini UnCond: hit rate (AMS), any band"][1]
     n32 = np.log([2.0, 2.0, 2.0])  # (2b + 1 + 1) / (b + 1) = 2 at every replicate of both sizes
-    assert est.log == pytest.approx(math.log(2.0)) and est.se == pytest.approx(0, abs=1e-12) and est.n == 6
+    assert (est.log == pytest.approx(math.log(2.0)) and est.se == pytest.approx(0, abs=1e-12)
+            and est.n == 6)
     assert n32.mean() == pytest.approx(est.log)
     high = specs["SIDE more than Carlini UnCond: hit rate (AMS), high band"][1]
     by_size = [np.log([(2 * b + 1) // 2 + 1 for b in base]) - np.log([b // 2 + 1 for b in base])
@@ -57,28 +61,35 @@ def test_the_family_is_decided_together_and_keeps_both_intervals():
     ranks = sorted(c["corrected"]["rank"] for c in cs)
     assert ranks == list(range(1, len(cs) + 1))
     weak = [c for c in cs if c["group"] == "weak"]
-    assert len(weak) == 4 and all(c["ratio"] == pytest.approx(5.0) for c in weak)  # (9 + 1) / (1 + 1)
+    # (9 + 1) / (1 + 1)
+    assert len(weak) == 4 and all(c["ratio"] == pytest.approx(5.0) for c in weak)
     d = next(c for c in cs if c["group"] == "conditional")
-    assert d["direction"] == "<" and d["ratio"] == pytest.approx(-15.0) and d["scale"] == "difference"
+    assert (d["direction"] == "<" and d["ratio"] == pytest.approx(-15.0)
+            and d["scale"] == "difference")
     diff = next(c for c in cs if c["claim"].startswith("informative labels lower it more"))
-    assert diff["ratio"] == pytest.approx(-1.0) and diff["replicates"] == 3  # mean of (-1, 1, -3), paired
+    # mean of (-1, 1, -3), paired
+    assert diff["ratio"] == pytest.approx(-1.0) and diff["replicates"] == 3
     for c in cs:
         assert c["corrected"]["lo"] is None or c["corrected"]["lo"] <= c["raw"]["lo"] + 1e-12
-    sizes = next(c for c in cs if c["claim"].startswith("smaller sets leak more: UnCond's hit rate"))
-    assert sizes["ratio"] == pytest.approx((11 + 1) / (7 / 3 + 1))  # unpaired: mean(a + 1) / mean(b + 1)
+    sizes = next(c for c in cs
+                 if c["claim"].startswith("smaller sets leak more: UnCond's hit rate"))
+    # unpaired: mean(a + 1) / mean(b + 1)
+    assert sizes["ratio"] == pytest.approx((11 + 1) / (7 / 3 + 1))
 
 
 def test_descriptive_lines_carry_intervals_and_the_ums_ceiling():
     d = claims.descriptive(_table(), {}, [32, 128])
     ceiling = next(x for x in d if x["kind"] == "ceiling" and x["n"] == 32)
-    assert ceiling["mean"] == pytest.approx(11.0) and "cannot exceed 2.75" in ceiling["text"]  # (32 + 1) / (11 + 1)
+    # (32 + 1) / (11 + 1)
+    assert ceiling["mean"] == pytest.approx(11.0) and "cannot exceed 2.75" in ceiling["text"]
     assert ceiling["share"] == pytest.approx(11.0 / 32) and "(34 %)" in ceiling["text"]
     per = [x for x in d if x["kind"] == "per size"]
     assert len(per) == 4 and all("status" not in x for x in per)
 
 
 def test_shared_seeds_are_refused():
-    plan = [dict(name="a", seeds=dict(data=1, train=2)), dict(name="b", seeds=dict(data=3, train=2))]
+    plan = [dict(name="a", seeds=dict(data=1, train=2)),
+            dict(name="b", seeds=dict(data=3, train=2))]
     with pytest.raises(ValueError, match="shared by a and b"):
         claims.check_independent(plan)
 

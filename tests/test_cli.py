@@ -1,8 +1,8 @@
 """Nothing a user types can hurt: every flag of every script, walked from the config
 dataclasses (so a new field is covered without editing this file), with wrong-type, empty and
 out-of-range values, must give exactly one `error:` line and exit code 2, no traceback, and leave
-every file as it was. Then concrete cases found by a battery of bad inputs, the rerun rules of train.py,
-extract.py and reproduce.py, and the permissions of atomically written files.
+every file as it was. Then concrete cases found by a battery of bad inputs, the rerun rules of
+train.py, extract.py and reproduce.py, and the permissions of atomically written files.
 
 Everything runs `main(argv)` in-process (through common.run_main, as `python script.py` does) in
 an empty working directory, so relative default outputs (runs/model, results, faces.png) would
@@ -25,8 +25,9 @@ import metrics
 import reproduce
 import train
 
-TINY_TRAIN = ["--steps", "2", "--n-train", "8", "--image-size", "8", "--base", "16", "--attn-res", "4", "--T", "10",
-              "--sample-n", "0", "--sample-steps", "5", "--batch", "8", "--device", "cpu"]
+TINY_TRAIN = ["--steps", "2", "--n-train", "8", "--image-size", "8", "--base", "16",
+              "--attn-res", "4", "--T", "10", "--sample-n", "0", "--sample-steps", "5",
+              "--batch", "8", "--device", "cpu"]
 SCRIPTS = [(train, train.TrainConfig), (extract, extract.ExtractConfig), (data, data.PreviewConfig),
            (bench, bench.BenchConfig), (reproduce, reproduce.ReproduceConfig)]
 
@@ -43,7 +44,8 @@ def snapshot(folder):
 
 
 def run(main, argv, capsys, where):
-    """(exit code, stderr lines) of `python script.py argv`, asserting nothing under `where` changed."""
+    """(exit code, stderr lines) of `python script.py argv`, asserting nothing under `where`
+    changed."""
     before = snapshot(where)
     capsys.readouterr()
     try:
@@ -65,14 +67,16 @@ def assert_one_error(code, err, argv, needle=None):
 
 
 def bad_values(f):
-    """Values a user could type that the field's declaration must refuse (wrong type, empty, out of range)."""
+    """Values a user could type that the field's declaration must refuse (wrong type, empty, out of
+    range)."""
     m, kind = f.metadata, common._kind(f)
     elem = common._elem(f) if kind is tuple else kind
     vals = []
     if kind is bool:
         return ["maybe"]
     if elem in (int, float):
-        vals += ["abc", "nan" if elem is float else "1.5"] if kind is tuple else ["abc", "", "inf" if elem is float else "1.5"]
+        vals += (["abc", "nan" if elem is float else "1.5"] if kind is tuple
+                 else ["abc", "", "inf" if elem is float else "1.5"])
         if isinstance(m.get("lo"), (int, float)):
             vals.append(str(m["lo"] - 1 if m["lo"] - 1 not in m["allow"] else m["lo"] - 2))
         if isinstance(m.get("gt"), (int, float)):
@@ -90,19 +94,23 @@ def bad_values(f):
     return vals
 
 
-CASES = [(mod, f, v) for mod, cls in SCRIPTS for f in dataclasses.fields(cls) for v in bad_values(f)]
+CASES = [(mod, f, v) for mod, cls in SCRIPTS for f in dataclasses.fields(cls)
+         for v in bad_values(f)]
 
 
 def test_the_table_covers_every_declared_range():
-    """Every number field of every script declares a range, so the walk below tests each one's bounds."""
+    """Every number field of every script declares a range, so the walk below tests each one's
+    bounds."""
     for mod, cls in SCRIPTS:
         for f in dataclasses.fields(cls):
             if common._kind(f) in (int, float):
                 m = f.metadata
-                assert any(m.get(k) is not None for k in ("lo", "hi", "gt", "lt")), f"{cls.__name__}.{f.name}"
+                assert any(m.get(k) is not None for k in ("lo", "hi", "gt", "lt")), \
+                    f"{cls.__name__}.{f.name}"
 
 
-@pytest.mark.parametrize("mod,f,value", CASES, ids=[f"{m.__name__}--{f.name}={v!r}" for m, f, v in CASES])
+@pytest.mark.parametrize("mod,f,value", CASES,
+                         ids=[f"{m.__name__}--{f.name}={v!r}" for m, f, v in CASES])
 def test_every_flag_refuses_bad_values_with_one_line(mod, f, value, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = [common.flag_name(f), value]
@@ -110,9 +118,12 @@ def test_every_flag_refuses_bad_values_with_one_line(mod, f, value, tmp_path, mo
     assert_one_error(code, err, argv, common.flag_name(f))
 
 
-METRICS_CASES = [("--" + name.replace("_", "-"), v) for name, default, _, valid in metrics.OPTIONS for v in
-                 (["bogus"] if valid is not None and isinstance(default, str) else  # (metrics.py's own argparse flags)
-                  ["abc", "1.5", "", str(valid[0] - 1), str(valid[1] + 1)] if valid is not None else [])]
+METRICS_CASES = [("--" + name.replace("_", "-"), v)
+                 for name, default, _, valid in metrics.OPTIONS for v in
+                 # (metrics.py's own argparse flags)
+                 (["bogus"] if valid is not None and isinstance(default, str) else
+                  ["abc", "1.5", "", str(valid[0] - 1), str(valid[1] + 1)] if valid is not None
+                  else [])]
 
 
 @pytest.mark.parametrize("flag,value", METRICS_CASES, ids=[f"{f}={v}" for f, v in METRICS_CASES])
@@ -130,8 +141,9 @@ def _exit(code):
 
 @pytest.mark.parametrize("value", ["bogus", "cuda:x", ""])
 def test_a_bad_device_is_refused_in_one_line_naming_the_flag(value, tmp_path, monkeypatch, capsys):
-    """metrics.resolve_device is the one rule: the scripts (through common.resolve_device) and metrics.py's
-    own CLI refuse a name that is no device, or cuda without a visible CUDA device, naming --device."""
+    """metrics.resolve_device is the one rule: the scripts (through common.resolve_device) and
+    metrics.py's own CLI refuse a name that is no device, or cuda without a visible CUDA device,
+    naming --device."""
     with pytest.raises(common.UserError, match="^--device "):
         common.resolve_device(value)
     assert common.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,7 +157,8 @@ def test_help_shows_each_default_once_with_its_range(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert text.count("(default: 1.0)") == 1  # grad-clip; argparse's own "(default: ...)" is not added again
+    # grad-clip; argparse's own "(default: ...)" is not added again
+    assert text.count("(default: 1.0)") == 1
     assert "gradient-norm clip (Ho et al. 2020) [> 0.0] (default: 1.0)" in text
     assert "<lambda>" not in text
 
@@ -161,7 +174,7 @@ def test_messages_echo_values_as_typed_and_name_real_flags(tmp_path, monkeypatch
     assert_one_error(code, err, "--n-train x", "--n-train: expected an integer, got 'x'")
 
 
-# ----------------------------------------------------------------------------- concrete bad inputs, with files
+# ------------------------------------------------------------------ concrete bad inputs, with files
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
@@ -172,14 +185,17 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--grad-clip", "-1"], "--grad-clip"), (["--ckpt-every", "0"], "--ckpt-every"), (["--dropout", "2"], "--dropout"),
-    (["--weight-decay", "-1"], "--weight-decay"), (["--mults", "0,1"], "--mults"), (["--mults", ""], "--mults"),
-    (["--num-res-blocks", "0"], "--num-res-blocks"), (["--num-res-blocks", "-1"], "--num-res-blocks"),
+    (["--grad-clip", "-1"], "--grad-clip"), (["--ckpt-every", "0"], "--ckpt-every"),
+    (["--dropout", "2"], "--dropout"), (["--weight-decay", "-1"], "--weight-decay"),
+    (["--mults", "0,1"], "--mults"), (["--mults", ""], "--mults"),
+    (["--num-res-blocks", "0"], "--num-res-blocks"),
+    (["--num-res-blocks", "-1"], "--num-res-blocks"),
     (["--sample-n", "-3"], "--sample-n"), (["--warmup", "-10"], "--warmup"),
 ])
 def test_train_cases_of_the_issue(argv, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, err = run(train.main, ["--out", str(tmp_path / "o")] + TINY_TRAIN + argv, capsys, tmp_path)
+    code, err = run(train.main, ["--out", str(tmp_path / "o")] + TINY_TRAIN + argv, capsys,
+                    tmp_path)
     assert_one_error(code, err, argv, needle)
 
 
@@ -207,20 +223,24 @@ def test_read_only_out_is_refused_before_any_work(tmp_path, capsys):
     ro.mkdir()
     read_only(ro)
     try:
-        for main, argv in ((train.main, ["--out", str(ro / "m")] + TINY_TRAIN), (data.main, ["--out", str(ro / "g.png")]),
+        for main, argv in ((train.main, ["--out", str(ro / "m")] + TINY_TRAIN),
+                           (data.main, ["--out", str(ro / "g.png")]),
                            (reproduce.main, ["--out", str(ro / "r")])):
             code, err = run(main, argv, capsys, tmp_path)
             assert_one_error(code, err, argv, "--out")
-        code, err = run(lambda a: _exit(metrics.main(a)), ["a", "b", "--json", str(ro / "s.json")], capsys, tmp_path)
+        code, err = run(lambda a: _exit(metrics.main(a)), ["a", "b", "--json", str(ro / "s.json")],
+                        capsys, tmp_path)
         assert_one_error(code, err, "--json", "--json")
     finally:
         os.chmod(ro, 0o755)
 
 
 def test_check_writable_refuses_read_only_places_even_for_root(tmp_path, monkeypatch):
-    """Permission bits (os.access) and a read-only filesystem (statvfs ST_RDONLY) are both refused."""
+    """Permission bits (os.access) and a read-only filesystem (statvfs ST_RDONLY) are both
+    refused."""
     real = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if os.fspath(p) == str(tmp_path) else real(p, mode))
+    monkeypatch.setattr(os, "access",
+                        lambda p, mode: False if os.fspath(p) == str(tmp_path) else real(p, mode))
     with pytest.raises(common.UserError, match="--out .*cannot write"):
         common.check_writable(tmp_path / "x", "--out")
     monkeypatch.setattr(os, "access", real)
@@ -235,14 +255,16 @@ def test_check_writable_refuses_read_only_places_even_for_root(tmp_path, monkeyp
 
 def test_resume_without_checkpoint_says_so(tmp_path, capsys):
     capsys.readouterr()
-    train.main(["--out", str(tmp_path / "m"), "--resume"] + TINY_TRAIN)  # reproduce.py always passes --resume
+    # reproduce.py always passes --resume
+    train.main(["--out", str(tmp_path / "m"), "--resume"] + TINY_TRAIN)
     assert "--resume: " in capsys.readouterr().err  # not silent
     assert os.path.exists(tmp_path / "m" / "ckpt.pt")
 
 
 @pytest.mark.parametrize("argv,needle", [
     (["--sample-steps", "50"], "the model's T = 10"), (["--similarity", "bogus"], "--similarity"),
-    (["--sweep-n-gen", "-5"], "--sweep-n-gen"), (["--clf-lr", "-1"], "--clf-lr"), (["--clf-width", "0"], "--clf-width"),
+    (["--sweep-n-gen", "-5"], "--sweep-n-gen"), (["--clf-lr", "-1"], "--clf-lr"),
+    (["--clf-width", "0"], "--clf-width"),
     (["--grid-top", "-1"], "--grid-top"), (["--features", "nope"], "--features"),
 ])
 def test_extract_cases_of_the_issue(ckpt, argv, needle, tmp_path, capsys):
@@ -253,10 +275,12 @@ def test_extract_cases_of_the_issue(ckpt, argv, needle, tmp_path, capsys):
 
 def test_extract_refuses_a_cache_file_and_an_unknown_schedule(ckpt, tmp_path, capsys):
     ck = common.load_checkpoint(ckpt)
-    common.save_checkpoint({"state": ck["ema"], "config": {"num_classes": 2}}, tmp_path / "clf-side-x.pt")  # like a cache file
+    common.save_checkpoint({"state": ck["ema"], "config": {"num_classes": 2}},
+                           tmp_path / "clf-side-x.pt")  # like a cache file
     bad = dict(ck, config=dict(ck["config"], schedule="quadratic"))
     common.save_checkpoint(bad, tmp_path / "bad.pt")
-    for path, needle in ((tmp_path / "clf-side-x.pt", "not a model checkpoint"), (tmp_path / "bad.pt", "quadratic")):
+    for path, needle in ((tmp_path / "clf-side-x.pt", "not a model checkpoint"),
+                         (tmp_path / "bad.pt", "quadratic")):
         argv = ["--ckpt", str(path), "--out", str(tmp_path / "x"), "--sample-steps", "5"]
         code, err = run(extract.main, argv, capsys, tmp_path)
         assert_one_error(code, err, argv, needle)
@@ -282,18 +306,23 @@ class Identity(torch.nn.Module):
         return x
 
 
-SCHEDULE = dict(image_size=8, num_train_timesteps=10, beta_schedule="linear", beta_start=0.01, beta_end=0.2)
+SCHEDULE = dict(image_size=8, num_train_timesteps=10, beta_schedule="linear", beta_start=0.01,
+                beta_end=0.2)
 
 
 @pytest.fixture(scope="module")
 def files(ckpt, tmp_path_factory):
-    """Input files of the cases below: TorchScript models with their JSON, .npz variants, a text file."""
+    """Input files of the cases below: TorchScript models with their JSON, .npz variants, a text
+    file."""
     d = tmp_path_factory.mktemp("inputs")
-    for name, mod in (("wrong", WrongShape()), ("tuple", ReturnsTuple()), ("needsy", NeedsLabels()), ("eps", Identity())):
+    for name, mod in (("wrong", WrongShape()), ("tuple", ReturnsTuple()), ("needsy", NeedsLabels()),
+                      ("eps", Identity())):
         torch.jit.script(mod).save(str(d / f"{name}.pt"))
         (d / f"{name}.json").write_text(json.dumps(SCHEDULE))
-    for name, change in (("cs", dict(clip_sample="false")), ("ist", dict(image_size=True)), ("bigT", dict(num_train_timesteps=10 ** 10)),
-                         ("tb", dict(trained_betas=[0.1, 0.2])), ("nc5", dict(num_classes=5)), ("dm", dict(data="missing.npz"))):
+    for name, change in (("cs", dict(clip_sample="false")), ("ist", dict(image_size=True)),
+                         ("bigT", dict(num_train_timesteps=10 ** 10)),
+                         ("tb", dict(trained_betas=[0.1, 0.2])), ("nc5", dict(num_classes=5)),
+                         ("dm", dict(data="missing.npz"))):
         (d / f"{name}.pt").write_bytes((d / "eps.pt").read_bytes())
         (d / f"{name}.json").write_text(json.dumps(dict(SCHEDULE, **change)))
     images = data.load_data("faces", 8, n=12).images
@@ -303,26 +332,32 @@ def files(ckpt, tmp_path_factory):
     np.savez(d / "biglabel.npz", images=images, labels=np.array([0] * 11 + [10 ** 12]))
     (d / "notes.txt").write_text("not a model")
     ck = common.load_checkpoint(ckpt)
-    common.save_checkpoint(dict(ck, model_args=dict(ck["model_args"], image_size=10 ** 6)), d / "huge.pt")
+    common.save_checkpoint(dict(ck, model_args=dict(ck["model_args"], image_size=10 ** 6)),
+                           d / "huge.pt")
     return d
 
 
 TS = ["--data", "{d}/labelled.npz", "--features", "pixels"]
 ISSUE23 = [  # (script, argv with {d} = files, {c} = ckpt, the words the one error line must hold)
     ("train", ["--image-size", "65536"], "--image-size"), ("train", ["--T", "10000000000"], "--T"),
-    ("train", ["--batch", "10000000"], "lower --n-train, --batch"), ("train", ["--attn-res", "5"], "--attn-res 5"),
+    ("train", ["--batch", "10000000"], "lower --n-train, --batch"),
+    ("train", ["--attn-res", "5"], "--attn-res 5"),
     ("train", ["--data", "{d}/biglabel.npz", "--labels", "true"], "renumber"),
     ("train", ["--data", "{d}/nolabels.npz", "--labels", "true"], "--labels true needs labels"),
-    ("extract", ["--sweep-k", "2,100"], "--sweep-k"), ("extract", ["--features", "{d}/notes.txt"], "--features"),
-    ("extract", ["--similarity", "{d}/notes.txt"], "--similarity"), ("extract", ["--similarity", "{d}/eps.pt"], "--similarity"),
+    ("extract", ["--sweep-k", "2,100"], "--sweep-k"),
+    ("extract", ["--features", "{d}/notes.txt"], "--features"),
+    ("extract", ["--similarity", "{d}/notes.txt"], "--similarity"),
+    ("extract", ["--similarity", "{d}/eps.pt"], "--similarity"),
     ("extract", ["--data", "{d}/nolabels.npz", "--methods", "uncond,cond"], "--methods cond needs"),
     ("extract", ["--data", "{d}/onelabel.npz", "--methods", "uncond,cond"], "same label"),
-    ("extract", ["--n-gen", "1000000000000"], "lower --n-gen"), ("extract", ["--curve-points", "1000000000"], "--curve-points"),
+    ("extract", ["--n-gen", "1000000000000"], "lower --n-gen"),
+    ("extract", ["--curve-points", "1000000000"], "--curve-points"),
     ("extract", ["--ckpt", "{d}/huge.pt"], "declares sizes"),
     ("extract", ["--ckpt", "{d}/eps.pt", "--data", "{d}/labelled.npz"], "--features ddpm"),
     ("extract", ["--ckpt", "{d}/wrong.pt"] + TS, "returned shape (2, 1, 8, 8)"),
     ("extract", ["--ckpt", "{d}/tuple.pt"] + TS, "returned a tuple"),
-    ("extract", ["--ckpt", "{d}/needsy.pt"] + TS, "num_classes = 0"), ("extract", ["--ckpt", "{d}/nc5.pt"] + TS, "num_classes = 5"),
+    ("extract", ["--ckpt", "{d}/needsy.pt"] + TS, "num_classes = 0"),
+    ("extract", ["--ckpt", "{d}/nc5.pt"] + TS, "num_classes = 5"),
     ("extract", ["--ckpt", "{d}/cs.pt"] + TS, 'clip_sample = "false" must be true or false'),
     ("extract", ["--ckpt", "{d}/ist.pt"] + TS, "image_size = true must be an integer"),
     ("extract", ["--ckpt", "{d}/bigT.pt"] + TS, "num_train_timesteps = 10000000000"),
@@ -331,9 +366,11 @@ ISSUE23 = [  # (script, argv with {d} = files, {c} = ckpt, the words the one err
 ]
 
 
-@pytest.mark.parametrize("script,argv,needle", ISSUE23, ids=[f"{s}:{' '.join(a)[:40]}" for s, a, _ in ISSUE23])
+@pytest.mark.parametrize("script,argv,needle", ISSUE23,
+                         ids=[f"{s}:{' '.join(a)[:40]}" for s, a, _ in ISSUE23])
 def test_cases_of_issue_23(script, argv, needle, files, ckpt, tmp_path, capsys):
-    """Each refused before any work in one line (nothing written), TorchScript models probed on load."""
+    """Each refused before any work in one line (nothing written), TorchScript models probed on
+    load."""
     argv = [a.format(d=files, c=ckpt) for a in argv]
     if script == "train":
         full = ["--out", str(tmp_path / "o")] + TINY_TRAIN + argv
@@ -344,18 +381,22 @@ def test_cases_of_issue_23(script, argv, needle, files, ckpt, tmp_path, capsys):
 
 
 def test_reproduce_checks_extraction_settings_before_training(tmp_path, capsys):
-    code, err = run(reproduce.main, ["--out", str(tmp_path / "r"), "--n-gen", "-5"], capsys, tmp_path)
+    code, err = run(reproduce.main, ["--out", str(tmp_path / "r"), "--n-gen", "-5"], capsys,
+                    tmp_path)
     assert_one_error(code, err, "--n-gen -5", "--n-gen")
 
 
-# ----------------------------------------------------------------------------- reruns never destroy results
+# --------------------------------------------------------------------- reruns never destroy results
 
-def test_train_rerun_into_a_finished_run_is_refused_unless_resume_or_overwrite(ckpt, tmp_path, capsys):
+def test_train_rerun_into_a_finished_run_is_refused_unless_resume_or_overwrite(ckpt, tmp_path,
+                                                                               capsys):
     out = tmp_path / "m"
     train.main(["--out", str(out)] + TINY_TRAIN)
-    code, err = run(train.main, ["--out", str(out)] + TINY_TRAIN + ["--lr", "1e-3"], capsys, tmp_path)
+    code, err = run(train.main, ["--out", str(out)] + TINY_TRAIN + ["--lr", "1e-3"], capsys,
+                    tmp_path)
     assert_one_error(code, err, "rerun", "--overwrite")
-    code, err = run(train.main, ["--out", str(out), "--resume"] + TINY_TRAIN + ["--lr", "1e-3"], capsys, tmp_path)
+    code, err = run(train.main, ["--out", str(out), "--resume"] + TINY_TRAIN + ["--lr", "1e-3"],
+                    capsys, tmp_path)
     assert_one_error(code, err, "rerun", "different config")
     train.main(["--out", str(out), "--overwrite"] + TINY_TRAIN + ["--lr", "1e-3"])
     assert common.load_checkpoint(out / "ckpt.pt")["config"]["lr"] == 1e-3
@@ -370,8 +411,9 @@ def test_reproduce_rerun_with_other_settings_is_refused(tmp_path, capsys):
     assert_one_error(code, err, "rerun", "profile='smoke'")
 
 
-EXTRACT_TINY = ["--n-gen", "4", "--batch", "4", "--n-syn", "8", "--K", "2", "--tau", "0", "--clf-steps", "2",
-                "--clf-width", "8", "--sample-steps", "2", "--device", "cpu", "--grid-top", "2"]
+EXTRACT_TINY = ["--n-gen", "4", "--batch", "4", "--n-syn", "8", "--K", "2", "--tau", "0",
+                "--clf-steps", "2", "--clf-width", "8", "--sample-steps", "2", "--device", "cpu",
+                "--grid-top", "2"]
 
 
 def test_extract_rerun_adds_methods_and_refuses_other_settings(ckpt, tmp_path, capsys):
@@ -392,56 +434,69 @@ def test_extract_rerun_adds_methods_and_refuses_other_settings(ckpt, tmp_path, c
     assert_one_error(code, err, "other settings", "eta=1.0")
     extract.main(flags + ["--methods", "uncond", "--eta", "0.5", "--overwrite"])
     assert list(json.load(open(out / "metrics.json"))["methods"]) == ["uncond"]
-    assert sorted(os.listdir(out / "grids")) == [p for p in ["uncond.png"] if os.path.exists(out / "grids" / p)]
+    assert sorted(os.listdir(out / "grids")) == [p for p in ["uncond.png"]
+                                                 if os.path.exists(out / "grids" / p)]
     assert set(np.load(out / "samples.npz")["method"]) == {"uncond"}
 
 
-# ----------------------------------------------------------------------------- data that cannot be read
+# ------------------------------------------------------------------------- data that cannot be read
 
 def bad_data(root):
-    """name -> path of a data source each script must refuse in one line naming it (FIFOs: tests/test_images.py,
-    in a subprocess with a timeout, as a regression would block)."""
+    """name -> path of a data source each script must refuse in one line naming it (FIFOs:
+    tests/test_images.py, in a subprocess with a timeout, as a regression would block)."""
     import gzip
     import struct
     import zlib
 
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    (root / "bomb").mkdir()  # a PNG header declaring 20,000 x 20,000 pixels (a decompression bomb), nothing decoded
-    (root / "bomb" / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
-                                            + chunk(b"IEND", b""))
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+    # a PNG header declaring 20,000 x 20,000 pixels (a decompression bomb), nothing decoded
+    (root / "bomb").mkdir()
+    (root / "bomb" / "big.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+        + chunk(b"IEND", b""))
     (root / "empty.npz").write_bytes(b"")
     np.savez(root / "whole.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
     (root / "cut.npz").write_bytes((root / "whole.npz").read_bytes()[:100])
     np.savez(root / "pickled.npz", images=np.array([{"a": 1}], dtype=object))
     np.savez(root / "f255.npz", images=np.full((2, 3, 8, 8), 200.0, np.float32))
     (root / "idx").mkdir()
-    x = bytes([0, 0, 8, 3]) + struct.pack(">3I", 4, 8, 8) + bytes(200)  # 4 x 8 x 8 promised, 200 values given
+    # 4 x 8 x 8 promised, 200 values given
+    x = bytes([0, 0, 8, 3]) + struct.pack(">3I", 4, 8, 8) + bytes(200)
     (root / "idx" / (data.IDX_IMAGES + ".gz")).write_bytes(gzip.compress(x))
-    (root / "idx" / (data.IDX_LABELS + ".gz")).write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 4, 0, 1, 0, 1])))
-    return {"bomb": (root / "bomb", "decompression bomb"), "empty.npz": (root / "empty.npz", "not an .npz archive"),
-            "cut.npz": (root / "cut.npz", "cannot be read as .npz"), "pickled.npz": (root / "pickled.npz", "pickled objects"),
-            "f255.npz": (root / "f255.npz", "[0, 1] or [-1, 1]"), "idx": (root / "idx", "truncated")}
+    (root / "idx" / (data.IDX_LABELS + ".gz")).write_bytes(
+        gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 4, 0, 1, 0, 1])))
+    return {"bomb": (root / "bomb", "decompression bomb"),
+            "empty.npz": (root / "empty.npz", "not an .npz archive"),
+            "cut.npz": (root / "cut.npz", "cannot be read as .npz"),
+            "pickled.npz": (root / "pickled.npz", "pickled objects"),
+            "f255.npz": (root / "f255.npz", "[0, 1] or [-1, 1]"),
+            "idx": (root / "idx", "truncated")}
 
 
 @pytest.mark.parametrize("name", ["bomb", "empty.npz", "cut.npz", "pickled.npz", "f255.npz", "idx"])
 def test_unreadable_data_is_one_line_in_every_script(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     path, needle = bad_data(tmp_path)[name]
-    for main, argv in ((train.main, ["--out", str(tmp_path / "m"), "--data", str(path)] + TINY_TRAIN),
-                       (data.main, ["--data", str(path), "--size", "8", "--out", str(tmp_path / "g.png")]),
+    for main, argv in ((train.main,
+                        ["--out", str(tmp_path / "m"), "--data", str(path)] + TINY_TRAIN),
+                       (data.main,
+                        ["--data", str(path), "--size", "8", "--out", str(tmp_path / "g.png")]),
                        (lambda a: _exit(metrics.main(a)), [str(path), str(path)])):
         if main is not data.main and main is not train.main and name == "idx":
             continue  # metrics.py reads image folders and .npz files, not IDX
         code, err = run(main, argv, capsys, tmp_path)
         assert_one_error(code, err, argv, needle)
-        assert os.path.basename(str(path)) in err[0] or name == "idx" and data.IDX_IMAGES in err[0], err
+        assert (os.path.basename(str(path)) in err[0]
+                or name == "idx" and data.IDX_IMAGES in err[0]), err
 
 
 def test_a_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(data, "DATASETS_ROOT", str(tmp_path / "none"))
-    for main, argv in ((train.main, ["--out", str(tmp_path / "m"), "--data", "fashion-mnist"] + TINY_TRAIN),
+    for main, argv in ((train.main,
+                        ["--out", str(tmp_path / "m"), "--data", "fashion-mnist"] + TINY_TRAIN),
                        (data.main, ["--data", "fashion-mnist", "--size", "8"])):
         code, err = run(main, argv, capsys, tmp_path)
         assert_one_error(code, err, argv, "apt-get install dataset-fashion-mnist")
@@ -449,7 +504,8 @@ def test_a_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch, c
 
 def test_extract_refuses_grey_data_for_an_rgb_model(ckpt, tmp_path, capsys):
     np.savez(tmp_path / "grey.npz", images=np.zeros((10, 8, 8), np.uint8))  # (N, H, W): grey
-    argv = ["--ckpt", ckpt, "--data", str(tmp_path / "grey.npz"), "--out", str(tmp_path / "x"), "--sample-steps", "5"]
+    argv = ["--ckpt", ckpt, "--data", str(tmp_path / "grey.npz"), "--out", str(tmp_path / "x"),
+            "--sample-steps", "5"]
     code, err = run(extract.main, argv, capsys, tmp_path)
     assert_one_error(code, err, argv, "3-channel (RGB) images but data")
     assert "1-channel (grey-scale)" in err[0]
@@ -466,5 +522,5 @@ def test_atomic_writes_keep_the_umask_permissions(tmp_path, mask):
             fh.write("x")
     finally:
         os.umask(old)
-    assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == stat.S_IMODE(os.stat(tmp_path / "b.txt").st_mode) \
-        == 0o666 & ~mask
+    assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) \
+        == stat.S_IMODE(os.stat(tmp_path / "b.txt").st_mode) == 0o666 & ~mask

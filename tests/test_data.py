@@ -22,7 +22,8 @@ A = {name: k for k, name in enumerate(data.ATTR_NAMES)}
 
 def rms(x, y):
     """Normalized L2 distance in [-1, 1] pixel units (what the copy thresholds use)."""
-    return float(np.sqrt(np.mean((x.astype(np.float64) / 127.5 - y.astype(np.float64) / 127.5) ** 2)))
+    return float(np.sqrt(np.mean((x.astype(np.float64) / 127.5
+                                  - y.astype(np.float64) / 127.5) ** 2)))
 
 
 # ----------------------------------------------------------------------------- faces
@@ -64,19 +65,24 @@ def test_every_attribute_value_changes_pixels():
 
 def test_attribute_changes_only_its_region():
     size = 32
-    short = {"skin_tone": 0, "hair_color": 0, "hair_style": 0, "eyes": 0, "mouth": 0, "background": 0}
+    short = {"skin_tone": 0, "hair_color": 0, "hair_style": 0, "eyes": 0, "mouth": 0,
+             "background": 0}
     blonde = dict(short, hair_color=2)
-    diff = np.abs(data.draw_face(short, None, size).astype(int) - data.draw_face(blonde, None, size)).sum(-1)
+    diff = np.abs(data.draw_face(short, None, size).astype(int)
+                  - data.draw_face(blonde, None, size)).sum(-1)
     rows = np.nonzero(diff.any(1))[0]
     # short hair + brows sit above the eyes; the mouth, neck and shirt (lower 40%) stay identical
     assert diff.sum() > 0 and rows.max() < 0.6 * size
     smiling, open_mouth = dict(short, mouth=0), dict(short, mouth=2)
-    diff = np.abs(data.draw_face(smiling, None, size).astype(int) - data.draw_face(open_mouth, None, size)).sum(-1)
+    diff = np.abs(data.draw_face(smiling, None, size).astype(int)
+                  - data.draw_face(open_mouth, None, size)).sum(-1)
     rows = np.nonzero(diff.any(1))[0]
     assert diff.sum() > 0 and rows.min() > 0.5 * size
     green = dict(short, background=1)
-    diff = np.abs(data.draw_face(short, None, size).astype(int) - data.draw_face(green, None, size)).sum(-1)
-    assert diff[0, 0] > 0 and diff[size // 2, size // 2] == 0  # corner changes, face centre does not
+    diff = np.abs(data.draw_face(short, None, size).astype(int)
+                  - data.draw_face(green, None, size)).sum(-1)
+    # corner changes, face centre does not
+    assert diff[0, 0] > 0 and diff[size // 2, size // 2] == 0
 
 
 def test_same_attributes_cluster_but_jitter_makes_faces_distinct():
@@ -109,14 +115,16 @@ def test_load_faces_default_labels_are_hair_color_times_skin_tone():
     assert ds.images.shape == (40, 16, 16, 3) and ds.attrs.shape == (40, 6)
     expect = ds.attrs[:, A["hair_color"]] * 4 + ds.attrs[:, A["skin_tone"]]
     assert np.array_equal(ds.labels, expect) and ds.labels.dtype == np.int64
-    assert len(ds.label_names) == 16 and ds.label_names[0] == "black/light" and ds.label_names[15] == "red/dark"
+    assert (len(ds.label_names) == 16 and ds.label_names[0] == "black/light"
+            and ds.label_names[15] == "red/dark")
     assert np.array_equal(ds.images, data.make_faces(40, 16, seed=1)[0])
     assert len(data.load_data("faces", 8).images) == data.DEFAULT_N
 
 
 def test_load_faces_label_attr():
     ds = data.load_data("faces", 8, n=30, label_attr="mouth")
-    assert np.array_equal(ds.labels, ds.attrs[:, A["mouth"]]) and ds.label_names == ["smile", "neutral", "open"]
+    assert (np.array_equal(ds.labels, ds.attrs[:, A["mouth"]])
+            and ds.label_names == ["smile", "neutral", "open"])
     ds = data.load_data("faces", 8, n=30, label_attr="eyes, background")
     assert np.array_equal(ds.labels, ds.attrs[:, A["eyes"]] * 4 + ds.attrs[:, A["background"]])
     assert len(ds.label_names) == 12
@@ -152,7 +160,8 @@ def _write_folder(root, n_per_class=3, size=20):
     for cls in ("cats", "dogs"):
         os.makedirs(root / cls)
         for i in range(n_per_class):
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                root / cls / f"{i}.png")
 
 
 def test_folder_with_subfolder_labels(tmp_path):
@@ -160,11 +169,15 @@ def test_folder_with_subfolder_labels(tmp_path):
     ds = data.load_data(str(tmp_path), 16)
     assert ds.images.shape == (6, 16, 16, 3) and ds.images.dtype == np.uint8
     assert ds.labels.dtype == np.int64 and sorted(set(ds.labels.tolist())) == [0, 1]
-    assert ds.label_names == ["cats", "dogs"] and ds.labels.tolist() == [0, 0, 0, 1, 1, 1] and ds.attrs is None
+    assert (ds.label_names == ["cats", "dogs"] and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+            and ds.attrs is None)
     first, more = data.load_data(str(tmp_path), 16, n=4), data.load_data(str(tmp_path), 16, n=5)
-    pick = np.random.default_rng(0).permutation(6)[:4]  # a seeded sample, not the first 4 in file order
-    assert np.array_equal(first.images, ds.images[pick]) and np.array_equal(first.labels, ds.labels[pick])
-    assert np.array_equal(more.images[:4], first.images)  # nested: the sample of 4 is part of the sample of 5
+    # a seeded sample, not the first 4 in file order
+    pick = np.random.default_rng(0).permutation(6)[:4]
+    assert (np.array_equal(first.images, ds.images[pick])
+            and np.array_equal(first.labels, ds.labels[pick]))
+    # nested: the sample of 4 is part of the sample of 5
+    assert np.array_equal(more.images[:4], first.images)
     assert not np.array_equal(data.load_data(str(tmp_path), 16, n=4, seed=1).images, first.images)
     with pytest.raises(UserError, match="7"):
         data.load_data(str(tmp_path), 16, n=7)
@@ -195,10 +208,12 @@ def test_bad_files_raise_user_error(tmp_path):
     np.savez(tmp_path / "noimages.npz", pictures=np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(UserError, match="images"):
         data.load_data(str(tmp_path / "noimages.npz"), 16)
-    np.savez(tmp_path / "mismatch.npz", images=np.zeros((3, 8, 8, 3), np.uint8), labels=np.zeros(2, np.int64))
+    np.savez(tmp_path / "mismatch.npz", images=np.zeros((3, 8, 8, 3), np.uint8),
+             labels=np.zeros(2, np.int64))
     with pytest.raises(UserError, match="label"):
         data.load_data(str(tmp_path / "mismatch.npz"), 16)
-    np.savez(tmp_path / "negative.npz", images=np.zeros((2, 8, 8, 3), np.uint8), labels=np.array([0, -1]))
+    np.savez(tmp_path / "negative.npz", images=np.zeros((2, 8, 8, 3), np.uint8),
+             labels=np.array([0, -1]))
     with pytest.raises(UserError, match="-1"):
         data.load_data(str(tmp_path / "negative.npz"), 16)
     (tmp_path / "notes.txt").write_text("hi")
@@ -206,16 +221,18 @@ def test_bad_files_raise_user_error(tmp_path):
         data.load_data(str(tmp_path / "notes.txt"), 16)
 
 
-# ----------------------------------------------------------------------------- tensors, grids, labels
+# --------------------------------------------------------------------------- tensors, grids, labels
 
 def test_tensor_round_trip_is_exact():
     levels = np.arange(256, dtype=np.uint8)
     images = np.stack([levels.reshape(16, 16)] * 3, -1)[None]
     x = data.to_tensor(images)
     assert x.dtype == torch.float32 and x.shape == (1, 3, 16, 16)
-    assert x.min() == -1.0 and x.max() == 1.0 and torch.allclose(x[0, 0, 0, 1], torch.tensor(1 / 127.5 - 1))
+    assert (x.min() == -1.0 and x.max() == 1.0
+            and torch.allclose(x[0, 0, 0, 1], torch.tensor(1 / 127.5 - 1)))
     assert np.array_equal(data.to_uint8(x), images)
-    assert np.array_equal(data.to_uint8(torch.full((1, 3, 2, 2), 5.0)), np.full((1, 2, 2, 3), 255, np.uint8))
+    assert np.array_equal(data.to_uint8(torch.full((1, 3, 2, 2), 5.0)),
+                          np.full((1, 2, 2, 3), 255, np.uint8))
 
 
 def test_save_grid_layout(tmp_path):
@@ -232,21 +249,25 @@ def test_save_grid_layout(tmp_path):
 def test_permuted_labels_keep_the_classes_and_their_sizes():
     y = np.array([0, 0, 0, 1, 1, 2, 5, 5, -1, 5])
     p = data.permuted_labels(y, seed=0)
-    assert np.array_equal(np.sort(p), np.sort(y)) and p[8] == -1  # the same multiset; no label stays no label
+    # the same multiset; no label stays no label
+    assert np.array_equal(np.sort(p), np.sort(y)) and p[8] == -1
     assert not np.array_equal(p, y) and np.array_equal(p, data.permuted_labels(y, seed=0))
     assert not np.array_equal(p, data.permuted_labels(y, seed=1))
 
 
-# ----------------------------------------------------------------------------- IDX files (the MNIST family)
+# --------------------------------------------------------------------- IDX files (the MNIST family)
 
 def idx_bytes(a, type_code=0x08):
-    """The IDX format written here from its definition: 0 0, type, ndim, big-endian uint32 sizes, values."""
-    return bytes([0, 0, type_code, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape) + a.astype(np.uint8).tobytes()
+    """The IDX format written here from its definition: 0 0, type, ndim, big-endian uint32 sizes,
+    values."""
+    return (bytes([0, 0, type_code, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape)
+            + a.astype(np.uint8).tobytes())
 
 
 def write_idx(folder, images, labels, gz=True, image_bytes=None, label_bytes=None):
     folder.mkdir(parents=True, exist_ok=True)
-    for name, blob in ((data.IDX_IMAGES, image_bytes or idx_bytes(images)), (data.IDX_LABELS, label_bytes or idx_bytes(labels))):
+    for name, blob in ((data.IDX_IMAGES, image_bytes or idx_bytes(images)),
+                       (data.IDX_LABELS, label_bytes or idx_bytes(labels))):
         if gz:
             (folder / (name + ".gz")).write_bytes(gzip.compress(blob))
         else:
@@ -265,14 +286,19 @@ def test_an_idx_folder_reads_its_images_and_labels(tmp_path, gz):
     assert np.array_equal(ds.images[..., 0], IDX_X) and ds.labels.tolist() == IDX_Y.tolist()
     assert ds.label_names == ["0", "1", "2"] and ds.labels.dtype == np.int64
     small = data.load_data(str(tmp_path / "idx"), 8, n=5, seed=2)
-    pick = np.random.default_rng(2).permutation(12)[:5]  # the nested seeded sample of every other source
-    ref = np.stack([np.asarray(Image.fromarray(IDX_X[i]).resize((8, 8), Image.LANCZOS)) for i in pick])  # as documented
-    assert np.array_equal(small.images[..., 0], ref) and small.labels.tolist() == IDX_Y[pick].tolist()
+    # the nested seeded sample of every other source
+    pick = np.random.default_rng(2).permutation(12)[:5]
+    # as documented
+    ref = np.stack([np.asarray(Image.fromarray(IDX_X[i]).resize((8, 8), Image.LANCZOS))
+                    for i in pick])
+    assert (np.array_equal(small.images[..., 0], ref)
+            and small.labels.tolist() == IDX_Y[pick].tolist())
 
 
 def test_the_fashion_mnist_shorthand_says_how_to_install_when_absent(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DATASETS_ROOT", str(tmp_path))
-    with pytest.raises(UserError, match=r"--data fashion-mnist: .*apt-get install dataset-fashion-mnist.*--data FOLDER"):
+    with pytest.raises(UserError, match=r"--data fashion-mnist: .*apt-get install "
+                                        r"dataset-fashion-mnist.*--data FOLDER"):
         data.load_data("fashion-mnist", 8)
     with pytest.raises(UserError, match=r"--data mnist: .*no Debian package"):
         data.load_data("mnist", 8)
@@ -291,16 +317,20 @@ def test_malformed_idx_files_are_refused_naming_the_file(tmp_path):
         "short": (good_x[:-7], good_y, False, [data.IDX_IMAGES, "truncated"]),
         "header": (good_x[:9], good_y, False, [data.IDX_IMAGES, "truncated header"]),
         "trailing": (good_x + b"\0", good_y, False, [data.IDX_IMAGES, "trailing"]),
-        "labels": (good_x, idx_bytes(IDX_Y[:-1]), False, [data.IDX_LABELS, "12 images", "11 labels"]),
-        "huge": (good_x[:4] + struct.pack(">3I", 2 ** 16, 2 ** 16, 2), good_y, False, ["8589934592 values"]),  # > 4 GiB
+        "labels": (good_x, idx_bytes(IDX_Y[:-1]), False,
+                   [data.IDX_LABELS, "12 images", "11 labels"]),
+        "huge": (good_x[:4] + struct.pack(">3I", 2 ** 16, 2 ** 16, 2), good_y, False,
+                 ["8589934592 values"]),  # > 4 GiB
     }
     for name, (xb, yb, gz, words) in cases.items():
         write_idx(tmp_path / name, None, None, gz=gz, image_bytes=xb, label_bytes=yb)
         with pytest.raises(UserError) as e:
             data.load_data(str(tmp_path / name), 8)
-        assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), (name, str(e.value))
+        assert (all(w in str(e.value) for w in words)
+                and "\n" not in str(e.value)), (name, str(e.value))
     (tmp_path / "gz").mkdir()
-    (tmp_path / "gz" / (data.IDX_IMAGES + ".gz")).write_bytes(gzip.compress(good_x)[:-20])  # a cut gzip stream
+    # a cut gzip stream
+    (tmp_path / "gz" / (data.IDX_IMAGES + ".gz")).write_bytes(gzip.compress(good_x)[:-20])
     (tmp_path / "gz" / (data.IDX_LABELS + ".gz")).write_bytes(gzip.compress(good_y))
     with pytest.raises(UserError, match=rf"{data.IDX_IMAGES}\.gz .*corrupt or truncated gzip"):
         data.load_data(str(tmp_path / "gz"), 8)
@@ -310,7 +340,7 @@ def test_malformed_idx_files_are_refused_naming_the_file(tmp_path):
         data.load_data(str(tmp_path / "nolabels"), 8)
 
 
-# ----------------------------------------------------------------------------- grey-scale tensors and grids
+# --------------------------------------------------------------------- grey-scale tensors and grids
 
 def test_grey_tensor_round_trip_and_grey_png_grid(tmp_path):
     g = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
@@ -322,5 +352,6 @@ def test_grey_tensor_round_trip_and_grey_png_grid(tmp_path):
     with Image.open(tmp_path / "g.png") as im:
         assert im.mode == "L" and im.size == (2 * 18 + 2, 2 * 18 + 2)
         grid = np.asarray(im)
-    assert np.array_equal(grid[20:36, 2:18], images[2, ..., 0]) and np.array_equal(grid[2:18, 20:36], images[1, ..., 0])
+    assert (np.array_equal(grid[20:36, 2:18], images[2, ..., 0])
+            and np.array_equal(grid[2:18, 20:36], images[1, ..., 0]))
     assert np.all(grid[20:36, 20:36] == 0)  # the empty fourth cell

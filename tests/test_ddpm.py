@@ -35,9 +35,11 @@ def test_posterior_matches_bayes_rule():
     for t in [1, 5, 100, 199]:
         prec = 1 / (1 - ab[t - 1]) + (1 - b[t]) / b[t]
         var = 1 / prec
-        mean = var * (math.sqrt(ab[t - 1]) * x0.double() / (1 - ab[t - 1]) + math.sqrt(1 - b[t]) * xt.double() / b[t])
+        mean = var * (math.sqrt(ab[t - 1]) * x0.double() / (1 - ab[t - 1])
+                      + math.sqrt(1 - b[t]) * xt.double() / b[t])
         m, v, logv = d.q_posterior(x0, xt, torch.tensor([t]))
-        assert torch.allclose(m.double(), mean, atol=1e-5) and float(v) == pytest.approx(var, rel=1e-5)
+        assert (torch.allclose(m.double(), mean, atol=1e-5)
+                and float(v) == pytest.approx(var, rel=1e-5))
         assert float(logv) == pytest.approx(math.log(var), rel=1e-4)
 
 
@@ -52,7 +54,8 @@ def test_q_sample_moments():
 
 
 class OptimalDenoiser(torch.nn.Module):
-    """The exact minimiser of Ho et al. Eq. 14 (or its v-form) when the data is one image x*: ε* = (x_t - sqrt(ᾱ)x*)/sqrt(1-ᾱ)."""
+    """The exact minimiser of Ho et al. Eq. 14 (or its v-form) when the data is one image x*:
+    ε* = (x_t - sqrt(ᾱ)x*)/sqrt(1-ᾱ)."""
 
     def __init__(self, target, diffusion):
         super().__init__()
@@ -62,16 +65,19 @@ class OptimalDenoiser(torch.nn.Module):
     def forward(self, x, t, y=None):
         ab = self.d.alphas_cumprod[t].reshape(-1, 1, 1, 1)
         eps = (x - ab.sqrt() * self.target) / (1 - ab).sqrt()
-        return eps if self.d.prediction == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * self.target
+        return (eps if self.d.prediction == "eps"
+                else ab.sqrt() * eps - (1 - ab).sqrt() * self.target)
 
 
 @pytest.mark.parametrize("channels", [3, 1])
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-@pytest.mark.parametrize("sampler,eta,steps", [("ddpm", 1.0, 100), ("ddpm", 1.0, 10), ("ddim", 0.0, 10), ("ddim", 1.0, 20)])
+@pytest.mark.parametrize("sampler,eta,steps", [("ddpm", 1.0, 100), ("ddpm", 1.0, 10),
+                                               ("ddim", 0.0, 10), ("ddim", 1.0, 20)])
 def test_optimal_denoiser_returns_the_training_image(prediction, sampler, eta, steps, channels):
     d = ddpm.Diffusion(100, "linear", prediction)
     target = torch.rand((channels, 8, 8), generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
-    x = d.sample(OptimalDenoiser(target, d), 4, ddpm.sample_generators(0, range(4)), steps=steps, eta=eta, sampler=sampler)
+    x = d.sample(OptimalDenoiser(target, d), 4, ddpm.sample_generators(0, range(4)), steps=steps,
+                 eta=eta, sampler=sampler)
     assert torch.allclose(x, target.expand_as(x), atol=1e-4)
 
 
@@ -83,7 +89,8 @@ def test_ddim_eta0_is_the_deterministic_ode():
         p.data.add_(0.05 * torch.randn_like(p))
     d = ddpm.Diffusion(50)
     x = d.sample(net, 2, ddpm.sample_generators(3, range(2)), steps=5, eta=0.0, clip_x0=False)
-    xt = torch.stack([torch.randn((3, 8, 8), generator=g) for g in ddpm.sample_generators(3, range(2))])
+    xt = torch.stack([torch.randn((3, 8, 8), generator=g)
+                      for g in ddpm.sample_generators(3, range(2))])
     ab = d.f64["alphas_cumprod"].numpy()
     seq = d.timesteps(5)
     with torch.no_grad():
@@ -110,8 +117,9 @@ def test_zero_cond_fn_is_bit_identical_and_images_ignore_their_batch():
 
 
 def test_guidance_shifts_eps_by_the_dhariwal_nichol_formula():
-    """With a constant cond_fn g and the exact denoiser, x_0 moves by sqrt(1-ᾱ)·g·sqrt(1-ᾱ)/sqrt(ᾱ) per step
-    at a single step from t to 0: x0_hat = (x - sqrt(1-ᾱ) ε̂)/sqrt(ᾱ), ε̂ = ε - sqrt(1-ᾱ) g."""
+    """With a constant cond_fn g and the exact denoiser, x_0 moves by sqrt(1-ᾱ)·g·sqrt(1-ᾱ)/sqrt(ᾱ)
+    per step at a single step from t to 0: x0_hat = (x - sqrt(1-ᾱ) ε̂)/sqrt(ᾱ),
+    ε̂ = ε - sqrt(1-ᾱ) g."""
     d = ddpm.Diffusion(100, "linear", "eps")
     target = torch.zeros(3, 4, 4)
     g = 0.01
@@ -122,7 +130,8 @@ def test_guidance_shifts_eps_by_the_dhariwal_nichol_formula():
 
 
 def test_prior_kl_closed_form():
-    """L_T of the sub-chain from step k: q(z_{T-1} | z_k) = N(sqrt(ᾱ_{T-1}/ᾱ_k) z_k, 1 - ᾱ_{T-1}/ᾱ_k)."""
+    """L_T of the sub-chain from step k:
+    q(z_{T-1} | z_k) = N(sqrt(ᾱ_{T-1}/ᾱ_k) z_k, 1 - ᾱ_{T-1}/ᾱ_k)."""
     d = ddpm.Diffusion(100)
     z = torch.full((1, 3, 2, 2), 0.7)
     for k in (0, 10, 98):  # k = 98: a = 1 - β_99, far from 0, where log(1 - a) and log(1 + a) part
@@ -133,11 +142,13 @@ def test_prior_kl_closed_form():
 
 
 def test_normal_kl_against_torch_distributions():
-    """ddpm.normal_kl (means and log-variances) against torch.distributions' Gaussian KL, an independent
-    implementation, with both variances away from 1."""
+    """ddpm.normal_kl (means and log-variances) against torch.distributions' Gaussian KL, an
+    independent implementation, with both variances away from 1."""
     g = torch.Generator().manual_seed(0)
-    m1, m2 = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
-    lv1, lv2 = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
+    m1, m2 = (torch.randn(50, generator=g, dtype=torch.float64),
+              torch.randn(50, generator=g, dtype=torch.float64))
+    lv1, lv2 = (torch.randn(50, generator=g, dtype=torch.float64),
+                torch.randn(50, generator=g, dtype=torch.float64))
     ref = torch.distributions.kl_divergence(torch.distributions.Normal(m1, (0.5 * lv1).exp()),
                                             torch.distributions.Normal(m2, (0.5 * lv2).exp()))
     assert torch.allclose(ddpm.normal_kl(m1, lv1, m2, lv2), ref, rtol=1e-10, atol=1e-12)

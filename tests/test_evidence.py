@@ -16,10 +16,11 @@ def t_cdf(x, df, n=200001):
     return 0.5 + float(np.sum((pdf[1:] + pdf[:-1]) / 2 * np.diff(u)))
 
 
-# Two-sided 95 % Student-t quantiles t_{0.975, df}, df = 1..30, as printed in statistics tables (3 decimals).
-T975_TABLE = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-              2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-              2.045, 2.042)
+# Two-sided 95 % Student-t quantiles t_{0.975, df}, df = 1..30, as printed in statistics tables
+# (3 decimals).
+T975_TABLE = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+              2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+              2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 @pytest.mark.parametrize("df", [1, 2, 3, 5, 10, 20, 30, 200, 2.5, 17.3])
@@ -32,8 +33,9 @@ def test_t975_agrees_with_the_printed_table():
         assert evidence.t975(df) == pytest.approx(v, abs=5.1e-4)
 
 
-@pytest.mark.parametrize("p,df,value", [(0.975, 2, 4.302652730), (0.995, 10, 3.169272673), (0.9995, 5, 6.868826626),
-                                        (0.975, 1, 12.70620474), (0.99, 3, 4.540702858), (0.975, 1e7, 1.959964)])
+@pytest.mark.parametrize("p,df,value", [(0.975, 2, 4.302652730), (0.995, 10, 3.169272673),
+                                        (0.9995, 5, 6.868826626), (0.975, 1, 12.70620474),
+                                        (0.99, 3, 4.540702858), (0.975, 1e7, 1.959964)])
 def test_t_quantiles_at_other_levels_match_published_values(p, df, value):
     assert evidence.t_quantile(p, df) == pytest.approx(value, rel=1e-6)
     assert evidence.t_quantile(1 - p, df) == pytest.approx(-value, rel=1e-6)
@@ -49,12 +51,14 @@ def test_incomplete_beta_closed_forms(x):
     assert evidence.betainc(1, 1, x) == pytest.approx(x, abs=1e-12)
     assert evidence.betainc(3.5, 1, x) == pytest.approx(x ** 3.5, abs=1e-12)
     assert evidence.betainc(1, 2.5, x) == pytest.approx(1 - (1 - x) ** 2.5, abs=1e-12)
-    assert evidence.betainc(2.2, 0.7, x) == pytest.approx(1 - evidence.betainc(0.7, 2.2, 1 - x), abs=1e-12)
+    assert evidence.betainc(2.2, 0.7, x) == pytest.approx(1 - evidence.betainc(0.7, 2.2, 1 - x),
+                                                          abs=1e-12)
 
 
 def test_mean_interval_by_hand():
     m, lo, hi = evidence.mean_ci([1.0, 2.0, 3.0])  # sd 1, n 3: half-width t_{.975,2} / sqrt(3)
-    assert m == 2.0 and hi - m == pytest.approx(4.302653 / math.sqrt(3)) and m - lo == pytest.approx(4.302653 / math.sqrt(3))
+    assert (m == 2.0 and hi - m == pytest.approx(4.302653 / math.sqrt(3))
+            and m - lo == pytest.approx(4.302653 / math.sqrt(3)))
     assert evidence.mean_ci([5.0]) == (5.0, None, None)
 
 
@@ -92,17 +96,21 @@ def test_unpaired_ratio_covers_the_true_ratio():
     assert 0.93 <= hit / reps <= 0.97
 
 
-@pytest.mark.parametrize("lo,hi,expect", [(1.1, 2.0, "holds"), (0.5, 0.9, "does not hold"), (0.9, 1.2, "undecided"),
-                                          (None, None, "undecided"), (1.0, 1.3, "undecided")])
+@pytest.mark.parametrize("lo,hi,expect", [(1.1, 2.0, "holds"), (0.5, 0.9, "does not hold"),
+                                          (0.9, 1.2, "undecided"), (None, None, "undecided"),
+                                          (1.0, 1.3, "undecided")])
 def test_status_of_an_interval(lo, hi, expect):
     assert evidence.status(lo, hi, 1.0) == expect
 
 
 def test_curve_summary_and_overtaking_by_hand():
-    c1 = [dict(budget=b, distinct_any=v, distinct={"high": v}) for b, v in ((10, 1), (20, 2), (30, 3))]
-    c2 = [dict(budget=b, distinct_any=v, distinct={"high": v}) for b, v in ((10, 3), (20, 4), (30, 5))]
+    c1 = [dict(budget=b, distinct_any=v, distinct={"high": v})
+          for b, v in ((10, 1), (20, 2), (30, 3))]
+    c2 = [dict(budget=b, distinct_any=v, distinct={"high": v})
+          for b, v in ((10, 3), (20, 4), (30, 5))]
     s = evidence.curve_summary([c1, c2])
-    assert [p["mean"] for p in s] == [2.0, 3.0, 4.0] and s[0]["hi"] - 2.0 == pytest.approx(12.706205 * 1.0 / 1.0)
+    assert ([p["mean"] for p in s] == [2.0, 3.0, 4.0]
+            and s[0]["hi"] - 2.0 == pytest.approx(12.706205 * 1.0 / 1.0))
     assert s[0]["lo"] == 0.0  # 2 - 12.7 clipped: a count is never negative
     flat = [dict(budget=b, mean=m) for b, m in ((10, 2.5), (20, 2.5), (30, 2.5))]
     assert evidence.overtake(s, flat) == 20 and evidence.overtake(flat, s) is None
@@ -110,7 +118,8 @@ def test_curve_summary_and_overtaking_by_hand():
 
 def test_unpaired_ratio_by_hand():
     """a + 1 = [2, 4], b + 1 = [1, 3, 5]: means 3 and 3; delta-method variances of the log means
-    var/n/mean² = 2/2/9 and 4/3/9; Welch-Satterthwaite df = (va+vb)²/(va²/1 + vb²/2) = 2.88 (not rounded)."""
+    var/n/mean² = 2/2/9 and 4/3/9; Welch-Satterthwaite df = (va+vb)²/(va²/1 + vb²/2) = 2.88 (not
+    rounded)."""
     va, vb = 2 / 2 / 9, 4 / 3 / 9
     df = (va + vb) ** 2 / (va ** 2 / 1 + vb ** 2 / 2)
     assert df == pytest.approx(49 / 17)
@@ -122,11 +131,14 @@ def test_unpaired_ratio_by_hand():
     h = q * math.sqrt(va + vb)
     r, lo, hi = evidence.unpaired_ratio([1, 3], [0, 2, 4])
     assert (r, lo, hi) == pytest.approx((1.0, math.exp(-h), math.exp(h)), rel=1e-4)
-    r, lo, hi = evidence.unpaired_ratio([5, 5], [1, 1, 1])  # no spread: a zero-width interval at 6/2
+    # no spread: a zero-width interval at 6/2
+    r, lo, hi = evidence.unpaired_ratio([5, 5], [1, 1, 1])
     assert r == lo == hi == pytest.approx(3.0)
     r, lo, hi = evidence.unpaired_ratio([0, 8], [4, 4, 4])  # all spread on one side: df = 1 exactly
-    assert (lo, hi) == pytest.approx((math.exp(-12.706205 * 0.8), math.exp(12.706205 * 0.8)), rel=1e-6)  # va = 32/2/25
-    for a, b in (([0, 2], [0, 2]), ([4, 4], [0, 2, 4])):  # equal spreads; spread on the other side only
+    assert (lo, hi) == pytest.approx((math.exp(-12.706205 * 0.8), math.exp(12.706205 * 0.8)),
+                                     rel=1e-6)  # va = 32/2/25
+    # equal spreads; spread on the other side only
+    for a, b in (([0, 2], [0, 2]), ([4, 4], [0, 2, 4])):
         r, lo, hi = evidence.unpaired_ratio(a, b)
         assert lo < r < hi
     with pytest.raises(ValueError):
@@ -146,25 +158,28 @@ def test_a_tie_is_not_overtaking():
     assert evidence.overtake(a, [dict(p, mean=1.5) if p["budget"] == 30 else p for p in b]) == 20
 
 
-# ---------------------------------------------------------------------------- pooled claims and Holm
+# --------------------------------------------------------------------------- pooled claims and Holm
 
 
 def test_stratified_estimate_by_hand():
-    """Two sizes: log-ratios [0, 2] (mean 1, var 2) and [1, 1, 4] (mean 2, var 3). Equal-weight mean 1.5;
-    v_k = var/n/S² = 2/2/4 and 3/3/4; se = sqrt(0.5); df = 0.5² / (0.25²/1 + 0.25²/2) = 2.667."""
+    """Two sizes: log-ratios [0, 2] (mean 1, var 2) and [1, 1, 4] (mean 2, var 3). Equal-weight mean
+    1.5; v_k = var/n/S² = 2/2/4 and 3/3/4; se = sqrt(0.5); df = 0.5² / (0.25²/1 + 0.25²/2) =
+    2.667."""
     e = evidence._stratified([np.array([0.0, 2.0]), np.array([1.0, 1.0, 4.0])])
     assert e.log == pytest.approx(1.5) and e.se == pytest.approx(math.sqrt(0.5)) and e.n == 5
     assert e.df == pytest.approx(0.25 / (0.0625 + 0.0625 / 2))
     one = evidence.paired_log_ratio([1, 3, 7], [1, 1, 1])  # one stratum: the plain paired t
     logs = np.log([1.0, 2.0, 4.0])
-    assert one.log == pytest.approx(logs.mean()) and one.se == pytest.approx(logs.std(ddof=1) / math.sqrt(3))
+    assert (one.log == pytest.approx(logs.mean())
+            and one.se == pytest.approx(logs.std(ddof=1) / math.sqrt(3)))
     assert one.df == pytest.approx(2.0)
 
 
 def test_stratified_interval_covers_the_mean_of_unequal_strata():
     rng = np.random.default_rng(2)
     reps, hit = 3000, 0
-    for _ in range(reps):  # three sizes with different true log-ratios and spreads, 5 replicates each
+    # three sizes with different true log-ratios and spreads, 5 replicates each
+    for _ in range(reps):
         groups = [rng.normal(mu, sd, 5) for mu, sd in ((0.2, 0.3), (0.5, 0.1), (-0.1, 0.6))]
         lo, hi = evidence._stratified(groups).interval()
         hit += lo <= math.exp(0.2) <= hi
@@ -177,26 +192,33 @@ def _est_with_p(p, sign=1, df=10):
 
 
 def test_holm_steps_down_and_stops_at_the_first_undecided():
-    claims = evidence.decide([("a", _est_with_p(0.01), 1.0, {}), ("b", _est_with_p(0.02, -1), 1.0, {}),
+    claims = evidence.decide([("a", _est_with_p(0.01), 1.0, {}),
+                              ("b", _est_with_p(0.02, -1), 1.0, {}),
                               ("c", _est_with_p(0.04), 1.0, {})])
-    assert [c["status"] for c in claims] == ["holds", "does not hold", "holds"]  # 0.01<=.05/3, .02<=.05/2, .04<=.05
-    assert [c["corrected"]["level"] for c in claims] == pytest.approx([1 - 0.05 / 3, 1 - 0.05 / 2, 0.95])
+    # 0.01<=.05/3, .02<=.05/2, .04<=.05
+    assert [c["status"] for c in claims] == ["holds", "does not hold", "holds"]
+    assert [c["corrected"]["level"] for c in claims] == pytest.approx(
+        [1 - 0.05 / 3, 1 - 0.05 / 2, 0.95])
     claims = evidence.decide([("a", _est_with_p(0.01), 1.0, {}), ("b", _est_with_p(0.03), 1.0, {}),
                               ("c", _est_with_p(0.04), 1.0, {})])
-    assert [c["status"] for c in claims] == ["holds", "undecided", "undecided"]  # .03 > .05/2: stop there
+    # .03 > .05/2: stop there
+    assert [c["status"] for c in claims] == ["holds", "undecided", "undecided"]
     assert [c["raw"]["status"] for c in claims] == ["holds"] * 3  # each alone at 95 %: all hold
-    for c in claims:  # the corrected interval excludes the threshold exactly when Holm decided the claim
+    # the corrected interval excludes the threshold exactly when Holm decided the claim
+    for c in claims:
         assert (c["lo"] > 1.0 or c["hi"] < 1.0) == (c["status"] != "undecided")
         assert c["lo"] <= c["raw"]["lo"] and c["hi"] >= c["raw"]["hi"]
 
 
 def test_holm_keeps_the_family_wise_error_rate():
-    """m = 8 claims whose true ratio is exactly the threshold: Holm decides any of them in <= 5 % of runs,
-    while deciding each alone at 95 % errs in about 1 - 0.95^8 = 34 % of runs."""
+    """m = 8 claims whose true ratio is exactly the threshold: Holm decides any of them in <= 5 % of
+    runs, while deciding each alone at 95 % errs in about 1 - 0.95^8 = 34 % of runs."""
     rng = np.random.default_rng(3)
     runs, any_corr, any_raw = 500, 0, 0
     for _ in range(runs):
-        specs = [(str(i), evidence.paired_log_ratio(rng.poisson(20, 6), rng.poisson(20, 6)), 1.0, {}) for i in range(8)]
+        specs = [(str(i), evidence.paired_log_ratio(rng.poisson(20, 6), rng.poisson(20, 6)),
+                  1.0, {})
+                 for i in range(8)]
         claims = evidence.decide(specs)
         any_corr += any(c["status"] != "undecided" for c in claims)
         any_raw += any(c["raw"]["status"] != "undecided" for c in claims)
@@ -204,25 +226,32 @@ def test_holm_keeps_the_family_wise_error_rate():
 
 
 def test_replicates_needed_by_hand():
-    e = evidence.Estimate(math.log(2.0), 0.5 / math.sqrt(4), 3, 4)  # per-replicate sd 0.5, effect log 2 = 0.693
+    # per-replicate sd 0.5, effect log 2 = 0.693
+    e = evidence.Estimate(math.log(2.0), 0.5 / math.sqrt(4), 3, 4)
     n = evidence.replicates_needed(e, 1.0)
-    assert evidence.t975(n - 1) * 0.5 / math.sqrt(n) < math.log(2.0) <= evidence.t975(n - 2) * 0.5 / math.sqrt(n - 1)
+    assert (evidence.t975(n - 1) * 0.5 / math.sqrt(n) < math.log(2.0)
+            <= evidence.t975(n - 2) * 0.5 / math.sqrt(n - 1))
     assert evidence.replicates_needed(evidence.Estimate(0.0, 0.1, 3, 4), 1.0) is None
 
 
-@pytest.mark.parametrize("lo,hi,direction,expect", [(-3.0, -1.0, "<", "holds"), (1.0, 2.0, "<", "does not hold"),
-                                                    (-1.0, 1.0, "<", "undecided"), (1.0, 2.0, ">", "holds")])
+@pytest.mark.parametrize("lo,hi,direction,expect", [(-3.0, -1.0, "<", "holds"),
+                                                    (1.0, 2.0, "<", "does not hold"),
+                                                    (-1.0, 1.0, "<", "undecided"),
+                                                    (1.0, 2.0, ">", "holds")])
 def test_status_of_a_claim_below_a_threshold(lo, hi, direction, expect):
     assert evidence.status(lo, hi, 0.0, direction) == expect
 
 
 def test_a_difference_claim_by_hand():
-    """Δ = [-3, -5, -4] nats: mean -4, s.e. 1/sqrt(3), df 2; "Δ < 0" holds; the interval is not exponentiated."""
+    """Δ = [-3, -5, -4] nats: mean -4, s.e. 1/sqrt(3), df 2; "Δ < 0" holds; the interval is not
+    exponentiated."""
     e = evidence.mean_estimate([-3.0, -5.0, -4.0])
-    assert (e.log, e.se, e.df, e.n, e.log_scale) == pytest.approx((-4.0, 1 / math.sqrt(3), 2.0, 3, False))
+    assert (e.log, e.se, e.df, e.n, e.log_scale) == pytest.approx(
+        (-4.0, 1 / math.sqrt(3), 2.0, 3, False))
     c = evidence.decide([("lowers M", e, 0.0, dict(direction="<"))])[0]
     h = 4.302653 / math.sqrt(3)
-    assert c["ratio"] == -4.0 and (c["lo"], c["hi"]) == pytest.approx((-4.0 - h, -4.0 + h), rel=1e-6)
+    assert (c["ratio"] == -4.0
+            and (c["lo"], c["hi"]) == pytest.approx((-4.0 - h, -4.0 + h), rel=1e-6))
     assert c["status"] == "holds" and c["scale"] == "difference"
 
 
@@ -239,9 +268,11 @@ def test_replicates_needed_uses_the_estimates_own_degrees_of_freedom():
     need = evidence.replicates_needed(e, 1.0)
     if own_half >= math.log(1.45):  # undecided with its own interval: more replicates needed
         assert need > n
-    assert evidence.t_quantile(0.975, df / (n - 1) * (need - 1)) * se * math.sqrt(n / need) < math.log(1.45)
+    assert (evidence.t_quantile(0.975, df / (n - 1) * (need - 1)) * se * math.sqrt(n / need)
+            < math.log(1.45))
     before = need - 1
-    assert evidence.t_quantile(0.975, df / (n - 1) * (before - 1)) * se * math.sqrt(n / before) >= math.log(1.45)
+    assert (evidence.t_quantile(0.975, df / (n - 1) * (before - 1)) * se * math.sqrt(n / before)
+            >= math.log(1.45))
 
 
 @pytest.mark.parametrize("p", [0.0, 1.0, 1.5, -0.2])
@@ -273,7 +304,8 @@ def test_zero_spread_estimates_keep_their_degrees_of_freedom():
     s = evidence._stratified([np.full(3, 2.0), np.full(4, 2.0)])
     assert (s.se, s.df, s.n) == (0.0, 5.0, 7)
     u = evidence.unpaired_log_ratio([2.0, 2.0, 2.0], [1.0, 1.0])
-    assert u.log == pytest.approx(math.log(3.0 / 2.0)) and (u.se, u.df, u.n) == (0.0, 3.0, 5)  # (a+1)/(b+1)
+    # (a+1)/(b+1)
+    assert u.log == pytest.approx(math.log(3.0 / 2.0)) and (u.se, u.df, u.n) == (0.0, 3.0, 5)
     w = evidence.unpaired_log_ratio([1.0, 3.0, 2.0], [1.0, 2.0])
     assert w.n == 5
 
@@ -282,4 +314,5 @@ def test_replicates_needed_measures_the_distance_to_its_own_threshold():
     e = evidence.Estimate(math.log(2.0), 0.5 / math.sqrt(4), 3, 4)
     n = evidence.replicates_needed(e, 1.5)
     d = math.log(2.0) - math.log(1.5)
-    assert evidence.t975(n - 1) * 0.5 / math.sqrt(n) < d <= evidence.t975(n - 2) * 0.5 / math.sqrt(n - 1)
+    assert (evidence.t975(n - 1) * 0.5 / math.sqrt(n) < d
+            <= evidence.t975(n - 2) * 0.5 / math.sqrt(n - 1))

@@ -236,13 +236,6 @@ def paired_ratio(a, b):
     return (math.exp(e.log), *e.interval())
 
 
-def unpaired_ratio(a, b):
-    """(ratio, lo, hi) of mean(a + 1) / mean(b + 1) for independent samples, with its 95 %
-    interval."""
-    e = unpaired_log_ratio(a, b)
-    return (math.exp(e.log), *e.interval())
-
-
 # ========================================================================= claims, decided together
 
 

@@ -322,3 +322,30 @@ def test_replicates_needed_measures_the_distance_to_its_own_threshold():
     d = math.log(2.0) - math.log(1.5)
     assert (evidence.t975(n - 1) * 0.5 / math.sqrt(n) < d
             <= evidence.t975(n - 2) * 0.5 / math.sqrt(n - 1))
+
+
+def _needed_by_search(e, threshold, cap=1000):
+    """replicates_needed by plain search over n = 2..cap (the definition, no bisection)."""
+    d = abs(e.log - (math.log(threshold) if e.log_scale else threshold))
+    per = e.df / (e.n - 1) if e.df is not None else 1.0
+    sd = e.se * math.sqrt(e.n)
+    for n in range(2, cap + 1):
+        if evidence.t_quantile(0.975, per * (n - 1)) * sd / math.sqrt(n) < d:
+            return n
+    return None
+
+
+@pytest.mark.parametrize("e,threshold", [
+    (evidence.Estimate(math.log(1.3), 0.15, None, 6), 1.0),  # no df recorded: n - 1
+    (evidence.Estimate(math.log(1.8), 0.3, 8.5, 12), 1.5),  # a Welch df below n - 1
+    (evidence.Estimate(math.log(50.0), 0.1, 5.0, 6), 1.0),  # decided already at 2 replicates
+    (evidence.Estimate(-2.0, 1.5, 4.0, 5, log_scale=False), 0.0),  # a difference
+    (evidence.Estimate(math.log(1.02), 0.5, 5.0, 6), 1.0),  # beyond the cap: None
+])
+def test_replicates_needed_equals_a_plain_search(e, threshold):
+    assert evidence.replicates_needed(e, threshold) == _needed_by_search(e, threshold)
+
+
+def test_replicates_needed_of_a_zero_spread_estimate_is_its_own_count():
+    assert evidence.replicates_needed(evidence.Estimate(math.log(2.0), 0.0, 5.0, 6), 1.0) == 6
+    assert evidence.replicates_needed(evidence.Estimate(math.log(2.0), None, None, 1), 1.0) is None

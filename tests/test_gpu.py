@@ -1,6 +1,7 @@
-"""The GPU path against the CPU reference (skipped without CUDA; `make gpu-check` runs them on a GPU):
-exact kNN on the GPU equals the CPU search, bf16 training steps stay finite and follow fp32,
-guided sampling on the GPU follows the CPU within float tolerance, compiled sampling equals eager."""
+"""The GPU path against the CPU reference (skipped without CUDA; `make gpu-check` runs them on a
+GPU): exact kNN on the GPU equals the CPU search, bf16 training steps stay finite and follow fp32,
+guided sampling on the GPU follows the CPU within float tolerance, compiled sampling equals
+eager."""
 import numpy as np
 import pytest
 import torch
@@ -9,12 +10,14 @@ import ddpm
 import metrics
 import side
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device (make gpu-check)")
 
 
 def small_unet(seed=0):
     torch.manual_seed(seed)
-    return ddpm.UNet(image_size=8, base=16, mults=(1, 2), attn_res=(4,)).eval().requires_grad_(False)
+    return ddpm.UNet(image_size=8, base=16, mults=(1, 2),
+                     attn_res=(4,)).eval().requires_grad_(False)
 
 
 def test_exact_knn_on_the_gpu_equals_the_cpu():
@@ -43,7 +46,8 @@ def test_bf16_training_follows_fp32():
             loss.backward()
             opt.step()
         losses[amp] = loss.item()
-    assert np.isfinite(losses[True]) and abs(losses[True] - losses[False]) < 0.1 * losses[False] + 0.02
+    assert (np.isfinite(losses[True])
+            and abs(losses[True] - losses[False]) < 0.1 * losses[False] + 0.02)
 
 
 def test_guided_sampling_on_the_gpu_follows_the_cpu():
@@ -53,13 +57,14 @@ def test_guided_sampling_on_the_gpu_follows_the_cpu():
         torch.manual_seed(1)
         clf = side.TimeResNet(4, 8, width=8, T=100).to(dev).eval().requires_grad_(False)
         cond_fn = side.guidance(clf, torch.tensor([0, 1, 2, 3] * 2, device=dev), 3.0)
-        out[dev] = diffusion.sample(model, 8, ddpm.sample_generators(0, range(8)), steps=10, eta=1.0,
-                                    cond_fn=cond_fn).cpu()
+        out[dev] = diffusion.sample(model, 8, ddpm.sample_generators(0, range(8)), steps=10,
+                                    eta=1.0, cond_fn=cond_fn).cpu()
     assert (out["cpu"] - out["cuda"]).abs().max() < 1e-3
 
 
 def test_compiled_sampling_equals_eager():
     model, diffusion = small_unet().cuda(), ddpm.Diffusion(100, "cosine", "eps", device="cuda")
     eager = diffusion.sample(model, 16, ddpm.sample_generators(0, range(16)), steps=5, eta=0.0)
-    fast = diffusion.sample(torch.compile(model), 16, ddpm.sample_generators(0, range(16)), steps=5, eta=0.0)
+    fast = diffusion.sample(torch.compile(model), 16, ddpm.sample_generators(0, range(16)), steps=5,
+                            eta=0.0)
     assert (eager - fast).abs().max() < 1e-3

@@ -22,7 +22,8 @@ import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RNG = np.random.default_rng(0)
-RGB = RNG.integers(0, 256, (6, 4, 3), dtype=np.uint8)  # 6 rows x 4 columns: not square, so rotation shows
+# 6 rows x 4 columns: not square, so rotation shows
+RGB = RNG.integers(0, 256, (6, 4, 3), dtype=np.uint8)
 
 
 def load_one(path):
@@ -33,7 +34,8 @@ def load_one(path):
 
 def test_16_bit_grayscale_is_scaled_to_8_bits(tmp_path):
     g8 = RGB[..., 0].astype(np.uint16)
-    g16 = g8 * 257 + RNG.integers(0, 128, g8.shape).astype(np.uint16)  # low byte below half: rounds to g8
+    # low byte below half: rounds to g8
+    g16 = g8 * 257 + RNG.integers(0, 128, g8.shape).astype(np.uint16)
     im = Image.fromarray(g16)
     assert im.mode.startswith("I;16")
     im.save(tmp_path / "a.png")
@@ -45,19 +47,23 @@ def test_16_bit_grayscale_is_scaled_to_8_bits(tmp_path):
 def test_palette_and_grayscale_are_expanded(tmp_path):
     colours = RGB[:2, :2].reshape(-1, 3)  # 4 colours: an exact palette
     img = colours[RNG.integers(0, 4, (6, 4))]
-    Image.fromarray(img).convert("P", palette=Image.Palette.ADAPTIVE, colors=4).save(tmp_path / "p.png")
+    Image.fromarray(img).convert("P", palette=Image.Palette.ADAPTIVE,
+                                 colors=4).save(tmp_path / "p.png")
     assert np.array_equal(load_one(tmp_path / "p.png"), img)
     (tmp_path / "g").mkdir()
     Image.fromarray(RGB[..., 1]).save(tmp_path / "g" / "g.png")
-    assert np.array_equal(load_one(tmp_path / "g" / "g.png"), RGB[..., 1:2])  # grey stays one channel
+    # grey stays one channel
+    assert np.array_equal(load_one(tmp_path / "g" / "g.png"), RGB[..., 1:2])
 
 
 def test_alpha_is_composited_on_the_stated_background(tmp_path):
     alpha = RNG.integers(0, 256, (6, 4, 1))
-    Image.fromarray(np.concatenate([RGB, alpha.astype(np.uint8)], -1), "RGBA").save(tmp_path / "a.png")
+    Image.fromarray(np.concatenate([RGB, alpha.astype(np.uint8)], -1),
+                    "RGBA").save(tmp_path / "a.png")
     bg = np.array(metrics.BACKGROUND)
     expect = RGB * alpha / 255 + bg * (1 - alpha / 255)
-    assert np.abs(load_one(tmp_path / "a.png") - expect).max() <= 1  # integer compositing: one level
+    # integer compositing: one level
+    assert np.abs(load_one(tmp_path / "a.png") - expect).max() <= 1
 
 
 def test_cmyk_uses_the_standard_formula(tmp_path):
@@ -68,11 +74,13 @@ def test_cmyk_uses_the_standard_formula(tmp_path):
     assert np.abs(load_one(tmp_path / "c.tif") - expect).max() <= 1
 
 
-@pytest.mark.parametrize("orientation,turn", [(3, lambda a: a[::-1, ::-1]), (6, lambda a: np.rot90(a, -1)),
-                                              (8, lambda a: np.rot90(a, 1))])
+@pytest.mark.parametrize("orientation,turn",
+                         [(3, lambda a: a[::-1, ::-1]), (6, lambda a: np.rot90(a, -1)),
+                          (8, lambda a: np.rot90(a, 1))])
 def test_exif_orientation_is_applied(tmp_path, orientation, turn):
     exif = Image.Exif()
-    exif[0x0112] = orientation  # EXIF Orientation: 3 = 180°, 6 = display turned 90° clockwise, 8 = counter-clockwise
+    # EXIF Orientation: 3 = 180°, 6 = display turned 90° clockwise, 8 = counter-clockwise
+    exif[0x0112] = orientation
     Image.fromarray(RGB).save(tmp_path / "r.png", exif=exif)
     assert np.array_equal(load_one(tmp_path / "r.png"), turn(RGB))
 
@@ -85,19 +93,20 @@ def test_an_unshowable_mode_is_refused_naming_the_file(tmp_path):
         data.load_data(str(tmp_path), 8)
 
 
-# ----------------------------------------------------------------------------- channels, alpha, value ranges
+# ------------------------------------------------------------------- channels, alpha, value ranges
 
 def test_a_folder_mixing_grey_and_colour_is_read_as_colour(tmp_path):
     Image.fromarray(RGB).save(tmp_path / "a.png")
     Image.fromarray(RGB[..., 2]).save(tmp_path / "b.png")
     images = metrics.load_images(tmp_path)
     assert images.shape == (2, 6, 4, 3)
-    assert np.array_equal(images[0], RGB) and np.array_equal(images[1], np.repeat(RGB[..., 2:], 3, -1))
+    assert (np.array_equal(images[0], RGB)
+            and np.array_equal(images[1], np.repeat(RGB[..., 2:], 3, -1)))
 
 
 def test_alpha_is_the_same_in_a_png_and_in_an_npz(tmp_path):
-    """RGBA and grey + alpha: a PNG in a folder and the same array in an .npz give identical pixels, both
-    equal to round((v a + 255 (255 - a)) / 255) computed here (white background)."""
+    """RGBA and grey + alpha: a PNG in a folder and the same array in an .npz give identical pixels,
+    both equal to round((v a + 255 (255 - a)) / 255) computed here (white background)."""
     alpha = RNG.integers(0, 256, (6, 4, 1)).astype(np.uint8)
     for name, v in (("rgba", RGB), ("la", RGB[..., :1])):
         arr = np.concatenate([v, alpha], -1)
@@ -106,14 +115,17 @@ def test_alpha_is_the_same_in_a_png_and_in_an_npz(tmp_path):
         with Image.open(tmp_path / name / "x.png") as im:
             assert im.mode == name.upper()
         np.savez(tmp_path / f"{name}.npz", images=arr[None])
-        expect = np.floor((v.astype(float) * alpha + 255.0 * (255 - alpha.astype(float))) / 255 + 0.5)
+        expect = np.floor((v.astype(float) * alpha + 255.0 * (255 - alpha.astype(float))) / 255
+                          + 0.5)
         from_png = metrics.load_images(tmp_path / name)[0]
         from_npz = metrics.load_images(tmp_path / f"{name}.npz")[0]
-        assert from_png.shape == v.shape and np.array_equal(from_png, from_npz) and np.array_equal(from_png, expect)
+        assert (from_png.shape == v.shape and np.array_equal(from_png, from_npz)
+                and np.array_equal(from_png, expect))
 
 
 def test_float_npz_ranges_are_detected_or_declared(tmp_path, capsys):
-    """The issue's case: float images in [0, 1] must match their uint8 copies exactly, as must [-1, 1]."""
+    """The issue's case: float images in [0, 1] must match their uint8 copies exactly, as must
+    [-1, 1]."""
     u8 = RNG.integers(0, 256, (10, 3, 6, 4), dtype=np.uint8)  # NCHW, the float layout
     u8[:, :, 0, 0] = 0  # a black pixel: [-1, 1] floats then have a negative value
     nhwc = u8.transpose(0, 2, 3, 1)
@@ -129,8 +141,10 @@ def test_float_npz_ranges_are_detected_or_declared(tmp_path, capsys):
     np.savez(tmp_path / "d01.npz", images=bright, value_range=np.array([0.0, 1.0]))
     assert np.all(metrics.load_images(tmp_path / "d01.npz") == 128)
     for name, arr, extra, needle in (("f255", u8.astype(np.float32), {}, r"\[0, 1\] or \[-1, 1\]"),
-                                     ("wrongdecl", u8.astype(np.float32) / 127.5 - 1, dict(value_range=[0.0, 1.0]), r"\[0, 1\]"),
-                                     ("oddrange", bright, dict(value_range=[0.0, 2.0]), "value_range")):
+                                     ("wrongdecl", u8.astype(np.float32) / 127.5 - 1,
+                                      dict(value_range=[0.0, 1.0]), r"\[0, 1\]"),
+                                     ("oddrange", bright, dict(value_range=[0.0, 2.0]),
+                                      "value_range")):
         np.savez(tmp_path / f"{name}.npz", images=arr, **extra)
         with pytest.raises(metrics.MetricsInputError, match=needle):
             metrics.load_images(tmp_path / f"{name}.npz")
@@ -145,22 +159,26 @@ def test_an_mnist_style_npz_without_a_channel_axis_is_grey(tmp_path):
     assert ds.images.shape == (5, 8, 8, 1) and ds.channels == 1
 
 
-# ----------------------------------------------------------------------------- files that are not images
+# ------------------------------------------------------------------------ files that are not images
 
 def png_header_only(path, w, h):
     """A PNG that declares w x h pixels (mode L) and holds one short row: its header is all a reader
     sees before deciding to decode (a 20,000 x 20,000 image made cheaply)."""
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 16))
                      + chunk(b"IEND", b""))
 
 
-@pytest.mark.parametrize("w,h", [(20000, 20000), (9000, 9000)])  # over Pillow's own bomb limit; over ours only
+# over Pillow's own bomb limit; over ours only
+@pytest.mark.parametrize("w,h", [(20000, 20000), (9000, 9000)])
 def test_a_decompression_bomb_is_refused_in_one_line(tmp_path, w, h):
     png_header_only(tmp_path / "bomb.png", w, h)
-    with pytest.raises(metrics.MetricsInputError, match=r"bomb\.png.*(decompression bomb|over the limit)"):
+    with pytest.raises(metrics.MetricsInputError,
+                       match=r"bomb\.png.*(decompression bomb|over the limit)"):
         metrics.load_images(tmp_path)
 
 
@@ -172,9 +190,11 @@ def test_a_fifo_named_like_an_image_is_refused_not_waited_on(tmp_path, name):
     Image.fromarray(RGB).save(tmp_path / "d" / "ok.png")
     os.mkfifo(tmp_path / "d" / name)
     spec = tmp_path / "d" / name if name.endswith(".npz") else tmp_path / "d"
-    r = subprocess.run([sys.executable, "data.py", "--data", str(spec), "--size", "8", "--out", str(tmp_path / "g.png")],
+    r = subprocess.run([sys.executable, "data.py", "--data", str(spec), "--size", "8", "--out",
+                        str(tmp_path / "g.png")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a regular file" in r.stderr and name in r.stderr, r.stderr
+    assert (r.returncode == 2 and r.stderr.count("\n") == 1 and "not a regular file" in r.stderr
+            and name in r.stderr), r.stderr
 
 
 def npz_bytes(**arrays):
@@ -186,8 +206,10 @@ def npz_bytes(**arrays):
 @pytest.mark.parametrize("content,needle", [
     (b"", "not an .npz archive"),                                          # empty
     (b"images,labels\n1,2\n", "not an .npz archive"),                     # text named .npz
-    (npz_bytes(images=np.zeros((2, 4, 4, 3), np.uint8))[:60], "cannot be read as .npz"),  # truncated
-    (lambda: npz_bytes(images=np.array([{"a": 1}], dtype=object)), "pickled objects"),  # needs pickle
+    # truncated
+    (npz_bytes(images=np.zeros((2, 4, 4, 3), np.uint8))[:60], "cannot be read as .npz"),
+    # needs pickle
+    (lambda: npz_bytes(images=np.array([{"a": 1}], dtype=object)), "pickled objects"),
 ])
 def test_corrupt_or_empty_npz_is_refused_in_one_line(tmp_path, capsys, content, needle):
     (tmp_path / "bad.npz").write_bytes(content() if callable(content) else content)

@@ -1,5 +1,6 @@
-"""reproduce.py: independent replicates (no shared seed, sample or initial weights), and `make smoke`'s
-pipeline end to end (reproduce.py --profile smoke): the summary's structure and the report."""
+"""reproduce.py: independent replicates (no shared seed, sample or initial weights), and `make
+smoke`'s pipeline end to end (reproduce.py --profile smoke): the summary's structure and the
+report."""
 import dataclasses
 import json
 import os
@@ -15,8 +16,8 @@ import evidence
 import reproduce
 from common import UserError
 
-ROW_FIELDS = {"n_train", "method", "arm", "replicate", "n_gen", "ams", "ums", "hits", "hits_any", "distinct",
-              "distinct_any", "p95", "carlini_extracted", "yoon_extracted"}
+ROW_FIELDS = {"n_train", "method", "arm", "replicate", "n_gen", "ams", "ums", "hits", "hits_any",
+              "distinct", "distinct_any", "p95", "carlini_extracted", "yoon_extracted"}
 
 
 def _cfg(**kw):
@@ -27,9 +28,12 @@ def test_replicates_share_no_seed_sample_or_initial_weights():
     cfg, p = _cfg(out="unused"), reproduce.PROFILES["cpu"]
     reps = reproduce.plan(cfg, p, labelled=True)
     assert len([r for r in reps if r["role"] == "table"]) == len(p["sizes"]) * p["replicates"]
-    assert claims.check_independent(reps) == 4 * len(reps)  # every seed of every replicate is its own
-    other = reproduce.plan(_cfg(out="unused", seed=1), p, labelled=True)  # another base seed: other seeds again
-    assert not {s for r in reps for s in r["seeds"].values()} & {s for r in other for s in r["seeds"].values()}
+    # every seed of every replicate is its own
+    assert claims.check_independent(reps) == 4 * len(reps)
+    # another base seed: other seeds again
+    other = reproduce.plan(_cfg(out="unused", seed=1), p, labelled=True)
+    assert not ({s for r in reps for s in r["seeds"].values()}
+                & {s for r in other for s in r["seeds"].values()})
     small = [r for r in reps if r["n"] == 16 and r["role"] == "table"]
     faces = [data.load_data("faces", 8, n=16, seed=r["seeds"]["data"]).images for r in small]
     flat = np.concatenate(faces).reshape(len(faces) * 16, -1)
@@ -37,7 +41,8 @@ def test_replicates_share_no_seed_sample_or_initial_weights():
     first = []
     for r in small:  # initial weights: train.py seeds the UNet with the replicate's training seed
         torch.manual_seed(r["seeds"]["train"])
-        first.append(ddpm.UNet(image_size=8, base=32, mults=(1, 2), attn_res=(4,)).inp.weight.detach().clone())
+        first.append(ddpm.UNet(image_size=8, base=32, mults=(1, 2),
+                               attn_res=(4,)).inp.weight.detach().clone())
     assert all(not torch.equal(a, b) for i, a in enumerate(first) for b in first[i + 1:])
 
 
@@ -49,11 +54,13 @@ def test_labelled_models_pair_with_their_replicate_and_the_weak_arm_is_a_kept_ch
         assert bool(r["labelled"]) == (r["role"] == "table" and r["n"] == small)
         assert (r["weak"] is not None) == (r["role"] == "table" and r["n"] == mid)
     rep = next(r for r in reps if r["weak"])
-    assert rep["weak"] == reproduce.steps_of(p, mid, p["weak_epochs"]) < reproduce.steps_of(p, mid, rep["epochs"])
+    assert (rep["weak"] == reproduce.steps_of(p, mid, p["weak_epochs"])
+            < reproduce.steps_of(p, mid, rep["epochs"]))
     args = reproduce.train_args(cfg, p, rep)
     assert f"--keep={rep['weak']}" in args and f"--seed={rep['seeds']['train']}" in args
     tune = next(r for r in reps if r["role"] == "tune")
-    assert not set(tune["seeds"].values()) & {s for r in reps if r["role"] == "table" for s in r["seeds"].values()}
+    assert not set(tune["seeds"].values()) & {s for r in reps if r["role"] == "table"
+                                              for s in r["seeds"].values()}
 
 
 def test_train_jobs_group_models_of_one_shape(tmp_path):
@@ -61,9 +68,11 @@ def test_train_jobs_group_models_of_one_shape(tmp_path):
     reps = reproduce.plan(cfg, p, labelled=True)
     jobs = reproduce.train_jobs(cfg, p, reps)
     members = {name: json.load(open(argv[1].split("=", 1)[1])) for name, argv in jobs}
-    assert sum(len(m) for m in members.values()) == len(reps) + 2 * p["replicates"]  # + informative, permuted
+    # + informative, permuted
+    assert sum(len(m) for m in members.values()) == len(reps) + 2 * p["replicates"]
     for m in members.values():
-        shapes = {tuple(a for a in argv if a.split("=")[0] in ("--n-train", "--batch", "--steps")) for argv in m}
+        shapes = {tuple(a for a in argv if a.split("=")[0] in ("--n-train", "--batch", "--steps"))
+                  for argv in m}
         assert len(shapes) == 1
 
 
@@ -81,10 +90,12 @@ def test_summary_has_every_required_field(smoke):
     sizes = sorted({r["n_train"] for r in table})
     assert sizes == sorted(p["sizes"])
     for r in s["rows"]:
-        if r["method"] == "side_union":  # distinct images of SIDE's synthetic set + guided generations
+        # distinct images of SIDE's synthetic set + guided generations
+        if r["method"] == "side_union":
             side_ = next(q for q in table if q["method"] == "side"
                          and (q["n_train"], q["replicate"]) == (r["n_train"], r["replicate"]))
-            assert r["n_gen"] == p["n_syn"] + p["n_gen"] and r["distinct_any"] >= side_["distinct_any"]  # a superset
+            assert (r["n_gen"] == p["n_syn"] + p["n_gen"]
+                    and r["distinct_any"] >= side_["distinct_any"])  # a superset
             continue
         assert ROW_FIELDS <= set(r), r.keys()
         assert r["hits_any"] == sum(r["hits"].values()) and sum(r["ams"].values()) <= 100.0 + 1e-9
@@ -96,37 +107,45 @@ def test_summary_has_every_required_field(smoke):
         assert got["uncond"] == got["cond"] == got["side"] == p["n_gen"]
         assert got["uncond_budget"] == got["side"] + p["n_syn"]
     weak = [r for r in s["rows"] if r["arm"] == "weak"]
-    assert {r["method"] for r in weak} == {"uncond", "cond", "side"} and len(weak) == 3 * p["replicates"]
+    assert ({r["method"] for r in weak} == {"uncond", "cond", "side"}
+            and len(weak) == 3 * p["replicates"])
     v = s["verdict"]
     assert v["family"]["size"] == len(v["claims"]) and v["family"]["method"] == "Holm-Bonferroni"
     for c in v["claims"]:
-        assert c["status"] in ("holds", "does not hold", "undecided") and c["status"] == c["corrected"]["status"]
+        assert (c["status"] in ("holds", "does not hold", "undecided")
+                and c["status"] == c["corrected"]["status"])
         assert {"lo", "hi", "status"} <= set(c["raw"]) and c["replicates"] >= 2
     assert [c["labelling"] for c in s["conditional"]] == ["none", "informative", "permuted"]
-    for c in s["conditional"][1:]:  # Δ in every replicate (its own data and models), then a t interval
+    # Δ in every replicate (its own data and models), then a t interval
+    for c in s["conditional"][1:]:
         d, per = c["delta"], c["delta"]["per_replicate"]
         assert d["n_units"] == len(per) == p["replicates"] and len(set(per)) == len(per)
-        h = evidence.t975(len(per) - 1) * np.std(per, ddof=1) / np.sqrt(len(per))  # Student-t, by hand
+        # Student-t, by hand
+        h = evidence.t975(len(per) - 1) * np.std(per, ddof=1) / np.sqrt(len(per))
         assert d["ci95"] == pytest.approx([np.mean(per) - h, np.mean(per) + h])
         assert sum(b["subsets"] for b in d["by_size"]) == sum(len(u["subsets"]) for u in d["units"])
     b = s["bands"]
     assert b["n"] == reproduce.BAND_REFERENCE and set(b["bands"]) == {"low", "mid", "high"}
-    assert max(hi for _, hi in b["bands"].values()) <= b["distinct_nn_min"]  # every band closer than two distinct images
+    # every band closer than two distinct images
+    assert max(hi for _, hi in b["bands"].values()) <= b["distinct_nn_min"]
     assert len(b["closest_training_pairs"]) == len(sizes) * p["replicates"]
 
 
 def test_report_and_pictures_are_written(smoke):
     text = open(smoke / "REPORT.md").read()
-    for heading in ("## Methods", "## Verdict", "## Table 1 in miniature", "Weakly memorized", "## Extraction versus budget",
-                    "## Conditional memorization", "Theorem 1", "## Stage times", "corrected interval"):
+    for heading in ("## Methods", "## Verdict", "## Table 1 in miniature", "Weakly memorized",
+                    "## Extraction versus budget", "## Conditional memorization", "Theorem 1",
+                    "## Stage times", "corrected interval"):
         assert heading in text
-    for png in ["sweep_lambda.png", "sweep_cond_scale.png"] + [f"curve_n{n}.png" for n in reproduce.PROFILES["smoke"]["sizes"]]:
+    for png in (["sweep_lambda.png", "sweep_cond_scale.png"]
+                + [f"curve_n{n}.png" for n in reproduce.PROFILES["smoke"]["sizes"]]):
         assert os.path.getsize(smoke / png) > 0
     assert len(os.listdir(smoke / "grids")) >= 2 * 3
 
 
 def test_a_rerun_reuses_every_stage(smoke):
-    """Models, classifiers, features and generations are not recomputed: their files stay untouched."""
+    """Models, classifiers, features and generations are not recomputed: their files stay
+    untouched."""
     def stamps():
         out = {}
         for root, _, files in os.walk(smoke):
@@ -137,16 +156,19 @@ def test_a_rerun_reuses_every_stage(smoke):
         return out
     p = reproduce.PROFILES["smoke"]
     before, first = stamps(), json.load(open(smoke / "summary.json"))
-    models = len(p["sizes"]) * p["replicates"] + 1 + 2 * p["replicates"]  # table, tuning, informative + permuted
+    # table, tuning, informative + permuted
+    models = len(p["sizes"]) * p["replicates"] + 1 + 2 * p["replicates"]
     assert sum(os.path.basename(q) == "ckpt.pt" for q in before) == models
     assert sum(q.endswith(".npy") for q in before) > 10
     again = reproduce.main(["--profile", "smoke", "--out", str(smoke)])
     assert stamps() == before
-    assert [r.get("ams", r["distinct_any"]) for r in again["rows"]] == [r.get("ams", r["distinct_any"]) for r in first["rows"]]
+    assert ([r.get("ams", r["distinct_any"]) for r in again["rows"]]
+            == [r.get("ams", r["distinct_any"]) for r in first["rows"]])
 
 
 def test_train_flags_are_checked_by_train_py_itself_before_any_work(tmp_path):
-    """reproduce.py does not import the trainer: train.py --dry-run checks a job's flags and writes nothing."""
+    """reproduce.py does not import the trainer: train.py --dry-run checks a job's flags and writes
+    nothing."""
     out = tmp_path / "m"
     with pytest.raises(UserError, match=r"^train\.py --base 12 must be a positive multiple of 8"):
         reproduce.check_train_flags(["--base", "12", "--out", str(out)])

@@ -12,7 +12,8 @@ import ddpm
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(n_train=8, image_size=8, base=16, mults=(1, 2), attn_res=(4,), T=100, batch=8, sample_n=0, log_every=1e9)
+TINY = dict(n_train=8, image_size=8, base=16, mults=(1, 2), attn_res=(4,), T=100, batch=8,
+            sample_n=0, log_every=1e9)
 
 
 def cfg(tmp_path, name="run", **kw):
@@ -20,7 +21,8 @@ def cfg(tmp_path, name="run", **kw):
 
 
 def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
 
 
 def fixed_loss(model, diffusion, x0):
@@ -119,26 +121,33 @@ def test_bad_data_files_give_exit_2(tmp_path):
     broken.mkdir()
     (broken / "a.png").write_bytes(b"this is no png")
     np.savez(tmp_path / "noimages.npz", pixels=np.zeros((2, 8, 8, 3), np.uint8))
-    np.savez(tmp_path / "badlabels.npz", images=np.zeros((3, 8, 8, 3), np.uint8), labels=np.zeros(2))
+    np.savez(tmp_path / "badlabels.npz", images=np.zeros((3, 8, 8, 3), np.uint8),
+             labels=np.zeros(2))
     for spec, needle in [(empty, "empty"), (broken, "a.png"), (tmp_path / "noimages.npz", "images"),
                          (tmp_path / "badlabels.npz", "label")]:
-        r = cli("--out", str(tmp_path / "x"), "--steps", "1", "--data", str(spec), "--image-size", "8")
-        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (spec, r.stderr)
+        r = cli("--out", str(tmp_path / "x"), "--steps", "1", "--data", str(spec),
+                "--image-size", "8")
+        assert (r.returncode == 2 and needle in r.stderr
+                and "Traceback" not in r.stderr), (spec, r.stderr)
 
 
 def test_cli_trains_and_writes_samples(tmp_path):
-    r = cli("--out", str(tmp_path / "m"), "--steps", "3", "--n-train", "4", "--image-size", "8", "--base", "16",
-            "--attn-res", "4", "--T", "50", "--sample-n", "4", "--sample-steps", "5", "--batch", "4")
+    r = cli("--out", str(tmp_path / "m"), "--steps", "3", "--n-train", "4", "--image-size", "8",
+            "--base", "16", "--attn-res", "4", "--T", "50", "--sample-n", "4",
+            "--sample-steps", "5", "--batch", "4")
     assert r.returncode == 0, r.stderr
-    assert os.path.exists(tmp_path / "m" / "samples.png") and os.path.exists(tmp_path / "m" / "config.json")
+    assert (os.path.exists(tmp_path / "m" / "samples.png")
+            and os.path.exists(tmp_path / "m" / "config.json"))
 
 
 def test_grey_data_trains_a_one_channel_model(tmp_path):
-    """Channels come from the data: a grey .npz (N, H, W) trains a 1-channel UNet that learns (its loss
-    on the training images falls), stored in model_args, rebuilt by load_trained, sampled as grey."""
+    """Channels come from the data: a grey .npz (N, H, W) trains a 1-channel UNet that learns (its
+    loss on the training images falls), stored in model_args, rebuilt by load_trained, sampled as
+    grey."""
     import data
     rgb = data.load_data("faces", 8, n=8).images.astype(np.float64)
-    grey = np.round(rgb @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)  # (N, H, W), no channel axis
+    # (N, H, W), no channel axis
+    grey = np.round(rgb @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
     np.savez(tmp_path / "grey.npz", images=grey)
     c = cfg(tmp_path, data=str(tmp_path / "grey.npz"), steps=150, lr=3e-3, warmup=10)
     state = train.train(c)
@@ -146,8 +155,9 @@ def test_grey_data_trains_a_one_channel_model(tmp_path):
     x0 = data.to_tensor(grey[..., None])
     torch.manual_seed(c.seed)
     fresh, diffusion = train.build(c, 0, "cpu", channels=1)
-    before, after = fixed_loss(fresh, diffusion, x0), fixed_loss(train.load_trained(os.path.join(c.out, "ckpt.pt"))[0],
-                                                                diffusion, x0)
+    before, after = (fixed_loss(fresh, diffusion, x0),
+                     fixed_loss(train.load_trained(os.path.join(c.out, "ckpt.pt"))[0],
+                                diffusion, x0))
     assert after < 0.7 * before, (before, after)
     model, diffusion, _, _ = train.load_trained(os.path.join(c.out, "ckpt.pt"))
     x = diffusion.sample(model, 2, ddpm.sample_generators(0, range(2)), steps=3)

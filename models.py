@@ -160,17 +160,6 @@ def load_model(path, device="cpu"):
 
 # ----------------------------------------------------------------------------- train.py checkpoints
 
-def _unet_args(ck):
-    """ddpm.UNet kwargs: the checkpoint's `model_args`, or (older checkpoints) train.py's config
-    fields."""
-    if "model_args" in ck:
-        return ck["model_args"]
-    c = ck["config"]
-    return dict(image_size=c["image_size"], channels=3, base=c["base"], mults=tuple(c["mults"]),
-                num_res_blocks=c["num_res_blocks"], attn_res=tuple(c["attn_res"]),
-                num_classes=ck["num_classes"], dropout=c["dropout"])
-
-
 def _check_sizes(args, T, path):
     """A checkpoint's declared sizes, before anything is allocated for them (a crafted file could
     ask for terabytes): the bounds of common.MAX_* and a width cap."""
@@ -191,8 +180,8 @@ def load_train(path, device="cpu"):
                         "file?); pass the ckpt.pt that train.py wrote")
     try:
         c = ck["config"]
-        _check_sizes(_unet_args(ck), c["T"], path)
-        model = ddpm.UNet(**_unet_args(ck))
+        _check_sizes(ck["model_args"], c["T"], path)
+        model = ddpm.UNet(**ck["model_args"])
         model.load_state_dict(ck["ema"])
         diffusion = ddpm.Diffusion(c["T"], c["schedule"], c["prediction"], device=device)
         data = dict(spec=c["data"], n=c["n_train"], seed=c.get("data_seed", 0),

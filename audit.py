@@ -1,8 +1,8 @@
 """An audit a privacy team can act on: the same attack repeated on ONE model, the training images it
 leaked, and how many more a larger budget would reach. Run by `extract.py --repeats R` (R >= 2):
 
-    python extract.py --ckpt MODEL --data TRAIN --repeats 3   # -> OUT/AUDIT_REPORT.md, leaked.csv,
-    leaked.png
+    python extract.py --ckpt MODEL --data TRAIN --repeats 3
+    # -> OUT/AUDIT_REPORT.md, leaked.csv, leaked.png
 
 Repeat 0 is extract.py's ordinary run in OUT (--seed, --syn-seed); repeat r >= 1 is the same run in
 OUT/repeat-r on seeds drawn from (--seed, --syn-seed, r), so it redraws everything the attacker
@@ -11,10 +11,9 @@ attacks the same weights, so the spread over repeats is the attack's own randomn
 not the variation between models trained on other samples (reproduce.py's units measure that).
 
   - per method: the hit rate (AMS, SIDE's evaluation metrics) and the distinct training images
-  reached
-    (UMS x N_G), any band and high band, as means over repeats with Student-t 95 % intervals; SIDE
-    against plain sampling (and Carlini Cond where the data has labels) on both, paired by repeat
-    and decided as one family with Holm's correction (evidence.py);
+    reached (UMS x N_G), any band and high band, as means over repeats with Student-t 95 %
+    intervals; SIDE against plain sampling (and Carlini Cond where the data has labels) on both,
+    paired by repeat and decided as one family with Holm's correction (evidence.py);
   - leaked.csv: every training image some generation reached in some band (SIDE's φ(x, D_2)), by any
     method in any repeat, sorted by how reliably it leaks, and leaked.png (each beside its closest
     generation);
@@ -61,8 +60,7 @@ GRID_PX, GRID_COLS = 64, 4
 OUTPUTS = ("AUDIT_REPORT.md", "leaked.csv", "leaked.png")
 
 
-# ============================================================================ repeats: seeds,
-# folders, runs
+# ==================================================================== repeats: seeds, folders, runs
 
 def repeat_seeds(seed, syn_seed, R, avoid=()):
     """[(generation seed, synthetic-set seed)] of repeats 0..R-1. Repeat 0 is (seed, syn_seed), the
@@ -124,8 +122,7 @@ def _json(path):
         return json.load(fh)
 
 
-# ============================================================================ who was reached, by
-# which generation
+# ============================================================= who was reached, by which generation
 
 def incidence(G, T, bands, kind, device=None):
     """Every (generation g, training item j, value) with the value in some band: section 3's φ(x,
@@ -197,8 +194,7 @@ def collect(cfg, folders, ds, device):
     return runs, best, bands, kind
 
 
-# ============================================================================ how many more a
-# larger budget reaches
+# ============================================================ how many more a larger budget reaches
 
 def unseen(Y, T, n):
     """(S_obs, Q1, Q̂0): images reached, reached by exactly one of the T generations, and Chao's
@@ -339,8 +335,7 @@ def _ci(values):
     return dict(mean=m, lo=lo, hi=hi, n=len(values))
 
 
-# ============================================================================ leaked images,
-# figures, verdict
+# ================================================================== leaked images, figures, verdict
 
 def figure(ru, f):
     """One run's figure f: hit rate (AMS %, any / high band), hits (generations in any band) or

@@ -12,8 +12,8 @@ downloaded).
   DIR        a folder holding MNIST-family IDX files (train-images-idx3-ubyte and
              train-labels-idx1-ubyte, each gzipped or not): the training split, grey-scale, its
              labels the true labels (Fashion-MNIST: 60,000 images of 28 x 28, 10 classes of 6,000).
-  DIR        otherwise a folder of images (labels from immediate subfolder names), e.g. a CelebA
-  folder.
+  DIR        otherwise a folder of images (labels from immediate subfolder names), e.g. a
+             CelebA folder.
   FILE.npz   an array file with `images` and optional `labels` (and `value_range` for float images).
 Folders and .npz files are read by metrics.load_images, their labels by labels_of. Channels are the
 data's own: grey-scale data (IDX files, a folder of grey images, a one-channel .npz) stays one

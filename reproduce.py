@@ -1,11 +1,9 @@
 """The paper's experiments in miniature, with independent replicates and a corrected verdict:
 `make reproduce`.
 
-    python reproduce.py --profile cpu --out results            # the README's table, on a 2-core CPU
-    python reproduce.py --profile cpu --seed 1 --out results1  # the same protocol from another
-                                                                 base seed
-    python reproduce.py --profile cpu --calibrate --out cal    # how the training budgets were
-                                                                 chosen
+    python reproduce.py --profile cpu --out results            # the README's table, 2-core CPU
+    python reproduce.py --profile cpu --seed 1 --out results1  # the same from another base seed
+    python reproduce.py --profile cpu --calibrate --out cal    # how the budgets were chosen
     python reproduce.py --profile gpu --data /path/to/celeba   # larger images and sets, one GPU
 
 1. Table 1 of the paper (arXiv 2410.02467v7): for several training-set sizes of one source,

@@ -691,13 +691,15 @@ def calibrate(cfg, p, timer, parallel):
     reps = {n: dict(name=f"n{n}", n=n, r=0, seeds=seeds_of(cfg.seed, "calibrate", n, 0), weak=None,
                     model=f"{out}/models/n{n}") for n in p["sizes"]}
     for e in p["calib_epochs"]:
-        run_jobs([(f"train n{n} e{e:g}", ["train.py", *train_args(cfg, p, dict(rep, epochs=e))])
-                  for n, rep in reps.items()], parallel, timer, f"{out}/logs")
         runs = {n: f"{out}/extract/n{n}-e{e:g}" for n in p["sizes"]}
+        # a stage sampled by an earlier run is done: its model has since trained on
+        todo = [n for n, run in runs.items() if not os.path.exists(f"{run}/metrics.json")]
+        run_jobs([(f"train n{n} e{e:g}", ["train.py", *train_args(cfg, p, dict(reps[n], epochs=e))])
+                  for n in todo], parallel, timer, f"{out}/logs")
         run_jobs([(f"sample n{n} e{e:g}",
-                   extract_args(cfg, p, f"{reps[n]['model']}/ckpt.pt", run, "uncond", bands,
+                   extract_args(cfg, p, f"{reps[n]['model']}/ckpt.pt", runs[n], "uncond", bands,
                                 seed=reps[n]["seeds"]["gen"], curve_points=0))
-                  for n, run in runs.items()], parallel, timer, f"{out}/logs")
+                  for n in todo], parallel, timer, f"{out}/logs")
         for n, run in runs.items():
             r = load_metrics(run)["methods"]["uncond"]
             rows.append(dict(n_train=n, epochs=e, n_gen=r["n_generated"],

@@ -341,6 +341,7 @@ def _needed_by_search(e, threshold, cap=1000):
     (evidence.Estimate(math.log(50.0), 0.1, 5.0, 6), 1.0),  # decided already at 2 replicates
     (evidence.Estimate(-2.0, 1.5, 4.0, 5, log_scale=False), 0.0),  # a difference
     (evidence.Estimate(math.log(1.02), 0.5, 5.0, 6), 1.0),  # beyond the cap: None
+    (evidence.Estimate(math.log(3.0), 0.2, 0.6, 2), 1.0),  # two replicates, a Welch df below 1
 ])
 def test_replicates_needed_equals_a_plain_search(e, threshold):
     assert evidence.replicates_needed(e, threshold) == _needed_by_search(e, threshold)

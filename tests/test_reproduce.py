@@ -179,3 +179,29 @@ def test_train_flags_are_checked_by_train_py_itself_before_any_work(tmp_path):
 def test_a_profile_needs_replicates_and_matching_epochs():
     with pytest.raises(UserError, match="one value per size"):
         reproduce.profile_of(dataclasses.replace(_cfg(), sizes=(8, 16), epochs=(10.0,)))
+
+
+def test_calibrate_trains_each_size_in_stages_and_reports_each_budget(tmp_path):
+    """`make calibrate` at toy size: every (size, budget) of the profile sampled once, shares that
+    are the distinct count over the training-set size, each model resumed to its last budget
+    (the step count of its checkpoint), and a rerun that recomputes nothing."""
+    out = str(tmp_path / "cal")
+    reproduce.main(["--profile", "smoke", "--calibrate", "--out", out])
+    p = reproduce.PROFILES["smoke"]
+    cal = json.load(open(os.path.join(out, "calibration.json")))
+    assert [(r["n_train"], r["epochs"]) for r in cal["rows"]] == [
+        (n, e) for e in p["calib_epochs"] for n in p["sizes"]]
+    for r in cal["rows"]:
+        assert 0 <= r["distinct_any"] <= r["n_train"] and r["n_gen"] == p["n_gen"]
+        assert r["share_any"] == pytest.approx(r["distinct_any"] / r["n_train"])
+        assert max(r["share"].values()) <= r["share_any"] + 1e-12
+    for n in p["sizes"]:
+        steps = reproduce.steps_of(p, n, max(p["calib_epochs"]))
+        config = json.load(open(os.path.join(out, "models", f"n{n}", "config.json")))
+        assert config["steps"] == steps
+    md = open(os.path.join(out, "CALIBRATION.md")).read()
+    assert md.count("\n| ") == 1 + len(cal["rows"])  # the header row and one row per budget
+    before = os.path.getmtime(os.path.join(out, "calibration.json"))
+    reproduce.main(["--profile", "smoke", "--calibrate", "--out", out])
+    assert json.load(open(os.path.join(out, "calibration.json")))["rows"] == cal["rows"]
+    assert os.path.getmtime(os.path.join(out, "models", "n8", "ckpt.pt")) < before

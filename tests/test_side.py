@@ -381,3 +381,19 @@ def test_feature_user_errors(tmp_path):
         side.extract_features(x, str(junk))
     with pytest.raises(SideError, match="needs the DDPM"):
         side.extract_features(x, "ddpm")
+
+
+def test_side_extract_as_a_library_with_lambda_zero_is_plain_sampling():
+    """The README's library use: side.extract with its default hooks (no cache, side.sampler) runs
+    Algorithm 1 end to end; at λ = 0 the guidance adds nothing, so generation i is plain DDIM
+    sampling from ddpm.sample_generators(seed, [i]), bit for bit (sampled here without side.py)."""
+    model, d = tiny_unet(), ddpm.Diffusion(T, "cosine", "eps")
+    s = side.Settings(n_syn=12, K=2, tau=0.0, lam=0.0, clf_steps=2, clf_width=8,
+                      sampling=dict(sampler="ddim", sample_steps=4, eta=1.0))
+    x, info = side.extract(model, d, s, n=5, seed=3, log=lambda m: None)
+    plain = d.sample(model, 5, ddpm.sample_generators(3, range(5)), steps=4, eta=1.0,
+                     sampler="ddim")
+    assert x.shape == (5, 3, PX, PX) and torch.equal(x, plain)
+    assert info["scale"] == 0.0 and info["K"] == 2 and len(info["cluster"]) == 5
+    r = metrics.evaluate(x, plain, bands="high=0:0.01")  # each generation is its own copy
+    assert r["ams"]["high"] == 100.0 and r["ums"]["high"] == 100.0

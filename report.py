@@ -4,6 +4,7 @@ library), reproduce.py's REPORT.md sections and extract.py's output files (write
 
 Used by extract.py and reproduce.py; imports metrics.py (for the nearest neighbours in grids).
 """
+import argparse
 import dataclasses
 import io
 import json
@@ -663,8 +664,9 @@ def table1_summary(summaries, labels):
     return "\n".join(L)
 
 
-if __name__ == "__main__":
-    import argparse
+def main(argv=None):
+    """The README's tables from committed runs: verdicts side by side (--compare), Table 1 in
+    miniature (--table1) or a calibration (--calibration); printed on stdout."""
     p = argparse.ArgumentParser(description="The verdicts of several reproduce runs side by side "
                                 "(README's verdict table): python report.py --compare "
                                 "results/summary.json results-seed1/summary.json")
@@ -674,7 +676,7 @@ if __name__ == "__main__":
     p.add_argument("--table1", action="store_true",
                    help="with --compare: Table 1 in miniature of the runs instead of their "
                         "verdicts")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if bool(a.compare) == bool(a.calibration):
         p.exit(2, "error: pass either --compare SUMMARY_JSON... or --calibration "
                   "CALIBRATION_JSON\n")
@@ -685,7 +687,7 @@ if __name__ == "__main__":
         except (OSError, ValueError, KeyError) as e:
             p.exit(2, f"error: --calibration: cannot read {a.calibration} ({e!r}); pass the "
                       "calibration.json of a finished reproduce.py --calibrate run\n")
-        p.exit(0)
+        return
     runs = []
     for path in a.compare:
         try:
@@ -699,3 +701,7 @@ if __name__ == "__main__":
                       "reproduce.py run (not an extract.py run)\n")
     labels = [f"{r['data']} seed {r['base_seed']}" for r in runs]
     print(table1_summary(runs, labels) if a.table1 else compare_verdicts(runs, labels))
+
+
+if __name__ == "__main__":
+    main()

@@ -3,11 +3,13 @@
 the per-size paired log-ratios; the controls, the weak arm, the sizes and SIDE Definition 1 in the
 same Holm family."""
 import math
+import os
 
 import numpy as np
 import pytest
 
 import claims
+import report
 
 
 def _row(n, method, r, hits, distinct, arm="table", high=None):
@@ -107,7 +109,6 @@ def _summary(status, ratio, lo, hi, seed):
 
 
 def test_compare_verdicts_counts_only_holds_against_does_not_hold_as_a_contradiction():
-    import report
     same = report.compare_verdicts([_summary("holds", 1.6, 1.1, 2.3, 0),
                                     _summary("undecided", 1.3, 0.9, 1.8, 1)], ["s0", "s1"])
     assert "| SIDE more than UnCond | **holds** 1.60x [1.10, 2.30] | **undecided** 1.30x " \
@@ -141,7 +142,6 @@ def test_a_size_value_is_the_hits_or_the_percentage_of_the_training_set_reached(
 
 
 def test_calibration_summary_gives_each_size_its_share_per_budget():
-    import report
     rows = [dict(n_train=16, epochs=800, distinct_any=4, share_any=0.25),
             dict(n_train=32, epochs=800, distinct_any=8, share_any=0.25),
             dict(n_train=16, epochs=700, distinct_any=1, share_any=1 / 16)]
@@ -150,7 +150,6 @@ def test_calibration_summary_gives_each_size_its_share_per_budget():
 
 
 def test_table1_summary_puts_each_run_in_its_own_columns():
-    import report
     st = {"distinct_any": {"mean": 4.0, "lo": 2.0, "hi": 6.0}, "ams_any": {"mean": 1.5, "lo": None}}
     a = {"stats": {"table": {"16/uncond": st}, "weak": {}}}
     b = {"stats": {"table": {"16/uncond": st, "16/side": st}, "weak": {"32/side": st}}}
@@ -158,3 +157,30 @@ def test_table1_summary_puts_each_run_in_its_own_columns():
     assert t[2] == "| 16 | Carlini UnCond | 4.0 [2.0, 6.0] | 1.5 | 4.0 [2.0, 6.0] | 1.5 |"
     assert t[3] == "| 16 | SIDE | – | – | 4.0 [2.0, 6.0] | 1.5 |"
     assert t[4].startswith("| 32, weak | SIDE | – | – |")
+
+
+COMMITTED = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
+
+@pytest.mark.parametrize("argv", [
+    ["--compare", "reports/faces-seed0/summary.json", "reports/faces-seed1/summary.json",
+     "reports/fashion-mnist-seed0/summary.json"],
+    ["--compare", "reports/faces-seed0/summary.json", "reports/fashion-mnist-seed0/summary.json",
+     "--table1"],
+    ["--calibration", "reports/calibrate-faces/calibration.json"],
+    ["--calibration", "reports/calibrate-fashion-mnist/calibration.json"]])
+def test_the_readme_tables_are_what_report_prints_from_the_committed_runs(argv, capsys):
+    """Every line the README quotes from `python report.py ...` is printed by it from reports/:
+    a README number that no command prints, or a changed report.py, turns this red."""
+    report.main([a if a.startswith("--") else os.path.join(COMMITTED, a) for a in argv])
+    out = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    readme = open(os.path.join(COMMITTED, "README.md")).read()
+    assert len(out) >= 8 and [line for line in out if line not in readme] == []
+
+
+def test_report_refuses_a_missing_summary_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        report.main(["--compare", str(tmp_path / "none.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --compare: cannot read")
+    assert err.count("\n") == 1

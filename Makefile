@@ -66,4 +66,4 @@ mutate: install  ## mutation testing of the equation code (~25 min, one thread):
 	OMP_NUM_THREADS=1 $(PY) tools/mutate.py
 
 clean:  ## remove $(OUT) (the outputs of every target above), runs/ and caches; not the virtual environment
-	rm -rf $(OUT) runs .pytest_cache __pycache__ tests/__pycache__
+	rm -rf $(OUT) runs .pytest_cache __pycache__ tests/__pycache__ tools/__pycache__

@@ -844,7 +844,7 @@ def run(cfg, target, ranks=Ranks()):
     results, samples = {}, {}
     for m in cfg.methods.split(","):
         x, info = job.method(m, cfg.n_gen, cfg.seed, lam=chosen["lam"], K=chosen["K"],
-                               cond_scale=chosen["cond_scale"])
+                             cond_scale=chosen["cond_scale"])
         samples[m] = (x, info)
         ev = job.evaluate(x)  # every rank searches a shard; rank 0 gets the result
         if ranks.rank == 0:

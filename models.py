@@ -178,6 +178,8 @@ def load_train(path, device="cpu"):
             and isinstance(ck["config"], dict)):
         raise UserError(f"{path} is not a model checkpoint from train.py (an extraction cache "
                         "file?); pass the ckpt.pt that train.py wrote")
+    check("model_args" in ck, f"{path} has no model_args: an older train.py wrote it; retrain it "
+          "with train.py")
     try:
         c = ck["config"]
         _check_sizes(ck["model_args"], c["T"], path)

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 import metrics
-from common import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text
+from common import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, run_main
 from evidence import mean_ci
 
 BANDS = ("low", "mid", "high")
@@ -699,9 +699,13 @@ def main(argv=None):
         if "verdict" not in runs[-1]:
             p.exit(2, f"error: --compare: {path} has no verdict; pass the summary.json of a "
                       "reproduce.py run (not an extract.py run)\n")
-    labels = [f"{r['data']} seed {r['base_seed']}" for r in runs]
-    print(table1_summary(runs, labels) if a.table1 else compare_verdicts(runs, labels))
+    try:
+        labels = [f"{r['data']} seed {r['base_seed']}" for r in runs]
+        print(table1_summary(runs, labels) if a.table1 else compare_verdicts(runs, labels))
+    except (KeyError, TypeError, IndexError) as e:
+        raise UserError(f"--compare: a summary lacks the field {e}; pass summary.json files "
+                        "written by this version's reproduce.py") from None
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, interrupted="nothing was written")

@@ -214,8 +214,13 @@ def train_args(cfg, p, rep, labels="none", out=None):
                 attn_res=p["attn_res"], T=p["T"], steps=steps_of(p, n, rep["epochs"]),
                 batch=min(p["batch"], n), seed=rep["seeds"]["train"],
                 sample_n=16, sample_steps=p["sample_steps"], device=cfg.device, resume=True,
-                log_every=30, keep=(rep["keep"],) if rep.get("keep") else (), **TRAIN_FIXED)
+                log_every=30, keep=_steps(rep.get("keep")), **TRAIN_FIXED)
     return flags(args)
+
+
+def _steps(keep):
+    """A replicate's `keep` (None, one step or several) as train.py's --keep tuple."""
+    return () if keep is None else (keep,) if isinstance(keep, int) else tuple(keep)
 
 
 def train_jobs(cfg, p, reps):
@@ -682,24 +687,26 @@ def copy_pictures(out, reps):
 
 
 def calibrate(cfg, p, timer, parallel):
-    """Train every size in stages to each of calib_epochs (a stop and --resume is the same run) and
-    sample each stage plainly: the share of its training images reached per band, printed and saved.
-    One replicate per size, with seeds of its own role."""
-    out, rows = cfg.out, []
+    """Train every size to the largest of calib_epochs, keeping its checkpoint at each budget
+    (train.py --keep; a run resumed from a budget is the same run), and sample each kept
+    checkpoint plainly: the share of its training images reached per band, printed and saved.
+    One replicate per size, with seeds of its own role. A rerun reuses what is done (train.py and
+    extract.py refuse a folder made with other settings); --overwrite starts afresh."""
+    out, rows, epochs = cfg.out, [], p["calib_epochs"]
+    clear_previous(cfg)
     os.makedirs(out, exist_ok=True)
     bands, _ = bands_of(cfg, p, resolve_device(cfg.device))
     reps = {n: dict(name=f"n{n}", n=n, r=0, seeds=seeds_of(cfg.seed, "calibrate", n, 0), weak=None,
-                    model=f"{out}/models/n{n}") for n in p["sizes"]}
-    for e in p["calib_epochs"]:
+                    model=f"{out}/models/n{n}", epochs=max(epochs),
+                    keep=tuple(steps_of(p, n, e) for e in epochs)) for n in p["sizes"]}
+    run_jobs([(f"train n{n}", ["train.py", *train_args(cfg, p, rep)]) for n, rep in reps.items()],
+             parallel, timer, f"{out}/logs")
+    for e in epochs:
         runs = {n: f"{out}/extract/n{n}-e{e:g}" for n in p["sizes"]}
-        # a stage sampled by an earlier run is done: its model has since trained on
-        todo = [n for n, run in runs.items() if not os.path.exists(f"{run}/metrics.json")]
-        run_jobs([(f"train n{n} e{e:g}", ["train.py", *train_args(cfg, p, dict(reps[n], epochs=e))])
-                  for n in todo], parallel, timer, f"{out}/logs")
         run_jobs([(f"sample n{n} e{e:g}",
-                   extract_args(cfg, p, f"{reps[n]['model']}/ckpt.pt", runs[n], "uncond", bands,
-                                seed=reps[n]["seeds"]["gen"], curve_points=0))
-                  for n in todo], parallel, timer, f"{out}/logs")
+                   extract_args(cfg, p, f"{reps[n]['model']}/ckpt-{steps_of(p, n, e)}.pt", run,
+                                "uncond", bands, seed=reps[n]["seeds"]["gen"], curve_points=0))
+                  for n, run in runs.items()], parallel, timer, f"{out}/logs")
         for n, run in runs.items():
             r = load_metrics(run)["methods"]["uncond"]
             rows.append(dict(n_train=n, epochs=e, n_gen=r["n_generated"],

@@ -170,12 +170,16 @@ COMMITTED = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the r
     ["--calibration", "reports/calibrate-faces/calibration.json"],
     ["--calibration", "reports/calibrate-fashion-mnist/calibration.json"]])
 def test_the_readme_tables_are_what_report_prints_from_the_committed_runs(argv, capsys):
-    """Every line the README quotes from `python report.py ...` is printed by it from reports/:
-    a README number that no command prints, or a changed report.py, turns this red."""
+    """The README quotes what `python report.py ...` prints from reports/ as one whole block of
+    whole lines, with no table row of its own before or after it: a README number that no command
+    prints, or a changed report.py, turns this red."""
     report.main([a if a.startswith("--") else os.path.join(COMMITTED, a) for a in argv])
-    out = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    block = capsys.readouterr().out.strip()
     readme = open(os.path.join(COMMITTED, "README.md")).read()
-    assert len(out) >= 8 and [line for line in out if line not in readme] == []
+    assert block.count("\n") >= 7 and "\n" + block + "\n" in readme
+    i = readme.index("\n" + block + "\n")
+    before, after = readme[:i].rsplit("\n", 1)[-1], readme[i + len(block) + 2:].split("\n", 1)[0]
+    assert not before.startswith("|") and not after.startswith("|")
 
 
 def test_report_refuses_a_missing_summary_in_one_line(tmp_path, capsys):

@@ -181,10 +181,10 @@ def test_a_profile_needs_replicates_and_matching_epochs():
         reproduce.profile_of(dataclasses.replace(_cfg(), sizes=(8, 16), epochs=(10.0,)))
 
 
-def test_calibrate_trains_each_size_in_stages_and_reports_each_budget(tmp_path):
-    """`make calibrate` at toy size: every (size, budget) of the profile sampled once, shares that
-    are the distinct count over the training-set size, each model resumed to its last budget
-    (the step count of its checkpoint), and a rerun that recomputes nothing."""
+def test_calibrate_samples_each_budget_from_its_kept_checkpoint_and_reruns_safely(tmp_path):
+    """`make calibrate` at toy size: every (size, budget) of the profile sampled once from the
+    checkpoint kept at that budget's step, shares that are the distinct count over the training-set
+    size; a rerun recomputes nothing, and a rerun with another seed is refused, not mixed in."""
     out = str(tmp_path / "cal")
     reproduce.main(["--profile", "smoke", "--calibrate", "--out", out])
     p = reproduce.PROFILES["smoke"]
@@ -195,13 +195,17 @@ def test_calibrate_trains_each_size_in_stages_and_reports_each_budget(tmp_path):
         assert 0 <= r["distinct_any"] <= r["n_train"] and r["n_gen"] == p["n_gen"]
         assert r["share_any"] == pytest.approx(r["distinct_any"] / r["n_train"])
         assert max(r["share"].values()) <= r["share_any"] + 1e-12
-    for n in p["sizes"]:
-        steps = reproduce.steps_of(p, n, max(p["calib_epochs"]))
-        config = json.load(open(os.path.join(out, "models", f"n{n}", "config.json")))
-        assert config["steps"] == steps
+        steps = reproduce.steps_of(p, r["n_train"], r["epochs"])
+        run = os.path.join(out, "extract", f"n{r['n_train']}-e{r['epochs']:g}")
+        ckpt = json.load(open(os.path.join(run, "metrics.json")))["config"]["ckpt"]
+        assert ckpt.endswith(os.path.join(f"n{r['n_train']}", f"ckpt-{steps}.pt"))
+        assert os.path.exists(ckpt)
     md = open(os.path.join(out, "CALIBRATION.md")).read()
     assert md.count("\n| ") == 1 + len(cal["rows"])  # the header row and one row per budget
     before = os.path.getmtime(os.path.join(out, "calibration.json"))
     reproduce.main(["--profile", "smoke", "--calibrate", "--out", out])
     assert json.load(open(os.path.join(out, "calibration.json")))["rows"] == cal["rows"]
     assert os.path.getmtime(os.path.join(out, "models", "n8", "ckpt.pt")) < before
+    with pytest.raises(UserError, match="different config"):
+        reproduce.main(["--profile", "smoke", "--calibrate", "--out", out, "--seed", "7"])
+    assert json.load(open(os.path.join(out, "calibration.json")))["rows"] == cal["rows"]

@@ -31,12 +31,12 @@ Every figure is one fixed-format line on stdout (`params`, `train`, `sample ddim
 metrics.py, common.py).
 """
 import math
+import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
-import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -297,8 +297,6 @@ def bench_reproduce(cfg, device, where):
     _reproduce_training(cfg, p, device, tag, peak, where)
     _reproduce_sampling(cfg, p, device, tag, peak, where)
     torch.set_num_threads(threads)
-
-
 
 
 def _reproduce_training(cfg, p, device, tag, peak, where):

@@ -54,11 +54,11 @@ import metrics
 import models
 import side
 from common import (GIB, MAX_CLASSES, Progress, Ranks, UserError, array_digest,
-                    atomic_write_bytes, atomic_write_json, autocast, check, check_fields,
+                    atomic_write_bytes, autocast, check, check_fields,
                     check_memory, check_shared_folder, check_writable, fast_model, folder_lock,
                     load_checkpoint, local_device, option, parse_config, resolve_device, run_main,
                     save_checkpoint, setup_distributed, shutdown)
-from report import line_plot, write_extraction
+from report import write_extraction, write_sweep
 
 METHODS = ("uncond", "cond", "side", "side_random", "uncond_budget")
 
@@ -689,10 +689,7 @@ def sweep(job, name, values, cfg, method, point):
         todo = job.ranks.agree(beyond(rows, added) if job.ranks.rank == 0 else None)
     if job.ranks.rank == 0:
         rows.sort(key=lambda r: r["value"])
-        atomic_write_json(os.path.join(job.out, f"sweep_{name}.json"), rows)
-        line_plot(os.path.join(job.out, f"sweep_{name}.png"), [r["value"] for r in rows],
-                  {b: [r["distinct"][b] for r in rows] for b in rows[0]["distinct"]}, xlabel=name,
-                  ylabel="distinct training images extracted")
+        write_sweep(job.out, name, rows)
     return rows
 
 

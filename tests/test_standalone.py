@@ -2,7 +2,7 @@
 (with ddpm.py, which it imports), metrics.py and ddpm.py are each copied into an empty folder and
 used there by a fresh interpreter, which must not load any other file of ours. side.py runs SIDE
 Alg. 1 end to end on a random tiny UNet (and its memo hook replays a run without recomputing a
-step); metrics.py finds planted copies and runs its own CLI; ddpm.py samples."""
+step); metrics.py finds planted copies and runs its own CLI; ddpm.py samples; plots.py draws."""
 import json
 import os
 import shutil
@@ -73,6 +73,14 @@ x = ddpm.Diffusion(10).sample(unet, 2, ddpm.sample_generators(0, range(2)), step
 print(json.dumps(dict(shape=list(x.shape), loaded=loaded())))
 """
 
+PLOTS = """
+import numpy as np, plots
+a = plots.line_plot([1, 3, 10], {"low": [1, 2, None], "high": [0, 1, 1]}, xlabel="lambda")
+b = plots.band_plot({"SIDE": [(0, 1.0, 0.5, 1.5), (512, 2.0, 1.0, 3.0)]})
+print(json.dumps(dict(a=list(a.size), b=list(b.size), empty=plots.band_plot({}) is None,
+                      inked=int((np.asarray(b) != 255).any(-1).sum()), loaded=loaded())))
+"""
+
 
 def run_alone(tmp_path, files, code):
     """Run `code` with only `files` copied into an empty folder (the working directory and
@@ -111,10 +119,17 @@ def test_ddpm_runs_alone(tmp_path):
     assert out["loaded"] == ["ddpm"] and out["shape"] == [2, 3, 8, 8]
 
 
+def test_plots_runs_alone(tmp_path):
+    out = run_alone(tmp_path, ["plots.py"], PLOTS)
+    assert out["loaded"] == ["plots"] and out["a"] == [480, 320] and out["b"] == [640, 400]
+    assert out["empty"] and out["inked"] > 1000  # axes, ticks, a line and its shaded band
+
+
 def test_no_other_file_is_needed_by_its_imports():
     """The import lines themselves: side.py names only ddpm.py of ours; metrics.py and ddpm.py
     none."""
-    for name, allowed in (("side", {"ddpm"}), ("metrics", set()), ("ddpm", set())):
+    for name, allowed in (("side", {"ddpm"}), ("metrics", set()), ("ddpm", set()),
+                          ("plots", set())):
         with open(os.path.join(ROOT, f"{name}.py")) as fh:
             mods = {ln.split()[1].split(".")[0] for ln in fh if ln.startswith(("import ", "from "))}
         assert mods & set(OURS) == allowed, name

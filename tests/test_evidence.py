@@ -350,3 +350,24 @@ def test_replicates_needed_equals_a_plain_search(e, threshold):
 def test_replicates_needed_of_a_zero_spread_estimate_is_its_own_count():
     assert evidence.replicates_needed(evidence.Estimate(math.log(2.0), 0.0, 5.0, 6), 1.0) == 6
     assert evidence.replicates_needed(evidence.Estimate(math.log(2.0), None, None, 1), 1.0) is None
+
+
+def test_holm_records_each_claims_rank_by_p_value():
+    claims = evidence.decide([("a", _est_with_p(0.04), 1.0, {}), ("b", _est_with_p(0.01), 1.0, {}),
+                              ("c", _est_with_p(0.02), 1.0, {})])
+    assert [(c["corrected"]["rank"], c["corrected"]["m"]) for c in claims] == [(3, 3), (1, 3),
+                                                                              (2, 3)]
+
+
+def test_one_replicate_has_an_estimate_but_no_interval():
+    e = evidence.mean_estimate([3.0])
+    assert (e.log, e.se, e.df, e.n) == (3.0, None, None, 1)
+    assert e.interval() == (None, None)
+    with pytest.raises(ValueError, match="at least one replicate"):
+        evidence.mean_estimate([])
+
+
+@pytest.mark.parametrize("lo,hi,expect", [(0.5, 1.0, "undecided"), (1.0, 1.5, "undecided"),
+                                          (0.5, 0.99, "does not hold"), (1.01, 1.5, "holds")])
+def test_an_interval_touching_the_threshold_is_undecided(lo, hi, expect):
+    assert evidence.status(lo, hi, 1.0) == expect

@@ -363,6 +363,8 @@ def test_one_replicate_has_an_estimate_but_no_interval():
     e = evidence.mean_estimate([3.0])
     assert (e.log, e.se, e.df, e.n) == (3.0, None, None, 1)
     assert e.interval() == (None, None)
+    two = evidence.mean_estimate([1.0, 3.0])  # sd sqrt(2), s.e. 1, df 1
+    assert (two.log, two.se, two.df, two.n) == pytest.approx((2.0, 1.0, 1.0, 2))
     with pytest.raises(ValueError, match="at least one replicate"):
         evidence.mean_estimate([])
 

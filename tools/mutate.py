@@ -22,7 +22,7 @@ UMS, p95, the replicated fraction, the extracted sets; added since) brings 7 mor
 a test put values on its thresholds (`--files metrics`: 73/75): 331/335 for those three files.
 The evidence, ensemble, claims and divergence targets were added later and are not in these totals
 (`--files evidence` etc. measures each; measured 2026-12: ensemble 92/93, claims 15/15, evidence
-287 of 336 run (58 not yet run), README). The 4 survivors above are equivalent mutants, which no test can kill:
+357/394, README). The 4 survivors above are equivalent mutants, which no test can kill:
   ddpm.py  `i > 0` -> `i >= 0` and `sigma > 0` -> `sigma >= 0` in the noise step of
            Diffusion.sample: at i = 0 (ᾱ_prev = 1) and at η = 0, σ is exactly 0, so mean + σ·z is
            the mean either way;

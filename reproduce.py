@@ -15,7 +15,7 @@
 2. Replicates: R per size. A replicate is one (size, r) with its own seeds for everything random:
    the training sample, the initial weights and training stream, the attacker's synthetic set,
    clustering and classifiers, and the generation noise; no seed is shared by two replicates
-   (claims.check_independent, tests/test_reproduce.py), so a claim pooled over every replicate of
+   (evidence.check_independent, tests/test_reproduce.py), so a claim pooled over every replicate of
    every size uses independent values. Models of one size train together (ensemble.py), each as if
    alone.
 3. Tuning never sees a reported model: λ and Cond's guidance scale are chosen by sweeps (extended
@@ -26,7 +26,7 @@
    replicate's DDPM is also trained with its true labels and with a permutation of them (the same
    classes and sizes).
 6. The verdict: every claim (both metrics, any and high band, the controls, the weak arm, the sizes,
-   SIDE Definition 1) decided as one family with Holm-Bonferroni (claims.py, evidence.py); the
+   SIDE Definition 1) decided as one family with Holm-Bonferroni (evidence.py); the
    uncorrected intervals are kept beside. Pixel-L2 bands are calibrated on the data at the working
    resolution.
 Writes OUT/REPORT.md, OUT/summary.json and PNGs. Every stage is cached; a rerun resumes.
@@ -45,7 +45,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import claims
 import data
 import evidence
 import extract
@@ -618,7 +617,7 @@ def main(argv=None):
     if cfg.calibrate:
         return calibrate(cfg, p, Timer(), p["jobs"] if device.type == "cpu" else 1)
     reps = plan(cfg, p, labelled=True)
-    claims.check_independent(reps)
+    evidence.check_independent(reps)
     labelled = check_data(cfg, p, reps)
     reps = reps if labelled else plan(cfg, p, labelled=False)
     # the flags of every train job differ only in validated numbers
@@ -641,11 +640,11 @@ def main(argv=None):
     rand = timer("random-label check", lambda: metrics.random_label_check())
     cs = {k: evidence.curve_summary(v) for k, v in curves.items()}
     weak_n = next((r["n"] for r in reps if r["weak"]), None)
-    verdict = claims.verdict(rows, cs, cond, sizes, weak_n,
+    verdict = evidence.verdict(rows, cs, cond, sizes, weak_n,
                              steps=(p["sample_steps"], p["check_steps"]),
                              cond_is_uncond=labelled and chosen["cond_scale"] == 0)
-    stats = dict(table=claims.summarize_table(rows, sizes),
-                 weak=claims.summarize_table(rows, sizes, "weak"), curves=cs)
+    stats = dict(table=evidence.summarize_table(rows, sizes),
+                 weak=evidence.summarize_table(rows, sizes, "weak"), curves=cs)
     grids = copy_pictures(out, reps)
     for n in sizes:
         curve_plot(f"{out}/curve_n{n}.png", cs, n, p["n_syn"])

@@ -1,14 +1,15 @@
-"""claims.py against hand-computed verdicts: every paper claim on both metrics (hits = AMS x N_G /
-100, distinct = UMS x N_G / 100), any and high band, > 1 and > 1.5; pooled over sizes as the mean of
-the per-size paired log-ratios; the controls, the weak arm, the sizes and SIDE Definition 1 in the
-same Holm family."""
+"""The claim family of evidence.py against hand-computed verdicts: every paper claim on both
+metrics (hits = AMS x N_G / 100, distinct = UMS x N_G / 100), any and high band, > 1 and > 1.5;
+pooled over sizes as the mean of the per-size paired log-ratios; the controls, the weak arm, the
+sizes and SIDE Definition 1 in the same Holm family; and the README's tables as report.py prints
+them."""
 import math
 import os
 
 import numpy as np
 import pytest
 
-import claims
+import evidence
 import report
 
 
@@ -30,7 +31,7 @@ def _table():
 
 
 def test_every_paper_claim_is_made_on_both_metrics_and_both_thresholds():
-    specs = claims.family(_table(), [], [32, 128])
+    specs = evidence.family(_table(), [], [32, 128])
     paper = [s for s in specs if s[3]["group"] == "paper"]
     keys = {(s[3]["baseline"], s[3]["metric"], s[3]["band"], s[2]) for s in paper}
     assert keys == {(b, m, band, t) for b in ("uncond", "cond") for m in ("hits", "distinct")
@@ -38,7 +39,7 @@ def test_every_paper_claim_is_made_on_both_metrics_and_both_thresholds():
 
 
 def test_a_pooled_ratio_is_the_mean_of_the_per_size_means():
-    specs = {s[0]: s for s in claims.family(_table(), [], [32, 128])}
+    specs = {s[0]: s for s in evidence.family(_table(), [], [32, 128])}
     est = specs["SIDE more than Carlini UnCond: hit rate (AMS), any band"][1]
     n32 = np.log([2.0, 2.0, 2.0])  # (2b + 1 + 1) / (b + 1) = 2 at every replicate of both sizes
     assert (est.log == pytest.approx(math.log(2.0)) and est.se == pytest.approx(0, abs=1e-12)
@@ -57,7 +58,7 @@ def test_the_family_is_decided_together_and_keeps_both_intervals():
         + [_row(32, m, r, 1, 1, arm="weak") for m in ("uncond", "cond") for r in range(3)]
     cond = [dict(labelling="informative", delta=dict(per_replicate=[-15.0, -12.0, -18.0])),
             dict(labelling="permuted", delta=dict(per_replicate=[-14.0, -13.0, -15.0]))]
-    v = claims.verdict(rows, {}, cond, [32, 128], weak_size=32)
+    v = evidence.verdict(rows, {}, cond, [32, 128], weak_size=32)
     cs = v["claims"]
     assert v["family"]["size"] == len(cs) and len({c["corrected"]["m"] for c in cs}) == 1
     ranks = sorted(c["corrected"]["rank"] for c in cs)
@@ -80,7 +81,7 @@ def test_the_family_is_decided_together_and_keeps_both_intervals():
 
 
 def test_descriptive_lines_carry_intervals_and_the_ums_ceiling():
-    d = claims.descriptive(_table(), {}, [32, 128])
+    d = evidence.descriptive(_table(), {}, [32, 128])
     ceiling = next(x for x in d if x["kind"] == "ceiling" and x["n"] == 32)
     # (32 + 1) / (11 + 1)
     assert ceiling["mean"] == pytest.approx(11.0) and "cannot exceed 2.75" in ceiling["text"]
@@ -93,12 +94,12 @@ def test_shared_seeds_are_refused():
     plan = [dict(name="a", seeds=dict(data=1, train=2)),
             dict(name="b", seeds=dict(data=3, train=2))]
     with pytest.raises(ValueError, match="shared by a and b"):
-        claims.check_independent(plan)
+        evidence.check_independent(plan)
 
 
 def test_a_cond_tuned_to_scale_zero_is_not_tested_twice():
-    full = claims.family(_table(), [], [32, 128])
-    once = claims.family(_table(), [], [32, 128], cond_is_uncond=True)
+    full = evidence.family(_table(), [], [32, 128])
+    once = evidence.family(_table(), [], [32, 128], cond_is_uncond=True)
     assert len(full) - len(once) == 8 and not any(s[3].get("baseline") == "cond" for s in once)
 
 
@@ -121,24 +122,24 @@ def test_compare_verdicts_counts_only_holds_against_does_not_hold_as_a_contradic
 
 def test_a_ratio_needs_two_replicates_and_something_found_by_either_method():
     one = [_row(32, "uncond", 0, 0, 0), _row(32, "side", 0, 3, 3)]
-    assert claims._ratio(one, "side", "uncond", "distinct", "any") is None  # one replicate
+    assert evidence._ratio(one, "side", "uncond", "distinct", "any") is None  # one replicate
     none = one + [_row(32, "uncond", 1, 0, 0), _row(32, "side", 1, 0, 0)]
     none[1] = _row(32, "side", 0, 0, 0)
-    assert claims._ratio(none, "side", "uncond", "distinct", "any") is None  # nothing anywhere
+    assert evidence._ratio(none, "side", "uncond", "distinct", "any") is None  # nothing anywhere
     # SIDE finds nothing, UnCond finds 3 and 1: (0+1)/(3+1) and (0+1)/(1+1), geometric mean
     only_b = [_row(32, "uncond", 0, 3, 3), _row(32, "side", 0, 0, 0),
               _row(32, "uncond", 1, 1, 1), _row(32, "side", 1, 0, 0)]
-    est = claims._ratio(only_b, "side", "uncond", "distinct", "any")
+    est = evidence._ratio(only_b, "side", "uncond", "distinct", "any")
     assert est.value() == pytest.approx(math.sqrt(1 / 4 * 1 / 2))
     two = [_row(32, "uncond", 0, 1, 1), _row(32, "side", 0, 3, 3),
            _row(32, "uncond", 1, 1, 1), _row(32, "side", 1, 3, 3)]
-    assert claims._ratio(two, "side", "uncond", "distinct", "any") is not None
+    assert evidence._ratio(two, "side", "uncond", "distinct", "any") is not None
 
 
 def test_a_size_value_is_the_hits_or_the_percentage_of_the_training_set_reached():
     row = _row(16, "uncond", 0, hits=7, distinct=4)
-    assert claims._size_value(row, "hits") == 7
-    assert claims._size_value(row, "distinct") == pytest.approx(25.0)
+    assert evidence._size_value(row, "hits") == 7
+    assert evidence._size_value(row, "distinct") == pytest.approx(25.0)
 
 
 def test_calibration_summary_gives_each_size_its_share_per_budget():

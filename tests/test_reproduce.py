@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import claims
 import data
 import ddpm
 import evidence
@@ -29,7 +28,7 @@ def test_replicates_share_no_seed_sample_or_initial_weights():
     reps = reproduce.plan(cfg, p, labelled=True)
     assert len([r for r in reps if r["role"] == "table"]) == len(p["sizes"]) * p["replicates"]
     # every seed of every replicate is its own
-    assert claims.check_independent(reps) == 4 * len(reps)
+    assert evidence.check_independent(reps) == 4 * len(reps)
     # another base seed: other seeds again
     other = reproduce.plan(_cfg(out="unused", seed=1), p, labelled=True)
     assert not ({s for r in reps for s in r["seeds"].values()}

@@ -54,6 +54,20 @@ from common import (UserError, atomic_write_json, atomic_write_text, check, chec
                     parse_config, resolve_device, run_main)
 from report import calibration_report, curve_plot, label_effect, reproduce_report
 
+# The cpu profile (`make reproduce`), 8 px: 16 px did not memorize within a CPU budget. `make
+# calibrate` (bands calibrated at 8 px): 800 epochs (= steps, batch min(128, n)) is the smallest
+# budget with every size partly memorized (20-56 % reached at 20 sampler steps), 700 the largest
+# with every size almost unreached (3-12 %: the weak arm); 600: none, 1,000: 58-100 %
+# (reports/calibrate-faces)
+CPU = dict(data="faces", image_size=8,
+           sizes=(16, 32, 64), epochs=(800, 800, 800), weak_epochs=700,
+           batch=128, base=32, mults=(1, 2), attn_res=(4,), T=1000,
+           n_gen=512, n_syn=512, K=16,
+           sweep_lambda=(1.0, 3.0, 10.0, 30.0), sweep_cond=(0.0, 1.0, 3.0, 10.0, 30.0),
+           sample_steps=20, check_steps=40, check_replicates=2, clf_steps=250,
+           replicates=6, div_mc=16, div_t=32,
+           calib_epochs=(500, 550, 600, 700, 800, 1000), jobs=2)
+
 # Each profile: data and model, per-size training budget in epochs, attack settings, replicates.
 PROFILES = {
     "smoke": dict(data="faces", image_size=8,
@@ -64,30 +78,13 @@ PROFILES = {
                   sample_steps=10, check_steps=20, check_replicates=1, clf_steps=40,
                   replicates=2, div_mc=8, div_t=16,
                   calib_epochs=(50, 150), jobs=2),
-    # 8 px: 16 px did not memorize within a CPU budget. `make calibrate` (bands calibrated at
-    # 8 px): 800 epochs (= steps, batch min(128, n)) is the smallest budget with every size partly
-    # memorized (20-56 % reached at 20 sampler steps), 700 the largest with every size almost
-    # unreached (3-12 %: the weak arm); 600: none, 1,000: 58-100 % (reports/calibrate-faces)
-    "cpu": dict(data="faces", image_size=8,
-                sizes=(16, 32, 64), epochs=(800, 800, 800), weak_epochs=700,
-                batch=128, base=32, mults=(1, 2), attn_res=(4,), T=1000,
-                n_gen=512, n_syn=512, K=16,
-                sweep_lambda=(1.0, 3.0, 10.0, 30.0), sweep_cond=(0.0, 1.0, 3.0, 10.0, 30.0),
-                sample_steps=20, check_steps=40, check_replicates=2, clf_steps=250,
-                replicates=6, div_mc=16, div_t=32,
-                calib_epochs=(500, 550, 600, 700, 800, 1000), jobs=2),
+    "cpu": CPU,
     # Fashion-MNIST (real images, grey), 28 -> 8 px: the cpu profile's model and attack.
     # `make calibrate DATA=fashion-mnist` (its own bands at 8 px): 1,000 epochs is the smallest
     # budget with every size partly memorized (20-50 % reached), 700 the largest with every size
     # almost unreached (2-12 %); 600: none
-    "fmnist": dict(data="fashion-mnist", image_size=8,
-                   sizes=(16, 32, 64), epochs=(1000, 1000, 1000), weak_epochs=700,
-                   batch=128, base=32, mults=(1, 2), attn_res=(4,), T=1000,
-                   n_gen=512, n_syn=512, K=16,
-                   sweep_lambda=(1.0, 3.0, 10.0, 30.0), sweep_cond=(0.0, 1.0, 3.0, 10.0, 30.0),
-                   sample_steps=20, check_steps=40, check_replicates=2, clf_steps=250,
-                   replicates=6, div_mc=16, div_t=32,
-                   calib_epochs=(500, 600, 700, 800, 900, 1000), jobs=2),
+    "fmnist": dict(CPU, data="fashion-mnist", epochs=(1000, 1000, 1000),
+                   calib_epochs=(500, 600, 700, 800, 900, 1000)),
     # never run on a GPU yet; sizes and epochs are a starting point for --calibrate;
     # --data /path/to/celeba for real faces
     "gpu": dict(data="faces", image_size=32,
